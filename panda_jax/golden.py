@@ -1,0 +1,191 @@
+"""Golden cases: outputs of the authors' implementation that ours must reproduce.
+
+Each `.npz` case (see `shared/golden/README.md`) names its `meta.kind`; `CHECKS[kind]` builds
+our model from the meta, converts `param/*` with the same converter that loads released
+checkpoints, runs it on `input/*` and compares with `output/*`. `check_case(path)` returns the
+list of comparisons and raises `GoldenMismatch` on any failure, so the test suite and a
+command line (`python -m panda_jax.golden DIR`) share one implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from panda_jax.convert.visual import convert_visual
+from panda_jax.models.distill import DistillConfig, DistillHead, cosine_distill_loss
+from panda_jax.models.stab import StabConfig, VisualTokenizer
+
+RTOL = 2e-4
+
+
+class GoldenMismatch(AssertionError):
+  pass
+
+
+def default_dir() -> pathlib.Path:
+  env = os.environ.get('PANDA_GOLDEN_DIR')
+  if env:
+    return pathlib.Path(env)
+  return pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'golden'
+
+
+def load_case(path) -> tuple[dict, dict, dict, dict, dict]:
+  """-> (meta, params, inputs, outputs, debug), each name -> numpy array."""
+  with np.load(path, allow_pickle=False) as z:
+    meta = json.loads(str(z['meta']))
+    groups = {'param': {}, 'input': {}, 'output': {}, 'debug': {}}
+    for k in z.files:
+      if k == 'meta':
+        continue
+      head, _, rest = k.partition('/')
+      if head in groups:
+        groups[head][rest] = z[k]
+  return meta, groups['param'], groups['input'], groups['output'], groups['debug']
+
+
+class Comparator:
+  """Collects `max |ours - golden| <= RTOL * max(1, max |golden|)` checks."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.rows: list[tuple[str, float, float, bool]] = []
+
+  def close(self, what: str, ours, golden) -> None:
+    ours = np.asarray(ours, dtype=np.float64)
+    golden = np.asarray(golden, dtype=np.float64)
+    if ours.shape != golden.shape:
+      self.rows.append((f'{what} shape {ours.shape} vs golden {golden.shape}', np.inf, 0, False))
+      return
+    err = float(np.max(np.abs(ours - golden))) if golden.size else 0.0
+    tol = RTOL * max(1.0, float(np.max(np.abs(golden))) if golden.size else 1.0)
+    self.rows.append((what, err, tol, bool(err <= tol)))
+
+  def equal(self, what: str, ours, golden) -> None:
+    ok = np.array_equal(np.asarray(ours), np.asarray(golden))
+    self.rows.append((what, 0.0 if ok else np.inf, 0.0, ok))
+
+  def finish(self) -> list:
+    bad = [r for r in self.rows if not r[3]]
+    if bad:
+      lines = [f'{self.name}: {len(bad)} of {len(self.rows)} comparisons failed']
+      lines += [f'  {w}: max err {e:.3g} > tol {t:.3g}' for w, e, t, _ in bad[:20]]
+      raise GoldenMismatch('\n'.join(lines))
+    return self.rows
+
+
+def stab_config_from_meta(meta: dict) -> StabConfig:
+  return StabConfig(
+      hidden=meta['stab_hidden'], heads=meta['heads'], llm_hidden=meta['llm_hidden'],
+      image_size=meta['image_size'], patch_size=meta['patch_size'],
+      frames_per_chunk=meta['frames_per_chunk'], lsd_stride=meta['lsd_stride'],
+      lmhra_reduction=meta['lmhra_reduction'])
+
+
+def reference_pixels_to_ours(pixels: np.ndarray):
+  """(chunks, T, 4, H, W) channel-first with the mask last -> ([1, F, H, W, 3], [1, F, H, W])."""
+  n, t, _, h, w = pixels.shape
+  x = pixels.reshape(n * t, 4, h, w).transpose(0, 2, 3, 1)
+  return x[None, ..., :3], x[None, ..., 3]
+
+
+def check_stab(path) -> list:
+  meta, params, inputs, outputs, debug = load_case(path)
+  cfg = stab_config_from_meta(meta)
+  variables = convert_visual(params, cfg)['visual']
+  pixels, mask = reference_pixels_to_ours(inputs['pixels'])
+  train = meta['mode'] == 'batch_stats'
+  model = VisualTokenizer(cfg)
+
+  @jax.jit
+  def run(v, x, m):
+    return model.apply(v, x, m, train=train, deterministic=True, return_hidden=True,
+                       mutable=['batch_stats'] if train else False)
+
+  out = run(variables, jnp.asarray(pixels), jnp.asarray(mask))
+  out, updates = (out if train else (out, None))
+  cmp = Comparator(pathlib.Path(path).stem)
+  n_frames = pixels.shape[1]
+  cmp.equal('patch_hw', out['patch_hw'][0], outputs['patch_hw'])
+  for i in range(n_frames):
+    key = f'frame_{i:02d}'
+    n = outputs[key].shape[0]
+    cmp.equal(f'{key} length', out['length'][0, i], n)
+    cmp.close(key, out['tokens'][0, i, :n], outputs[key])
+    if f'preproj_{key}' in debug:
+      cmp.close(f'preproj_{key}', out['hidden'][0, i, :n], debug[f'preproj_{key}'])
+  for name, golden in outputs.items():
+    if not name.startswith('updated_running/'):
+      continue
+    torch_name = name[len('updated_running/'):]
+    if '.lmhra2.' in torch_name:
+      # The unused module is dropped by the converter; its statistics must not move.
+      cmp.close(name, params[torch_name], golden)
+      continue
+    stat = 'mean' if torch_name.endswith('running_mean') else 'var'
+    cmp.close(name, updates['batch_stats']['stab']['lste']['bn'][stat], golden)
+  return cmp.finish()
+
+
+def check_distill(path) -> list:
+  meta, params, inputs, outputs, _ = load_case(path)
+  cfg = DistillConfig(llm_hidden=meta['llm_hidden'], teacher_hidden=meta['teacher_hidden'],
+                      heads=meta['heads'], layers=tuple(meta['layer_idx']))
+  cfg.validate(meta['llm_layers'])
+  variables = convert_visual(params, None, cfg)['distill']
+  head = DistillHead(cfg)
+  hidden = jnp.asarray(inputs['hidden_states'])[jnp.asarray(cfg.layers)]
+  student = jax.jit(head.apply)(variables, hidden)
+  teacher = jnp.asarray(inputs['teacher'])
+  patch_valid = jnp.ones(teacher.shape[:-1], bool)
+  loss, frame_loss = cosine_distill_loss(student, teacher, patch_valid,
+                                         jnp.asarray(inputs['frame_valid']) > 0)
+  cmp = Comparator(pathlib.Path(path).stem)
+  cmp.close('student', student, outputs['student'])
+  fv = inputs['frame_valid'] > 0
+  cmp.close('frame_loss (frames with content)', np.asarray(frame_loss)[fv],
+            outputs['frame_loss'][fv])
+  cmp.close('loss', loss, outputs['loss'])
+  return cmp.finish()
+
+
+CHECKS: dict[str, Callable[[str], list]] = {
+    'stab': check_stab,
+    'distill': check_distill,
+}
+
+
+def check_case(path) -> list:
+  meta = load_case(path)[0]
+  kind = meta.get('kind')
+  if kind not in CHECKS:
+    raise KeyError(kind)
+  return CHECKS[kind](path)
+
+
+def main(argv: list[str]) -> int:
+  """Checks every case in a directory and prints one line per comparison."""
+  directory = pathlib.Path(argv[1]) if len(argv) > 1 else default_dir()
+  status = 0
+  for path in sorted(directory.glob('*.npz')):
+    try:
+      rows = check_case(path)
+      print(f'PASS {path.stem}: {len(rows)} comparisons, worst '
+            f'{max(r[1] / max(r[2], 1e-30) for r in rows):.3f} of tolerance')
+    except KeyError as e:
+      print(f'SKIP {path.stem}: kind {e} not implemented')
+    except GoldenMismatch as e:
+      print(f'FAIL {e}')
+      status = 1
+  return status
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))
