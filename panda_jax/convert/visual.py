@@ -55,8 +55,8 @@ def _single_query_rules(src: NameConsumer, name: str, path: str, c: int, h: int)
   return (_ln(p + '.q.0', path + '/q_norm') +
           [(p + '.q.1.weight', path + '/q/kernel', lambda w: w.T.reshape(c, h, d))] +
           _ln(p + '.kv.0', path + '/kv_norm') +
-          [(p + '.kv.1.weight', path + '/k_kernel', _heads_kernel(slice(0, c), h, d)),
-           (p + '.kv.1.weight', path + '/v_kernel', _heads_kernel(slice(c, 2 * c), h, d))] +
+          [(p + '.kv.1.weight', path + '/k_kernel', lambda w: w[:c].reshape(h, d, c)),
+           (p + '.kv.1.weight', path + '/v_kernel', lambda w: w[c:].reshape(h, d, c))] +
           _dense(p + '.proj', path + '/out', in_shape=(h, d)))
 
 

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny STAB configurations and their compiled functions."""
+
+import os
+import sys
+
+# Tests run on the CPU; a few sharding tests need several fake devices, which must be set up
+# before JAX initialises its backend.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import flax.linen as nn  # noqa: E402
+
+from panda_jax.models.stab import StabConfig, VisualTokenizer  # noqa: E402
+
+TINY = StabConfig(hidden=32, heads=4, llm_hidden=48, image_size=112, patch_size=14,
+                  empty_frame_patches=4)
+
+
+def random_video(key, batch, frames, cfg=TINY):
+  return jax.random.normal(key, (batch, frames, cfg.image_size, cfg.image_size, 3))
+
+
+def box_mask(batch, frames, boxes, cfg=TINY):
+  """Mask [B, F, H, W] with the pixel box (r0, r1, c0, c1) valid in every frame (None: empty)."""
+  m = np.zeros((batch, frames, cfg.image_size, cfg.image_size), np.float32)
+  for i, box in enumerate(boxes):
+    if box is not None:
+      r0, r1, c0, c1 = box
+      m[:, i, r0:r1, c0:c1] = 1
+  return m
+
+
+@pytest.fixture(scope='session')
+def tiny_variables():
+  """Randomly initialised tiny STAB variables with non-trivial zero-initialised parts."""
+  model = VisualTokenizer(TINY)
+  px = jnp.zeros((1, 4, TINY.image_size, TINY.image_size, 3))
+  v = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), px, jnp.ones(px.shape[:-1])))
+  # Zero-initialised weights (LSTE up, GSTRA out/proj, balance) would hide bugs: randomise all.
+  leaves, tree = jax.tree.flatten(v['params'])
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  leaves = [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+  stats = jax.tree.map(lambda s: s + 0.1, v['batch_stats'])
+  return {'params': jax.tree.unflatten(tree, leaves), 'batch_stats': stats}
+
+
+@pytest.fixture(scope='session')
+def tiny_apply():
+  """One jitted inference function for the tiny config (compiled once per input shape)."""
+  model = VisualTokenizer(TINY)
+  return jax.jit(lambda v, x, m: model.apply(v, x, m, return_hidden=True))
