@@ -22,6 +22,7 @@ Dtype = Any
 LAYERS = 'distill_layers'
 LLM_EMBED = 'embed'
 TEACHER = 'teacher_embed'
+TEACHER_IN = 'teacher_embed_in'  # input side of the teacher-width output layer
 
 
 def default_layers(num_llm_layers: int, step: int = 4) -> tuple[int, ...]:
@@ -88,7 +89,7 @@ class DistillHead(nn.Module):
     attn = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     fused = jnp.einsum('...hk,k...hd->...hd', attn, kv).reshape(z.shape[1:])
     kw = dict(dtype=self.dtype, param_dtype=pd)
-    out = Dense(t, (TEACHER,), (TEACHER,), name='output_layer', **kw)(fused)
+    out = Dense(t, (TEACHER_IN,), (TEACHER,), name='output_layer', **kw)(fused)
     return Dense(t, (LLM_EMBED,), (TEACHER,), name='input_layer', **kw)(hidden[0]) + out
 
 

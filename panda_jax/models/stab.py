@@ -36,8 +36,9 @@ EMBED = 'stab_embed'        # STAB width C
 HEADS = 'stab_heads'
 HEAD_DIM = 'stab_head_dim'
 MLP = 'stab_mlp'            # GSTRA MLP width 4C
-LSTE = 'stab_lste'          # LSTE bottleneck int(C / 1.5)
-PATCH = 'stab_patch'        # patch pixels (kh, kw, 3)
+LSTE_HIDDEN = 'stab_lste'          # LSTE bottleneck int(C / 1.5)
+PATCH = 'stab_patch'        # patch pixels (kh * kw * 3, as three dims: only the first named)
+EMBED_OUT = 'stab_embed_out'  # output side of a C x C layer
 PROJ_HIDDEN = 'proj_hidden'  # projector middle width (= LLM width)
 LLM_EMBED = 'embed'          # LLM width, shared with the decoder
 
@@ -252,15 +253,15 @@ class LSTE(nn.Module):
     b, n = x.shape[:2]
     x = x.reshape((b * n,) + x.shape[2:])
     y = y.reshape(x.shape)
-    y = Dense(r, (EMBED,), (LSTE,), name='down', **kw)(y)
-    tk = self.param('temporal_kernel', partitioned(nn.initializers.lecun_normal(), (None, LSTE)),
+    y = Dense(r, (EMBED,), (LSTE_HIDDEN,), name='down', **kw)(y)
+    tk = self.param('temporal_kernel', partitioned(nn.initializers.lecun_normal(), (None, LSTE_HIDDEN)),
                     (3, r), self.param_dtype).astype(self.dtype)
-    tb = self.param('temporal_bias', partitioned(nn.initializers.zeros, (LSTE,)), (r,),
+    tb = self.param('temporal_bias', partitioned(nn.initializers.zeros, (LSTE_HIDDEN,)), (r,),
                     self.param_dtype).astype(self.dtype)
     yp = jnp.pad(y, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     t = y.shape[1]
     y = yp[:, 0:t] * tk[0] + yp[:, 1:t + 1] * tk[1] + yp[:, 2:t + 2] * tk[2] + tb
-    y = Dense(c, (LSTE,), (EMBED,), zero_init=True, name='up', **kw)(y)
+    y = Dense(c, (LSTE_HIDDEN,), (EMBED,), zero_init=True, name='up', **kw)(y)
     x = x + y
     # dpe: depthwise 3x3x3 conv with zero padding 1.
     dk = self.param('dpe_kernel', partitioned(nn.initializers.lecun_normal(),
@@ -357,7 +358,7 @@ class STAB(nn.Module):
 
     # 1. Patch embedding (conv 14x14 stride 14, no bias) as one matmul over patch pixels.
     x = pixels.astype(self.dtype).reshape(b * f, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
-    emb = Dense(c, (PATCH, PATCH, PATCH), (EMBED,), use_bias=False, name='patch_embed',
+    emb = Dense(c, (PATCH, None, None), (EMBED,), use_bias=False, name='patch_embed',
                 **kw)(x.reshape(b * f, g, g, p, p, 3))                      # [BF, G, G, C]
     pmask = mask.astype(jnp.float32).reshape(b * f, g, p, g, p).mean(axis=(2, 4))
 
@@ -405,7 +406,7 @@ class STAB(nn.Module):
     fused = (1 - wgt) * ctx_g + wgt * ctx_f
     fused = layer_norm(EMBED, name='fusion_norm', **kw)(fused)
     fused = nn.Dropout(cfg.dropout)(fused, deterministic=deterministic)
-    context = Dense(c, (EMBED,), (EMBED,), name='fusion_proj', **kw)(fused)
+    context = Dense(c, (EMBED,), (EMBED_OUT,), name='fusion_proj', **kw)(fused)
 
     # 9-10. Table [context, LSD tokens, <row>].
     row = self.param('row_token', partitioned(nn.initializers.normal(0.02), (EMBED,)), (c,),

@@ -1,0 +1,49 @@
+"""Mesh construction and parameters born sharded over 8 fake CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import TINY, random_video
+from panda_jax import sharding
+from panda_jax.models.stab import VisualTokenizer
+
+
+def test_mesh_shape_fills_one_axis_and_rejects_bad_sizes():
+  assert sharding.mesh_shape({'data': -1, 'fsdp': 2, 'tensor': 1}, 8) == (4, 2, 1)
+  assert sharding.mesh_shape({'data': 2, 'fsdp': 2, 'tensor': 2}, 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match='at most one axis may be -1'):
+    sharding.mesh_shape({'data': -1, 'fsdp': -1}, 8)
+  with pytest.raises(ValueError, match='3 is not a multiple'):
+    sharding.mesh_shape({'data': 2, 'fsdp': -1, 'tensor': 2}, 3)
+  with pytest.raises(ValueError, match='has 4 devices, but 8 are available'):
+    sharding.mesh_shape({'data': 2, 'fsdp': 2, 'tensor': 1}, 8)
+  with pytest.raises(ValueError, match='unknown mesh axes'):
+    sharding.mesh_shape({'pipeline': 2}, 8)
+
+
+def test_born_sharded_init_and_forward_match_one_device(tiny_variables):
+  assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  model = VisualTokenizer(TINY)
+  px = random_video(jax.random.PRNGKey(0), 4, 4)
+  mask = jnp.ones(px.shape[:-1])
+  variables, shardings = sharding.init_sharded(model.init, mesh, jax.random.PRNGKey(0), px,
+                                               mask)
+  fc1 = variables['params']['projector']['fc1']['kernel']
+  assert fc1.sharding.spec == P(None, 'tensor')
+  fc2 = variables['params']['projector']['fc2']['kernel']
+  assert fc2.sharding.spec == P('tensor', 'fsdp')
+  assert len(fc2.addressable_shards) == 8
+  assert fc2.addressable_shards[0].data.shape == (TINY.llm_hidden // 2, TINY.llm_hidden // 2)
+
+  # Same numbers as an unsharded run, with the test's (fully random) weights placed sharded.
+  placed = jax.device_put(tiny_variables, shardings)
+  xs = jax.device_put(px, sharding.batch_sharding(mesh, px.ndim))
+  ms = jax.device_put(mask, sharding.batch_sharding(mesh, mask.ndim))
+  fwd = jax.jit(lambda v, x, m: model.apply(v, x, m)['tokens'])
+  got = fwd(placed, xs, ms)
+  want = fwd(tiny_variables, px, mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
