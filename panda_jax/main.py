@@ -26,6 +26,9 @@ from panda_jax.models.stab import VisualTokenizer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/X.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where outputs and the resolved config go.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False,
+                               'Call jax.distributed.initialize() first (TPU pods, GPU clusters); '
+                               'every host runs the same command.')
 
 
 def run_demo(config) -> dict:
@@ -56,9 +59,14 @@ def run_demo(config) -> dict:
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
   logging.info('initialised %d parameters in %.1fs', n_params, time.perf_counter() - t0)
 
-  in_sharding = sharding.batch_sharding(mesh, pixels.ndim)
-  pixels = jax.device_put(pixels, in_sharding)
-  mask = jax.device_put(mask, sharding.batch_sharding(mesh, mask.ndim))
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if demo.batch % shards:
+    raise ValueError(f'demo.batch={demo.batch} must be a multiple of the batch-sharded mesh '
+                     f'axes data x fsdp = {shards}')
+  # Every host holds the whole (generated) batch; each device takes its slice.
+  pixels, mask = (jax.make_array_from_callback(a.shape, sharding.batch_sharding(mesh, a.ndim),
+                                               lambda idx, a=a: a[idx])
+                  for a in (pixels, mask))
   forward = jax.jit(lambda v, x, m: model.apply(v, x, m))
   t0 = time.perf_counter()
   compiled = forward.lower(variables, pixels, mask).compile()
@@ -91,12 +99,16 @@ MODES = {'demo': run_demo}
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+    logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/demo.py')
   if config.mode not in MODES:
     raise app.UsageError(f'config.mode={config.mode!r}; available: {sorted(MODES)}')
-  if _WORKDIR.value:
+  if _WORKDIR.value and jax.process_index() == 0:
     path = config_lib.save_resolved(config, _WORKDIR.value)
     logging.info('resolved config written to %s', path)
   MODES[config.mode](config)

@@ -1,0 +1,53 @@
+"""The entry point as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'panda_jax.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_demo_runs_and_writes_resolved_config(tmp_path):
+  r = _run('--config=configs/demo.py:tiny', f'--workdir={tmp_path}',
+           '--config.demo.width=4', '--config.demo.height=3')
+  assert r.returncode == 0, r.stderr[-3000:]
+  # 4:3 at the tiny size (112 px, 14-px patches): 3 of 4 teacher patches, 6 x 8 student
+  # patches, 3 x 4 LSD tokens per frame -> 1 + 3 * 5 = 16 tokens.
+  assert 'video sequence length 128' in r.stdout, r.stdout
+  assert '    0    3 x 4        16' in r.stdout
+  saved = json.load(open(tmp_path / 'config.json'))
+  assert saved['demo']['width'] == 4 and saved['model']['size'] == 'tiny'
+
+
+def test_bad_config_fields_fail_clearly():
+  r = _run('--config=configs/demo.py:tiny', '--config.demo.frames=6')
+  assert r.returncode != 0 and 'demo.frames=6 must be a positive multiple of 4' in r.stderr
+  r = _run('--config=configs/demo.py:tiny', '--config.demo.nonexistent=1')
+  assert r.returncode != 0 and 'nonexistent' in r.stderr
+  r = _run('--config=configs/demo.py:huge')
+  assert r.returncode != 0 and "model size 'huge'" in r.stderr
+
+
+@pytest.mark.slow
+def test_stab_benchmark_prints_table_and_result_line():
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  r = subprocess.run([sys.executable, 'benchmarks/stab.py', '--image_size', '56', '--hidden',
+                      '32', '--llm_hidden', '32', '--runs', '1', '--matmul_n', '128'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert any(l.startswith('reference math') for l in lines)
+  assert lines[-1].startswith('RESULT gflop_per_video=')
+  fields = dict(kv.split('=') for kv in lines[-1].split()[1:])
+  assert set(fields) == {'gflop_per_video', 'ms_per_video', 'peak_fraction'}
+  assert float(fields['ms_per_video']) > 0
