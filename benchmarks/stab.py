@@ -59,13 +59,17 @@ def time_ms(fn, *args, runs: int) -> list[float]:
 
 
 def matmul_peak(n: int) -> float:
-  """Best-of-5 float32 n x n matmul throughput in GFLOP/s."""
+  """Median float32 n x n matmul throughput over 5 runs, in GFLOP/s.
+
+  The median, like the model's timing, so a lucky burst on either side does not skew the
+  fraction; n = 4096 is a workload of the model's size (137 GFLOP).
+  """
   ka, kb = jax.random.split(jax.random.PRNGKey(1))
   a = jax.random.normal(ka, (n, n), jnp.float32)
   b = jax.random.normal(kb, (n, n), jnp.float32)
   mm = jax.jit(lambda x, y: x @ y)
-  best_ms = min(time_ms(mm, a, b, runs=5))
-  return 2 * n ** 3 / (best_ms / 1e3) / 1e9
+  ms = statistics.median(time_ms(mm, a, b, runs=5))
+  return 2 * n ** 3 / (ms / 1e3) / 1e9
 
 
 def bench(cfg: StabConfig, pixels, mask, runs: int) -> dict:
@@ -89,7 +93,7 @@ def main():
   ap.add_argument('--hidden', type=int, default=d.hidden)
   ap.add_argument('--heads', type=int, default=d.heads)
   ap.add_argument('--llm_hidden', type=int, default=d.llm_hidden)
-  ap.add_argument('--matmul_n', type=int, default=2048, help='side of the peak matmul')
+  ap.add_argument('--matmul_n', type=int, default=4096, help='side of the peak matmul')
   ap.add_argument('--skip_reference', action='store_true', help='only time "ours"')
   args = ap.parse_args()
 
@@ -134,7 +138,7 @@ def main():
   if (cfg, args.frames) == (d, 8):  # the quoted count's setting only
     print(f'ours vs authors (quoted): {ours["gflop"] / QUOTED_GFLOP:.3f}x the FLOPs')
   print(f'matmul peak: {peak:.1f} GFLOP/s (float32 {args.matmul_n}x{args.matmul_n}, '
-        f'best of 5, before and after)')
+        f'median of 5, the better of before and after)')
   print(f'RESULT gflop_per_video={ours["gflop"]:.1f} ms_per_video={ours["ms"]:.1f} '
         f'peak_fraction={ours["peak"]:.3f}')
 
