@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from panda_jax.convert.llama import config_from_hf, convert_llama
 from panda_jax.convert.visual import convert_visual
+from panda_jax.eval.generate import Sampling, generate
+from panda_jax.models.llama import Llama
 from panda_jax.models.distill import DistillConfig, DistillHead, cosine_distill_loss
 from panda_jax.models.stab import StabConfig, VisualTokenizer
 
@@ -156,7 +159,47 @@ def check_distill(path) -> list:
   return cmp.finish()
 
 
+def llama_config_from_meta(meta: dict):
+  """The `llama` golden's meta is a Hugging Face config (plus notes)."""
+  return config_from_hf(meta)
+
+
+def check_llama(path) -> list:
+  meta, params, inputs, outputs, _ = load_case(path)
+  cfg = llama_config_from_meta(meta)
+  variables = {'params': convert_llama(params, cfg)}
+  model = Llama(cfg)
+  ids = jnp.asarray(inputs['input_ids'])
+  valid = jnp.asarray(inputs['attention_mask']) > 0
+  slots = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+
+  @jax.jit
+  def run(v, ids, valid):
+    emb = model.apply(v, ids, method=Llama.embed)
+    return model.apply(v, emb, slots, valid, output_hidden_states=True)
+
+  out = run(variables, ids, valid)
+  cmp = Comparator(pathlib.Path(path).stem)
+  vmask = np.asarray(valid)
+  # Padded query positions are not part of the contract: compare real tokens only.
+  cmp.close('logits (valid positions)', np.asarray(out['logits'])[vmask],
+            outputs['logits'][vmask])
+  hs = np.asarray(out['hidden_states'])
+  cmp.equal('hidden_states count', hs.shape[0], outputs['hidden_states'].shape[0])
+  for i in range(min(hs.shape[0], outputs['hidden_states'].shape[0])):
+    cmp.close(f'hidden_states[{i}] (valid positions)', hs[i][vmask],
+              outputs['hidden_states'][i][vmask])
+  prompt = jnp.asarray(inputs['prompt_ids'])
+  emb = model.apply(variables, prompt, method=Llama.embed)
+  n = outputs['greedy_ids'].shape[1]
+  gen = generate(model, variables['params'], emb, jnp.ones(prompt.shape, bool),
+                 jax.random.PRNGKey(0), Sampling(max_new_tokens=n, eos_id=None))
+  cmp.equal('greedy_ids', gen['tokens'], outputs['greedy_ids'])
+  return cmp.finish()
+
+
 CHECKS: dict[str, Callable[[str], list]] = {
+    'llama': check_llama,
     'stab': check_stab,
     'distill': check_distill,
 }

@@ -1,0 +1,190 @@
+"""Hugging Face Llama names -> our scanned decoder parameters, one tensor at a time.
+
+Tensors arrive as (name, array) pairs in any order (a sharded checkpoint streams shard by
+shard); each is transposed into place inside preallocated stacked arrays `[L, ...]`, so host
+memory holds the converted model plus one shard, never two copies of the model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from panda_jax.convert.common import ConversionError
+from panda_jax.models.llama import LlamaConfig
+
+# Non-persistent buffers some exports carry; recomputed from rope_theta.
+ROPE_BUFFERS = ('model.rotary_emb.inv_freq', 'model.rotary_emb.original_inv_freq')
+
+_LAYER = re.compile(r'^model\.layers\.(\d+)\.(.+)$')
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
+  """LlamaConfig from a Hugging Face `config.json` dict (errors name unsupported settings)."""
+  heads = hf['num_attention_heads']
+  rope = hf.get('rope_parameters') or {}
+  theta = rope.get('rope_theta', hf.get('rope_theta', 10000.0))
+  rope_type = rope.get('rope_type', 'default')
+  if hf.get('rope_scaling') or rope_type != 'default':
+    raise ConversionError(f'rope scaling {hf.get("rope_scaling") or rope_type!r} is not '
+                          'supported (Video-Panda uses plain RoPE)')
+  if hf.get('attention_bias') or hf.get('mlp_bias'):
+    raise ConversionError('attention_bias / mlp_bias are not supported (Llama-2 has none)')
+  if hf.get('hidden_act', 'silu') != 'silu':
+    raise ConversionError(f'hidden_act={hf.get("hidden_act")!r}; only silu is supported')
+  cfg = LlamaConfig(
+      vocab_size=hf['vocab_size'], hidden=hf['hidden_size'], layers=hf['num_hidden_layers'],
+      heads=heads, kv_heads=hf.get('num_key_value_heads') or heads,
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
+      mlp=hf['intermediate_size'], rms_eps=hf.get('rms_norm_eps', 1e-6), rope_theta=theta,
+      max_positions=hf.get('max_position_embeddings', 4096), **overrides)
+  cfg.validate()
+  return cfg
+
+
+def _shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  e, h, k, d, m, n = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp, cfg.layers
+  return {
+      'embed_tokens/embedding': (cfg.vocab_size, e),
+      'layers/attn/q/kernel': (n, e, h, d),
+      'layers/attn/k/kernel': (n, e, k, d),
+      'layers/attn/v/kernel': (n, e, k, d),
+      'layers/attn/o/kernel': (n, h, d, e),
+      'layers/mlp/gate/kernel': (n, e, m),
+      'layers/mlp/up/kernel': (n, e, m),
+      'layers/mlp/down/kernel': (n, m, e),
+      'layers/attn_norm/scale': (n, e),
+      'layers/mlp_norm/scale': (n, e),
+      'final_norm/scale': (e,),
+      'lm_head/kernel': (e, cfg.vocab_size),
+  }
+
+
+_PER_LAYER = {
+    'self_attn.q_proj.weight': ('layers/attn/q/kernel', 'qkv'),
+    'self_attn.k_proj.weight': ('layers/attn/k/kernel', 'qkv'),
+    'self_attn.v_proj.weight': ('layers/attn/v/kernel', 'qkv'),
+    'self_attn.o_proj.weight': ('layers/attn/o/kernel', 'o'),
+    'mlp.gate_proj.weight': ('layers/mlp/gate/kernel', 'T'),
+    'mlp.up_proj.weight': ('layers/mlp/up/kernel', 'T'),
+    'mlp.down_proj.weight': ('layers/mlp/down/kernel', 'T'),
+    'input_layernorm.weight': ('layers/attn_norm/scale', None),
+    'post_attention_layernorm.weight': ('layers/mlp_norm/scale', None),
+}
+_GLOBAL = {
+    'model.embed_tokens.weight': ('embed_tokens/embedding', None),
+    'model.norm.weight': ('final_norm/scale', None),
+    'lm_head.weight': ('lm_head/kernel', 'T'),
+}
+
+
+class LlamaBuilder:
+  """Collects Hugging Face tensors into our parameter tree.
+
+  `add(name, array)` returns False for a name that is not the decoder's (the caller decides
+  whether that is unexpected); `finish()` checks that every tensor of every layer arrived and
+  returns the nested params.
+  """
+
+  def __init__(self, cfg: LlamaConfig, dtype=None, tie_embeddings: bool = False):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.tie = tie_embeddings
+    self.shapes = _shapes(cfg)
+    self.arrays: dict[str, np.ndarray] = {}
+    self.seen: dict[str, set[int]] = {}
+    self.problems: list[str] = []
+
+  def _target(self, path: str, src_dtype) -> np.ndarray:
+    if path not in self.arrays:
+      self.arrays[path] = np.empty(self.shapes[path], self.dtype or src_dtype)
+    return self.arrays[path]
+
+  def _transform(self, w: np.ndarray, how: str | None, out_shape) -> np.ndarray:
+    if how == 'qkv':   # [N*D, E] -> [E, N, D]
+      return w.T.reshape(out_shape)
+    if how == 'o':     # [E, H*D] -> [H, D, E]
+      return w.T.reshape(out_shape)
+    if how == 'T':
+      return w.T
+    return w
+
+  def add(self, name: str, w: np.ndarray) -> bool:
+    if name in ROPE_BUFFERS:
+      self._check_rope(name, np.asarray(w))
+      return True
+    m = _LAYER.match(name)
+    if m:
+      layer, rest = int(m.group(1)), m.group(2)
+      if rest not in _PER_LAYER:
+        return False
+      path, how = _PER_LAYER[rest]
+      if layer >= self.cfg.layers:
+        self.problems.append(f'{name}: layer {layer} but the config has {self.cfg.layers}')
+        return True
+      out_shape = self.shapes[path][1:]
+      idx: Any = layer
+    elif name in _GLOBAL:
+      path, how = _GLOBAL[name]
+      out_shape = self.shapes[path]
+      idx = ...
+    else:
+      return False
+    try:
+      value = self._transform(np.asarray(w), how, out_shape)
+      if value.shape != tuple(out_shape):
+        raise ValueError(f'becomes {value.shape}')
+    except ValueError as e:
+      self.problems.append(f'{name}: shape {tuple(np.shape(w))} does not fit {path} '
+                           f'{tuple(out_shape)} ({e})')
+      return True
+    self._target(path, value.dtype)[idx] = value
+    self.seen.setdefault(path, set()).add(-1 if idx is ... else layer)
+    return True
+
+  def _check_rope(self, name: str, inv_freq: np.ndarray) -> None:
+    d = self.cfg.head_dim
+    want = 1.0 / (self.cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if inv_freq.shape != want.shape or not np.allclose(inv_freq, want, rtol=1e-4):
+      self.problems.append(f'{name} does not match rope_theta={self.cfg.rope_theta} and '
+                           f'head_dim={d}')
+
+  def finish(self) -> dict:
+    missing = []
+    for path, shape in self.shapes.items():
+      if path == 'lm_head/kernel' and self.tie and path not in self.arrays:
+        if 'embed_tokens/embedding' in self.arrays:
+          self.arrays[path] = np.ascontiguousarray(self.arrays['embed_tokens/embedding'].T)
+          continue
+      seen = self.seen.get(path, set())
+      if path.startswith('layers/'):
+        gone = sorted(set(range(self.cfg.layers)) - seen)
+        if gone:
+          missing.append(f'{path} for layers {gone}')
+      elif not seen:
+        missing.append(path)
+    if missing or self.problems:
+      lines = ['cannot convert the Llama checkpoint:']
+      if missing:
+        lines.append(f'  missing ({len(missing)}): ' + '; '.join(missing))
+      lines += ['  ' + p for p in self.problems]
+      raise ConversionError('\n'.join(lines))
+    return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in self.arrays.items()})
+
+
+def convert_llama(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+                  cfg: LlamaConfig, *, dtype=None, tie_embeddings: bool = False,
+                  ignore_other: bool = False) -> dict:
+  """Converts decoder tensors; names not the decoder's are errors unless `ignore_other`."""
+  items = tensors.items() if isinstance(tensors, Mapping) else tensors
+  builder = LlamaBuilder(cfg, dtype=dtype, tie_embeddings=tie_embeddings)
+  unexpected = []
+  for name, w in items:
+    if not builder.add(name, w) and not ignore_other:
+      unexpected.append(name)
+  if unexpected:
+    builder.problems.append(f'unexpected ({len(unexpected)}): ' + ', '.join(sorted(unexpected)))
+  return builder.finish()

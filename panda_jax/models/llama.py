@@ -1,0 +1,250 @@
+"""Llama-2 decoder (Vicuna-7B v1.5 lineage) in Flax linen, with a functional KV cache.
+
+Spec section 4. Layers are stacked with `nn.scan` (parameters get a leading `layers` axis) and
+wrapped in `nn.remat` with a policy from config. Every parameter and the main activations carry
+logical axis names; `panda_jax/sharding.py` maps them to the mesh.
+
+Shapes: B batch, T new tokens, S cache slots, E hidden, H query heads, K key/value heads,
+D head dim, M MLP width, V vocab, L layers.
+
+Attention masks are built from two arrays so one code path serves training, prefill and
+decoding: each new token has a `slot` (its absolute position: the RoPE position and, with a
+cache, where its key/value are written) and a `valid` flag. A query at slot q attends to every
+valid key at slot <= q.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from panda_jax.models.layers import Dense, partitioned
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Decoder sizes; defaults are Vicuna-7B v1.5 / Llama-2 7B."""
+  vocab_size: int = 32000
+  hidden: int = 4096
+  layers: int = 32
+  heads: int = 32
+  kv_heads: int = 32
+  head_dim: int = 128
+  mlp: int = 11008
+  rms_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_positions: int = 4096
+  remat: str = 'none'
+
+  def validate(self) -> None:
+    if self.heads % self.kv_heads:
+      raise ValueError(f'heads={self.heads} is not a multiple of kv_heads={self.kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}')
+
+  @property
+  def num_params(self) -> int:
+    e, m, d = self.hidden, self.mlp, self.head_dim
+    per_layer = e * d * (2 * self.heads + 2 * self.kv_heads) + 3 * e * m + 2 * e
+    return self.layers * per_layer + 2 * self.vocab_size * e + e
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', partitioned(nn.initializers.ones, ('embed',)), (x.shape[-1],),
+                       self.param_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    # As Hugging Face: normalise in float32, cast back, then scale.
+    return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Llama rotary embedding (half-split convention): x [B, T, N, D], positions [B, T]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, D/2]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :d // 2], xf[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_slots: jax.Array, k_slots: jax.Array, k_valid: jax.Array) -> jax.Array:
+  """bool [B, T, S]: key s is visible to query t if valid and not in the future."""
+  return k_valid[:, None, :] & (k_slots[:, None, :] <= q_slots[:, :, None])
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, slots, valid, cache):
+    """x [B, T, E]; slots int [B, T]; valid bool [B, T]; cache None or dict of k, v
+    [B, S, K, D], slots int [B, S], valid bool [B, S] (already including this step's tokens).
+    Returns (y [B, T, E], (k, v) written for this step)."""
+    cfg = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h, k, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+    q = Dense((h, d), ('embed',), ('heads', 'kv'), use_bias=False, name='q', **kw)(x)
+    kk = Dense((k, d), ('embed',), ('kv_heads', 'kv'), use_bias=False, name='k', **kw)(x)
+    vv = Dense((k, d), ('embed',), ('kv_heads', 'kv'), use_bias=False, name='v', **kw)(x)
+    q = rotary(q, slots, cfg.rope_theta)
+    kk = rotary(kk, slots, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', None))
+    if cache is None:
+      keys, values = kk, vv
+      mask = attention_mask(slots, slots, valid)
+    else:
+      b = jnp.arange(x.shape[0])[:, None]
+      keys = cache['k'].at[b, slots].set(kk.astype(cache['k'].dtype))
+      values = cache['v'].at[b, slots].set(vv.astype(cache['v'].dtype))
+      mask = attention_mask(slots, cache['slots'], cache['valid'])
+    b_, t, _, _ = q.shape
+    qg = q.reshape(b_, t, k, h // k, d)
+    scores = jnp.einsum('btkgd,bskd->bkgts', qg, keys.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * d ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, values.astype(self.dtype))
+    out = out.reshape(b_, t, h, d)
+    y = Dense(cfg.hidden, ('heads', 'kv'), ('embed',), use_bias=False, name='o', **kw)(out)
+    return y, (keys, values)
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+    gate = Dense(self.cfg.mlp, ('embed',), ('mlp',), name='gate', **kw)(x)
+    up = Dense(self.cfg.mlp, ('embed',), ('mlp',), name='up', **kw)(x)
+    hmid = nn.with_logical_constraint(jax.nn.silu(gate) * up,
+                                      ('act_batch', 'act_length', 'act_mlp'))
+    return Dense(self.cfg.hidden, ('mlp',), ('embed',), name='down', **kw)(hmid)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block; scanned over layers. Carry x [B, T, E]; per-layer cache slice."""
+  cfg: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, layer_cache, slots, valid, cache_meta, gather):
+    cfg = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    cache = None if layer_cache is None else dict(layer_cache, **cache_meta)
+    a, kv = Attention(cfg, name='attn', **kw)(
+        RMSNorm(cfg.rms_eps, name='attn_norm', **kw)(x), slots, valid, cache)
+    x = x + a
+    x = x + MLP(cfg, name='mlp', **kw)(RMSNorm(cfg.rms_eps, name='mlp_norm', **kw)(x))
+    x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
+    out = x if gather is None else jnp.take_along_axis(x, gather[..., None], axis=1)
+    new_cache = None if layer_cache is None else {'k': kv[0], 'v': kv[1]}
+    return x, (new_cache, out)
+
+
+class Llama(nn.Module):
+  """Token embedding, scanned decoder layers, final RMSNorm and untied LM head."""
+  cfg: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden, param_dtype=self.param_dtype, dtype=self.dtype,
+        embedding_init=partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')))
+    layer = DecoderLayer
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != 'none':
+      layer = nn.remat(layer, policy=policy, prevent_cse=False)
+    self.layers = nn.scan(
+        layer, variable_axes={'params': 0}, split_rngs={'params': True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.layers, metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, **kw)
+    self.final_norm = RMSNorm(cfg.rms_eps, **kw)
+    self.lm_head = Dense(cfg.vocab_size, ('embed',), ('vocab',), use_bias=False, **kw)
+
+  def embed(self, ids: jax.Array) -> jax.Array:
+    """ids [B, T] -> [B, T, E]."""
+    return self.embed_tokens(ids)
+
+  def __call__(self, inputs_embeds, slots, valid, *, cache=None, hidden_gather=None,
+               output_hidden_states=False):
+    """Runs the decoder.
+
+    Args:
+      inputs_embeds: [B, T, E].
+      slots: int [B, T] absolute positions of the tokens (RoPE and cache slots).
+      valid: bool [B, T] real tokens (padding is never attended to).
+      cache: None (no cache) or `init_cache(...)`-shaped dict; the step's keys and values are
+        written at `slots` and `cache['valid']` must already mark them (see `step_cache`).
+      hidden_gather: optional int [B, P] positions at which to return hidden states.
+      output_hidden_states: return all L + 1 hidden states in Hugging Face numbering
+        (0 = embeddings, L = after the final norm).
+    Returns:
+      dict with `logits` [B, T, V] (float32), `hidden_states` [L + 1, B, T or P, E] when asked,
+      `cache` when given.
+    """
+    x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype),
+                                   ('act_batch', 'act_length', 'act_embed'))
+    layer_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+    meta = None if cache is None else {'slots': cache['slots'], 'valid': cache['valid']}
+    gather = hidden_gather if output_hidden_states else None
+    x_last, (new_cache, outs) = self.layers(x, layer_cache, slots, valid, meta, gather)
+    normed = self.final_norm(x_last)
+    logits = self.lm_head(normed).astype(jnp.float32)
+    logits = nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
+    result = {'logits': logits}
+    if output_hidden_states:
+      pick = (lambda a: a) if gather is None else (
+          lambda a: jnp.take_along_axis(a, gather[..., None], axis=1))
+      result['hidden_states'] = jnp.concatenate(
+          [pick(x)[None], outs[:-1], pick(normed)[None]], axis=0)
+    if cache is not None:
+      result['cache'] = dict(cache, k=new_cache['k'], v=new_cache['v'])
+    return result
+
+
+def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache: k, v [L, B, S, K, D], slot positions [B, S], valid [B, S]."""
+  shape = (cfg.layers, batch, slots, cfg.kv_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+          'slots': jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots)),
+          'valid': jnp.zeros((batch, slots), bool)}
+
+
+def step_cache(cache: dict, slots: jax.Array, valid: jax.Array) -> dict:
+  """Marks this step's tokens (slots [B, T], valid [B, T]) in the cache's validity map."""
+  b = jnp.arange(slots.shape[0])[:, None]
+  return dict(cache, valid=cache['valid'].at[b, slots].set(valid))
