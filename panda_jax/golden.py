@@ -22,7 +22,10 @@ import numpy as np
 from panda_jax.convert.llama import config_from_hf, convert_llama
 from panda_jax.convert.visual import convert_visual
 from panda_jax.eval.generate import Sampling, generate
+from panda_jax.convert.panda import convert_panda
+from panda_jax.data.assembly import layout_batch
 from panda_jax.models.llama import Llama
+from panda_jax.models.panda import PandaConfig, VideoPanda
 from panda_jax.models.distill import DistillConfig, DistillHead, cosine_distill_loss
 from panda_jax.models.stab import StabConfig, VisualTokenizer
 
@@ -198,7 +201,76 @@ def check_llama(path) -> list:
   return cmp.finish()
 
 
+def panda_config_from_meta(meta: dict) -> PandaConfig:
+  sz = meta['sizes']
+  llm = config_from_hf(sz['llm'])
+  st, vid, dh = sz['stab'], sz['video'], sz['distill_head']
+  stab = StabConfig(hidden=st['width'], heads=st['heads'], llm_hidden=llm.hidden,
+                    image_size=vid['image_size'], patch_size=st['patch_size'],
+                    frames_per_chunk=st['chunk_size'], lsd_stride=st['lsd_conv_stride'],
+                    lmhra_reduction=st['lmhra_dw_reduction'])
+  distill = DistillConfig(llm_hidden=llm.hidden, teacher_hidden=dh['teacher_hidden'],
+                          heads=dh['heads'], layers=tuple(dh['layer_idx']))
+  cfg = PandaConfig(stab=stab, llm=llm, distill=distill)
+  cfg.validate()
+  return cfg
+
+
+def reference_frames_to_ours(frames: np.ndarray):
+  """(B, F, 4, H, W) with the mask last -> (pixels [B, F, H, W, 3], mask [B, F, H, W])."""
+  x = frames.transpose(0, 1, 3, 4, 2)
+  return x[..., :3], x[..., 3]
+
+
+def check_video_panda(path) -> list:
+  meta, params, inputs, outputs, debug = load_case(path)
+  cfg = panda_config_from_meta(meta)
+  variables = convert_panda(params, cfg)
+  model = VideoPanda(cfg)
+  pixels, mask = reference_frames_to_ours(inputs['frames'])
+  length = outputs['logits'].shape[1]
+  lay = layout_batch(inputs['input_ids'], inputs['labels'], inputs['attention_mask'], mask,
+                     cfg.stab, max_len=length)
+  batch = dict({k: jnp.asarray(v) for k, v in lay.items()}, pixels=jnp.asarray(pixels),
+               mask=jnp.asarray(mask), teacher=jnp.asarray(inputs['teacher_features']),
+               teacher_valid=jnp.ones(mask.shape[:2], bool))
+  out = jax.jit(lambda v, b: model.apply(v, b))(variables, batch)
+  cmp = Comparator(pathlib.Path(path).stem)
+  cmp.equal('assembled labels', lay['labels'], debug['labels'])
+  cmp.equal('assembled attention mask', lay['valid'], debug['attention_mask'] > 0)
+  cmp.equal('frame token starts', lay['frame_start'], debug['frame_token_start'])
+  cmp.equal('tokens per frame', lay['frame_len'], debug['feature_lens'])
+  cmp.equal('patch_hw', lay['patch_hw'], debug['patch_hw'])
+  vmask = lay['valid']
+  embeds = model.apply(variables, batch, method=lambda m, b: m.embed_inputs(b)[0])
+  cmp.close('inputs_embeds (valid positions)', np.asarray(embeds)[vmask],
+            debug['inputs_embeds'][vmask])
+  cmp.close('logits (valid positions)', np.asarray(out['logits'])[vmask],
+            outputs['logits'][vmask])
+  cmp.close('lm_loss', out['ce'], outputs['lm_loss'])
+  cmp.close('distill_loss', out['distill'], outputs['distill_loss'])
+  cmp.close('distill frame losses', out['frame_loss'], debug['distill_frame_loss'])
+  cmp.close('loss', out['loss'], outputs['loss'])
+
+  # Greedy decoding with a KV cache after sample 0's prompt and video.
+  prompt = inputs['greedy_prompt_ids']
+  n_prompt = prompt.shape[1] - mask.shape[1] + int(lay['frame_len'][0].sum())
+  glay = layout_batch(prompt, None, np.ones_like(prompt), mask[:1], cfg.stab, max_len=n_prompt)
+  gbatch = dict({k: jnp.asarray(v) for k, v in glay.items()}, pixels=jnp.asarray(pixels[:1]),
+                mask=jnp.asarray(mask[:1]))
+  emb = model.apply(variables, gbatch, method=lambda m, b: m.embed_inputs(b)[0])
+  n_new = outputs['greedy_ids'].shape[0]
+  gen = generate(Llama(cfg.llm), variables['params']['llm'], emb,
+                 jnp.asarray(glay['valid']), jax.random.PRNGKey(0),
+                 Sampling(max_new_tokens=n_new, eos_id=meta['sizes']['llm'].get('eos_token_id')),
+                 return_logits=True)
+  cmp.equal('greedy_ids', np.asarray(gen['tokens'][0]), outputs['greedy_ids'])
+  cmp.close('greedy step logits', gen['logits'][0], outputs['greedy_step_logits'])
+  return cmp.finish()
+
+
 CHECKS: dict[str, Callable[[str], list]] = {
+    'video_panda': check_video_panda,
     'llama': check_llama,
     'stab': check_stab,
     'distill': check_distill,

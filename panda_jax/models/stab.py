@@ -136,31 +136,55 @@ def frame_layout(patch_hw, lsd_grid: int, xp=jnp):
   return {'index': index, 'valid': valid, 'patch': patch, 'length': length}
 
 
-def crop_boxes(patch_valid: jax.Array, empty_patches: int):
+def crop_boxes(patch_valid, empty_patches: int, xp=jnp):
   """Bounding box of each frame's valid patches.
 
   Args:
     patch_valid: bool [..., G, G], True where the avg-pooled mask is non-zero.
     empty_patches: side of the top-left square kept by a frame with no valid patch.
+    xp: `jax.numpy` on device, `numpy` on the host (same results).
   Returns:
     int32 (row0, col0, height, width), each [...].
   """
   g_h, g_w = patch_valid.shape[-2:]
 
   def span(any_valid, n):
-    has = jnp.any(any_valid, axis=-1)
-    start = jnp.argmax(any_valid, axis=-1)
-    end = n - jnp.argmax(any_valid[..., ::-1], axis=-1)
+    has = xp.any(any_valid, axis=-1)
+    start = xp.argmax(any_valid, axis=-1)
+    end = n - xp.argmax(any_valid[..., ::-1], axis=-1)
     return has, start, end - start
 
-  has_r, r0, h = span(jnp.any(patch_valid, axis=-1), g_h)
-  has_c, c0, w = span(jnp.any(patch_valid, axis=-2), g_w)
+  has_r, r0, h = span(xp.any(patch_valid, axis=-1), g_h)
+  has_c, c0, w = span(xp.any(patch_valid, axis=-2), g_w)
   has = has_r & has_c
-  r0 = jnp.where(has, r0, 0)
-  c0 = jnp.where(has, c0, 0)
-  h = jnp.where(has, h, min(empty_patches, g_h))
-  w = jnp.where(has, w, min(empty_patches, g_w))
-  return r0.astype(jnp.int32), c0.astype(jnp.int32), h.astype(jnp.int32), w.astype(jnp.int32)
+  r0 = xp.where(has, r0, 0)
+  c0 = xp.where(has, c0, 0)
+  h = xp.where(has, h, min(empty_patches, g_h))
+  w = xp.where(has, w, min(empty_patches, g_w))
+  return tuple(a.astype(np.int32) for a in (r0, c0, h, w))
+
+
+def patch_mask(mask, patch_size: int, xp=jnp):
+  """Pixel mask [..., H, W] -> average-pooled patch mask [..., H/p, W/p] (float32)."""
+  *lead, h, w = mask.shape
+  m = mask.astype(np.float32).reshape(tuple(lead) + (h // patch_size, patch_size,
+                                                      w // patch_size, patch_size))
+  return m.mean(axis=(-3, -1))
+
+
+def frame_grid(mask, cfg: 'StabConfig', xp=jnp):
+  """What the STAB keeps of each frame, from its pixel mask [..., H, W].
+
+  Returns int32 `patch_hw` [..., 2] (LSD grid after the crop, odd sizes floored, at least one
+  window) and `origin` [..., 2] (the crop's top-left corner in LSD cells, i.e. in teacher
+  patches, for aligning distillation targets).
+  """
+  r0, c0, h, w = crop_boxes(patch_mask(mask, cfg.patch_size, xp) > 0, cfg.empty_frame_patches,
+                            xp)
+  k = cfg.lsd_stride
+  hw = xp.stack([xp.maximum(h // k, 1), xp.maximum(w // k, 1)], axis=-1).astype(np.int32)
+  origin = xp.stack([r0 // k, c0 // k], axis=-1).astype(np.int32)
+  return hw, origin
 
 
 def _head_major_init(key, shape, dtype=jnp.float32):
@@ -361,7 +385,7 @@ class STAB(nn.Module):
     x = pixels.astype(self.dtype).reshape(b * f, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
     emb = Dense(c, (PATCH, None, None), (EMBED,), use_bias=False, name='patch_embed',
                 **kw)(x.reshape(b * f, g, g, p, p, 3))                      # [BF, G, G, C]
-    pmask = mask.astype(jnp.float32).reshape(b * f, g, p, g, p).mean(axis=(2, 4))
+    pmask = patch_mask(mask.reshape(b * f, hgt, wid), p)
 
     # 2-3. LSTE and GSTRA on chunks of T frames, padding included.
     emb_c = emb.reshape(n, t, g, g, c)
@@ -381,7 +405,7 @@ class STAB(nn.Module):
     tokens = jnp.take_along_axis(tokens, cols[:, None, :, None], axis=2)
     # Odd sizes are floored like the reference's pooling; a region smaller than one window
     # (which the 28-px preprocessing never produces, and the reference cannot process) keeps
-    # one window so the frame still has a finite sequence.
+    # one window so the frame still has a finite sequence (`frame_grid` is the same rule).
     hs, ws = jnp.maximum(h // k, 1), jnp.maximum(w // k, 1)
 
     # 6. LSD: each k x k window's mean queries its k*k tokens.

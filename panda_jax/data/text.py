@@ -1,0 +1,465 @@
+"""Tokenizer, the Vicuna "v1" conversation template and training labels.
+
+Spec section 4. A conversation is a list of turns `(human, gpt)`; the data files hold it as
+`[{'from': 'human', 'value': ...}, {'from': 'gpt', 'value': ...}, ...]` (`as_turns`). The
+prompt is (SeparatorStyle.TWO, `sep=' '`, `sep2='</s>'`)
+
+    SYSTEM + ' ' + 'USER: ' + q0 + ' ' + 'ASSISTANT: ' + a0 + '</s>' + 'USER: ' + q1 + ...
+
+and a generation prompt ends with `'ASSISTANT:'` (no space). The video placeholder (`<video>`,
+or `<image>`) becomes `num_frames` `<image>` markers, and every `<image>` becomes one
+`IMAGE_TOKEN_INDEX` (-200) id in the token stream: the text between markers is tokenized
+piece by piece, each piece with its own BOS, keeping only the first BOS (the reference's
+`tokenizer_image_token`). With the Llama tokenizer the block therefore sits between the '▁'
+of "USER: " and the '▁' '<0x0A>' of "\\n...":
+
+    [BOS] system... USER : ▁ [-200] * num_frames ▁ <0x0A> question... ASSISTANT : ▁answer... </s>
+
+Labels (`IGNORE_INDEX` = -100 where not learned) are computed exactly the way the reference's
+`preprocess_v1` does, from per-round token counts: the conversation is split at '</s>' into
+rounds, and for each round `round_len = len(tok(round))` (its BOS stands for the '</s>' that
+the split removed) and `instruction_len = len(tok(round up to 'ASSISTANT: ')) - 2` (its BOS
+and the trailing '▁' that the full text merges into the answer's first piece), starting after
+the conversation's BOS. The offsets are right only when tokenizing the whole conversation
+gives the concatenation of the rounds' tokens, which holds for the Llama SentencePiece
+tokenizer in its legacy mode (a '▁' prefix also after '</s>'), the mode `load_tokenizer`
+selects by default. Where it does not hold the reference prints "tokenization mismatch" and
+silently masks the whole sample; here that is a `TokenizationMismatchError` (or, with
+`on_mismatch='mask'`, the reference's all -100 labels and a warning).
+
+Host side only (numpy and a Hugging Face tokenizer); nothing here runs on device. Sequences are
+not truncated: batch them, right-pad ids with the pad id (0) and labels with -100, and cut at
+`model_max_length`, as the reference's collator does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200
+IMAGE_PLACEHOLDER = '<image>'
+VIDEO_PLACEHOLDER = '<video>'
+
+# "v1" template. SYSTEM_PROMPT is the spec's, which is the reference's `videopanda_v1` template
+# used at inference (run_inference_video_qa.py). The released training scripts pass
+# `--version v1`, which selects `conv_vicuna_v1`: same template with "user" for "human".
+SYSTEM_PROMPT = ('A chat between a curious human and an artificial intelligence assistant. '
+                 "The assistant gives helpful, detailed, and polite answers to the human's "
+                 'questions.')
+VICUNA_V1_SYSTEM_PROMPT = ('A chat between a curious user and an artificial intelligence '
+                           'assistant. The assistant gives helpful, detailed, and polite '
+                           "answers to the user's questions.")
+ROLES = ('USER', 'ASSISTANT')
+SEP = ' '        # after the system prompt and after each user turn
+SEP2 = '</s>'    # after each assistant turn
+# What the reference splits a round at (`conv.sep + conv.roles[1] + ': '`).
+ASSISTANT_SEP = SEP + ROLES[1] + ': '
+# Speaker names in the data files, and their position in a turn.
+DATA_ROLES = {'human': 0, 'gpt': 1}
+
+Turn = tuple[str, Union[str, None]]
+Conversation = Union[Sequence[Turn], Sequence[Mapping[str, str]]]
+
+
+class TokenizationMismatchError(ValueError):
+  """The reference's per-round offsets do not add up for this tokenizer and conversation.
+
+  The reference (`preprocess_v1`) would print "WARNING: tokenization mismatch" and set every
+  label of the sample to -100 (the sample then trains nothing).
+  """
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer.
+
+
+def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
+                   use_fast: bool | None = None, legacy: bool | None = True) -> Any:
+  """The Llama tokenizer from a local directory, set up the way Video-Panda uses it.
+
+  The directory holds `tokenizer.json` and/or the SentencePiece `tokenizer.model` (with
+  `tokenizer_config.json`), as a Hugging Face checkpoint does; nothing is downloaded. Settings
+  (reference train.py `train()`): BOS added, no EOS added, right padding, pad token = unk token
+  (id 0; set unconditionally, as the reference does for the v1 template), `model_max_length`.
+
+  Args:
+    path: the directory.
+    model_max_length: longest sequence (the reference trains with 4096).
+    use_fast: passed to `AutoTokenizer` (recent transformers always build the Rust tokenizer).
+      None: the reference's slow SentencePiece tokenizer when `tokenizer.model` is there and
+      the `sentencepiece` package is installed, the fast one otherwise.
+    legacy: Llama's `legacy` switch. True (default): text that follows a special token (the
+      "USER" after "</s>") gets the SentencePiece '▁' prefix, as with the reference's
+      transformers 4.31 slow tokenizer, so the reference's per-round label offsets hold for
+      multi-turn conversations. False gives the newer behaviour, for which they do not (see
+      `tokenize_conversation`). None keeps the directory's setting.
+  Returns:
+    the transformers tokenizer.
+  Raises:
+    FileNotFoundError / ValueError naming `path` if it cannot be loaded or does not add BOS.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'tokenizer directory {path!r} does not exist')
+  has_json = os.path.isfile(os.path.join(path, 'tokenizer.json'))
+  has_spm = os.path.isfile(os.path.join(path, 'tokenizer.model'))
+  if not has_json and not has_spm:
+    raise FileNotFoundError(f'{path!r} holds neither tokenizer.json nor tokenizer.model')
+  try:
+    import sentencepiece  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    has_sentencepiece = True
+  except ImportError:
+    has_sentencepiece = False
+  if has_spm and not has_json and not has_sentencepiece:
+    raise ValueError(f'{path!r} holds only tokenizer.model, which needs the sentencepiece '
+                     'package (pip install sentencepiece), or add a tokenizer.json')
+  if use_fast is None:
+    use_fast = not (has_spm and has_sentencepiece)
+
+  import transformers  # pylint: disable=import-outside-toplevel
+  kwargs: dict[str, Any] = dict(model_max_length=model_max_length, padding_side='right',
+                                add_bos_token=True, add_eos_token=False)
+  if legacy is not None:
+    kwargs['legacy'] = legacy
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(path, use_fast=use_fast,
+                                                     local_files_only=True, **kwargs)
+  except Exception as e:  # transformers raises many kinds; say which directory failed
+    raise ValueError(f'cannot load a tokenizer from {path!r}: {type(e).__name__}: {e}') from e
+  if tok.unk_token is not None:
+    tok.pad_token = tok.unk_token
+  elif tok.pad_token is None:
+    raise ValueError(f'tokenizer at {path!r} has neither an unk nor a pad token to pad with')
+  tok.model_max_length = model_max_length
+  tok.padding_side = 'right'
+  check_tokenizer(tok, where=path)
+  return tok
+
+
+def check_tokenizer(tokenizer: Any, where: str = 'tokenizer') -> None:
+  """Raise ValueError unless `tokenizer` adds one BOS, no EOS, and has BOS/EOS/pad ids."""
+  for name in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+    if getattr(tokenizer, name, None) is None:
+      raise ValueError(f'{where}: {name} is not set')
+  ids = list(tokenizer('a b').input_ids)
+  if not ids or ids[0] != tokenizer.bos_token_id or ids.count(tokenizer.bos_token_id) != 1:
+    raise ValueError(f'{where}: expected one BOS ({tokenizer.bos_token_id}) at the start of '
+                     f"tokenizer('a b').input_ids, got {ids} (use load_tokenizer or set "
+                     'add_bos_token=True)')
+  if ids[-1] == tokenizer.eos_token_id:
+    raise ValueError(f'{where}: the tokenizer appends EOS ({tokenizer.eos_token_id}); the v1 '
+                     'template writes "</s>" itself (set add_eos_token=False)')
+
+
+def tokenizer_image_token(tokenizer: Any, prompt: str) -> list[int]:
+  """Token ids of `prompt` with one IMAGE_TOKEN_INDEX per `<image>` marker.
+
+  The reference's `mm_utils.tokenizer_image_token`: the text between markers is tokenized
+  piece by piece (each piece on its own, with BOS); the first piece keeps its BOS, the others
+  lose their first token (their BOS) when the tokenizer adds one.
+
+  Returns:
+    ids, a list of length (tokens of the pieces, without the dropped BOS) + (number of markers).
+  """
+  chunks = [list(tokenizer(c).input_ids) for c in prompt.split(IMAGE_PLACEHOLDER)]
+  ids: list[int] = []
+  skip = 0
+  if chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+    skip = 1
+    ids.append(chunks[0][0])
+  for i, chunk in enumerate(chunks):
+    if i:
+      ids.append(IMAGE_TOKEN_INDEX)
+    ids.extend(chunk[skip:])
+  return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations and the template.
+
+
+def as_turns(conversation: Conversation) -> list[Turn]:
+  """`(human, gpt)` pairs from a data file's message list (pairs pass through, checked).
+
+  Messages are dicts with 'from' in {'human', 'gpt'} and a string 'value'. As in the
+  reference, a leading 'gpt' message is dropped; after it speakers must alternate, starting
+  with 'human'. A final unanswered 'human' message gives a turn `(question, None)`.
+  """
+  conversation = list(conversation)
+  if not conversation or not isinstance(conversation[0], Mapping):
+    turns = []
+    for i, t in enumerate(conversation):
+      if isinstance(t, Mapping) or len(t) != 2:
+        raise ValueError(f'turn {i}: expected a (human, gpt) pair, got {t!r}')
+      turns.append((t[0], t[1]))
+    return turns
+  roles = []
+  for i, m in enumerate(conversation):
+    if not isinstance(m, Mapping) or 'from' not in m or 'value' not in m:
+      raise ValueError(f"message {i}: expected a dict with 'from' and 'value', got {m!r}")
+    if m['from'] not in DATA_ROLES:
+      raise ValueError(f"message {i}: unknown role {m['from']!r}; expected one of "
+                       f'{sorted(DATA_ROLES)}')
+    roles.append(DATA_ROLES[m['from']])
+  if roles[0] == 1:  # reference: "Skip the first one if it is not from human"
+    conversation, roles = conversation[1:], roles[1:]
+  for j, r in enumerate(roles):
+    if r != j % 2:
+      raise ValueError(f"message {j}: expected a {'human' if j % 2 == 0 else 'gpt'} message "
+                       f'(speakers must alternate, starting with human), got {conversation[j]!r}')
+  values = [m['value'] for m in conversation]
+  if len(values) % 2:
+    values.append(None)
+  return [(values[k], values[k + 1]) for k in range(0, len(values), 2)]
+
+
+def _placeholder(text: str, num_frames: int, where: str) -> str | None:
+  """The placeholder string in `text` (None when there is none); error if ambiguous."""
+  n_vid = text.count(VIDEO_PLACEHOLDER)
+  n_img = text.count(IMAGE_PLACEHOLDER)
+  if n_vid + n_img == 0:
+    return None
+  if (n_vid, n_img) in ((1, 0), (0, 1)):
+    return VIDEO_PLACEHOLDER if n_vid else IMAGE_PLACEHOLDER
+  run = IMAGE_PLACEHOLDER * num_frames
+  if n_vid == 0 and n_img == num_frames and run in text:
+    return run  # already expanded (the reference's inference prompts are written this way)
+  raise ValueError(f'{where}: more than one visual placeholder ({n_vid} x {VIDEO_PLACEHOLDER}, '
+                   f'{n_img} x {IMAGE_PLACEHOLDER}) in {text!r}; expected one {VIDEO_PLACEHOLDER}'
+                   f' (or {IMAGE_PLACEHOLDER}) per conversation')
+
+
+def expand_placeholders(turns: Conversation, num_frames: int = 8,
+                        insert_missing: bool = False) -> list[Turn]:
+  """Turns with the video placeholder written as `num_frames` `<image>` markers.
+
+  The reference's `preprocess_multimodal`: a human message that ends with the placeholder
+  ("Q\\n<video>") has it moved to the front ("<video>\\nQ", stripped); elsewhere it stays
+  where it is. `<video>`, a single `<image>`, or an already expanded run of `num_frames`
+  `<image>` each count as the one placeholder. (The reference keeps a lone `<image>`, for
+  still images, as one marker; Video-Panda's videos always use `num_frames`.)
+
+  Args:
+    turns: `(human, gpt)` pairs or data-file messages (`as_turns`).
+    num_frames: markers per video; 0 for a text-only conversation.
+    insert_missing: when no turn has a placeholder, prepend `'<image>' * num_frames + '\\n'`
+      to the first question (what the reference's inference script does).
+  Raises:
+    ValueError for a missing placeholder (frames given), a placeholder with num_frames=0, more
+    than one placeholder, one in an answer, or one at the end of a question without a newline
+    before it (the reference would then write it twice).
+  """
+  turns = as_turns(turns)
+  if num_frames < 0:
+    raise ValueError(f'num_frames={num_frames} must be >= 0')
+  out: list[Turn] = []
+  found = None
+  for i, (human, gpt) in enumerate(turns):
+    if not isinstance(human, str) or (gpt is not None and not isinstance(gpt, str)):
+      raise ValueError(f'turn {i}: messages must be strings, got {(human, gpt)!r}')
+    if gpt is not None and (VIDEO_PLACEHOLDER in gpt or IMAGE_PLACEHOLDER in gpt):
+      raise ValueError(f'turn {i}: visual placeholder in the answer {gpt!r}; it belongs in a '
+                       'human turn')
+    ph = _placeholder(human, num_frames, f'turn {i}')
+    if ph is not None:
+      if num_frames == 0:
+        raise ValueError(f'turn {i}: {human!r} has a visual placeholder but num_frames=0')
+      if found is not None:
+        raise ValueError(f'more than one visual placeholder: turns {found} and {i}')
+      found = i
+      if human.endswith(ph):
+        rest = human.replace('\n' + ph, '').strip()
+        if ph in rest:
+          raise ValueError(f'turn {i}: {human!r} ends with {ph!r} without a newline before it; '
+                           'the reference would write the placeholder twice. Use "Q\\n<video>" '
+                           'or "<video>\\nQ"')
+        human = (ph + '\n' + rest).strip()
+      human = human.replace(ph, IMAGE_PLACEHOLDER * num_frames)
+    out.append((human, gpt))
+  if found is None and num_frames > 0:
+    if not insert_missing:
+      raise ValueError(f'no {VIDEO_PLACEHOLDER} (or {IMAGE_PLACEHOLDER}) placeholder in any '
+                       f'human turn, but num_frames={num_frames}; put "{VIDEO_PLACEHOLDER}\\n" '
+                       'before the first question, or pass num_frames=0 for text only')
+    if out:
+      out[0] = (IMAGE_PLACEHOLDER * num_frames + '\n' + out[0][0], out[0][1])
+  return out
+
+
+def build_prompt(turns: Conversation, system: str = SYSTEM_PROMPT) -> str:
+  """The v1 prompt string of `turns` (reference `Conversation.get_prompt`, SeparatorStyle.TWO).
+
+  Placeholders are left as written (see `expand_placeholders`). Only the last turn may have
+  `gpt=None`: the prompt then ends with 'ASSISTANT:' (the generation prompt).
+  """
+  turns = as_turns(turns)
+  if not turns:
+    raise ValueError('empty conversation')
+  parts = [system, SEP]
+  for i, (human, gpt) in enumerate(turns):
+    if not isinstance(human, str) or not human:
+      raise ValueError(f'turn {i}: the question must be a non-empty string, got {human!r}')
+    parts += [ROLES[0], ': ', human, SEP]
+    if gpt is None:
+      if i != len(turns) - 1:
+        raise ValueError(f'turn {i}: only the last turn may be unanswered (gpt=None)')
+      parts += [ROLES[1], ':']
+    else:
+      if not isinstance(gpt, str) or not gpt:
+        raise ValueError(f'turn {i}: the answer must be a non-empty string (or None for the '
+                         f'generation prompt), got {gpt!r}')
+      parts += [ROLES[1], ': ', gpt, SEP2]
+  return ''.join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels.
+
+
+def mask_rounds(input_ids: np.ndarray, rounds: Sequence[tuple[int, int]],
+                pad_id: int = 0) -> tuple[np.ndarray, int, int]:
+  """The reference's v1 masking, given each round's token counts.
+
+  Args:
+    input_ids: int [T], one sequence (right padding with `pad_id` allowed).
+    rounds: per round `(instruction_len, round_len)`: the round spans `round_len` ids (its
+      '</s>' included) of which the first `instruction_len` (user turn and 'ASSISTANT:') are
+      not learned. Rounds start after the BOS at position 0.
+  Returns:
+    labels int32 [T] (`input_ids` where learned, IGNORE_INDEX elsewhere), `cur_len` (1 + the
+    sum of round lengths) and `total_len` (number of ids != pad_id). The reference treats
+    `cur_len != total_len` as a tokenization mismatch.
+  """
+  input_ids = np.asarray(input_ids)
+  labels = input_ids.astype(np.int32).copy()
+  cur = 1
+  labels[:cur] = IGNORE_INDEX
+  for instruction_len, round_len in rounds:
+    labels[cur:cur + instruction_len] = IGNORE_INDEX
+    cur += round_len
+  labels[cur:] = IGNORE_INDEX
+  total = int(np.sum(input_ids != pad_id))
+  return labels, cur, total
+
+
+def _reference_rounds(tokenizer: Any, prompt: str) -> list[tuple[int, int]]:
+  """Per-round (instruction_len, round_len) exactly as the reference's preprocess_v1 counts."""
+  rounds = []
+  for rou in prompt.split(SEP2):
+    if rou == '':
+      break
+    parts = rou.split(ASSISTANT_SEP)
+    if len(parts) != 2:
+      break
+    round_len = len(tokenizer_image_token(tokenizer, rou))
+    instruction_len = len(tokenizer_image_token(tokenizer, parts[0] + ASSISTANT_SEP)) - 2
+    rounds.append((instruction_len, round_len))
+  return rounds
+
+
+def tokenize_conversation(tokenizer: Any, turns: Conversation, num_frames: int = 8,
+                          system: str = SYSTEM_PROMPT,
+                          on_mismatch: str = 'raise') -> tuple[np.ndarray, np.ndarray]:
+  """Token ids and labels of one training conversation.
+
+  Args:
+    tokenizer: from `load_tokenizer` (adds BOS, not EOS; pad id = unk id 0).
+    turns: `(human, gpt)` pairs or data-file messages; every turn answered. One human turn
+      (normally the first) holds the video placeholder when `num_frames > 0`.
+    num_frames: IMAGE_TOKEN_INDEX ids for the video; 0 for text only.
+    system: the system prompt (SYSTEM_PROMPT, or VICUNA_V1_SYSTEM_PROMPT as in the reference's
+      training scripts).
+    on_mismatch: 'raise' (default): TokenizationMismatchError where the reference's offsets do
+      not add up (its length check) or a round does not end on '</s>' (a check the reference
+      lacks). 'mask': the reference exactly: all labels IGNORE_INDEX and a warning, only from
+      its length check, and only when the sequence is shorter than `model_max_length`.
+  Returns:
+    input_ids int32 [T]: one BOS at 0, `num_frames` consecutive IMAGE_TOKEN_INDEX.
+    labels int32 [T]: IGNORE_INDEX on BOS, system prompt, user turns, 'ASSISTANT:', the image
+      ids; the token ids of each answer and of the '</s>' after it elsewhere.
+  """
+  if on_mismatch not in ('raise', 'mask'):
+    raise ValueError(f"on_mismatch={on_mismatch!r}; expected 'raise' or 'mask'")
+  turns = expand_placeholders(turns, num_frames)
+  for i, (human, gpt) in enumerate(turns):
+    if gpt is None:
+      raise ValueError(f'turn {i} has no answer; use generation_prompt_ids for a prompt that '
+                       'ends with "ASSISTANT:"')
+    if on_mismatch == 'raise':
+      for text in (human, gpt):
+        for bad in (SEP2, ASSISTANT_SEP):
+          if bad in text:
+            raise TokenizationMismatchError(
+                f'turn {i}: {text!r} contains the template separator {bad!r}; the reference '
+                'splits rounds at it and would mask this sample')
+  check_tokenizer(tokenizer)
+  prompt = build_prompt(turns, system)
+  input_ids = np.asarray(tokenizer_image_token(tokenizer, prompt), np.int32)
+  rounds = _reference_rounds(tokenizer, prompt)
+  labels, cur_len, total_len = mask_rounds(input_ids, rounds, tokenizer.pad_token_id)
+
+  problems = []
+  if cur_len != total_len:
+    msg = (f'the rounds add up to {cur_len} tokens but the conversation has {total_len} '
+           f'non-pad tokens ({len(input_ids)} in all)')
+    n_pad = int(np.sum(input_ids == tokenizer.pad_token_id))
+    if n_pad:
+      msg += (f'; {n_pad} of its tokens are the pad/unk id {tokenizer.pad_token_id}, which the '
+              'reference does not count')
+    if len(rounds) > 1 and not getattr(tokenizer, 'legacy', True):
+      msg += ('; the tokenizer is in non-legacy mode (no "▁" prefix after "</s>"): load it '
+              'with load_tokenizer(..., legacy=True)')
+    problems.append(msg)
+  if on_mismatch == 'mask':
+    if problems and cur_len < tokenizer.model_max_length:
+      warnings.warn(f'tokenization mismatch: {cur_len} vs. {total_len}; all labels ignored, '
+                    'as the reference does')
+      labels[:] = IGNORE_INDEX
+    return input_ids, labels
+
+  if len(rounds) != len(turns):
+    problems.append(f'{len(rounds)} rounds found for {len(turns)} turns')
+  end = 1
+  for k, (_, round_len) in enumerate(rounds):
+    end += round_len
+    if end > len(input_ids) or input_ids[end - 1] != tokenizer.eos_token_id:
+      problems.append(f'round {k} does not end on "</s>" (id {tokenizer.eos_token_id})')
+      break
+  n_img = int(np.sum(input_ids == IMAGE_TOKEN_INDEX))
+  if n_img != num_frames:
+    problems.append(f'{n_img} image ids for num_frames={num_frames}')
+  if problems:
+    raise TokenizationMismatchError('; '.join(problems) + '. The reference would set every '
+                                    'label of this sample to -100.')
+  return input_ids, labels
+
+
+def generation_prompt_ids(tokenizer: Any, question: str, num_frames: int = 8,
+                          history: Conversation = (), system: str = SYSTEM_PROMPT) -> np.ndarray:
+  """Prompt ids for greedy decoding, ending with the tokens of 'ASSISTANT:'.
+
+  Args:
+    tokenizer: from `load_tokenizer`.
+    question: the user's question. When no turn has a placeholder, the video markers are put
+      in front of the first question as the reference's inference script does
+      (`'<image>' * num_frames + '\\n' + question`).
+    num_frames: IMAGE_TOKEN_INDEX ids; 0 for text only.
+    history: earlier answered `(human, gpt)` turns of the same conversation.
+    system: the system prompt.
+  Returns:
+    int32 [T]: the training ids of the same conversation up to and including 'ASSISTANT:'.
+    Decoding stops at '</s>'.
+  """
+  turns = as_turns(history) + [(question, None)]
+  for i, (_, gpt) in enumerate(turns[:-1]):
+    if gpt is None:
+      raise ValueError(f'history turn {i} has no answer')
+  turns = expand_placeholders(turns, num_frames, insert_missing=True)
+  check_tokenizer(tokenizer)
+  return np.asarray(tokenizer_image_token(tokenizer, build_prompt(turns, system)), np.int32)

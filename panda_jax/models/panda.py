@@ -1,0 +1,109 @@
+"""Video-Panda: STAB + projector -> spliced into the prompt -> Llama, with distillation.
+
+The host lays the sequence out (`panda_jax.data.assembly.layout_batch`); the device embeds the
+text ids, gathers each frame's visual tokens into their positions, runs the decoder and
+computes next-token cross-entropy plus the distillation loss on the hidden states at the patch
+positions (spec sections 4-5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from panda_jax.data.assembly import IGNORE
+from panda_jax.models.distill import DistillConfig, DistillHead, cosine_distill_loss
+from panda_jax.models.llama import Llama, LlamaConfig
+from panda_jax.models.stab import StabConfig, VisualTokenizer
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PandaConfig:
+  stab: StabConfig = StabConfig()
+  llm: LlamaConfig = LlamaConfig()
+  distill: DistillConfig = DistillConfig()
+  distill_weight: float = 1.0
+
+  def validate(self) -> None:
+    self.stab.validate()
+    self.llm.validate()
+    self.distill.validate(self.llm.layers)
+    if self.stab.llm_hidden != self.llm.hidden or self.distill.llm_hidden != self.llm.hidden:
+      raise ValueError(f'LLM width mismatch: stab.llm_hidden={self.stab.llm_hidden}, '
+                       f'distill.llm_hidden={self.distill.llm_hidden}, '
+                       f'llm.hidden={self.llm.hidden}')
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array):
+  """Mean next-token cross-entropy over positions whose next label is not IGNORE.
+
+  logits [B, L, V], labels [B, L]; returns (mean, token count).
+  """
+  lg = logits[:, :-1].astype(jnp.float32)
+  tgt = labels[:, 1:]
+  keep = tgt != IGNORE
+  logz = jax.nn.logsumexp(lg, axis=-1)
+  picked = jnp.take_along_axis(lg, jnp.where(keep, tgt, 0)[..., None], axis=-1)[..., 0]
+  nll = jnp.where(keep, logz - picked, 0.0)
+  count = jnp.sum(keep)
+  return jnp.sum(nll) / jnp.maximum(count, 1), count
+
+
+class VideoPanda(nn.Module):
+  cfg: PandaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.visual = VisualTokenizer(self.cfg.stab, **kw)
+    self.llm = Llama(self.cfg.llm, **kw)
+    self.distill = DistillHead(self.cfg.distill, **kw)
+
+  def embed_inputs(self, batch: dict, *, train: bool = False, deterministic: bool | None = None):
+    """Visual tokens spliced into the text embeddings: -> ([B, L, E], visual outputs)."""
+    vis = self.visual(batch['pixels'], batch['mask'], train=train, deterministic=deterministic)
+    tokens = vis['tokens']                                   # [B, F, slots, E]
+    b, f, n, e = tokens.shape
+    flat = tokens.reshape(b, f * n, e)
+    idx = batch['visual_index']
+    from_video = jnp.take_along_axis(flat, jnp.maximum(idx, 0)[..., None], axis=1)
+    text = self.llm.embed(batch['text_ids'])
+    embeds = jnp.where((idx >= 0)[..., None], from_video.astype(text.dtype), text)
+    return embeds, vis
+
+  def __call__(self, batch: dict, *, train: bool = False, deterministic: bool | None = None,
+               with_distill: bool = True):
+    """Forward and losses.
+
+    batch: `layout_batch` arrays plus pixels [B, F, H, W, 3], mask [B, F, H, W] and, for
+    distillation, teacher [B, F, S*S, T] (the teacher's full patch grid per frame) and
+    teacher_valid bool [B, F] (frames with teacher content).
+    Returns dict: loss, ce, distill, logits [B, L, V], tokens (counted), frame_loss [B, F].
+    """
+    embeds, _ = self.embed_inputs(batch, train=train, deterministic=deterministic)
+    valid = batch['valid']
+    b, length = valid.shape
+    slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    f, p = batch['patch_pos'].shape[1:]
+    out = self.llm(embeds, slots, valid, output_hidden_states=with_distill,
+                   hidden_gather=batch['patch_pos'].reshape(b, f * p) if with_distill else None)
+    ce, count = cross_entropy(out['logits'], batch['labels'])
+    result = {'logits': out['logits'], 'ce': ce, 'tokens': count}
+    if with_distill:
+      hs = out['hidden_states'][jnp.asarray(self.cfg.distill.layers)]   # [K, B, F*P, E]
+      student = self.distill(hs.reshape(hs.shape[:2] + (f, p, hs.shape[-1])))
+      teacher = jnp.take_along_axis(batch['teacher'], batch['teacher_cell'][..., None], axis=2)
+      dl, frame_loss = cosine_distill_loss(student, teacher, batch['patch_valid'],
+                                           batch['teacher_valid'])
+      result.update(distill=dl, frame_loss=frame_loss,
+                    loss=ce + self.cfg.distill_weight * dl)
+    else:
+      result['loss'] = ce
+    return result
