@@ -13,7 +13,7 @@ piece by piece, each piece with its own BOS, keeping only the first BOS (the ref
 `tokenizer_image_token`). With the Llama tokenizer the block therefore sits between the '▁'
 of "USER: " and the '▁' '<0x0A>' of "\\n...":
 
-    [BOS] system... USER : ▁ [-200] * num_frames ▁ <0x0A> question... ASSISTANT : ▁answer... </s>
+    <s> system.. ▁US ER : ▁ [-200]*num_frames ▁ <0x0A> question.. ▁ASS IST ANT : ▁answer.. </s>
 
 Labels (`IGNORE_INDEX` = -100 where not learned) are computed exactly the way the reference's
 `preprocess_v1` does, from per-round token counts: the conversation is split at '</s>' into
@@ -34,7 +34,6 @@ not truncated: batch them, right-pad ids with the pad id (0) and labels with -10
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Any, Mapping, Sequence, Union
@@ -256,6 +255,8 @@ def expand_placeholders(turns: Conversation, num_frames: int = 8,
     before it (the reference would then write it twice).
   """
   turns = as_turns(turns)
+  if not turns:
+    raise ValueError('empty conversation')
   if num_frames < 0:
     raise ValueError(f'num_frames={num_frames} must be >= 0')
   out: list[Turn] = []
@@ -392,11 +393,11 @@ def tokenize_conversation(tokenizer: Any, turns: Conversation, num_frames: int =
       raise ValueError(f'turn {i} has no answer; use generation_prompt_ids for a prompt that '
                        'ends with "ASSISTANT:"')
     if on_mismatch == 'raise':
-      for text in (human, gpt):
+      for value in (human, gpt):
         for bad in (SEP2, ASSISTANT_SEP):
-          if bad in text:
+          if bad in value:
             raise TokenizationMismatchError(
-                f'turn {i}: {text!r} contains the template separator {bad!r}; the reference '
+                f'turn {i}: {value!r} contains the template separator {bad!r}; the reference '
                 'splits rounds at it and would mask this sample')
   check_tokenizer(tokenizer)
   prompt = build_prompt(turns, system)

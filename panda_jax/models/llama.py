@@ -216,6 +216,8 @@ class Llama(nn.Module):
       dict with `logits` [B, T, V] (float32), `hidden_states` [L + 1, B, T or P, E] when asked,
       `cache` when given.
     """
+    if self.is_initializing():  # create the embedding table even when given embeddings
+      self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
     x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype),
                                    ('act_batch', 'act_length', 'act_embed'))
     layer_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}

@@ -1,0 +1,133 @@
+"""Convert a released checkpoint directory into an Orbax checkpoint our code loads.
+
+  python -m panda_jax.convert.checkpoint --src=DIR --dst=DIR [--model=video_panda|llama]
+      [--llm_dtype=bfloat16|float32]
+
+DIR holds `config.json` and safetensors (single, or sharded with an index) or PyTorch `.bin`
+shards (read with a restricted unpickler, as `torch.load(weights_only=True)` would; anything
+else is refused). Tensors stream shard by shard into preallocated arrays, so a 7B checkpoint
+converts within the host's memory. The output directory gets the Orbax checkpoint under
+`variables/` and our model config as `panda_config.json`; `load_converted` reads both back,
+optionally straight into sharded device arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+
+from panda_jax.convert import hf_io
+from panda_jax.convert.llama import config_from_hf, convert_llama
+from panda_jax.convert.panda import convert_panda, panda_config_from_hf
+from panda_jax.models.distill import DistillConfig
+from panda_jax.models.llama import LlamaConfig
+from panda_jax.models.panda import PandaConfig
+from panda_jax.models.stab import StabConfig
+
+DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32, 'float16': np.float16}
+CONFIG_FILE = 'panda_config.json'
+
+
+def _progress(directory):
+  """Yields the checkpoint's tensors, logging progress per shard."""
+  files = hf_io.checkpoint_files(directory)
+  t0 = time.perf_counter()
+  for i, path in enumerate(files):
+    for item in hf_io.iter_tensors(path):
+      yield item
+    logging.info('shard %d/%d done (%s), %.0fs', i + 1, len(files), path.name,
+                 time.perf_counter() - t0)
+
+
+def config_to_json(model: str, cfg) -> dict:
+  return {'model': model, 'config': dataclasses.asdict(cfg)}
+
+
+def config_from_json(d: dict):
+  model, c = d['model'], d['config']
+  if model == 'llama':
+    return model, LlamaConfig(**c)
+  if model == 'video_panda':
+    return model, PandaConfig(
+        stab=StabConfig(**c['stab']), llm=LlamaConfig(**c['llm']),
+        distill=DistillConfig(**dict(c['distill'], layers=tuple(c['distill']['layers']))),
+        distill_weight=c['distill_weight'])
+  raise ValueError(f'{CONFIG_FILE}: unknown model {model!r}')
+
+
+def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bfloat16',
+                      stab: StabConfig | None = None, teacher_hidden: int = 1024) -> Any:
+  """Converts `src` (Hugging Face layout) into `dst`; returns our config."""
+  if llm_dtype not in DTYPES:
+    raise ValueError(f'llm_dtype={llm_dtype!r}; expected one of {sorted(DTYPES)}')
+  hf = hf_io.read_config(src)
+  dst = pathlib.Path(dst).absolute()
+  if (dst / 'variables').exists():
+    raise FileExistsError(f'{dst / "variables"} already exists; choose an empty --dst')
+  if model == 'llama':
+    cfg = config_from_hf(hf)
+    variables = {'params': convert_llama(_progress(src), cfg, dtype=DTYPES[llm_dtype],
+                                         tie_embeddings=hf.get('tie_word_embeddings', False))}
+  elif model == 'video_panda':
+    cfg = panda_config_from_hf(hf, stab=stab, teacher_hidden=teacher_hidden)
+    variables = convert_panda(_progress(src), cfg, llm_dtype=DTYPES[llm_dtype])
+  else:
+    raise ValueError(f'model={model!r}; expected llama or video_panda')
+  os.makedirs(dst, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(dst / 'variables', variables)
+  ckptr.wait_until_finished()
+  with open(dst / CONFIG_FILE, 'w') as f:
+    json.dump(config_to_json(model, cfg), f, indent=2)
+  return cfg
+
+
+def load_converted(dst, shardings=None):
+  """-> (model name, config, variables). With `shardings` (a tree matching the variables),
+  each array is restored directly into its sharded layout."""
+  dst = pathlib.Path(dst).absolute()
+  with open(dst / CONFIG_FILE) as f:
+    model, cfg = config_from_json(json.load(f))
+  ckptr = ocp.StandardCheckpointer()
+  if shardings is None:
+    variables = ckptr.restore(dst / 'variables')
+  else:
+    meta = ckptr.metadata(dst / 'variables')
+    tree = meta.item_metadata if hasattr(meta, 'item_metadata') else meta
+    abstract = jax.tree.map(
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings)
+    variables = ckptr.restore(dst / 'variables', abstract)
+  return model, cfg, variables
+
+
+_SRC = flags.DEFINE_string('src', None, 'Released checkpoint directory (config.json + weights).')
+_DST = flags.DEFINE_string('dst', None, 'Output directory (created; must not hold variables/).')
+_MODEL = flags.DEFINE_enum('model', 'video_panda', ['video_panda', 'llama'],
+                           'What the checkpoint holds.')
+_DTYPE = flags.DEFINE_enum('llm_dtype', 'bfloat16', sorted(DTYPES),
+                           'Storage dtype of the decoder weights.')
+
+
+def main(argv):
+  del argv
+  if not _SRC.value or not _DST.value:
+    raise app.UsageError('--src and --dst are required')
+  t0 = time.perf_counter()
+  cfg = convert_directory(_SRC.value, _DST.value, _MODEL.value, _DTYPE.value)
+  print(f'converted {_MODEL.value} from {_SRC.value} to {_DST.value} in '
+        f'{time.perf_counter() - t0:.0f}s; config: {cfg}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,137 @@
+"""The decoder beyond the goldens: cached vs uncached decoding, sampling, remat, 7B shapes."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from panda_jax.eval.generate import Sampling, generate, pick_token
+from panda_jax.models.distill import DistillConfig
+from panda_jax.models.llama import Llama, LlamaConfig
+from panda_jax.models.panda import PandaConfig, VideoPanda
+from panda_jax.models.stab import StabConfig
+
+CFG = LlamaConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp=48)
+
+
+@pytest.fixture(scope='module')
+def params():
+  model = Llama(CFG)
+  x = jnp.zeros((1, 4, CFG.hidden))
+  pos = jnp.zeros((1, 4), jnp.int32)
+  v = model.init(jax.random.PRNGKey(0), x, pos, jnp.ones((1, 4), bool))
+  # Larger weights than the init, so greedy choices are decisive and layers matter.
+  return jax.tree.map(lambda a: a * 3.0, nn.unbox(v)['params'])
+
+
+def _uncached_greedy(model, params, prompt, n, eos):
+  """The obviously correct decode: rerun the whole sequence for every new token."""
+  seq = list(prompt)
+  out = []
+  for _ in range(n):
+    ids = jnp.asarray([seq])
+    emb = model.apply({'params': params}, ids, method=Llama.embed)
+    pos = jnp.arange(len(seq), dtype=jnp.int32)[None]
+    logits = model.apply({'params': params}, emb, pos, jnp.ones_like(ids, bool))['logits']
+    tok = int(jnp.argmax(logits[0, -1]))
+    out.append(tok)
+    if tok == eos:
+      break
+    seq.append(tok)
+  return out
+
+
+def test_cached_generation_equals_uncached_for_a_right_padded_batch(params):
+  model = Llama(CFG)
+  prompts = [[5, 9, 3, 17, 22, 8], [40, 2 + 30, 7]]
+  t = max(map(len, prompts))
+  ids = np.zeros((2, t), np.int32)
+  valid = np.zeros((2, t), bool)
+  for i, p in enumerate(prompts):
+    ids[i, :len(p)] = p
+    valid[i, :len(p)] = True
+  emb = model.apply({'params': params}, jnp.asarray(ids), method=Llama.embed)
+  # Choose an end id that the first sequence produces early, so stopping is exercised.
+  first = _uncached_greedy(model, params, prompts[0], 8, eos=None)
+  eos = first[2]
+  gen = generate(model, params, emb, jnp.asarray(valid), jax.random.PRNGKey(0),
+                 Sampling(max_new_tokens=8, eos_id=eos))
+  for i, p in enumerate(prompts):
+    want = _uncached_greedy(model, params, p, 8, eos)
+    n = int(gen['lengths'][i])
+    assert list(np.asarray(gen['tokens'][i, :n])) == want
+    assert not np.any(np.asarray(gen['tokens'][i, n:])), 'pad after the end id'
+
+
+def test_sampling_settings():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+  greedy = pick_token(logits, jax.random.PRNGKey(0), Sampling(temperature=0.0))
+  np.testing.assert_array_equal(greedy, [0, 2])
+  # A tiny top-p keeps only the best token, whatever the temperature.
+  top = pick_token(logits, jax.random.PRNGKey(1), Sampling(temperature=5.0, top_p=0.01))
+  np.testing.assert_array_equal(top, [0, 2])
+  # top_p = 0.75 keeps tokens 0 and 1 of row 0 (0.5 before token 1 < 0.75), never token 2.
+  draws = jax.vmap(lambda k: pick_token(logits[:1], k, Sampling(temperature=1.0, top_p=0.75)))(
+      jax.random.split(jax.random.PRNGKey(2), 400))
+  assert set(np.unique(np.asarray(draws))) == {0, 1}
+  for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0)):
+    with pytest.raises(ValueError):
+      Sampling(**bad).validate()
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots'])
+def test_remat_policies_change_memory_not_numbers(params, policy):
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, CFG.hidden))
+  pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+  valid = jnp.ones((2, 5), bool)
+
+  def loss(p, cfg):
+    return jnp.mean(Llama(cfg).apply({'params': p}, x, pos, valid)['logits'] ** 2)
+
+  plain = jax.value_and_grad(loss)(params, CFG)
+  remat = jax.value_and_grad(loss)(params, dataclasses.replace(CFG, remat=policy))
+  np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               plain[1], remat[1])
+
+
+def test_padding_never_leaks_into_real_tokens(params):
+  model = Llama(CFG)
+  x = jax.random.normal(jax.random.PRNGKey(4), (1, 6, CFG.hidden))
+  pos = jnp.arange(6, dtype=jnp.int32)[None]
+  valid = jnp.array([[True] * 4 + [False] * 2])
+  a = model.apply({'params': params}, x, pos, valid)['logits']
+  b = model.apply({'params': params}, x.at[:, 4:].set(100.0), pos, valid)['logits']
+  np.testing.assert_allclose(a[:, :4], b[:, :4], rtol=1e-5, atol=1e-5)
+
+
+def test_7b_parameter_counts_from_shapes_alone():
+  llm = LlamaConfig()
+  assert llm.num_params == 6_738_415_616
+  cfg = PandaConfig()
+  model = VideoPanda(cfg, param_dtype=jnp.bfloat16)
+  b, f, l = 1, 8, 16
+  batch = {
+      'pixels': jax.ShapeDtypeStruct((b, f, 448, 448, 3), jnp.float32),
+      'mask': jax.ShapeDtypeStruct((b, f, 448, 448), jnp.float32),
+      'text_ids': jax.ShapeDtypeStruct((b, l), jnp.int32),
+      'visual_index': jax.ShapeDtypeStruct((b, l), jnp.int32),
+      'valid': jax.ShapeDtypeStruct((b, l), bool),
+      'labels': jax.ShapeDtypeStruct((b, l), jnp.int32),
+      'patch_pos': jax.ShapeDtypeStruct((b, f, 256), jnp.int32),
+      'patch_valid': jax.ShapeDtypeStruct((b, f, 256), bool),
+      'teacher_cell': jax.ShapeDtypeStruct((b, f, 256), jnp.int32),
+      'teacher': jax.ShapeDtypeStruct((b, f, 256, 1024), jnp.float32),
+      'teacher_valid': jax.ShapeDtypeStruct((b, f), bool),
+  }
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
+  params = nn.unbox(shapes['params'])
+  count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+  assert count(params['llm']) == 6_738_415_616
+  assert count(params['visual']) == 45_066_578
+  assert count(params['distill']) == 43_067_392
+  assert count(params) == 6_738_415_616 + 45_066_578 + 43_067_392
+  assert params['llm']['layers']['attn']['q']['kernel'].shape == (32, 4096, 32, 128)
