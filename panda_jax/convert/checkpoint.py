@@ -30,13 +30,16 @@ from absl import app, flags, logging
 from panda_jax.convert import hf_io
 from panda_jax.convert.llama import config_from_hf, convert_llama
 from panda_jax.convert.panda import convert_panda, panda_config_from_hf
-from panda_jax.models.distill import DistillConfig
+from panda_jax.models.distill import DistillConfig, default_layers
 from panda_jax.models.llama import LlamaConfig
 from panda_jax.models.panda import PandaConfig
 from panda_jax.models.stab import StabConfig
 
 DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32, 'float16': np.float16}
 CONFIG_FILE = 'panda_config.json'
+TOWER_PATCH = 'model.video_tower.patch_embedding.weight'
+COMPRESSOR_INPUT = 'model.video_tower_compressor.input_layer.weight'
+COMPRESSOR_NORM = 'model.video_tower_compressor.norm_layer.'
 
 
 def _progress(directory):
@@ -66,8 +69,34 @@ def config_from_json(d: dict):
   raise ValueError(f'{CONFIG_FILE}: unknown model {model!r}')
 
 
+def infer_panda_config(src, hf: dict, image_size: int = 448, stab_heads: int = 8) -> PandaConfig:
+  """Video-Panda sizes from config.json plus the shapes of a few visual tensors.
+
+  The STAB width and patch size come from the patch embedding, the teacher width from the
+  distillation head, and the distillation layers from how many per-layer norms it has; the
+  image size and STAB heads are not recorded in the weights (448 px and 8 in the release).
+  """
+  probe = {TOWER_PATCH, COMPRESSOR_INPUT} | {f'{COMPRESSOR_NORM}{j}.0.weight' for j in range(65)}
+  shapes = {n: a.shape for n, a in hf_io.iter_tensors(src, names=probe)}
+  if TOWER_PATCH not in shapes:
+    raise ValueError(f'{src} has no {TOWER_PATCH}: not a Video-Panda checkpoint '
+                     '(use --model=llama for a plain decoder)')
+  hidden, _, patch, _ = shapes[TOWER_PATCH]
+  teacher_hidden = shapes[COMPRESSOR_INPUT][0] if COMPRESSOR_INPUT in shapes else 1024
+  n_norms = sum(1 for n in shapes if n.startswith(COMPRESSOR_NORM))
+  cfg = panda_config_from_hf(hf, stab=StabConfig(hidden=hidden, heads=stab_heads,
+                                                 patch_size=patch, image_size=image_size),
+                             teacher_hidden=teacher_hidden, distill_heads=8)
+  layers = cfg.llm.layers
+  if n_norms >= 2 and layers % (n_norms - 1) == 0:
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(
+        cfg.distill, layers=default_layers(layers, layers // (n_norms - 1))))
+  cfg.validate()
+  return cfg
+
+
 def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bfloat16',
-                      stab: StabConfig | None = None, teacher_hidden: int = 1024) -> Any:
+                      image_size: int = 448, stab_heads: int = 8) -> Any:
   """Converts `src` (Hugging Face layout) into `dst`; returns our config."""
   if llm_dtype not in DTYPES:
     raise ValueError(f'llm_dtype={llm_dtype!r}; expected one of {sorted(DTYPES)}')
@@ -80,7 +109,7 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
     variables = {'params': convert_llama(_progress(src), cfg, dtype=DTYPES[llm_dtype],
                                          tie_embeddings=hf.get('tie_word_embeddings', False))}
   elif model == 'video_panda':
-    cfg = panda_config_from_hf(hf, stab=stab, teacher_hidden=teacher_hidden)
+    cfg = infer_panda_config(src, hf, image_size, stab_heads)
     variables = convert_panda(_progress(src), cfg, llm_dtype=DTYPES[llm_dtype])
   else:
     raise ValueError(f'model={model!r}; expected llama or video_panda')
@@ -117,6 +146,8 @@ _MODEL = flags.DEFINE_enum('model', 'video_panda', ['video_panda', 'llama'],
                            'What the checkpoint holds.')
 _DTYPE = flags.DEFINE_enum('llm_dtype', 'bfloat16', sorted(DTYPES),
                            'Storage dtype of the decoder weights.')
+_IMAGE = flags.DEFINE_integer('image_size', 448, 'Student frame size (not in the weights).')
+_HEADS = flags.DEFINE_integer('stab_heads', 8, 'STAB attention heads (not in the weights).')
 
 
 def main(argv):
@@ -124,7 +155,8 @@ def main(argv):
   if not _SRC.value or not _DST.value:
     raise app.UsageError('--src and --dst are required')
   t0 = time.perf_counter()
-  cfg = convert_directory(_SRC.value, _DST.value, _MODEL.value, _DTYPE.value)
+  cfg = convert_directory(_SRC.value, _DST.value, _MODEL.value, _DTYPE.value, _IMAGE.value,
+                          _HEADS.value)
   print(f'converted {_MODEL.value} from {_SRC.value} to {_DST.value} in '
         f'{time.perf_counter() - t0:.0f}s; config: {cfg}')
 
