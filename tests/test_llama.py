@@ -135,3 +135,22 @@ def test_7b_parameter_counts_from_shapes_alone():
   assert count(params['distill']) == 43_067_392
   assert count(params) == 6_738_415_616 + 45_066_578 + 43_067_392
   assert params['llm']['layers']['attn']['q']['kernel'].shape == (32, 4096, 32, 128)
+
+
+def test_unscanned_layers_compute_the_same_as_scanned(params):
+  from panda_jax.models.llama import stack_layers, unstack_layers
+  flat_cfg = dataclasses.replace(CFG, scan_layers=False)
+  flat = unstack_layers(params, CFG.layers)
+  jax.tree.map(np.testing.assert_array_equal, stack_layers(flat, CFG.layers), params)
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 5, CFG.hidden))
+  pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+  valid = jnp.ones((2, 5), bool)
+  a = Llama(CFG).apply({'params': params}, x, pos, valid, output_hidden_states=True)
+  b = Llama(flat_cfg).apply({'params': flat}, x, pos, valid, output_hidden_states=True)
+  for k in ('logits', 'hidden_states'):
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-4)
+  emb = Llama(CFG).apply({'params': params}, jnp.array([[3, 4, 5]]), method=Llama.embed)
+  s = Sampling(max_new_tokens=5, eos_id=None)
+  ga = generate(Llama(CFG), params, emb, jnp.ones((1, 3), bool), jax.random.PRNGKey(0), s)
+  gb = generate(Llama(flat_cfg), flat, emb, jnp.ones((1, 3), bool), jax.random.PRNGKey(0), s)
+  np.testing.assert_array_equal(ga['tokens'], gb['tokens'])

@@ -51,3 +51,20 @@ def test_stab_benchmark_prints_table_and_result_line():
   fields = dict(kv.split('=') for kv in lines[-1].split()[1:])
   assert set(fields) == {'gflop_per_video', 'ms_per_video', 'peak_fraction'}
   assert float(fields['ms_per_video']) > 0
+
+
+@pytest.mark.slow
+def test_generate_benchmark_prints_table_and_result_line():
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  r = subprocess.run([sys.executable, 'benchmarks/generate.py', '--vocab', '256', '--hidden',
+                      '64', '--layers', '2', '--heads', '4', '--kv_heads', '2', '--head_dim',
+                      '16', '--mlp', '128', '--prompt', '16', '--new', '4', '--runs', '1',
+                      '--bandwidth_mib', '8'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert any(l.startswith('decode step, scanned') for l in lines)
+  fields = dict(kv.split('=') for kv in lines[-1].split()[1:])
+  assert lines[-1].startswith('RESULT ') and set(fields) == {'decode_tokens_per_s',
+                                                             'bound_fraction'}
+  assert float(fields['decode_tokens_per_s']) > 0

@@ -72,35 +72,44 @@ def generate(model: Llama, params, prompt_embeds: jax.Array, prompt_valid: jax.A
   cache = init_cache(model.cfg, b, t + n, dtype=model.dtype)
   slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   cache = step_cache(cache, slots, prompt_valid)
-  out = model.apply({'params': params}, prompt_embeds, slots, prompt_valid, cache=cache)
-  last = jnp.take_along_axis(out['logits'], jnp.maximum(lengths - 1, 0)[:, None, None],
-                             axis=1)[:, 0]
-  vocab = last.shape[-1]
+  last_pos = jnp.maximum(lengths - 1, 0)[:, None]
+  out = model.apply({'params': params}, prompt_embeds, slots, prompt_valid, cache=cache,
+                    logits_gather=last_pos)
+  logits0 = out['logits'][:, 0]
+  vocab = logits0.shape[-1]
 
-  def body(state):
-    i, cache, logits, done, tokens, all_logits, rng = state
+  def emit(i, logits, done, tokens, all_logits, rng):
+    """Chooses token i from `logits`; returns the updated bookkeeping."""
     rng, sub = jax.random.split(rng)
-    tok = pick_token(logits, sub, s)
-    tok = jnp.where(done, s.pad_id, tok)
+    tok = jnp.where(done, s.pad_id, pick_token(logits, sub, s))
     tokens = tokens.at[:, i].set(tok)
     if return_logits:
       all_logits = all_logits.at[:, i].set(logits)
     now_done = done if s.eos_id is None else done | (tok == s.eos_id)
-    slot = (lengths + i)[:, None]
-    live = ~done[:, None]
+    return tok, now_done, tokens, all_logits, rng
+
+  def body(state):
+    # Feeds token i - 1 and picks token i: n - 1 forwards after the prefill.
+    i, cache, tok, done_before, done, tokens, all_logits, rng = state
+    slot = (lengths + i - 1)[:, None]
+    live = ~done_before[:, None]
     cache = step_cache(cache, slot, live)
     emb = model.apply({'params': params}, tok[:, None], method=Llama.embed)
     step = model.apply({'params': params}, emb, slot, live, cache=cache)
-    return i + 1, step['cache'], step['logits'][:, 0], now_done, tokens, all_logits, rng
+    tok, now_done, tokens, all_logits, rng = emit(i, step['logits'][:, 0], done, tokens,
+                                                  all_logits, rng)
+    return i + 1, step['cache'], tok, done, now_done, tokens, all_logits, rng
 
   def cond(state):
-    i, _, _, done, *_ = state
+    i, _, _, _, done, *_ = state
     return (i < n) & ~jnp.all(done)
 
   tokens = jnp.full((b, n), s.pad_id, jnp.int32)
   all_logits = jnp.zeros((b, n, vocab) if return_logits else (0,), jnp.float32)
-  state = (jnp.int32(0), out['cache'], last, jnp.zeros(b, bool), tokens, all_logits, rng)
-  _, _, _, _, tokens, all_logits, _ = jax.lax.while_loop(cond, body, state)
+  not_done = jnp.zeros(b, bool)
+  tok, done, tokens, all_logits, rng = emit(0, logits0, not_done, tokens, all_logits, rng)
+  state = (jnp.int32(1), out['cache'], tok, not_done, done, tokens, all_logits, rng)
+  _, _, _, _, _, tokens, all_logits, _ = jax.lax.while_loop(cond, body, state)
   if s.eos_id is None:
     gen_len = jnp.full((b,), n, jnp.int32)
   else:

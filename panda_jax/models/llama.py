@@ -48,6 +48,10 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   max_positions: int = 4096
   remat: str = 'none'
+  # Stack layers with nn.scan (one compiled layer; the training layout). False keeps one
+  # module per layer (`layers_0`, ...), which decodes faster on CPU where scan copies each
+  # layer's weights every step; `unstack_layers` / `stack_layers` convert parameters.
+  scan_layers: bool = True
 
   def validate(self) -> None:
     if self.heads % self.kv_heads:
@@ -187,11 +191,14 @@ class Llama(nn.Module):
     layer = DecoderLayer
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != 'none':
-      layer = nn.remat(layer, policy=policy, prevent_cse=False)
-    self.layers = nn.scan(
-        layer, variable_axes={'params': 0}, split_rngs={'params': True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.layers, metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, **kw)
+      layer = nn.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          layer, variable_axes={'params': 0}, split_rngs={'params': True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.layers, metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, **kw)
+    else:
+      self.layer_list = [layer(cfg, name=f'layers_{i}', **kw) for i in range(cfg.layers)]
     self.final_norm = RMSNorm(cfg.rms_eps, **kw)
     self.lm_head = Dense(cfg.vocab_size, ('embed',), ('vocab',), use_bias=False, **kw)
 
@@ -200,7 +207,7 @@ class Llama(nn.Module):
     return self.embed_tokens(ids)
 
   def __call__(self, inputs_embeds, slots, valid, *, cache=None, hidden_gather=None,
-               output_hidden_states=False):
+               output_hidden_states=False, logits_gather=None):
     """Runs the decoder.
 
     Args:
@@ -212,8 +219,10 @@ class Llama(nn.Module):
       hidden_gather: optional int [B, P] positions at which to return hidden states.
       output_hidden_states: return all L + 1 hidden states in Hugging Face numbering
         (0 = embeddings, L = after the final norm).
+      logits_gather: optional int [B, P]: compute logits only at these positions (prefill
+        needs one per sequence, not [B, T, V]).
     Returns:
-      dict with `logits` [B, T, V] (float32), `hidden_states` [L + 1, B, T or P, E] when asked,
+      dict with `logits` [B, T or P, V] (float32), `hidden_states` [L + 1, B, T or P, E] when asked,
       `cache` when given.
     """
     if self.is_initializing():  # create the embedding table even when given embeddings
@@ -223,9 +232,21 @@ class Llama(nn.Module):
     layer_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
     meta = None if cache is None else {'slots': cache['slots'], 'valid': cache['valid']}
     gather = hidden_gather if output_hidden_states else None
-    x_last, (new_cache, outs) = self.layers(x, layer_cache, slots, valid, meta, gather)
+    if self.cfg.scan_layers:
+      x_last, (new_cache, outs) = self.layers(x, layer_cache, slots, valid, meta, gather)
+    else:
+      x_last, caches, out_list = x, [], []
+      for i, layer in enumerate(self.layer_list):
+        lc = None if layer_cache is None else jax.tree.map(lambda a: a[i], layer_cache)
+        x_last, (c, o) = layer(x_last, lc, slots, valid, meta, gather)
+        caches.append(c)
+        out_list.append(o)
+      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+      outs = jnp.stack(out_list)
     normed = self.final_norm(x_last)
-    logits = self.lm_head(normed).astype(jnp.float32)
+    head_in = normed if logits_gather is None else jnp.take_along_axis(
+        normed, logits_gather[..., None], axis=1)
+    logits = self.lm_head(head_in).astype(jnp.float32)
     logits = nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
     result = {'logits': logits}
     if output_hidden_states:
@@ -250,3 +271,19 @@ def step_cache(cache: dict, slots: jax.Array, valid: jax.Array) -> dict:
   """Marks this step's tokens (slots [B, T], valid [B, T]) in the cache's validity map."""
   b = jnp.arange(slots.shape[0])[:, None]
   return dict(cache, valid=cache['valid'].at[b, slots].set(valid))
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """Scanned parameters (`layers` with a leading axis) -> one subtree per layer."""
+  out = {k: v for k, v in params.items() if k != 'layers'}
+  for i in range(num_layers):
+    out[f'layers_{i}'] = jax.tree.map(lambda a: a[i], params['layers'])
+  return out
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """The inverse of `unstack_layers`."""
+  out = {k: v for k, v in params.items() if not k.startswith('layers_')}
+  out['layers'] = jax.tree.map(lambda *a: jnp.stack(a),
+                               *[params[f'layers_{i}'] for i in range(num_layers)])
+  return out
