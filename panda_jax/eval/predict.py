@@ -1,0 +1,86 @@
+"""Answering questions about videos: prompt, layout, visual tokens, KV-cache decoding, text.
+
+The host builds each prompt (`v1` template, one `<image>` per frame) and lays the batch out;
+the device embeds, then decodes with the per-layer decoder layout (faster than the scanned
+training layout for token-by-token work). Prompt lengths are rounded up to a multiple of
+`length_bucket`, so a handful of compiled programs serve any questions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from panda_jax.data import text
+from panda_jax.data.assembly import layout_batch
+from panda_jax.eval.generate import Sampling, generate
+from panda_jax.models.llama import Llama, unstack_layers
+from panda_jax.models.panda import PandaConfig, VideoPanda
+
+
+class Predictor:
+  """Video question answering with a loaded Video-Panda model.
+
+  Args:
+    cfg, variables: the model (e.g. from `panda_jax.convert.checkpoint.load_converted`).
+    tokenizer: from `panda_jax.data.text.load_tokenizer`.
+    sampling: decoding settings; `eos_id` defaults to the tokenizer's `</s>`.
+    length_bucket: prompt lengths are padded up to a multiple of this.
+  """
+
+  def __init__(self, cfg: PandaConfig, variables: dict, tokenizer: Any,
+               sampling: Sampling | None = None, length_bucket: int = 64):
+    self.cfg = cfg
+    self.tokenizer = tokenizer
+    eos = tokenizer.eos_token_id
+    self.sampling = sampling or Sampling(max_new_tokens=128, eos_id=eos)
+    self.sampling.validate()
+    self.bucket = length_bucket
+    self.variables = variables
+    self.decoder = Llama(dataclasses.replace(cfg.llm, scan_layers=False))
+    self.decoder_params = unstack_layers(variables['params']['llm'], cfg.llm.layers)
+    model = VideoPanda(cfg)
+    self._embed = jax.jit(lambda v, b: model.apply(v, b, method=lambda m, x: m.embed_inputs(x)[0]))
+
+  def prompt_ids(self, question: str, frames: int) -> np.ndarray:
+    return text.generation_prompt_ids(self.tokenizer, question, num_frames=frames)
+
+  def generate_ids(self, pixels, mask, questions: Sequence[str], rng=None) -> list[np.ndarray]:
+    """pixels [B, F, H, W, 3], mask [B, F, H, W], B questions -> B arrays of new token ids
+    (without the end-of-sequence id)."""
+    b, f = np.shape(mask)[:2]
+    if len(questions) != b:
+      raise ValueError(f'{len(questions)} questions for a batch of {b} videos')
+    ids = [self.prompt_ids(q, f) for q in questions]
+    t = max(len(i) for i in ids)
+    padded = np.zeros((b, t), np.int32)
+    am = np.zeros((b, t), np.int32)
+    for i, row in enumerate(ids):
+      padded[i, :len(row)] = row
+      am[i, :len(row)] = 1
+    longest = t - f + f * self.cfg.stab.max_frame_tokens
+    max_len = -(-longest // self.bucket) * self.bucket
+    lay = layout_batch(padded, None, am, np.asarray(mask), self.cfg.stab, max_len=max_len)
+    batch = {k: jnp.asarray(v) for k, v in lay.items()}
+    batch.update(pixels=jnp.asarray(pixels), mask=jnp.asarray(mask))
+    embeds = self._embed(self.variables, batch)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    out = generate(self.decoder, self.decoder_params, embeds, batch['valid'], rng, self.sampling)
+    tokens, lengths = np.asarray(out['tokens']), np.asarray(out['lengths'])
+    eos = self.sampling.eos_id
+    result = []
+    for i in range(b):
+      row = tokens[i, :lengths[i]]
+      if eos is not None and len(row) and row[-1] == eos:
+        row = row[:-1]
+      result.append(row)
+    return result
+
+  def answer(self, pixels, mask, questions: Sequence[str], rng=None) -> list[str]:
+    """The decoded answers, one string per video."""
+    return [self.tokenizer.decode(r, skip_special_tokens=True).strip()
+            for r in self.generate_ids(pixels, mask, questions, rng)]
