@@ -23,11 +23,19 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # activations
     ('batch', ('data', 'fsdp')),
     ('length', None),
+    ('act_batch', ('data', 'fsdp')),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
     # LLM-width dims (decoder and projector output): FSDP over the model width.
     ('embed', 'fsdp'),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
     ('kv', None),
+    ('layers', None),
     ('vocab', 'tensor'),
     # Visual part (45M parameters): the projector's wide middle is split over `tensor`, its
     # LLM-width side over `fsdp` (above); the STAB itself is small and replicated.

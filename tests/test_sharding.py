@@ -47,3 +47,36 @@ def test_born_sharded_init_and_forward_match_one_device(tiny_variables):
   got = fwd(placed, xs, ms)
   want = fwd(tiny_variables, px, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_full_model_sharded_over_a_2x2x2_mesh_matches_one_device():
+  from test_predict import CFG
+  from panda_jax.data.assembly import layout_batch
+  from panda_jax.models.panda import VideoPanda
+  import flax.linen as nn
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  model = VideoPanda(CFG)
+  f = 4
+  px = random_video(jax.random.PRNGKey(0), 4, f)
+  mask = np.ones(px.shape[:-1], np.float32)
+  ids = np.array([[1, 7] + [-200] * f + [5, 9, 2]] * 4)
+  labels = np.where(np.arange(ids.shape[1]) >= ids.shape[1] - 2, ids, -100)
+  lay = layout_batch(ids, labels, np.ones_like(ids), mask, CFG.stab, max_len=96)
+  batch = dict({k: jnp.asarray(v) for k, v in lay.items()}, pixels=px, mask=jnp.asarray(mask),
+               teacher=jax.random.normal(jax.random.PRNGKey(1), (4, f, 16, 16)),
+               teacher_valid=jnp.ones((4, f), bool))
+  variables, shardings = sharding.init_sharded(model.init, mesh, jax.random.PRNGKey(2), batch)
+  q = variables['params']['llm']['layers']['attn']['q']['kernel']
+  assert q.sharding.spec == P(None, 'fsdp', 'tensor', None)     # [layers, embed, heads, kv]
+  in_sh = jax.tree.map(lambda a: sharding.batch_sharding(mesh, a.ndim), batch)
+  sharded_batch = jax.device_put(batch, in_sh)
+
+  def loss(v, b):
+    with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+      return model.apply(v, b)['loss']
+
+  with jax.set_mesh(mesh):
+    got = jax.jit(loss, in_shardings=(shardings, in_sh))(variables, sharded_batch)
+  host = jax.device_get(variables)
+  want = jax.jit(loss)(host, batch)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
