@@ -269,11 +269,60 @@ def check_video_panda(path) -> list:
   return cmp.finish()
 
 
+def check_languagebind_video(path) -> list:
+  """The teacher: patch tokens of the selected layer; all hidden states and the pooled CLS.
+
+  `pixel_values` (clips, C, T, H, W) become clips videos of T frames. The features run with
+  the case's select_layer (only the layers it needs); the full hidden-state stack and the
+  pooler output (post-LayerNorm'd last-layer CLS, averaged over a clip's frames) run the same
+  weights with every layer.
+  """
+  import dataclasses
+  from panda_jax.convert.teacher import convert_teacher
+  from panda_jax.models.teacher import TeacherConfig, VideoTeacher
+  meta, params, inputs, outputs, _ = load_case(path)
+  cfg = TeacherConfig(
+      hidden=meta['hidden_size'], layers=meta['num_hidden_layers'],
+      heads=meta['num_attention_heads'], mlp=meta['intermediate_size'],
+      patch_size=meta['patch_size'], image_size=meta['image_size'],
+      num_frames=meta['num_frames'], activation=meta['hidden_act'],
+      temporal=bool(meta['add_time_attn']), select_layer=meta.get('select_layer', -2),
+      ln_eps=meta['layer_norm_eps'])
+  prefix = meta.get('param_prefix', 'vision_model.')
+  frames = jnp.asarray(inputs['pixel_values'].transpose(0, 2, 3, 4, 1))   # [B, T, H, W, 3]
+  cmp = Comparator(pathlib.Path(path).stem)
+  variables = convert_teacher(params, cfg, prefix=prefix)
+  feats = jax.jit(VideoTeacher(cfg).apply)(variables, frames)
+  if 'features' in outputs:
+    cmp.close('features', np.asarray(feats).reshape(outputs['features'].shape),
+              outputs['features'])
+  if 'hidden_states_all' in outputs or 'pooler_output' in outputs:
+    full = dataclasses.replace(cfg, select_layer=-1)
+    model = VideoTeacher(full)
+    out = jax.jit(lambda v, x: model.apply(v, x, output_hidden_states=True))(
+        convert_teacher(params, full, prefix=prefix), frames)
+    hs = np.asarray(out['hidden_states'])                      # [L + 1, B, T, 1 + N, C]
+    if 'hidden_states_all' in outputs:
+      golden_hs = outputs['hidden_states_all']
+      cmp.equal('hidden_states count', hs.shape[0], golden_hs.shape[0])
+      for i in range(min(hs.shape[0], golden_hs.shape[0])):
+        cmp.close(f'hidden_states[{i}]', hs[i], golden_hs[i].reshape(hs[i].shape))
+    if 'pooler_output' in outputs:
+      cls = hs[-1][:, :, 0].astype(np.float64)                 # [B, T, C]
+      mu = cls.mean(-1, keepdims=True)
+      var = ((cls - mu) ** 2).mean(-1, keepdims=True)
+      w, bias = (params[prefix + 'post_layernorm.' + k] for k in ('weight', 'bias'))
+      pooled = ((cls - mu) / np.sqrt(var + cfg.ln_eps) * w + bias).mean(1)
+      cmp.close('pooler_output', pooled, outputs['pooler_output'])
+  return cmp.finish()
+
+
 CHECKS: dict[str, Callable[[str], list]] = {
     'video_panda': check_video_panda,
     'llama': check_llama,
     'stab': check_stab,
     'distill': check_distill,
+    'languagebind_video': check_languagebind_video,
 }
 
 

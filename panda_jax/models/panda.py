@@ -43,7 +43,7 @@ class PandaConfig:
 def cross_entropy(logits: jax.Array, labels: jax.Array):
   """Mean next-token cross-entropy over positions whose next label is not IGNORE.
 
-  logits [B, L, V], labels [B, L]; returns (mean, token count).
+  logits [B, L, V], labels [B, L]; returns (mean, token count, sum).
   """
   lg = logits[:, :-1].astype(jnp.float32)
   tgt = labels[:, 1:]
@@ -52,7 +52,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array):
   picked = jnp.take_along_axis(lg, jnp.where(keep, tgt, 0)[..., None], axis=-1)[..., 0]
   nll = jnp.where(keep, logz - picked, 0.0)
   count = jnp.sum(keep)
-  return jnp.sum(nll) / jnp.maximum(count, 1), count
+  total = jnp.sum(nll)
+  return total / jnp.maximum(count, 1), count, total
 
 
 class VideoPanda(nn.Module):
@@ -85,7 +86,9 @@ class VideoPanda(nn.Module):
     batch: `layout_batch` arrays plus pixels [B, F, H, W, 3], mask [B, F, H, W] and, for
     distillation, teacher [B, F, S*S, T] (the teacher's full patch grid per frame) and
     teacher_valid bool [B, F] (frames with teacher content).
-    Returns dict: loss, ce, distill, logits [B, L, V], tokens (counted), frame_loss [B, F].
+    Returns dict: loss, ce, distill, logits [B, L, V], tokens (counted), frame_loss [B, F],
+    and the sums behind the means (`ce_sum`, `distill_sum`, `distill_frames`), which gradient
+    accumulation uses to weight micro-batches exactly like one large batch.
     """
     embeds, _ = self.embed_inputs(batch, train=train, deterministic=deterministic)
     valid = batch['valid']
@@ -94,15 +97,18 @@ class VideoPanda(nn.Module):
     f, p = batch['patch_pos'].shape[1:]
     out = self.llm(embeds, slots, valid, output_hidden_states=with_distill,
                    hidden_gather=batch['patch_pos'].reshape(b, f * p) if with_distill else None)
-    ce, count = cross_entropy(out['logits'], batch['labels'])
-    result = {'logits': out['logits'], 'ce': ce, 'tokens': count}
+    ce, count, ce_sum = cross_entropy(out['logits'], batch['labels'])
+    result = {'logits': out['logits'], 'ce': ce, 'tokens': count, 'ce_sum': ce_sum}
     if with_distill:
       hs = out['hidden_states'][jnp.asarray(self.cfg.distill.layers)]   # [K, B, F*P, E]
       student = self.distill(hs.reshape(hs.shape[:2] + (f, p, hs.shape[-1])))
       teacher = jnp.take_along_axis(batch['teacher'], batch['teacher_cell'][..., None], axis=2)
       dl, frame_loss = cosine_distill_loss(student, teacher, batch['patch_valid'],
                                            batch['teacher_valid'])
+      counted = batch['teacher_valid'] & jnp.any(batch['patch_valid'], axis=-1)
       result.update(distill=dl, frame_loss=frame_loss,
+                    distill_sum=jnp.sum(jnp.where(counted, frame_loss, 0.0)),
+                    distill_frames=jnp.sum(counted),
                     loss=ce + self.cfg.distill_weight * dl)
     else:
       result['loss'] = ce

@@ -1,0 +1,100 @@
+"""Which parameters train, at what learning rate: regexes over parameter paths, from config.
+
+Parameter paths are '/'-joined tree keys (`llm/layers/attn/q/kernel`,
+`visual/stab/lste/down/kernel`, `distill/input_layer/kernel`). The three stages differ only in
+these patterns and numbers, never in code.
+
+config.optim fields:
+  lr, warmup_ratio, end_lr_ratio: AdamW peak rate, warm-up share of the steps, final rate.
+  b1, b2, eps, weight_decay: AdamW.
+  clip_norm: global-norm clipping of the trainable gradients (0 = off).
+  trainable: regexes; a parameter trains when one matches (`re.search`).
+  frozen: regexes that override `trainable`.
+  lr_scale: list of [regex, multiplier]; the first match scales that parameter's rate.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+FROZEN = 'frozen'
+
+
+def flatten(tree: Mapping) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  return traverse_util.unflatten_dict(dict(flat), sep='/')
+
+
+def _compile(patterns, what: str) -> list[re.Pattern]:
+  out = []
+  for p in patterns:
+    try:
+      out.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f'optim.{what}: invalid regex {p!r}: {e}') from None
+  return out
+
+
+def param_labels(paths, optim) -> dict[str, str]:
+  """path -> 'frozen' or the name of its learning-rate group ('lr_x<multiplier>')."""
+  trainable = _compile(optim.trainable, 'trainable')
+  frozen = _compile(optim.frozen, 'frozen')
+  scales = [(re.compile(p), float(m)) for p, m in optim.lr_scale]
+  labels = {}
+  for path in paths:
+    if not any(r.search(path) for r in trainable) or any(r.search(path) for r in frozen):
+      labels[path] = FROZEN
+      continue
+    mult = next((m for r, m in scales if r.search(path)), 1.0)
+    labels[path] = f'lr_x{mult:g}'
+  if all(v == FROZEN for v in labels.values()):
+    raise ValueError(f'optim.trainable={list(optim.trainable)} (minus optim.frozen) matches no '
+                     'parameter; nothing would train')
+  return labels
+
+
+def schedule(optim, total_steps: int, multiplier: float = 1.0):
+  """Linear warm-up from 0, then cosine decay to `end_lr_ratio * lr` at `total_steps`."""
+  peak = optim.lr * multiplier
+  warmup = int(round(optim.warmup_ratio * total_steps))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      end_value=peak * optim.end_lr_ratio)
+
+
+def make_optimizer(labels: Mapping[str, str], optim, total_steps: int):
+  """AdamW per learning-rate group over the trainable parameters only (a nested tree; `labels`
+  maps every flat path to its group or FROZEN).
+
+  Returns (optax transformation, {group: schedule}).
+  """
+  groups = sorted({v for v in labels.values() if v != FROZEN})
+  schedules = {g: schedule(optim, total_steps, float(g[len('lr_x'):])) for g in groups}
+  transforms = {
+      g: optax.adamw(schedules[g], b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                     weight_decay=optim.weight_decay)
+      for g in groups}
+  trainable = {k: v for k, v in labels.items() if v != FROZEN}
+  tx = optax.multi_transform(transforms, unflatten(trainable))
+  if optim.clip_norm and optim.clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
+  return tx, schedules
+
+
+def split(flat: Mapping[str, Any], labels: Mapping[str, str]):
+  """-> (trainable flat dict, frozen flat dict)."""
+  train = {k: v for k, v in flat.items() if labels[k] != FROZEN}
+  frozen = {k: v for k, v in flat.items() if labels[k] == FROZEN}
+  return train, frozen
+
+
+def global_norm(tree) -> jnp.ndarray:
+  return optax.tree.norm(tree)

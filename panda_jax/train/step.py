@@ -1,0 +1,115 @@
+"""The train state and the jitted train step (gradient accumulation, frozen parameters).
+
+The step differentiates only the trainable parameters (frozen ones enter as constants, so no
+weight gradients and no optimizer state exist for them), accumulates gradients over
+micro-batches with `lax.scan`, weighting every micro-batch by the whole batch's token and frame
+counts so the result equals one large batch, and refuses a non-finite update (the state is
+returned unchanged and `finite` is 0 in the metrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from panda_jax.data.assembly import IGNORE
+from panda_jax.train.optimizer import FROZEN, flatten, unflatten
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def trainable_tree(params: Mapping, labels: Mapping[str, str]):
+  """(nested trainable params, flat frozen params)."""
+  flat = flatten(params)
+  train = {k: v for k, v in flat.items() if labels[k] != FROZEN}
+  frozen = {k: v for k, v in flat.items() if labels[k] == FROZEN}
+  return unflatten(train), frozen
+
+
+def merge(train_nested: Mapping, frozen_flat: Mapping) -> dict:
+  return unflatten({**flatten(train_nested), **frozen_flat})
+
+
+def init_state(params, batch_stats, labels, tx, rng) -> TrainState:
+  train, _ = trainable_tree(params, labels)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(train), rng=rng)
+
+
+def batch_totals(batch: Mapping) -> dict:
+  """Token and frame counts of the whole batch (the denominators of both losses)."""
+  tokens = jnp.sum(batch['labels'][:, 1:] != IGNORE)
+  frames = jnp.sum(batch['teacher_valid'] & jnp.any(batch['patch_valid'], axis=-1))
+  return {'tokens': jnp.maximum(tokens, 1).astype(jnp.float32),
+          'frames': jnp.maximum(frames, 1).astype(jnp.float32)}
+
+
+def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.GradientTransformation,
+                    schedules: Mapping[str, Callable], accum_steps: int = 1,
+                    distill_weight: float = 1.0):
+  """Returns `step(state, batch) -> (state, metrics)` (not jitted; the caller jits it).
+
+  `batch` holds the global batch; its leading dim must be a multiple of `accum_steps`.
+  """
+
+  def loss_fn(train, frozen, batch_stats, micro, rng, totals):
+    params = merge(train, frozen)
+    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, micro,
+                               train=True, rngs={'dropout': rng}, mutable=['batch_stats'])
+    ce = out['ce_sum'] / totals['tokens']
+    dl = out['distill_sum'] / totals['frames']
+    return ce + distill_weight * dl, (ce, dl, updates['batch_stats'])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch: Mapping):
+    b = batch['labels'].shape[0]
+    if b % accum_steps:
+      raise ValueError(f'global batch {b} is not a multiple of accum_steps={accum_steps}')
+    rng, step_rng = jax.random.split(state.rng)
+    totals = batch_totals(batch)
+    micro = jax.tree.map(lambda a: a.reshape((accum_steps, b // accum_steps) + a.shape[1:]),
+                         dict(batch))
+    train, frozen = trainable_tree(state.params, labels)
+    zeros = jax.tree.map(jnp.zeros_like, train)
+
+    def body(carry, xs):
+      grads, stats, loss, ce, dl = carry
+      mb, r = xs
+      (l, (c, d, stats)), g = grad_fn(train, frozen, stats, mb, r, totals)
+      grads = jax.tree.map(jnp.add, grads, g)
+      return (grads, stats, loss + l, ce + c, dl + d), None
+
+    init = (zeros, state.batch_stats, 0.0, 0.0, 0.0)
+    keys = jax.random.split(step_rng, accum_steps)
+    (grads, stats, loss, ce, dl), _ = jax.lax.scan(body, init, (micro, keys))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, train)
+    new_train = optax.apply_updates(train, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + finite.astype(jnp.int32),
+        params=merge(keep(new_train, train), frozen),
+        batch_stats=keep(stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=rng)
+    metrics = {'loss': loss, 'ce': ce, 'distill': dl, 'grad_norm': grad_norm,
+               'tokens': totals['tokens'], 'finite': finite.astype(jnp.int32)}
+    for g, sched in schedules.items():
+      metrics[f'lr/{g}'] = sched(state.step)
+    return new_state, metrics
+
+  return step

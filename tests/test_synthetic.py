@@ -1,0 +1,129 @@
+"""Synthetic video data: determinism, ground truth visible in decoded frames, annotations."""
+
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+
+from panda_jax.data import synthetic
+from panda_jax.data.video import decode_frames, load_video, sample_indices
+
+SMALL = dict(width=96, height=64, fps=10, duration_s=2.0)
+
+
+@pytest.fixture(scope='module')
+def datasets(tmp_path_factory):
+  a = synthetic.make_dataset(str(tmp_path_factory.mktemp('a')), 5, seed=7, **SMALL)
+  b = synthetic.make_dataset(str(tmp_path_factory.mktemp('b')), 5, seed=7, **SMALL)
+  c = synthetic.make_dataset(str(tmp_path_factory.mktemp('c')), 5, seed=8, **SMALL)
+  return a, b, c
+
+
+def _read(path):
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def test_same_seed_same_bytes(datasets):
+  a, b, c = datasets
+  va, vb, vc = (d.train_videos + d.eval_videos for d in (a, b, c))
+  assert len(va) == 5
+  for pa, pb in zip(va, vb):
+    assert _read(pa) == _read(pb)
+  for key in ('train_captions', 'train_instruct', 'eval_qa', 'scenes'):
+    assert _read(getattr(a, key)) == _read(getattr(b, key))
+  assert any(_read(pa) != _read(pc) for pa, pc in zip(va, vc))
+  assert _read(a.scenes) != _read(c.scenes)
+
+
+def test_annotation_formats(datasets):
+  d = datasets[0]
+  assert len(d.train_videos) == 4 and len(d.eval_videos) == 1   # 25 % held out
+  for key in ('train_captions', 'train_instruct'):
+    data = json.load(open(getattr(d, key)))
+    assert len(data) == 4
+    for item in data:
+      assert set(item) == {'id', 'video', 'conversations'}
+      assert os.path.exists(os.path.join(d.root, item['video']))
+      conv = item['conversations']
+      assert conv[0]['from'] == 'human' and conv[0]['value'].startswith('<video>\n')
+      assert [t['from'] for t in conv] == ['human', 'gpt'] * (len(conv) // 2)
+      assert sum('<video>' in t['value'] for t in conv) == 1
+  qa = json.load(open(d.eval_qa))
+  assert qa and all({'video_name', 'question', 'question_id', 'answer'} <= set(q) for q in qa)
+  held = {os.path.splitext(os.path.basename(p))[0] for p in d.eval_videos}
+  train = {item['id'] for item in json.load(open(d.train_captions))}
+  assert {q['video_name'] for q in qa} == held and not held & train
+  assert len({q['question_id'] for q in qa}) == len(qa)
+  assert {q['type'] for q in qa} <= {'direction', 'end_position', 'at_start', 'order'}
+  scenes = json.load(open(d.scenes))
+  for q in qa:
+    s = scenes[q['video_name']]
+    if q['type'] == 'direction':
+      assert q['answer'] in [sh['direction'] for sh in s['shapes']]
+
+
+def _centroid(frame, colour, tol=70):
+  d = np.abs(frame.astype(int) - np.array(synthetic.COLOURS[colour])).sum(-1)
+  ys, xs = np.nonzero(d < tol)
+  if len(xs) < 5:
+    return None
+  return xs.mean(), ys.mean()
+
+
+@pytest.mark.parametrize('direction', synthetic.DIRECTIONS)
+def test_motion_is_visible_in_decoded_frames(tmp_path, direction):
+  scene = synthetic.random_scene(np.random.default_rng(3), width=128, height=96, fps=12,
+                                 duration_s=2.0, num_shapes=1, directions=[direction])
+  path = synthetic.write_scene_video(str(tmp_path / 'm.mp4'), scene, gop=6)
+  frames, info = decode_frames(path)
+  assert info['n_frames'] == 24
+  shape = scene.shapes[0]
+  xy = np.array([_centroid(f, shape.colour) for f in frames])
+  dx, dy = np.diff(xy[:, 0]), np.diff(xy[:, 1])
+  sign = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}[direction]
+  moving, still = (dx, dy) if sign[0] else (dy, dx)
+  assert (np.sign(moving) == sum(sign)).all(), xy
+  assert np.abs(still).max() < 1.5
+  # The decoded centroid follows the ground-truth centre (a triangle's centroid is not its
+  # centre, so compare displacements).
+  truth = np.array([shape.centre(int(i), scene.num_frames) for i in info['indices']])
+  np.testing.assert_allclose(xy - xy[0], truth - truth[0], atol=1.5)
+
+
+def test_order_of_appearance_is_visible(tmp_path):
+  scene = synthetic.random_scene(np.random.default_rng(5), width=128, height=96, fps=10,
+                                 duration_s=3.0, num_shapes=3)
+  first, *later = scene.shapes
+  assert first.appear == 0 and 0 < later[0].appear < later[1].appear < scene.num_frames
+  path = synthetic.write_scene_video(str(tmp_path / 'o.mp4'), scene, gop=10)
+  everything, _ = decode_frames(path, indices=np.arange(scene.num_frames))
+  for sh in scene.shapes:
+    seen = [_centroid(f, sh.colour) is not None for f in everything]
+    assert not any(seen[:max(sh.appear - 1, 0)]), sh          # absent before appearing
+    assert all(seen[sh.appear + 1:]), sh                      # present afterwards
+  (q,) = [q for q in synthetic.questions(scene, np.random.default_rng(0))
+          if q['type'] == 'order']
+  named = sorted((q['question'].index(s.name), s) for s in scene.shapes
+                 if s.name in q['question'])
+  assert len(named) == 2
+  assert q['answer'] == f'the {min((s for _, s in named), key=lambda s: s.appear).name}'
+
+
+def test_codec_and_keyframes(tmp_path):
+  assert synthetic.default_codec() in ('libx264', 'mpeg4')
+  scene = synthetic.random_scene(np.random.default_rng(1), **SMALL)
+  for codec in ('mpeg4', synthetic.default_codec()):
+    path = synthetic.write_scene_video(str(tmp_path / f'{codec}.mp4'), scene, codec=codec,
+                                       gop=5)
+    with av.open(path) as c:
+      s = c.streams.video[0]
+      assert s.codec_context.name in ('h264', 'mpeg4')
+      packets = sorted((p.pts, p.is_keyframe) for p in c.demux(s) if p.size)
+    keys = [i for i, (_, key) in enumerate(packets) if key]
+    assert keys == list(range(0, scene.num_frames, 5))
+    out = load_video(path)
+    assert out['pixels'].shape == (8, 448, 448, 3)
+    assert out['info']['indices'].tolist() == sample_indices(20, 10).tolist()
