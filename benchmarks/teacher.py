@@ -74,7 +74,7 @@ def hand_gflop(cfg: TeacherConfig, frames: int) -> float:
 
 
 def random_params(cfg: TeacherConfig, frames, seed: int = 0):
-  """Random parameters from the abstract shapes (no compiled init at full size)."""
+  """Random variables {'params': ...} from the abstract shapes (no compiled init)."""
   shapes = nn.unbox(jax.eval_shape(VideoTeacher(cfg).init, jax.random.PRNGKey(0), frames))
   rng = np.random.default_rng(seed)
   return jax.tree.map(
@@ -112,7 +112,7 @@ def main():
   peak = matmul_peak(args.matmul_n)
 
   model = VideoTeacher(cfg)
-  params = {'params': random_params(cfg, frames)}
+  params = random_params(cfg, frames)
   start = time.perf_counter()
   compiled = jax.jit(model.apply).lower(params, frames).compile()
   compile_s = time.perf_counter() - start
@@ -125,7 +125,7 @@ def main():
 
   print()
   print(f'compile: {compile_s:.1f} s')
-  print(f'GFLOP/video: {gflop:.1f} (XLA cost analysis), {hand_gflop(cfg, args.frames):.1f} '
+  print(f'GFLOP/video: {gflop:.4g} (XLA cost analysis), {hand_gflop(cfg, args.frames):.4g} '
         '(matmuls by hand)')
   print(f'ms/video: {ms:.1f} (median of {args.runs}: ' +
         ', '.join(f'{t:.0f}' for t in times) + ')')

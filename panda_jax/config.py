@@ -15,15 +15,19 @@ import jax.numpy as jnp
 import ml_collections
 
 from panda_jax.models.distill import DistillConfig, default_layers
+from panda_jax.models.llama import LlamaConfig
+from panda_jax.models.panda import PandaConfig
 from panda_jax.models.stab import StabConfig
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Model sizes by name. '7b' is the released Video-Panda-7B; 'tiny' is for CPU tests and demos.
 MODEL_SIZES = {
-    '7b': dict(stab=dict(), llm=dict(hidden=4096, layers=32)),
+    '7b': dict(stab=dict(), llm=dict(), teacher_hidden=1024),
     'tiny': dict(stab=dict(hidden=64, heads=4, image_size=112, empty_frame_patches=4),
-                 llm=dict(hidden=128, layers=4)),
+                 llm=dict(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=4,
+                          head_dim=32, mlp=256, max_positions=1024),
+                 teacher_hidden=32),
 }
 
 
@@ -32,13 +36,35 @@ def model_config(size: str = '7b') -> ml_collections.ConfigDict:
   if size not in MODEL_SIZES:
     raise ValueError(f'model size {size!r}; expected one of {sorted(MODEL_SIZES)}')
   spec = MODEL_SIZES[size]
-  llm = spec['llm']
+  llm = dataclasses.asdict(LlamaConfig(**spec['llm']))
   stab = dataclasses.asdict(StabConfig(llm_hidden=llm['hidden'], **spec['stab']))
-  distill = dict(teacher_hidden=1024 if size == '7b' else 32, heads=8,
+  distill = dict(teacher_hidden=spec['teacher_hidden'], heads=8,
                  layers=list(default_layers(llm['layers'])))
   return ml_collections.ConfigDict(dict(
-      size=size, stab=stab, distill=distill, llm_hidden=llm['hidden'],
-      llm_layers=llm['layers'], dtype='float32', param_dtype='float32'))
+      size=size, stab=stab, llm=llm, distill=distill, distill_weight=1.0,
+      llm_hidden=llm['hidden'], llm_layers=llm['layers'], dtype='float32',
+      param_dtype='float32'))
+
+
+def panda_config(model: ml_collections.ConfigDict) -> PandaConfig:
+  """The whole-model dataclass from `config.model` (validated)."""
+  llm = LlamaConfig(**model.llm.to_dict())
+  if model.llm_hidden != llm.hidden or model.llm_layers != llm.layers:
+    raise ValueError(f'model.llm_hidden/llm_layers ({model.llm_hidden}, {model.llm_layers}) '
+                     f'differ from model.llm.hidden/layers ({llm.hidden}, {llm.layers})')
+  cfg = PandaConfig(stab=stab_config(model), llm=llm, distill=distill_config(model),
+                    distill_weight=model.distill_weight)
+  cfg.validate()
+  return cfg
+
+
+def rules(config) -> tuple:
+  """The logical-axis rules: `config.sharding_rules` when set, else the default table."""
+  from panda_jax import sharding
+  custom = config.get('sharding_rules') if hasattr(config, 'get') else None
+  if custom:
+    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in custom)
+  return sharding.DEFAULT_RULES
 
 
 def dtype(name: str):
@@ -72,3 +98,51 @@ def save_resolved(config: ml_collections.ConfigDict, workdir: str) -> str:
   with open(path, 'w') as f:
     json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
   return path
+
+
+# Paper Table 6 and the released scripts.
+STAGES = {
+    1: dict(lr=4e-4, warmup_ratio=0.03, batch_size=2048, trainable=['^visual/', '^distill/'],
+            data='Valley 351K (half of the 702K video-text pairs)'),
+    2: dict(lr=4e-5, warmup_ratio=0.01, batch_size=2048, trainable=['.*'],
+            data='Valley 702K video-text pairs'),
+    3: dict(lr=2e-5, warmup_ratio=0.01, batch_size=1024, trainable=['.*'],
+            data='Video-ChatGPT 100K instructions'),
+}
+
+
+def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
+  """The config of one training stage; `arg='tiny'` is the CPU-sized variant."""
+  if stage not in STAGES:
+    raise ValueError(f'stage {stage}; expected 1, 2 or 3')
+  tiny = arg == 'tiny'
+  if arg not in ('', 'tiny'):
+    raise ValueError(f'config argument {arg!r}; expected nothing or "tiny"')
+  st = STAGES[stage]
+  c = ml_collections.ConfigDict()
+  c.mode = 'train'
+  c.stage = stage
+  c.seed = 0
+  c.model = model_config('tiny' if tiny else '7b')
+  if not tiny:
+    c.model.dtype = 'bfloat16'
+    c.model.llm.remat = 'full'
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = ml_collections.config_dict.placeholder(list)
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=st['lr'] if not tiny else 2e-3, warmup_ratio=st['warmup_ratio'], end_lr_ratio=0.0,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
+      trainable=list(st['trainable']), frozen=[], lr_scale=[]))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=4 if tiny else st['batch_size'], accum_steps=1,
+      # -1: one epoch over the data set (the paper trains every stage for one epoch).
+      steps=12 if tiny else -1,
+      log_every=2 if tiny else 10, save_every=4 if tiny else 500, keep=3))
+  c.data = ml_collections.ConfigDict(dict(
+      annotations='', video_root='', frames=4 if tiny else 8,
+      max_len=512 if tiny else 4096, tokenizer='', num_workers=0 if tiny else 8,
+      shuffle_seed=0, synthetic_videos=24 if tiny else 0, description=st['data'],
+      teacher_features=''))
+  c.init = ml_collections.ConfigDict(dict(
+      from_run='', converted='', require=[], skip=[]))
+  return c

@@ -215,11 +215,12 @@ def render(scene: Scene) -> np.ndarray:
 def encode_video(path: str, frames, fps, codec: str | None = None, gop: int = 12,
                  preset: str = 'veryfast', crf: int = 23, faststart: bool = False,
                  threads: int = 1, container_format: str = 'mp4') -> str:
-  """Encodes uint8 RGB frames [T, H, W, 3] (array or iterable) into an MP4 at `path`.
+  """Encodes uint8 RGB frames [T, H, W, 3] (array or iterable) into a video file at `path`.
 
   `container_format` is FFmpeg's muxer name ('mp4', 'matroska', ...).
   H and W must be even (yuv420p). `threads` is fixed (not 'auto') so the bytes do not depend
-  on the machine's core count.
+  on the machine's core count; with the same PyAV/FFmpeg build the output is byte-identical
+  from run to run (see `yuv420p_frame` and the libx264 options below).
   """
   codec = codec or default_codec()
   fps = _as_fraction(fps)
@@ -239,13 +240,17 @@ def encode_video(path: str, frames, fps, codec: str | None = None, gop: int = 12
     stream.codec_context.gop_size = int(gop)
     stream.codec_context.thread_count = int(threads)
     if codec == 'libx264':
+      # mbtree=0: with macroblock-tree rate control, libx264's SIMD lookahead gave different
+      # bytes from run to run for some frame sizes (e.g. 96 x 64: 3 to 5 distinct outputs in
+      # 8 identical runs; asm=0, rc-lookahead=0 or mbtree=0 each made it deterministic).
       stream.options = {'preset': preset, 'crf': str(crf), 'sc_threshold': '0',
-                        'keyint_min': str(int(gop)), 'threads': str(int(threads))}
+                        'keyint_min': str(int(gop)), 'threads': str(int(threads)),
+                        'x264-params': 'mbtree=0'}
     elif codec == 'mpeg4':
       stream.codec_context.bit_rate = 2_000_000
     if first is not None:
       for i, img in enumerate(_chain(first, it)):
-        frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(img), format='yuv420p')
+        frame = yuv420p_frame(img)
         frame.pts = i
         for packet in stream.encode(frame):
           out.mux(packet)
@@ -256,13 +261,9 @@ def encode_video(path: str, frames, fps, codec: str | None = None, gop: int = 12
   return path
 
 
-def rgb_to_yuv420p(img: np.ndarray) -> np.ndarray:
-  """uint8 RGB [H, W, 3] -> planar yuv420p [H * 3 // 2, W] (BT.601, limited range).
-
-  Done here rather than by PyAV's implicit rgb24 -> yuv420p conversion, whose output was
-  seen to vary from run to run (same input, different bytes), which broke "same seed, same
-  bytes".
-  """
+def rgb_to_yuv420p(img: np.ndarray):
+  """uint8 RGB [H, W, 3] -> (Y [H, W], Cb [H/2, W/2], Cr [H/2, W/2]) uint8 (BT.601, limited
+  range, chroma averaged over 2 x 2 pixels)."""
   h, w, _ = img.shape
   x = img.astype(np.float32)
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
@@ -271,8 +272,24 @@ def rgb_to_yuv420p(img: np.ndarray) -> np.ndarray:
   cr = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
   sub = lambda c: c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))  # noqa: E731
   q = lambda c: np.clip(np.rint(c), 0, 255).astype(np.uint8)          # noqa: E731
-  return np.concatenate([q(y).reshape(-1), q(sub(cb)).reshape(-1),
-                         q(sub(cr)).reshape(-1)]).reshape(h * 3 // 2, w)
+  return q(y), q(sub(cb)), q(sub(cr))
+
+
+def yuv420p_frame(img: np.ndarray) -> av.VideoFrame:
+  """An encoder-ready yuv420p frame whose every byte, row padding included, is set.
+
+  The colour conversion is ours (numpy, fixed BT.601 maths) rather than swscale's inside
+  `encode`, so the encoder's input does not depend on the FFmpeg build, and the bytes past
+  the image width in each row (left uninitialised by PyAV) repeat the row's last pixel.
+  """
+  frame = av.VideoFrame(img.shape[1], img.shape[0], 'yuv420p')
+  for plane, data in zip(frame.planes, rgb_to_yuv420p(img)):
+    rows, cols = data.shape
+    buf = np.empty((rows, plane.line_size), np.uint8)
+    buf[:, :cols] = data
+    buf[:, cols:] = data[:, -1:]
+    plane.update(buf)
+  return frame
 
 
 def _chain(first, rest):

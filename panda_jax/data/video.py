@@ -1,8 +1,9 @@
 """Video files -> model inputs: frame sampling, decoding (with seeking), resize, pad, mask.
 
 Spec section 2; the authors' code is `videopanda/model/dataloader.py::_get_rawvideo_dec`
-(sampling) and `videopanda/train/train.py` lines 856-975 / `videopanda/mm_utils.py`
-`process_video_images` (resize, pad, mask, zero-frame padding).
+(sampling, lines 9-65) and `videopanda/train/train.py` lines 856-974 /
+`videopanda/mm_utils.py::process_video_images` lines 105-209 (resize, pad, mask, zero-frame
+padding).
 
 Frame sampling (`sample_indices`)
   Frame indices are positions in the decoded stream (0 = first decoded frame). For 8 frames
@@ -27,7 +28,11 @@ Decoding (`decode_frames`)
   is the same as decoding everything and counting (tested). Where timestamps are missing or
   repeated, or a decoded frame is not where the index says, it falls back to sequential
   decoding that counts frames (a second pass picks the frames if the count differs from the
-  index). `seek=False` always decodes sequentially (the baseline).
+  index). `seek=False` always decodes sequentially (the baseline). While decoding towards a
+  target, packets that are not wanted are decoded with `skip_frame = NONREF`, so frames that
+  nothing references (most B-frames) are dropped inside the decoder (`skip_nonref`).
+  Colour conversion to RGB is FFmpeg's (swscale via PyAV); the reference's decord converts
+  with its own settings, so pixel values may differ from it by a few levels.
 
   Failures raise `VideoDecodeError(path, reason)`: missing file, unreadable / corrupt /
   truncated container, no video stream, zero frames, decoder errors, and a per-video time

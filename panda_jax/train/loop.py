@@ -1,0 +1,219 @@
+"""The training loop: born-sharded state, jitted step, Orbax checkpoints, resume, metrics.
+
+`train(config, workdir, iterator)` runs `config.train.steps` optimizer steps of the stage the
+config describes. The iterator yields host batches (numpy dicts with the global batch on one
+process, or this process's share with several) and has `get_state()` / `set_state()`; its state
+is saved with every checkpoint, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from panda_jax import config as config_lib
+from panda_jax import sharding
+from panda_jax.models.panda import VideoPanda
+from panda_jax.train import checkpoint as ckpt
+from panda_jax.train.optimizer import flatten, make_optimizer, param_labels, unflatten
+from panda_jax.train.step import TrainState, make_train_step, trainable_tree
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient norm was not finite; the last good checkpoint is kept."""
+
+
+def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Shapes and dtypes of a global training batch, from the config alone."""
+  cfg = config_lib.panda_config(config.model)
+  b, f, l = config.train.batch_size, config.data.frames, config.data.max_len
+  s, st = cfg.stab.image_size, cfg.stab.lsd_grid ** 2
+  return {
+      'pixels': ((b, f, s, s, 3), np.float32), 'mask': ((b, f, s, s), np.float32),
+      'text_ids': ((b, l), np.int32), 'visual_index': ((b, l), np.int32),
+      'valid': ((b, l), np.bool_), 'labels': ((b, l), np.int32),
+      'patch_pos': ((b, f, st), np.int32), 'patch_valid': ((b, f, st), np.bool_),
+      'teacher_cell': ((b, f, st), np.int32),
+      'teacher': ((b, f, st, cfg.distill.teacher_hidden), np.float32),
+      'teacher_valid': ((b, f), np.bool_)}
+
+
+def _global_batch(host: Mapping[str, np.ndarray], shardings) -> dict:
+  """This process's share of the batch -> global arrays laid out by `shardings` (extra host
+  fields, such as layout diagnostics, stay on the host)."""
+  missing = sorted(set(shardings) - set(host))
+  if missing:
+    raise KeyError(f'the data pipeline\'s batch lacks {missing}')
+  return {k: jax.make_array_from_process_local_data(s, np.asarray(host[k]))
+          for k, s in shardings.items()}
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU preemption) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning('SIGTERM received: saving a checkpoint and stopping')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def create_state(config, mesh, model, rng):
+  """Parameters born sharded, optional initialisation from other runs, optimizer state.
+
+  Returns (state, state shardings, labels, tx, schedules).
+  """
+  spec = batch_spec(config)
+  zeros = {k: np.zeros(s, d) for k, (s, d) in spec.items()}
+  init_rng, state_rng = jax.random.split(rng)
+  variables, var_sh = sharding.init_sharded(model.init, mesh, init_rng, zeros,
+                                            rules=config_lib.rules(config))
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  init = config.init
+  if init.from_run:
+    params, batch_stats, _ = ckpt.load_params(init.from_run, params, batch_stats,
+                                              require=init.require, skip=init.skip)
+  if init.converted:
+    from panda_jax.convert.checkpoint import load_converted
+    _, _, conv = load_converted(init.converted)
+    params, batch_stats, _ = ckpt.merge_matching(
+        params, batch_stats, conv['params'], conv.get('batch_stats', {}), init.require,
+        init.skip, init.converted)
+  labels = param_labels(flatten(params).keys(), config.optim)
+  tx, schedules = make_optimizer(labels, config.optim, config.train.steps)
+  train, _ = trainable_tree(params, labels)
+  train_sh, _ = trainable_tree(var_sh['params'], labels)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shapes = jax.eval_shape(tx.init, train)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, train_sh,
+                                 transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(train)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=opt_state, rng=jax.device_put(state_rng, replicated))
+  state_sh = TrainState(step=replicated, params=var_sh['params'],
+                        batch_stats=var_sh.get('batch_stats', {}), opt_state=opt_sh,
+                        rng=replicated)
+  return state, state_sh, labels, tx, schedules
+
+
+def resolve_steps(config, iterator) -> int:
+  """`train.steps`, or one epoch of the iterator's data set when it is -1."""
+  if config.train.steps > 0:
+    return config.train.steps
+  per_epoch = getattr(iterator, 'steps_per_epoch', None)
+  if not per_epoch:
+    raise ValueError('train.steps=-1 (one epoch) needs a data set of known size; set '
+                     '--config.train.steps')
+  return int(per_epoch)
+
+
+def train(config, workdir: str, iterator: Iterator) -> dict:
+  """Runs (or resumes) the configured stage. Returns the last logged metrics."""
+  from clu import metric_writers
+
+  steps = resolve_steps(config, iterator)
+  if steps != config.train.steps:
+    with config.unlocked() if hasattr(config, 'unlocked') else _nullcontext():
+      config.train.steps = steps
+
+  cfg = config_lib.panda_config(config.model)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if config.train.batch_size % (shards * config.train.accum_steps):
+    raise ValueError(f'train.batch_size={config.train.batch_size} must be a multiple of the '
+                     f'batch-sharded mesh axes data x fsdp = {shards} times '
+                     f'train.accum_steps={config.train.accum_steps}')
+  model = VideoPanda(cfg, dtype=config_lib.dtype(config.model.dtype),
+                     param_dtype=config_lib.dtype(config.model.param_dtype))
+  state, state_sh, labels, tx, schedules = create_state(
+      config, mesh, model, jax.random.PRNGKey(config.seed))
+  n_train = sum(int(np.prod(v.shape)) for k, v in flatten(state.params).items()
+                if labels[k] != 'frozen')
+  logging.info('%d trainable of %d parameters', n_train,
+               sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.params)))
+
+  spec = batch_spec(config)
+  batch_sh = {k: sharding.batch_sharding(mesh, len(s), config_lib.rules(config))
+              for k, (s, _) in spec.items()}
+  step_fn = jax.jit(
+      make_train_step(model, labels, tx, schedules, config.train.accum_steps,
+                      cfg.distill_weight),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+
+  mngr = ckpt.manager(workdir, config.train.save_every, config.train.keep)
+  start = mngr.latest_step() or 0
+  if start:
+    state, data_state = ckpt.restore(mngr, start, state, state_sh)
+    iterator.set_state(data_state)
+    logging.info('resumed from step %d', start)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  total = config.train.steps
+  last: dict = {}
+  t0, s0 = time.perf_counter(), start
+  try:
+    with _Preemption() as pre, jax.set_mesh(mesh):
+      step = start
+      while step < total:
+        host = next(iterator)
+        state, metrics = step_fn(state, _global_batch(host, batch_sh))
+        step += 1
+        is_log = step % config.train.log_every == 0 or step == total
+        if is_log or pre.requested:
+          m = jax.device_get(metrics)
+          if not int(m['finite']):
+            mngr.wait_until_finished()
+            raise NonFiniteError(
+                f'non-finite loss ({float(m["loss"])}) or gradient norm '
+                f'({float(m["grad_norm"])}) at step {step}; the update was refused and the last '
+                f'good checkpoint (step {mngr.latest_step()}) is kept')
+          dt = time.perf_counter() - t0
+          rate = (step - s0) / max(dt, 1e-9)
+          scalars = {k: float(v) for k, v in m.items() if k != 'finite'}
+          scalars['steps_per_s'] = rate
+          scalars['tokens_per_s'] = rate * float(m['tokens'])
+          for k, v in getattr(iterator, 'stats', lambda: {})().items():
+            scalars[f'data/{k}'] = float(v)
+          writer.write_scalars(step, scalars)
+          logging.info('step %d/%d loss %.4f (ce %.4f, distill %.4f) %.2f steps/s, ETA %.0fs',
+                       step, total, scalars['loss'], scalars['ce'], scalars['distill'], rate,
+                       (total - step) / max(rate, 1e-9))
+          last = dict(scalars, step=step)
+        if step % config.train.save_every == 0 or step == total or pre.requested:
+          ckpt.save(mngr, step, state, iterator.get_state())
+        if pre.requested:
+          break
+  finally:
+    # Whatever stops the loop, a save in flight completes (only SIGKILL loses it).
+    mngr.wait_until_finished()
+    writer.flush()
+  return last

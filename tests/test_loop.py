@@ -1,0 +1,87 @@
+"""The training loop: checkpoints, resume after a crash equals an uninterrupted run."""
+
+import jax
+import numpy as np
+import pytest
+
+from panda_jax import config as config_lib
+from panda_jax.train import loop
+from panda_jax.train.optimizer import flatten
+from test_train_step import tiny_batch
+
+
+class Batches:
+  """A deterministic in-memory batch source with a resumable position."""
+
+  def __init__(self, cfg, crash_after=None):
+    self.cfg, self.i, self.crash_after, self.served = cfg, 0, crash_after, 0
+
+  def __next__(self):
+    if self.crash_after is not None and self.served == self.crash_after:
+      raise KeyboardInterrupt('simulated crash')
+    b = _batch(self.cfg, self.i % 3)
+    self.i += 1
+    self.served += 1
+    return b
+
+  def get_state(self):
+    return {'index': self.i}
+
+  def set_state(self, state):
+    self.i = state['index']
+
+
+def _batch(config, seed):
+  """A host batch with the tiny model's shapes (see test_train_step.tiny_batch)."""
+  from conftest import box_mask
+  from panda_jax.data.assembly import layout_batch
+  spec = loop.batch_spec(config)
+  cfg = config_lib.panda_config(config.model)
+  b, f = spec['mask'][0][:2]
+  rng = np.random.default_rng(seed)
+  px = rng.standard_normal(spec['pixels'][0]).astype(np.float32)
+  size = cfg.stab.image_size
+  mask = np.ones(spec['mask'][0], np.float32)
+  mask[1, :, : size // 4] = 0
+  ids = np.concatenate([np.array([[1, 7] + [-200] * f + [5]] * b),
+                        rng.integers(3, 300, (b, 6))], axis=1)
+  labels = np.where(np.arange(ids.shape[1]) >= ids.shape[1] - 6, ids, -100)
+  lay = layout_batch(ids, labels, np.ones_like(ids), mask, cfg.stab,
+                     max_len=config.data.max_len)
+  teacher = rng.standard_normal(spec['teacher'][0]).astype(np.float32)
+  return dict(lay, pixels=px, mask=mask, teacher=teacher,
+              teacher_valid=np.ones((b, f), bool))
+
+
+def _config(steps=6):
+  c = config_lib.train_config(2, 'tiny')
+  c.train.steps = steps
+  c.train.save_every = 2
+  c.train.log_every = 1
+  c.data.max_len = 160
+  c.model.stab.dropout = 0.0
+  c.mesh.data, c.mesh.tensor = 4, 2       # 8 fake devices (conftest)
+  return c
+
+
+@pytest.mark.slow
+def test_crash_and_resume_equals_uninterrupted_run(tmp_path):
+  full = loop.train(_config(), str(tmp_path / 'a'), Batches(_config()))
+  assert full['step'] == 6
+  with pytest.raises(KeyboardInterrupt):
+    loop.train(_config(), str(tmp_path / 'b'), Batches(_config(), crash_after=3))
+  assert loop.ckpt.latest_step(tmp_path / 'b') == 2
+  resumed = loop.train(_config(), str(tmp_path / 'b'), Batches(_config()))
+  assert resumed['step'] == 6
+  assert resumed['loss'] == full['loss']
+  from panda_jax.train import checkpoint as ckpt
+  import orbax.checkpoint as ocp
+  def final(w):
+    m = ocp.CheckpointManager(w / 'checkpoints', item_names=ckpt.ITEMS,
+                              options=ocp.CheckpointManagerOptions(read_only=True))
+    return m.restore(6, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+  a, b = flatten(final(tmp_path / 'a')), flatten(final(tmp_path / 'b'))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # TensorBoard event files and a readable config are in the workdir.
+  assert list((tmp_path / 'a').glob('events.out.tfevents*'))
