@@ -18,16 +18,19 @@ from panda_jax.models.distill import DistillConfig, default_layers
 from panda_jax.models.llama import LlamaConfig
 from panda_jax.models.panda import PandaConfig
 from panda_jax.models.stab import StabConfig
+from panda_jax.models.teacher import TeacherConfig
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Model sizes by name. '7b' is the released Video-Panda-7B; 'tiny' is for CPU tests and demos.
 MODEL_SIZES = {
-    '7b': dict(stab=dict(), llm=dict(), teacher_hidden=1024),
+    '7b': dict(stab=dict(), llm=dict(), teacher_hidden=1024, teacher=dict()),
     'tiny': dict(stab=dict(hidden=64, heads=4, image_size=112, empty_frame_patches=4),
                  llm=dict(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=4,
                           head_dim=32, mlp=256, max_positions=1024),
-                 teacher_hidden=32),
+                 teacher_hidden=32,
+                 teacher=dict(hidden=32, layers=3, heads=4, mlp=64, image_size=56,
+                              num_frames=4)),
 }
 
 
@@ -40,8 +43,9 @@ def model_config(size: str = '7b') -> ml_collections.ConfigDict:
   stab = dataclasses.asdict(StabConfig(llm_hidden=llm['hidden'], **spec['stab']))
   distill = dict(teacher_hidden=spec['teacher_hidden'], heads=8,
                  layers=list(default_layers(llm['layers'])))
+  teacher = dataclasses.asdict(TeacherConfig(**spec['teacher']))
   return ml_collections.ConfigDict(dict(
-      size=size, stab=stab, llm=llm, distill=distill, distill_weight=1.0,
+      size=size, stab=stab, llm=llm, distill=distill, distill_weight=1.0, teacher=teacher,
       llm_hidden=llm['hidden'], llm_layers=llm['layers'], dtype='float32',
       param_dtype='float32'))
 
@@ -55,6 +59,15 @@ def panda_config(model: ml_collections.ConfigDict) -> PandaConfig:
   cfg = PandaConfig(stab=stab_config(model), llm=llm, distill=distill_config(model),
                     distill_weight=model.distill_weight)
   cfg.validate()
+  return cfg
+
+
+def teacher_config(model: ml_collections.ConfigDict) -> TeacherConfig:
+  cfg = TeacherConfig(**model.teacher.to_dict())
+  cfg.validate()
+  if cfg.hidden != model.distill.teacher_hidden:
+    raise ValueError(f'model.teacher.hidden={cfg.hidden} differs from '
+                     f'model.distill.teacher_hidden={model.distill.teacher_hidden}')
   return cfg
 
 
@@ -143,6 +156,8 @@ def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
       max_len=512 if tiny else 4096, tokenizer='', num_workers=0 if tiny else 8,
       shuffle_seed=0, synthetic_videos=24 if tiny else 0, description=st['data'],
       teacher_features=''))
+  # from_run: an earlier stage's workdir; converted: `panda_jax.convert.checkpoint` output;
+  # teacher: a LanguageBind video checkpoint directory (random only for tiny runs).
   c.init = ml_collections.ConfigDict(dict(
-      from_run='', converted='', require=[], skip=[]))
+      from_run='', converted='', require=[], skip=[], teacher='', teacher_prefix='vision_model.'))
   return c

@@ -2,9 +2,10 @@
 
   python -m panda_jax.main --config=configs/demo.py [--config.field=value ...] [--workdir=DIR]
 
-The config's `mode` picks what runs. Modes available now:
+The config's `mode` picks what runs:
   demo   the STAB + projector on a generated letterboxed video: per-frame token counts and the
          forward time, with parameters born sharded over the configured device mesh.
+  train  one training stage (configs/stage{1,2,3}.py) in --workdir, resuming automatically.
 """
 
 from __future__ import annotations
@@ -93,10 +94,40 @@ def run_demo(config) -> dict:
   return {'lengths': lengths, 'patch_hw': hw, 'tokens_shape': tuple(out['tokens'].shape)}
 
 
-MODES = {'demo': run_demo}
+def run_train(config) -> dict:
+  """Trains the configured stage in --workdir, resuming from its newest checkpoint."""
+  from panda_jax.train.data import build_train_iterator
+  from panda_jax.train.loop import train
+  if not _WORKDIR.value:
+    raise app.UsageError('training needs --workdir (checkpoints, metrics, resolved config)')
+  iterator = build_train_iterator(config, _WORKDIR.value)
+  last = train(config, _WORKDIR.value, iterator)
+  print(f'stage {config.stage}: finished at step {last.get("step")} with loss '
+        f'{last.get("loss", float("nan")):.4f} (ce {last.get("ce", float("nan")):.4f}, '
+        f'distill {last.get("distill", float("nan")):.4f}); skipped samples: '
+        f'{iterator.stats()}')
+  return last
+
+
+MODES = {'demo': run_demo, 'train': run_train}
+
+
+class _DropLibraryInfo:
+  """A logging filter: INFO records from Orbax's internals (dozens per checkpoint) are dropped."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or '/orbax/' not in record.pathname
+
+
+def _quiet_libraries() -> None:
+  import logging as std_logging
+  for handler in std_logging.getLogger().handlers + std_logging.getLogger('absl').handlers:
+    handler.addFilter(_DropLibraryInfo())
+  std_logging.getLogger('absl').addFilter(_DropLibraryInfo())
 
 
 def main(argv):
+  _quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _MULTIHOST.value:

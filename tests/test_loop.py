@@ -48,8 +48,8 @@ def _batch(config, seed):
   labels = np.where(np.arange(ids.shape[1]) >= ids.shape[1] - 6, ids, -100)
   lay = layout_batch(ids, labels, np.ones_like(ids), mask, cfg.stab,
                      max_len=config.data.max_len)
-  teacher = rng.standard_normal(spec['teacher'][0]).astype(np.float32)
-  return dict(lay, pixels=px, mask=mask, teacher=teacher,
+  teacher = rng.standard_normal(spec['teacher_pixels'][0]).astype(np.float32)
+  return dict(lay, pixels=px, mask=mask, teacher_pixels=teacher,
               teacher_valid=np.ones((b, f), bool))
 
 

@@ -13,8 +13,6 @@ import warnings
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers import trainers
 
 from panda_jax.data import text
 from panda_jax.data.text import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -24,33 +22,8 @@ CORPUS = [text.SYSTEM_PROMPT, text.VICUNA_V1_SYSTEM_PROMPT,
           'USER: Where is he going? ASSISTANT: He is going home.', 'USER: ASSISTANT:'] * 4
 
 
-def build_tokenizer_dir(dirname, tokenizer_class='LlamaTokenizer', legacy=False,
-                        post_processor=True):
-  """Write a tiny Llama-style tokenizer directory (tokenizer.json + tokenizer_config.json)."""
-  tok = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True, fuse_unk=True))
-  # Train on words (merges never span a '▁'), then switch to Llama-2's tokenizer.json pipeline.
-  tok.normalizer = normalizers.Replace(' ', '▁')
-  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='always')
-  alphabet = sorted(set(''.join(CORPUS).replace(' ', '▁')))
-  specials = ['<unk>', '<s>', '</s>'] + [f'<0x{i:02X}>' for i in range(256)]
-  tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-      vocab_size=450, special_tokens=specials, initial_alphabet=alphabet, show_progress=False))
-  tok.pre_tokenizer = None
-  tok.normalizer = normalizers.Sequence([normalizers.Prepend('▁'),
-                                         normalizers.Replace(' ', '▁')])
-  tok.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(),
-                                   decoders.Fuse(), decoders.Strip(' ', 1, 0)])
-  if post_processor:
-    tok.post_processor = processors.TemplateProcessing(
-        single='<s> $A', pair='<s> $A <s> $B', special_tokens=[('<s>', 1)])
-  os.makedirs(dirname, exist_ok=True)
-  tok.save(os.path.join(dirname, 'tokenizer.json'))
-  config = dict(tokenizer_class=tokenizer_class, bos_token='<s>', eos_token='</s>',
-                unk_token='<unk>', pad_token=None, add_bos_token=True, add_eos_token=False,
-                model_max_length=2048, clean_up_tokenization_spaces=False, legacy=legacy)
-  with open(os.path.join(dirname, 'tokenizer_config.json'), 'w') as f:
-    json.dump(config, f)
-  return dirname
+def build_tokenizer_dir(dirname, **kw):
+  return text.build_tokenizer(dirname, CORPUS, **kw)
 
 
 @pytest.fixture(scope='module')

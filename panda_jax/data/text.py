@@ -34,6 +34,7 @@ not truncated: batch them, right-pad ids with the pad id (0) and labels with -10
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Any, Mapping, Sequence, Union
@@ -464,3 +465,40 @@ def generation_prompt_ids(tokenizer: Any, question: str, num_frames: int = 8,
   turns = expand_placeholders(turns, num_frames, insert_missing=True)
   check_tokenizer(tokenizer)
   return np.asarray(tokenizer_image_token(tokenizer, build_prompt(turns, system)), np.int32)
+
+
+def build_tokenizer(dirname, corpus, vocab_size: int = 450, tokenizer_class='LlamaTokenizer',
+                    legacy=False, post_processor=True):
+  """Trains a small Llama-style tokenizer on `corpus` and writes it as a Hugging Face directory.
+
+  BPE with byte fallback (ids 3..258 are the bytes, so '\\n' is 13 as in Llama), `<unk>`=0,
+  `<s>`=1, `</s>`=2, Llama-2's `tokenizer.json` pipeline. For tests and the synthetic tiny runs,
+  where no released tokenizer can be downloaded.
+  """
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  from tokenizers import trainers
+
+  tok = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True, fuse_unk=True))
+  # Train on words (merges never span a '▁'), then switch to Llama-2's tokenizer.json pipeline.
+  tok.normalizer = normalizers.Replace(' ', '▁')
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='always')
+  alphabet = sorted(set(''.join(corpus).replace(' ', '▁')))
+  specials = ['<unk>', '<s>', '</s>'] + [f'<0x{i:02X}>' for i in range(256)]
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False))
+  tok.pre_tokenizer = None
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend('▁'),
+                                         normalizers.Replace(' ', '▁')])
+  tok.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(),
+                                   decoders.Fuse(), decoders.Strip(' ', 1, 0)])
+  if post_processor:
+    tok.post_processor = processors.TemplateProcessing(
+        single='<s> $A', pair='<s> $A <s> $B', special_tokens=[('<s>', 1)])
+  os.makedirs(dirname, exist_ok=True)
+  tok.save(os.path.join(dirname, 'tokenizer.json'))
+  config = dict(tokenizer_class=tokenizer_class, bos_token='<s>', eos_token='</s>',
+                unk_token='<unk>', pad_token=None, add_bos_token=True, add_eos_token=False,
+                model_max_length=2048, clean_up_tokenization_spaces=False, legacy=legacy)
+  with open(os.path.join(dirname, 'tokenizer_config.json'), 'w') as f:
+    json.dump(config, f)
+  return dirname

@@ -41,17 +41,22 @@ class NonFiniteError(RuntimeError):
 
 
 def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Shapes and dtypes of a global training batch, from the config alone."""
+  """Shapes and dtypes of a global training batch, from the config alone (teacher frames for
+  the online teacher)."""
   cfg = config_lib.panda_config(config.model)
+  tc = config_lib.teacher_config(config.model)
   b, f, l = config.train.batch_size, config.data.frames, config.data.max_len
   s, st = cfg.stab.image_size, cfg.stab.lsd_grid ** 2
+  if tc.grid ** 2 != st:
+    raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
+                     f'student\'s {cfg.stab.lsd_grid}x{cfg.stab.lsd_grid} LSD grid')
   return {
       'pixels': ((b, f, s, s, 3), np.float32), 'mask': ((b, f, s, s), np.float32),
       'text_ids': ((b, l), np.int32), 'visual_index': ((b, l), np.int32),
       'valid': ((b, l), np.bool_), 'labels': ((b, l), np.int32),
       'patch_pos': ((b, f, st), np.int32), 'patch_valid': ((b, f, st), np.bool_),
       'teacher_cell': ((b, f, st), np.int32),
-      'teacher': ((b, f, st, cfg.distill.teacher_hidden), np.float32),
+      'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), np.float32),
       'teacher_valid': ((b, f), np.bool_)}
 
 
@@ -88,13 +93,40 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def create_teacher(config, mesh):
+  """The frozen teacher and its parameters, sharded: from `init.teacher` (a LanguageBind
+  checkpoint directory) or, for tiny runs only, randomly initialised."""
+  from panda_jax.models.teacher import VideoTeacher
+  tc = config_lib.teacher_config(config.model)
+  teacher = VideoTeacher(tc, dtype=config_lib.dtype(config.model.dtype))
+  shape = batch_spec(config)['teacher_pixels'][0]
+  frames = np.zeros((1,) + shape[1:], np.float32)
+  params, sh = sharding.init_sharded(teacher.init, mesh, jax.random.PRNGKey(config.seed + 1),
+                                     frames, rules=config_lib.rules(config))
+  if config.init.teacher:
+    from panda_jax.convert import hf_io
+    from panda_jax.convert.teacher import convert_teacher
+    conv = convert_teacher(hf_io.load_tensors(config.init.teacher), tc,
+                           prefix=config.init.teacher_prefix)
+    params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32), s),
+                          conv, sh)
+  elif config.model.size != 'tiny':
+    raise ValueError('init.teacher is empty: distillation needs the LanguageBind video '
+                     'teacher (a random teacher is only allowed for tiny runs)')
+  return teacher, params['params'], sh['params']
+
+
 def create_state(config, mesh, model, rng):
   """Parameters born sharded, optional initialisation from other runs, optimizer state.
 
   Returns (state, state shardings, labels, tx, schedules).
   """
+  # Parameter shapes do not depend on the batch: initialise with one sample.
   spec = batch_spec(config)
-  zeros = {k: np.zeros(s, d) for k, (s, d) in spec.items()}
+  zeros = {k: np.zeros((1,) + s[1:], d) for k, (s, d) in spec.items()}
+  tp = zeros.pop('teacher_pixels')
+  zeros['teacher'] = np.zeros(tp.shape[:2] + (spec['patch_pos'][0][2],
+                                              config.model.distill.teacher_hidden), np.float32)
   init_rng, state_rng = jax.random.split(rng)
   variables, var_sh = sharding.init_sharded(model.init, mesh, init_rng, zeros,
                                             rules=config_lib.rules(config))
@@ -105,10 +137,12 @@ def create_state(config, mesh, model, rng):
                                               require=init.require, skip=init.skip)
   if init.converted:
     from panda_jax.convert.checkpoint import load_converted
-    _, _, conv = load_converted(init.converted)
+    kind, _, conv = load_converted(init.converted)
+    src_params, src_stats = conv['params'], conv.get('batch_stats', {})
+    if kind == 'llama':       # a converted decoder alone (e.g. Vicuna-7B) fills `llm/`
+      src_params, src_stats = {'llm': src_params}, {}
     params, batch_stats, _ = ckpt.merge_matching(
-        params, batch_stats, conv['params'], conv.get('batch_stats', {}), init.require,
-        init.skip, init.converted)
+        params, batch_stats, src_params, src_stats, init.require, init.skip, init.converted)
   labels = param_labels(flatten(params).keys(), config.optim)
   tx, schedules = make_optimizer(labels, config.optim, config.train.steps)
   train, _ = trainable_tree(params, labels)
@@ -162,13 +196,15 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
   logging.info('%d trainable of %d parameters', n_train,
                sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.params)))
 
+  teacher, teacher_params, teacher_sh = create_teacher(config, mesh)
   spec = batch_spec(config)
   batch_sh = {k: sharding.batch_sharding(mesh, len(s), config_lib.rules(config))
               for k, (s, _) in spec.items()}
   step_fn = jax.jit(
       make_train_step(model, labels, tx, schedules, config.train.accum_steps,
-                      cfg.distill_weight),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+                      cfg.distill_weight, teacher=teacher),
+      in_shardings=(state_sh, batch_sh, teacher_sh), out_shardings=(state_sh, None),
+      donate_argnums=(0,))
 
   mngr = ckpt.manager(workdir, config.train.save_every, config.train.keep)
   start = mngr.latest_step() or 0
@@ -185,7 +221,7 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
       step = start
       while step < total:
         host = next(iterator)
-        state, metrics = step_fn(state, _global_batch(host, batch_sh))
+        state, metrics = step_fn(state, _global_batch(host, batch_sh), teacher_params)
         step += 1
         is_log = step % config.train.log_every == 0 or step == total
         if is_log or pre.requested:

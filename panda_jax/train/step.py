@@ -58,10 +58,13 @@ def batch_totals(batch: Mapping) -> dict:
 
 def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.GradientTransformation,
                     schedules: Mapping[str, Callable], accum_steps: int = 1,
-                    distill_weight: float = 1.0):
-  """Returns `step(state, batch) -> (state, metrics)` (not jitted; the caller jits it).
+                    distill_weight: float = 1.0, teacher: nn.Module | None = None):
+  """Returns `step(state, batch, teacher_params=None) -> (state, metrics)` (the caller jits it).
 
-  `batch` holds the global batch; its leading dim must be a multiple of `accum_steps`.
+  `batch` holds the global batch; its leading dim must be a multiple of `accum_steps`. With a
+  `teacher` module the distillation targets are computed in the step from
+  `batch['teacher_pixels']` (frozen: no gradient, no optimizer state); otherwise the batch
+  carries them as `batch['teacher']` (cached features).
   """
 
   def loss_fn(train, frozen, batch_stats, micro, rng, totals):
@@ -74,8 +77,12 @@ def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.Gradi
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: TrainState, batch: Mapping):
+  def step(state: TrainState, batch: Mapping, teacher_params=None):
+    batch = dict(batch)
     b = batch['labels'].shape[0]
+    if teacher is not None:
+      feats = teacher.apply({'params': teacher_params}, batch.pop('teacher_pixels'))
+      batch['teacher'] = jax.lax.stop_gradient(feats)
     if b % accum_steps:
       raise ValueError(f'global batch {b} is not a multiple of accum_steps={accum_steps}')
     rng, step_rng = jax.random.split(state.rng)

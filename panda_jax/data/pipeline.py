@@ -1,0 +1,173 @@
+"""Grain pipeline: conversation annotations + videos -> fixed-shape training batches.
+
+Per sample (in Grain workers): decode the video (the authors' frame rule, seeking where
+keyframes allow), preprocess student and teacher frames, tokenise the conversation (`v1`
+template, reference label masking) and check that the assembled sequence fits `max_len`.
+A sample that fails any of this is not an error: it comes out as a `skip` record (path and
+reason) that the iterator counts and logs, and the batch is filled with the next good samples,
+so batch shapes never change. The host then lays the batch out (`layout_batch`).
+
+The iterator's state (Grain's position plus the skip counters) is saved with every checkpoint;
+restoring it replays exactly the batches an uninterrupted run would have seen.
+
+Too-long policy: a conversation whose assembled sequence (text + every frame's visual tokens)
+exceeds `max_len` is dropped and counted (`too_long`); no text is cut, so a frame's tokens are
+never split.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from panda_jax.data import text
+from panda_jax.data.assembly import layout_batch
+from panda_jax.data.video import VideoDecodeError, load_video
+from panda_jax.models.stab import StabConfig, frame_grid, frame_layout
+
+VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
+
+
+class AnnotationError(ValueError):
+  """The annotation file itself is malformed (fails at start, naming file, entry and field)."""
+
+
+def load_annotations(path: str) -> list[dict]:
+  """Reads and validates a training conversation file (a JSON list)."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise AnnotationError(f'{path}: cannot read the annotation file: {e}') from None
+  if not isinstance(data, list):
+    raise AnnotationError(f'{path}: expected a JSON list of samples, got {type(data).__name__}')
+  for i, entry in enumerate(data):
+    where = f'{path}: entry {i}'
+    if not isinstance(entry, dict):
+      raise AnnotationError(f'{where}: expected an object, got {type(entry).__name__}')
+    if not isinstance(entry.get('video'), str) or not entry['video']:
+      raise AnnotationError(f'{where} (id {entry.get("id")!r}): field "video" must be a '
+                            'non-empty relative path')
+    conv = entry.get('conversations')
+    if not isinstance(conv, list) or not conv:
+      raise AnnotationError(f'{where} (id {entry.get("id")!r}): field "conversations" must '
+                            'be a non-empty list')
+    for j, m in enumerate(conv):
+      if not isinstance(m, dict) or m.get('from') not in ('human', 'gpt') or \
+          not isinstance(m.get('value'), str):
+        raise AnnotationError(f'{where} (id {entry.get("id")!r}): conversations[{j}] must be '
+                              '{"from": "human"|"gpt", "value": str}')
+  return data
+
+
+class ProcessSample:
+  """Record -> arrays for one sample, or {'skip': reason, 'path': ...}. Picklable (workers)."""
+
+  def __init__(self, video_root: str, tokenizer_dir: str, stab: StabConfig, frames: int,
+               max_len: int, timeout_s: float = 30.0):
+    self.video_root = video_root
+    self.tokenizer_dir = tokenizer_dir
+    self.stab = stab
+    self.frames = frames
+    self.max_len = max_len
+    self.timeout_s = timeout_s
+    # Loaded here, once: a tokenizer that cannot load is a configuration error that must stop
+    # the run at start (not a per-sample skip), and loading inside Grain's reader threads
+    # races on transformers' lazy imports.
+    self.tokenizer = text.load_tokenizer(tokenizer_dir, model_max_length=10 ** 6)
+
+  def __call__(self, record: Mapping) -> dict:
+    path = os.path.join(self.video_root, record['video'])
+    try:
+      turns = text.as_turns(record['conversations'])
+      ids, labels = text.tokenize_conversation(self.tokenizer, turns, num_frames=self.frames)
+    except (ValueError, text.TokenizationMismatchError) as e:
+      return {'skip': 'bad_conversation', 'path': path, 'detail': str(e)[:200]}
+    try:
+      v = load_video(path, num=self.frames, size=self.stab.image_size,
+                     teacher_size=self.stab.image_size // 2, patch=self.stab.patch_size,
+                     timeout_s=self.timeout_s)
+    except VideoDecodeError as e:
+      return {'skip': 'bad_video', 'path': path, 'detail': e.reason[:200]}
+    hw, _ = frame_grid(v['mask'], self.stab, xp=np)
+    length = len(ids) - self.frames + int(frame_layout(hw, self.stab.lsd_grid, xp=np)
+                                          ['length'].sum())
+    if length > self.max_len:
+      return {'skip': 'too_long', 'path': path, 'detail': f'{length} > {self.max_len}'}
+    return {'ids': ids, 'labels': labels, 'pixels': v['pixels'], 'mask': v['mask'],
+            'teacher_pixels': v['teacher_pixels'], 'teacher_mask': v['teacher_mask']}
+
+
+def collate(samples: Sequence[Mapping], stab: StabConfig, max_len: int) -> dict:
+  """Good samples -> one host batch (layout + stacked frames + teacher frames)."""
+  b = len(samples)
+  t = max(len(s['ids']) for s in samples)
+  ids = np.zeros((b, t), np.int32)
+  labels = np.full((b, t), text.IGNORE_INDEX, np.int32)
+  am = np.zeros((b, t), np.int32)
+  for i, s in enumerate(samples):
+    n = len(s['ids'])
+    ids[i, :n], labels[i, :n], am[i, :n] = s['ids'], s['labels'], 1
+  mask = np.stack([s['mask'] for s in samples])
+  lay = layout_batch(ids, labels, am, mask, stab, max_len)
+  teacher_mask = np.stack([s['teacher_mask'] for s in samples])
+  return dict(lay, pixels=np.stack([s['pixels'] for s in samples]), mask=mask,
+              teacher_pixels=np.stack([s['teacher_pixels'] for s in samples]),
+              teacher_valid=teacher_mask.reshape(b, mask.shape[1], -1).max(-1) > 0)
+
+
+class TrainIterator:
+  """Fixed-shape batches from a shuffled, repeated, per-process shard of the annotations."""
+
+  def __init__(self, records: Sequence[Mapping], processor: ProcessSample, batch_size: int,
+               seed: int = 0, process_index: int = 0, process_count: int = 1,
+               num_workers: int = 0, max_consecutive_skips: int = 1000):
+    if batch_size % process_count:
+      raise ValueError(f'batch_size={batch_size} is not a multiple of the {process_count} '
+                       'processes')
+    self.local_batch = batch_size // process_count
+    self.processor = processor
+    self.max_skips = max_consecutive_skips
+    shard = grain.MapDataset.source(list(records))[process_index::process_count]
+    self.steps_per_epoch = len(shard) // self.local_batch
+    ds = shard.shuffle(seed=seed).repeat().map(processor).to_iter_dataset()
+    if num_workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    self._it = iter(ds)
+    self.skipped: collections.Counter = collections.Counter()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    samples, skips = [], 0
+    while len(samples) < self.local_batch:
+      s = next(self._it)
+      if 'skip' in s:
+        self.skipped[s['skip']] += 1
+        skips += 1
+        logging.warning('skipped sample (%s): %s: %s', s['skip'], s['path'], s.get('detail'))
+        if skips > self.max_skips:
+          raise RuntimeError(f'{skips} samples in a row were skipped (last: {s["path"]}: '
+                             f'{s["skip"]}); check the data set with panda_jax.data.check')
+        continue
+      samples.append(s)
+    return collate(samples, self.processor.stab, self.processor.max_len)
+
+  def get_state(self) -> dict:
+    return {'grain': self._it.get_state(), 'skipped': dict(self.skipped)}
+
+  def set_state(self, state: Mapping) -> None:
+    self._it.set_state(state['grain'])
+    self.skipped = collections.Counter(state.get('skipped', {}))
+
+  def stats(self) -> dict:
+    out = {f'skipped_{k}': v for k, v in self.skipped.items()}
+    out['skipped_total'] = sum(self.skipped.values())
+    return out

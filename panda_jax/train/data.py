@@ -1,0 +1,57 @@
+"""Builds the training iterator a config asks for (and, for tiny runs, the data itself)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+
+from panda_jax import config as config_lib
+from panda_jax.data import pipeline, text
+
+
+def synthetic_data(config, workdir: str) -> tuple[str, str, str]:
+  """Generates (once) the synthetic videos, annotations and a tokenizer under the workdir.
+
+  Returns (annotation file, video root, tokenizer directory).
+  """
+  from panda_jax.data import synthetic
+  root = os.path.join(workdir, 'cache', 'synthetic')
+  done = os.path.join(root, 'DONE')
+  if not os.path.exists(done):
+    logging.info('generating %d synthetic videos under %s', config.data.synthetic_videos, root)
+    ds = synthetic.make_dataset(root, config.data.synthetic_videos, seed=config.seed)
+    corpus = []
+    for key in ('train_captions', 'train_instruct'):
+      with open(getattr(ds, key)) as f:
+        for entry in json.load(f):
+          corpus += [m['value'].replace('<video>', '') for m in entry['conversations']]
+    corpus += [text.SYSTEM_PROMPT, 'USER: ASSISTANT:']
+    text.build_tokenizer(os.path.join(root, 'tokenizer'), corpus * 2)
+    with open(done, 'w') as f:
+      f.write('ok\n')
+  name = 'train_instruct.json' if config.stage == 3 else 'train_captions.json'
+  return os.path.join(root, name), root, os.path.join(root, 'tokenizer')
+
+
+def build_train_iterator(config, workdir: str) -> pipeline.TrainIterator:
+  d = config.data
+  if d.annotations:
+    annotations, video_root, tok = d.annotations, d.video_root, d.tokenizer
+    if not video_root or not tok:
+      raise ValueError('data.annotations is set: data.video_root and data.tokenizer are needed '
+                       'too')
+  elif d.synthetic_videos > 0:
+    annotations, video_root, tok = synthetic_data(config, workdir)
+  else:
+    raise ValueError('no training data: set data.annotations, data.video_root and '
+                     'data.tokenizer (or data.synthetic_videos for a synthetic run)')
+  records = pipeline.load_annotations(annotations)
+  stab = config_lib.stab_config(config.model)
+  processor = pipeline.ProcessSample(video_root, tok, stab, d.frames, d.max_len)
+  return pipeline.TrainIterator(records, processor, config.train.batch_size,
+                                seed=d.shuffle_seed, process_index=jax.process_index(),
+                                process_count=jax.process_count(),
+                                num_workers=d.num_workers)
