@@ -9,8 +9,16 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+# Many tests compile the same programs (a probe run and a full run of one stage, stages with the
+# same trainable set): a session-wide persistent cache compiles each once.
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.get('PANDA_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='jaxc-'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import flax.linen as nn  # noqa: E402

@@ -233,7 +233,7 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
                 f'({float(m["grad_norm"])}) at step {step}; the update was refused and the last '
                 f'good checkpoint (step {mngr.latest_step()}) is kept')
           dt = time.perf_counter() - t0
-          rate = (step - s0) / max(dt, 1e-9)
+          rate = (step - s0) / dt if step > s0 and dt > 0 else 0.0
           scalars = {k: float(v) for k, v in m.items() if k != 'finite'}
           scalars['steps_per_s'] = rate
           scalars['tokens_per_s'] = rate * float(m['tokens'])

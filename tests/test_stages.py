@@ -1,0 +1,130 @@
+"""End to end: the three stages chained through checkpoints on synthetic videos, and a run
+killed with SIGKILL that resumes to exactly the uninterrupted result."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from panda_jax import config as config_lib
+from panda_jax.train import checkpoint as ckpt
+from panda_jax.train.data import build_train_iterator, synthetic_data
+from panda_jax.train.loop import train
+from panda_jax.train.optimizer import flatten
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  """One synthetic data set (videos, annotations, tokenizer) shared by every run here."""
+  work = tmp_path_factory.mktemp('synthetic')
+  c = config_lib.train_config(1, 'tiny')
+  c.data.synthetic_videos = 16
+  synthetic_data(c, str(work))
+  root = work / 'cache' / 'synthetic'
+  return {'root': root, 'tokenizer': root / 'tokenizer'}
+
+
+def _config(stage, data, **train):
+  c = config_lib.train_config(stage, 'tiny')
+  c.data.annotations = str(data['root'] / ('train_instruct.json' if stage == 3
+                                           else 'train_captions.json'))
+  c.data.video_root = str(data['root'])
+  c.data.tokenizer = str(data['tokenizer'])
+  c.train.steps = STEPS
+  c.train.log_every = 1
+  c.mesh.data, c.mesh.tensor = 4, 2       # the 8 fake devices of conftest
+  for k, v in train.items():
+    setattr(c.train, k, v)
+  return c
+
+
+def _params(workdir, step):
+  m = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints', item_names=ckpt.ITEMS,
+                            options=ocp.CheckpointManagerOptions(read_only=True))
+  return flatten(m.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore())).params)
+
+
+
+@pytest.mark.slow
+def test_three_stages_chain_through_checkpoints_and_learn(tmp_path, data):
+  runs = {}
+  for stage in (1, 2, 3):
+    c = _config(stage, data, save_every=4)
+    if stage > 1:
+      c.init.from_run = str(runs[stage - 1])
+      c.init.require = ['^visual/', '^llm/', '^distill/']
+    work = tmp_path / f'stage{stage}'
+    it = build_train_iterator(c, str(work))
+    # The first batch's loss, from a one-step run in a scratch directory with the same
+    # initialisation, against the stage's final loss.
+    first = train(_config(stage, data, steps=1, save_every=1) if stage == 1 else
+                  _with_init(_config(stage, data, steps=1, save_every=1), c),
+                  str(tmp_path / f'probe{stage}'), build_train_iterator(c, str(work)))
+    last = train(c, str(work), it)
+    assert last['step'] == STEPS
+    assert last['loss'] < first['loss'], (stage, first['loss'], last['loss'])
+    runs[stage] = work
+  # Stage 1 trained the visual part and the head but left every LLM weight as initialised.
+  p4, p8 = _params(runs[1], 4), _params(runs[1], 8)
+  for k in p8:
+    if k.startswith('llm/'):
+      np.testing.assert_array_equal(p4[k], p8[k], err_msg=k)
+  assert not np.array_equal(p4['visual/projector/fc1/kernel'], p8['visual/projector/fc1/kernel'])
+  # Stage 2 started from stage 1's final weights.
+  s2_first = _params(runs[2], 4)
+  assert not np.array_equal(s2_first['llm/lm_head/kernel'], p8['llm/lm_head/kernel'])
+
+
+def _with_init(probe, c):
+  probe.init.from_run = c.init.from_run
+  probe.init.require = list(c.init.require)
+  return probe
+
+
+def _main(workdir, data, env, *extra):
+  c = ['--config=configs/stage2.py:tiny', f'--workdir={workdir}',
+       f'--config.data.annotations={data["root"] / "train_captions.json"}',
+       f'--config.data.video_root={data["root"]}', f'--config.data.tokenizer={data["tokenizer"]}',
+       f'--config.train.steps={STEPS}', '--config.train.save_every=2',
+       '--config.model.stab.dropout=0.0', *extra]
+  return [sys.executable, '-m', 'panda_jax.main', *c]
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_equals_uninterrupted(tmp_path, data):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  ref = subprocess.run(_main(tmp_path / 'ref', data, env), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  victim = tmp_path / 'victim'
+  proc = subprocess.Popen(_main(victim, data, env), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 900
+  while not (victim / 'checkpoints' / '4').exists():
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = sorted(int(p.name) for p in (victim / 'checkpoints').iterdir() if p.name.isdigit())
+  assert done and done[-1] < STEPS, done
+  again = subprocess.run(_main(victim, data, env), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resumed from step' in again.stderr
+  a, b = _params(tmp_path / 'ref', STEPS), _params(victim, STEPS)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
