@@ -65,15 +65,9 @@ def test_three_stages_chain_through_checkpoints_and_learn(tmp_path, data):
       c.init.from_run = str(runs[stage - 1])
       c.init.require = ['^visual/', '^llm/', '^distill/']
     work = tmp_path / f'stage{stage}'
-    it = build_train_iterator(c, str(work))
-    # The first batch's loss, from a one-step run in a scratch directory with the same
-    # initialisation, against the stage's final loss.
-    first = train(_config(stage, data, steps=1, save_every=1) if stage == 1 else
-                  _with_init(_config(stage, data, steps=1, save_every=1), c),
-                  str(tmp_path / f'probe{stage}'), build_train_iterator(c, str(work)))
-    last = train(c, str(work), it)
+    last = train(c, str(work), build_train_iterator(c, str(work)))
     assert last['step'] == STEPS
-    assert last['loss'] < first['loss'], (stage, first['loss'], last['loss'])
+    assert last['loss'] < 0.8 * last['first_loss'], (stage, last['first_loss'], last['loss'])
     runs[stage] = work
   # Stage 1 trained the visual part and the head but left every LLM weight as initialised.
   p4, p8 = _params(runs[1], 4), _params(runs[1], 8)
@@ -84,12 +78,6 @@ def test_three_stages_chain_through_checkpoints_and_learn(tmp_path, data):
   # Stage 2 started from stage 1's final weights.
   s2_first = _params(runs[2], 4)
   assert not np.array_equal(s2_first['llm/lm_head/kernel'], p8['llm/lm_head/kernel'])
-
-
-def _with_init(probe, c):
-  probe.init.from_run = c.init.from_run
-  probe.init.require = list(c.init.require)
-  return probe
 
 
 def _main(workdir, data, env, *extra):

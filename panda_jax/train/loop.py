@@ -172,7 +172,8 @@ def resolve_steps(config, iterator) -> int:
 
 
 def train(config, workdir: str, iterator: Iterator) -> dict:
-  """Runs (or resumes) the configured stage. Returns the last logged metrics."""
+  """Runs (or resumes) the configured stage. Returns the last logged metrics (with
+  `first_loss`, the loss at this invocation's first logged step)."""
   from clu import metric_writers
 
   steps = resolve_steps(config, iterator)
@@ -243,7 +244,7 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
           logging.info('step %d/%d loss %.4f (ce %.4f, distill %.4f) %.2f steps/s, ETA %.0fs',
                        step, total, scalars['loss'], scalars['ce'], scalars['distill'], rate,
                        (total - step) / max(rate, 1e-9))
-          last = dict(scalars, step=step)
+          last = dict(scalars, step=step, first_loss=last.get('first_loss', scalars['loss']))
         if step % config.train.save_every == 0 or step == total or pre.requested:
           ckpt.save(mngr, step, state, iterator.get_state())
         if pre.requested:
