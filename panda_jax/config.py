@@ -153,7 +153,7 @@ def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
       log_every=2 if tiny else 10, save_every=4 if tiny else 500, keep=3))
   c.data = ml_collections.ConfigDict(dict(
       annotations='', video_root='', frames=4 if tiny else 8,
-      max_len=256 if tiny else 4096, tokenizer='', num_workers=0 if tiny else 8,
+      max_len=512 if tiny else 4096, tokenizer='', num_workers=0 if tiny else 8,
       shuffle_seed=0, synthetic_videos=24 if tiny else 0, description=st['data'],
       teacher_features=''))
   # from_run: an earlier stage's workdir; converted: `panda_jax.convert.checkpoint` output;

@@ -50,6 +50,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # Distillation head.
     ('distill_layers', None),
     ('teacher_embed', None),
+    ('teacher_mlp', 'tensor'),
+    ('teacher_heads', 'tensor'),
     ('teacher_embed_in', None),
 )
 

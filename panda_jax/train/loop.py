@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Any, Iterator, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,7 +219,8 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
   last: dict = {}
   t0, s0 = time.perf_counter(), start
   try:
-    with _Preemption() as pre, jax.set_mesh(mesh):
+    with _Preemption() as pre, jax.set_mesh(mesh), \
+        nn.logical_axis_rules(config_lib.rules(config)):
       step = start
       while step < total:
         host = next(iterator)

@@ -87,8 +87,12 @@ def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.Gradi
       raise ValueError(f'global batch {b} is not a multiple of accum_steps={accum_steps}')
     rng, step_rng = jax.random.split(state.rng)
     totals = batch_totals(batch)
-    micro = jax.tree.map(lambda a: a.reshape((accum_steps, b // accum_steps) + a.shape[1:]),
-                         dict(batch))
+    # Micro-batch i takes rows i, i + accum, ...: every micro-batch is spread over all the
+    # devices the batch is sharded on (contiguous blocks would sit on a few devices and make
+    # XLA shard the accumulation axis instead).
+    micro = jax.tree.map(
+        lambda a: a.reshape((b // accum_steps, accum_steps) + a.shape[1:]).swapaxes(0, 1),
+        dict(batch))
     train, frozen = trainable_tree(state.params, labels)
     zeros = jax.tree.map(jnp.zeros_like, train)
 
