@@ -340,13 +340,6 @@ def test_non_legacy_tokenizer_mismatch(tok, tok_dir):
 # The golden file's label structure.
 
 
-# Same place as panda_jax.golden.default_dir() (not imported: it pulls in the models).
-GOLDEN = pathlib.Path(os.environ.get('PANDA_GOLDEN_DIR') or
-                      pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'golden'
-                      ) / 'video_panda_tiny.npz'
-
-
-@pytest.mark.skipif(not GOLDEN.exists(), reason=f'{GOLDEN} not found')
 def test_masking_rule_reproduces_golden_labels():
   """Reference masking on the golden's segment layout gives the golden labels exactly.
 
@@ -354,7 +347,8 @@ def test_masking_rule_reproduces_golden_labels():
   instruction runs from its start (after BOS for the first) through 'ASSISTANT:', and the round
   ends with the '</s>' after its answer.
   """
-  with np.load(GOLDEN) as z:
+  from panda_jax.golden import default_dir
+  with np.load(default_dir() / 'video_panda_tiny.npz') as z:
     meta = json.loads(str(z['meta']))
     inputs = {k.partition('/')[2]: z[k] for k in z.files if k.startswith('input/')}
   layouts = meta['conversation']['layouts_[name,start,end)']
