@@ -28,7 +28,7 @@ import numpy as np
 
 from panda_jax.data import text
 from panda_jax.data.assembly import layout_batch
-from panda_jax.data.video import VideoDecodeError, load_video
+from panda_jax.data.video import VideoDecodeError, decode_frames, preprocess_frames
 from panda_jax.models.stab import StabConfig, frame_grid, frame_layout
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
@@ -82,6 +82,15 @@ class ProcessSample:
     # races on transformers' lazy imports.
     self.tokenizer = text.load_tokenizer(tokenizer_dir, model_max_length=10 ** 6)
 
+  def decode(self, record: Mapping, path: str) -> np.ndarray:
+    """uint8 [k, H, W, 3]: the record's sampled frames (k <= frames), decoded from the video.
+
+    The one place a sample's frames come from: `packing.PackedProcessSample` reads them from
+    packed shards instead, and everything after it is shared.
+    """
+    del record
+    return decode_frames(path, num=self.frames, timeout_s=self.timeout_s)[0]
+
   def __call__(self, record: Mapping) -> dict:
     path = os.path.join(self.video_root, record['video'])
     try:
@@ -90,11 +99,11 @@ class ProcessSample:
     except (ValueError, text.TokenizationMismatchError) as e:
       return {'skip': 'bad_conversation', 'path': path, 'detail': str(e)[:200]}
     try:
-      v = load_video(path, num=self.frames, size=self.stab.image_size,
-                     teacher_size=self.stab.image_size // 2, patch=self.stab.patch_size,
-                     timeout_s=self.timeout_s)
+      frames = self.decode(record, path)
     except VideoDecodeError as e:
       return {'skip': 'bad_video', 'path': path, 'detail': e.reason[:200]}
+    v = preprocess_frames(frames, num=self.frames, size=self.stab.image_size,
+                          teacher_size=self.stab.image_size // 2, patch=self.stab.patch_size)
     hw, _ = frame_grid(v['mask'], self.stab, xp=np)
     length = len(ids) - self.frames + int(frame_layout(hw, self.stab.lsd_grid, xp=np)
                                           ['length'].sum())
