@@ -150,7 +150,11 @@ def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
       batch_size=4 if tiny else st['batch_size'], accum_steps=1,
       # -1: one epoch over the data set (the paper trains every stage for one epoch).
       steps=12 if tiny else -1,
-      log_every=2 if tiny else 10, save_every=4 if tiny else 500, keep=3))
+      log_every=2 if tiny else 10, save_every=4 if tiny else 500, keep=3,
+      # Distillation targets: 'online' runs the teacher in the train step on the batch's
+      # teacher frames; 'cached' reads features written by panda_jax.teacher.extract from
+      # data.teacher_features (a synthetic run extracts them into its workdir itself).
+      teacher='online'))
   c.data = ml_collections.ConfigDict(dict(
       annotations='', video_root='', frames=4 if tiny else 8,
       max_len=512 if tiny else 4096, tokenizer='', num_workers=0 if tiny else 8,

@@ -10,6 +10,12 @@ so batch shapes never change. The host then lays the batch out (`layout_batch`).
 The iterator's state (Grain's position plus the skip counters) is saved with every checkpoint;
 restoring it replays exactly the batches an uninterrupted run would have seen.
 
+Teacher targets: by default each sample carries the teacher's frames (`teacher_pixels`) for
+the online teacher in the train step. Given a `teacher_features` directory (written by
+`python -m panda_jax.teacher.extract`), it carries the cached features (`teacher`
+[frames, grid * grid, hidden]) instead; a video without a features file is skipped and counted
+(`missing_teacher_features`).
+
 Too-long policy: a conversation whose assembled sequence (text + every frame's visual tokens)
 exceeds `max_len` is dropped and counted (`too_long`); no text is cut, so a frame's tokens are
 never split.
@@ -30,6 +36,7 @@ from panda_jax.data import text
 from panda_jax.data.assembly import layout_batch
 from panda_jax.data.video import VideoDecodeError, decode_frames, preprocess_frames
 from panda_jax.models.stab import StabConfig, frame_grid, frame_layout
+from panda_jax.teacher import features as features_lib
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
 
@@ -70,7 +77,7 @@ class ProcessSample:
   """Record -> arrays for one sample, or {'skip': reason, 'path': ...}. Picklable (workers)."""
 
   def __init__(self, video_root: str, tokenizer_dir: str, stab: StabConfig, frames: int,
-               max_len: int, timeout_s: float = 30.0):
+               max_len: int, timeout_s: float = 30.0, teacher_features: str = ''):
     self.video_root = video_root
     self.tokenizer_dir = tokenizer_dir
     self.stab = stab
@@ -81,6 +88,14 @@ class ProcessSample:
     # the run at start (not a per-sample skip), and loading inside Grain's reader threads
     # races on transformers' lazy imports.
     self.tokenizer = text.load_tokenizer(tokenizer_dir, model_max_length=10 ** 6)
+    self.teacher_features = teacher_features
+    self.teacher_shape = None
+    if teacher_features:
+      manifest = features_lib.read_manifest(teacher_features)
+      grid = stab.lsd_grid
+      features_lib.check_manifest(manifest, frames, grid, manifest.get('hidden'),
+                                  teacher_features)
+      self.teacher_shape = (frames, grid * grid, int(manifest['hidden']))
 
   def decode(self, record: Mapping, path: str) -> np.ndarray:
     """uint8 [k, H, W, 3]: the record's sampled frames (k <= frames), decoded from the video.
@@ -109,8 +124,18 @@ class ProcessSample:
                                           ['length'].sum())
     if length > self.max_len:
       return {'skip': 'too_long', 'path': path, 'detail': f'{length} > {self.max_len}'}
-    return {'ids': ids, 'labels': labels, 'pixels': v['pixels'], 'mask': v['mask'],
-            'teacher_pixels': v['teacher_pixels'], 'teacher_mask': v['teacher_mask']}
+    out = {'ids': ids, 'labels': labels, 'pixels': v['pixels'], 'mask': v['mask'],
+           'teacher_mask': v['teacher_mask']}
+    if self.teacher_features:
+      try:
+        out['teacher'] = features_lib.load(
+            features_lib.feature_path(self.teacher_features, record['video']),
+            self.teacher_shape)
+      except features_lib.FeatureError as e:
+        return {'skip': 'missing_teacher_features', 'path': path, 'detail': str(e)[:200]}
+    else:
+      out['teacher_pixels'] = v['teacher_pixels']
+    return out
 
 
 def collate(samples: Sequence[Mapping], stab: StabConfig, max_len: int) -> dict:
@@ -126,9 +151,11 @@ def collate(samples: Sequence[Mapping], stab: StabConfig, max_len: int) -> dict:
   mask = np.stack([s['mask'] for s in samples])
   lay = layout_batch(ids, labels, am, mask, stab, max_len)
   teacher_mask = np.stack([s['teacher_mask'] for s in samples])
+  # Online teacher: its frames; cached: its features.
+  key = 'teacher' if 'teacher' in samples[0] else 'teacher_pixels'
   return dict(lay, pixels=np.stack([s['pixels'] for s in samples]), mask=mask,
-              teacher_pixels=np.stack([s['teacher_pixels'] for s in samples]),
-              teacher_valid=teacher_mask.reshape(b, mask.shape[1], -1).max(-1) > 0)
+              teacher_valid=teacher_mask.reshape(b, mask.shape[1], -1).max(-1) > 0,
+              **{key: np.stack([s[key] for s in samples])})
 
 
 class TrainIterator:

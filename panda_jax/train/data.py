@@ -36,7 +36,8 @@ def synthetic_data(config, workdir: str) -> tuple[str, str, str]:
   return os.path.join(root, name), root, os.path.join(root, 'tokenizer')
 
 
-def build_train_iterator(config, workdir: str) -> pipeline.TrainIterator:
+def data_paths(config, workdir: str) -> tuple[str, str, str]:
+  """(annotation file, video root, tokenizer directory) of the configured data set."""
   d = config.data
   if d.annotations:
     annotations, video_root, tok = d.annotations, d.video_root, d.tokenizer
@@ -48,9 +49,54 @@ def build_train_iterator(config, workdir: str) -> pipeline.TrainIterator:
   else:
     raise ValueError('no training data: set data.annotations, data.video_root and '
                      'data.tokenizer (or data.synthetic_videos for a synthetic run)')
+  return annotations, video_root, tok
+
+
+def teacher_features_dir(config, workdir: str) -> str:
+  """The cached teacher features of a `train.teacher=cached` run ('' for the online teacher).
+
+  `data.teacher_features` names them; a synthetic run without it extracts them once into
+  `workdir/cache/teacher_features` (the tiny teacher is initialised from the seed, so they
+  equal what the online teacher computes).
+  """
+  mode = config.train.teacher
+  if mode not in ('online', 'cached'):
+    raise ValueError(f'train.teacher={mode!r}; expected "online" (the teacher runs in the '
+                     'train step) or "cached" (features from panda_jax.teacher.extract)')
+  if mode == 'online':
+    return ''
+  from panda_jax.teacher import extract, features
+  path = config.data.teacher_features
+  if path:
+    manifest = features.read_manifest(path)
+    if not manifest.get('complete'):
+      logging.warning('teacher features in %s are incomplete (extraction did not finish): '
+                      'videos without features will be skipped', path)
+    return path
+  if config.data.annotations or config.data.synthetic_videos <= 0:
+    raise ValueError('train.teacher=cached needs data.teacher_features (a directory written '
+                     'by python -m panda_jax.teacher.extract)')
+  path = os.path.join(workdir, 'cache', 'teacher_features')
+  done = os.path.exists(os.path.join(path, features.MANIFEST)) and \
+      features.read_manifest(path).get('complete')
+  if not done:
+    logging.info('extracting the synthetic data set\'s teacher features into %s', path)
+    extract.extract(config, path, workdir, progress=False)
+  return path
+
+
+def build_train_iterator(config, workdir: str) -> pipeline.TrainIterator:
+  d = config.data
+  annotations, video_root, tok = data_paths(config, workdir)
+  features_dir = teacher_features_dir(config, workdir)
   records = pipeline.load_annotations(annotations)
   stab = config_lib.stab_config(config.model)
-  processor = pipeline.ProcessSample(video_root, tok, stab, d.frames, d.max_len)
+  processor = pipeline.ProcessSample(video_root, tok, stab, d.frames, d.max_len,
+                                     teacher_features=features_dir)
+  if features_dir and processor.teacher_shape[-1] != config.model.distill.teacher_hidden:
+    raise ValueError(f'teacher features in {features_dir} have width '
+                     f'{processor.teacher_shape[-1]}; model.distill.teacher_hidden is '
+                     f'{config.model.distill.teacher_hidden}')
   return pipeline.TrainIterator(records, processor, config.train.batch_size,
                                 seed=d.shuffle_seed, process_index=jax.process_index(),
                                 process_count=jax.process_count(),

@@ -43,7 +43,7 @@ class NonFiniteError(RuntimeError):
 
 def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Shapes and dtypes of a global training batch, from the config alone (teacher frames for
-  the online teacher)."""
+  the online teacher, teacher features for cached distillation)."""
   cfg = config_lib.panda_config(config.model)
   tc = config_lib.teacher_config(config.model)
   b, f, l = config.train.batch_size, config.data.frames, config.data.max_len
@@ -57,8 +57,17 @@ def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
       'valid': ((b, l), np.bool_), 'labels': ((b, l), np.int32),
       'patch_pos': ((b, f, st), np.int32), 'patch_valid': ((b, f, st), np.bool_),
       'teacher_cell': ((b, f, st), np.int32),
-      'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), np.float32),
-      'teacher_valid': ((b, f), np.bool_)}
+      'teacher_valid': ((b, f), np.bool_),
+      **({'teacher': ((b, f, st, tc.hidden), np.float32)} if cached(config) else
+         {'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), np.float32)})}
+
+
+def cached(config) -> bool:
+  """Whether the distillation targets come from cached features (else the online teacher)."""
+  mode = config.train.get('teacher', 'online')
+  if mode not in ('online', 'cached'):
+    raise ValueError(f'train.teacher={mode!r}; expected "online" or "cached"')
+  return mode == 'cached'
 
 
 def _global_batch(host: Mapping[str, np.ndarray], shardings) -> dict:
@@ -100,8 +109,7 @@ def create_teacher(config, mesh):
   from panda_jax.models.teacher import VideoTeacher
   tc = config_lib.teacher_config(config.model)
   teacher = VideoTeacher(tc, dtype=config_lib.dtype(config.model.dtype))
-  shape = batch_spec(config)['teacher_pixels'][0]
-  frames = np.zeros((1,) + shape[1:], np.float32)
+  frames = np.zeros((1, config.data.frames, tc.image_size, tc.image_size, 3), np.float32)
   params, sh = sharding.init_sharded(teacher.init, mesh, jax.random.PRNGKey(config.seed + 1),
                                      frames, rules=config_lib.rules(config))
   if config.init.teacher:
@@ -125,9 +133,9 @@ def create_state(config, mesh, model, rng):
   # Parameter shapes do not depend on the batch: initialise with one sample.
   spec = batch_spec(config)
   zeros = {k: np.zeros((1,) + s[1:], d) for k, (s, d) in spec.items()}
-  tp = zeros.pop('teacher_pixels')
-  zeros['teacher'] = np.zeros(tp.shape[:2] + (spec['patch_pos'][0][2],
-                                              config.model.distill.teacher_hidden), np.float32)
+  if zeros.pop('teacher_pixels', None) is not None:
+    zeros['teacher'] = np.zeros(zeros['patch_pos'].shape + (config.model.distill.teacher_hidden,),
+                                np.float32)
   init_rng, state_rng = jax.random.split(rng)
   variables, var_sh = sharding.init_sharded(model.init, mesh, init_rng, zeros,
                                             rules=config_lib.rules(config))
@@ -198,10 +206,13 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
   logging.info('%d trainable of %d parameters', n_train,
                sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.params)))
 
-  teacher, teacher_params, teacher_sh = create_teacher(config, mesh)
   spec = batch_spec(config)
   batch_sh = {k: sharding.batch_sharding(mesh, len(s), config_lib.rules(config))
               for k, (s, _) in spec.items()}
+  if cached(config):
+    teacher, teacher_params, teacher_sh = None, {}, {}
+  else:
+    teacher, teacher_params, teacher_sh = create_teacher(config, mesh)
   step_fn = jax.jit(
       make_train_step(model, labels, tx, schedules, config.train.accum_steps,
                       cfg.distill_weight, teacher=teacher),

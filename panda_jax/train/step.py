@@ -56,6 +56,17 @@ def batch_totals(batch: Mapping) -> dict:
           'frames': jnp.maximum(frames, 1).astype(jnp.float32)}
 
 
+def teacher_targets(teacher: nn.Module, params, frames: jax.Array) -> jax.Array:
+  """The frozen teacher's features of `frames` [B, F, H, W, 3]: no gradient reaches `params`.
+
+  The teacher sees every frame of a clip, padding frames of short videos included: its temporal
+  attention spans the whole clip, as in the reference, so dropping them would change the
+  features of the frames with content. The loss counts only frames with content
+  (`teacher_valid`).
+  """
+  return jax.lax.stop_gradient(teacher.apply({'params': params}, frames))
+
+
 def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.GradientTransformation,
                     schedules: Mapping[str, Callable], accum_steps: int = 1,
                     distill_weight: float = 1.0, teacher: nn.Module | None = None):
@@ -81,8 +92,7 @@ def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.Gradi
     batch = dict(batch)
     b = batch['labels'].shape[0]
     if teacher is not None:
-      feats = teacher.apply({'params': teacher_params}, batch.pop('teacher_pixels'))
-      batch['teacher'] = jax.lax.stop_gradient(feats)
+      batch['teacher'] = teacher_targets(teacher, teacher_params, batch.pop('teacher_pixels'))
     if b % accum_steps:
       raise ValueError(f'global batch {b} is not a multiple of accum_steps={accum_steps}')
     rng, step_rng = jax.random.split(state.rng)

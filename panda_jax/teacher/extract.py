@@ -1,0 +1,184 @@
+"""Runs the frozen teacher once over a data set and caches its features for training.
+
+  python -m panda_jax.teacher.extract --config=configs/stage2.py [--config.x=...] \\
+      [--out=DIR] [--workdir=DIR] [--batch_size=8] [--dtype=float32]
+
+Reads the same annotations, video root and teacher the training config names (`data.*`,
+`model.teacher`, `init.teacher`), decodes every distinct video once with the training
+sampler and preprocessing (Grain, host threads), runs the teacher on batches of videos
+sharded over this host's devices, and writes one feature file per video under `--out`
+(default: `data.teacher_features`) in the layout of `panda_jax.teacher.features`. Train on them
+with `--config.train.teacher=cached --config.data.teacher_features=DIR`.
+
+Resumable: videos whose feature file exists are skipped, so an interrupted run is restarted
+with the same command. Videos that cannot be decoded are counted, listed in `failures.json`
+and skipped (training skips them too). On a multi-host pod every host runs the command and
+extracts its own 1/process_count of the videos on its local devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+from panda_jax.teacher import features as features_lib
+
+
+def _local_mesh():
+  import jax
+  from jax.sharding import Mesh
+  from panda_jax.sharding import MESH_AXES
+  devices = np.array(jax.local_devices()).reshape(-1, 1, 1)
+  return Mesh(devices, MESH_AXES)
+
+
+def extract(config, out: str, workdir: str = '', batch_size: int = 0,
+            dtype: str = 'float32', progress: bool = True) -> dict:
+  """Writes the teacher features of every video of the configured data set under `out`.
+
+  Returns counts: `videos` (distinct videos of this host's share), `written`, `existing`
+  (skipped: already there), `failed` (undecodable).
+  """
+  import grain
+  import jax
+  from tqdm import tqdm
+
+  from panda_jax import config as config_lib
+  from panda_jax import sharding
+  from panda_jax.data import pipeline
+  from panda_jax.data.video import VideoDecodeError, load_video
+  from panda_jax.train.data import data_paths
+  from panda_jax.train.loop import create_teacher
+
+  if dtype not in features_lib.DTYPES:
+    raise ValueError(f'--dtype={dtype!r}; expected one of {features_lib.DTYPES}')
+  stab = config_lib.stab_config(config.model)
+  tc = config_lib.teacher_config(config.model)
+  frames = config.data.frames
+  if tc.grid != stab.lsd_grid:
+    raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
+                     f'student\'s {stab.lsd_grid}x{stab.lsd_grid} LSD grid')
+  annotations, video_root, _ = data_paths(config, workdir)
+  records = pipeline.load_annotations(annotations)
+  videos = sorted({r['video'] for r in records})[jax.process_index()::jax.process_count()]
+
+  manifest = {'frames': frames, 'grid': tc.grid, 'hidden': tc.hidden, 'dtype': dtype,
+              'teacher': config.model.teacher.to_dict(), 'teacher_init': config.init.teacher,
+              'annotations': os.path.abspath(annotations), 'complete': False}
+  if os.path.exists(os.path.join(out, features_lib.MANIFEST)):
+    old = features_lib.read_manifest(out)
+    features_lib.check_manifest(old, frames, tc.grid, tc.hidden, out)
+    if old.get('teacher') != manifest['teacher'] or \
+        old.get('teacher_init') != manifest['teacher_init']:
+      raise features_lib.FeatureError(
+          f'{out} holds features of another teacher ({old.get("teacher_init")!r}, '
+          f'{old.get("teacher")}); use a new --out')
+  if jax.process_index() == 0:
+    features_lib.write_manifest(out, manifest)
+
+  todo = [v for v in videos
+          if not os.path.exists(features_lib.feature_path(out, v))]
+  stats = {'videos': len(videos), 'existing': len(videos) - len(todo), 'written': 0,
+           'failed': 0}
+  failures = []
+  mesh = _local_mesh()
+  n_dev = mesh.devices.size
+  batch = batch_size or max(n_dev, 8 // n_dev * n_dev)
+  if batch % n_dev:
+    raise ValueError(f'--batch_size={batch} is not a multiple of the {n_dev} local devices')
+  if todo:
+    teacher, params, _ = create_teacher(config, mesh)
+    batch_sh = sharding.batch_sharding(mesh, 5)
+    run = jax.jit(lambda p, x: teacher.apply({'params': p}, x))
+
+    def decode(video):
+      try:
+        v = load_video(os.path.join(video_root, video), num=frames, size=stab.image_size,
+                       teacher_size=tc.image_size, patch=stab.patch_size)
+        return video, v['teacher_pixels'], None
+      except VideoDecodeError as e:
+        return video, None, e.reason
+
+    ds = grain.MapDataset.source(todo).map(decode).to_iter_dataset()
+    shape = (batch, frames, tc.image_size, tc.image_size, 3)
+    bar = tqdm(total=len(todo), desc='teacher features', unit='video', disable=not progress,
+               file=sys.stderr)
+    t0 = time.perf_counter()
+    pending: list = []
+
+    def flush():
+      x = np.zeros(shape, np.float32)
+      for i, (_, px) in enumerate(pending):
+        x[i] = px
+      feats = np.asarray(jax.device_get(run(params, jax.device_put(x, batch_sh))))
+      for i, (video, _) in enumerate(pending):
+        features_lib.save(features_lib.feature_path(out, video), feats[i], dtype)
+      stats['written'] += len(pending)
+      bar.update(len(pending))
+      pending.clear()
+
+    with jax.set_mesh(mesh):
+      for video, px, err in ds:
+        if err is not None:
+          failures.append({'video': video, 'path': os.path.join(video_root, video),
+                           'reason': err})
+          stats['failed'] += 1
+          logging.warning('teacher features: skipped %s: %s', video, err)
+          bar.update(1)
+          continue
+        pending.append((video, px))
+        if len(pending) == batch:
+          flush()
+      if pending:
+        flush()
+    bar.close()
+    dt = time.perf_counter() - t0
+    logging.info('teacher features: %d written in %.1fs (%.2f videos/s), %d failed',
+                 stats['written'], dt, stats['written'] / max(dt, 1e-9), stats['failed'])
+  name = features_lib.FAILURES if jax.process_count() == 1 else \
+      f'{features_lib.FAILURES}.{jax.process_index()}'
+  import json
+  with open(os.path.join(out, name), 'w') as f:
+    json.dump(failures, f, indent=1)
+  if jax.process_index() == 0 and jax.process_count() == 1:
+    features_lib.write_manifest(out, dict(manifest, complete=True, failed=stats['failed']))
+  return stats
+
+
+def main(argv):
+  from absl import app, flags
+  del argv
+  cfg = flags.FLAGS.config
+  if cfg is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/stage2.py')
+  out = flags.FLAGS.out or cfg.data.teacher_features
+  if not out:
+    raise app.UsageError('say where the features go: --out=DIR or '
+                         '--config.data.teacher_features=DIR')
+  if flags.FLAGS.multihost:
+    import jax
+    jax.distributed.initialize()
+  stats = extract(cfg, out, flags.FLAGS.workdir or '', flags.FLAGS.batch_size,
+                  flags.FLAGS.dtype)
+  print(f'teacher features in {out}: {stats["videos"]} videos, {stats["written"]} written, '
+        f'{stats["existing"]} already there, {stats["failed"]} undecodable '
+        f'(listed in {os.path.join(out, features_lib.FAILURES)})')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'Training config (configs/X.py[:arg]).',
+                                  lock_config=True)
+  flags.DEFINE_string('out', '', 'Features directory (default: data.teacher_features).')
+  flags.DEFINE_string('workdir', '', 'Workdir of a synthetic (:tiny) run, whose generated '
+                      'data set lives under it.')
+  flags.DEFINE_integer('batch_size', 0, 'Videos per teacher call (default: 8, rounded to the '
+                       'local device count).')
+  flags.DEFINE_enum('dtype', 'float32', list(features_lib.DTYPES), 'Storage dtype.')
+  flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first.')
+  app.run(main)

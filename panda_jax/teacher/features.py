@@ -1,0 +1,96 @@
+"""Cached teacher features on disk: one `.npy` file per video, mirroring the video tree.
+
+Layout of a features directory (written by `python -m panda_jax.teacher.extract`):
+
+  <dir>/features.json            manifest: frames per video, the teacher's config, patch grid,
+                                 hidden size, storage dtype, and `complete` once a pass over
+                                 the whole data set has finished
+  <dir>/<video relpath>.npy      [frames, grid * grid, hidden] patch features of that video's
+                                 teacher frames (the frames the sampler picks, padding frames
+                                 of short videos included), float32 or float16
+  <dir>/failures.json            videos the last pass could not decode (path, reason)
+
+Files are written to a temporary name and renamed, so a file that exists is complete: an
+interrupted extraction resumes by skipping the videos whose file exists. Reading needs numpy
+only (no JAX, no TensorFlow), so Grain workers load features cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+MANIFEST = 'features.json'
+FAILURES = 'failures.json'
+DTYPES = ('float32', 'float16')
+
+
+class FeatureError(ValueError):
+  """A features directory that does not match the run (frames, teacher, sizes)."""
+
+
+def feature_path(root: str, video: str) -> str:
+  """Where the features of `video` (a path relative to the video root) live under `root`."""
+  rel = os.path.normpath(video)
+  if os.path.isabs(rel) or rel == '..' or rel.startswith('..' + os.sep):
+    raise FeatureError(f'video path {video!r} must be relative to the video root and stay '
+                       'inside it')
+  return os.path.join(root, rel + '.npy')
+
+
+def write_manifest(root: str, manifest: Mapping[str, Any]) -> None:
+  os.makedirs(root, exist_ok=True)
+  tmp = os.path.join(root, MANIFEST + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(dict(manifest), f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(root, MANIFEST))
+
+
+def read_manifest(root: str) -> dict:
+  path = os.path.join(root, MANIFEST)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FeatureError(f'{root} holds no teacher features ({MANIFEST} is missing); write them '
+                       'with python -m panda_jax.teacher.extract') from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise FeatureError(f'{path}: unreadable manifest: {e}') from None
+
+
+def check_manifest(manifest: Mapping[str, Any], frames: int, grid: int, hidden: int,
+                   root: str = '') -> None:
+  """Raises FeatureError naming every field that disagrees with the run."""
+  want = {'frames': frames, 'grid': grid, 'hidden': hidden}
+  bad = [f'{k}={manifest.get(k)!r} (the run needs {v})' for k, v in want.items()
+         if manifest.get(k) != v]
+  if bad:
+    raise FeatureError(f'teacher features in {root or "the directory"} were extracted for a '
+                       f'different setting: {", ".join(bad)}')
+
+
+def save(path: str, features: np.ndarray, dtype: str = 'float32') -> None:
+  """Writes one video's features atomically (temporary file + rename)."""
+  if dtype not in DTYPES:
+    raise FeatureError(f'feature dtype {dtype!r}; expected one of {DTYPES}')
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  tmp = path + f'.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    np.save(f, np.asarray(features, dtype))
+  os.replace(tmp, path)
+
+
+def load(path: str, shape: tuple[int, ...]) -> np.ndarray:
+  """One video's features as float32; FeatureError if missing, unreadable or misshaped."""
+  try:
+    a = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise FeatureError(f'{path}: no cached teacher features for this video') from None
+  except (OSError, ValueError) as e:
+    raise FeatureError(f'{path}: unreadable teacher features: {e}') from None
+  if a.shape != tuple(shape):
+    raise FeatureError(f'{path}: teacher features of shape {a.shape}; expected {tuple(shape)}')
+  return a.astype(np.float32)

@@ -1,0 +1,188 @@
+"""Cached teacher features: extraction (CLI, resume, failures), reading them in the pipeline,
+training on them equals training with the online teacher, and the teacher never learns."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from panda_jax import config as config_lib
+from panda_jax.data import pipeline, synthetic
+from panda_jax.teacher import extract, features
+from panda_jax.train.data import build_train_iterator, synthetic_data
+from panda_jax.train.loop import create_teacher, train
+from panda_jax.train.step import teacher_targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data, **train_fields):
+  c = config_lib.train_config(2, 'tiny')
+  c.data.annotations = str(data['annotations'])
+  c.data.video_root = str(data['root'])
+  c.data.tokenizer = str(data['root'] / 'tokenizer')
+  c.model.stab.dropout = 0.0
+  c.mesh.data, c.mesh.tensor = 4, 2       # the 8 fake devices of conftest
+  for k, v in train_fields.items():
+    setattr(c.train, k, v)
+  return c
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  """Synthetic captions for 8 videos plus one entry whose video is corrupt."""
+  work = tmp_path_factory.mktemp('teacher_cache')
+  c = config_lib.train_config(2, 'tiny')
+  c.data.synthetic_videos = 8
+  captions, root, _ = synthetic_data(c, str(work))
+  root = work / 'cache' / 'synthetic'
+  broken = synthetic.write_broken_files(str(root / 'broken'))
+  entries = json.load(open(captions))
+  bad = dict(entries[0], id='broken', video=os.path.relpath(broken['corrupt'], root))
+  annotations = work / 'with_broken.json'
+  json.dump(entries + [bad], open(annotations, 'w'))
+  return {'root': root, 'annotations': annotations, 'clean': captions,
+          'videos': sorted({e['video'] for e in entries}), 'bad': bad['video']}
+
+
+@pytest.fixture(scope='module')
+def extracted(data, tmp_path_factory):
+  """Features written by the command-line tool (one process, one device)."""
+  out = tmp_path_factory.mktemp('features')
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  args = [sys.executable, '-m', 'panda_jax.teacher.extract', '--config=configs/stage2.py:tiny',
+          f'--config.data.annotations={data["annotations"]}',
+          f'--config.data.video_root={data["root"]}',
+          f'--config.data.tokenizer={data["root"] / "tokenizer"}', f'--out={out}',
+          '--batch_size=4']
+  run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return {'out': out, 'stdout': run.stdout, 'stderr': run.stderr}
+
+
+def test_cli_writes_every_decodable_video_and_lists_failures(data, extracted):
+  out = extracted['out']
+  n = len(data['videos'])
+  assert f'{n + 1} videos, {n} written, 0 already there, 1 undecodable' in extracted['stdout']
+  manifest = features.read_manifest(str(out))
+  tc = config_lib.teacher_config(config_lib.model_config('tiny'))
+  assert manifest['complete'] and manifest['frames'] == 4
+  assert (manifest['grid'], manifest['hidden']) == (tc.grid, tc.hidden)
+  for v in data['videos']:
+    a = np.load(features.feature_path(str(out), v))
+    assert a.shape == (4, tc.grid ** 2, tc.hidden) and np.isfinite(a).all()
+  failures = json.load(open(out / features.FAILURES))
+  assert [f['video'] for f in failures] == [data['bad']] and failures[0]['reason']
+  assert not os.path.exists(features.feature_path(str(out), data['bad']))
+  assert 'teacher features' in extracted['stderr']          # the progress bar
+
+
+def test_features_are_the_teachers_output_on_the_training_frames(data, extracted):
+  from panda_jax.data.video import load_video
+  c = _config(data)
+  tc = config_lib.teacher_config(c.model)
+  mesh = extract._local_mesh()
+  teacher, params, _ = create_teacher(c, mesh)
+  v = data['videos'][3]
+  px = load_video(os.path.join(data['root'], v), num=4, size=112, teacher_size=tc.image_size,
+                  patch=14)['teacher_pixels']
+  want = np.asarray(teacher.apply({'params': params}, px[None]))[0]
+  got = np.load(features.feature_path(str(extracted['out']), v))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_extraction_resumes_where_it_stopped(data, extracted, tmp_path):
+  out = tmp_path / 'features'
+  shutil.copytree(extracted['out'], out)
+  gone = features.feature_path(str(out), data['videos'][5])
+  kept = features.feature_path(str(out), data['videos'][0])
+  before = np.load(gone)
+  os.remove(gone)
+  os.utime(kept, (1, 1))                       # an old mtime: a rewrite would change it
+  stats = extract.extract(_config(data), str(out), progress=False, batch_size=8)
+  n = len(data['videos'])
+  assert stats == {'videos': n + 1, 'existing': n - 1, 'written': 1, 'failed': 1}
+  assert os.stat(kept).st_mtime == 1
+  np.testing.assert_allclose(np.load(gone), before, rtol=1e-5, atol=1e-5)
+  # Another teacher must not write into these features.
+  other = _config(data)
+  other.model.teacher.layers = 2
+  other.model.teacher.select_layer = -1
+  with pytest.raises(features.FeatureError, match='another teacher'):
+    extract.extract(other, str(out), progress=False)
+
+
+def test_pipeline_reads_features_and_skips_videos_without_them(data, extracted, tmp_path):
+  out = tmp_path / 'features'
+  shutil.copytree(extracted['out'], out)
+  os.remove(features.feature_path(str(out), data['videos'][2]))
+  c = _config(data)
+  stab = config_lib.stab_config(c.model)
+  proc = pipeline.ProcessSample(str(data['root']), c.data.tokenizer, stab, 4, 512,
+                                teacher_features=str(out))
+  records = pipeline.load_annotations(str(data['clean']))
+  by_video = {r['video']: r for r in records}
+  s = proc(by_video[data['videos'][1]])
+  assert 'teacher_pixels' not in s
+  np.testing.assert_array_equal(
+      s['teacher'], np.load(features.feature_path(str(out), data['videos'][1])))
+  skip = proc(by_video[data['videos'][2]])
+  assert skip['skip'] == 'missing_teacher_features' and 'no cached' in skip['detail']
+  with pytest.raises(features.FeatureError, match='frames=4 .the run needs 8'):
+    pipeline.ProcessSample(str(data['root']), c.data.tokenizer, stab, 8, 512,
+                           teacher_features=str(out))
+  with pytest.raises(features.FeatureError, match='relative to the video root'):
+    features.feature_path(str(out), '../outside.mp4')
+
+
+def test_teacher_targets_carry_no_gradient_to_the_teacher():
+  import dataclasses
+  from panda_jax.models.teacher import VideoTeacher
+  tc = dataclasses.replace(config_lib.teacher_config(config_lib.model_config('tiny')),
+                           layers=2, select_layer=-1)
+  teacher = VideoTeacher(tc)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, tc.image_size, tc.image_size, 3))
+  params = teacher.init(jax.random.PRNGKey(1), x)['params']
+  loss = lambda p, f: jnp.sum(f(p) ** 2)
+  g = jax.grad(loss)(params, lambda p: teacher_targets(teacher, p, x))
+  assert all(not np.any(np.asarray(a)) for a in jax.tree.leaves(g))
+  # The same loss without the stop reaches the teacher: the check above can fail.
+  g = jax.grad(loss)(params, lambda p: teacher.apply({'params': p}, x))
+  assert any(np.any(np.asarray(a)) for a in jax.tree.leaves(g))
+
+
+@pytest.mark.slow
+def test_cached_features_train_exactly_like_the_online_teacher(data, extracted, tmp_path):
+  """A cached-feature training run's first loss equals the loss of the same model on the same
+  batch with the online teacher's targets (from the same teacher parameters)."""
+  import flax.linen as nn
+  from panda_jax import sharding
+  from panda_jax.models.panda import VideoPanda
+  from panda_jax.train import loop
+  c = _config(data, steps=2, log_every=1, save_every=2, teacher='cached')
+  c.data.annotations = str(data['clean'])
+  c.data.teacher_features = str(extracted['out'])
+  cached = train(c, str(tmp_path / 'cached'), build_train_iterator(c, str(tmp_path / 'cached')))
+  assert cached['step'] == 2 and np.isfinite(cached['loss'])
+
+  online = _config(data, steps=2, teacher='online')
+  online.data.annotations = str(data['clean'])
+  batch = next(build_train_iterator(online, str(tmp_path / 'online')))
+  assert 'teacher_pixels' in batch and 'teacher' not in batch
+  mesh = sharding.make_mesh(online.mesh.to_dict())
+  cfg = config_lib.panda_config(online.model)
+  model = VideoPanda(cfg)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config_lib.rules(online)):
+    state = loop.create_state(online, mesh, model, jax.random.PRNGKey(online.seed))[0]
+    teacher, tparams, _ = create_teacher(online, mesh)
+    batch['teacher'] = teacher_targets(teacher, tparams, batch.pop('teacher_pixels'))
+    out, _ = jax.jit(lambda v, b: model.apply(v, b, train=True, mutable=['batch_stats']))(
+        {'params': state.params, 'batch_stats': state.batch_stats}, batch)
+  np.testing.assert_allclose(cached['first_loss'], float(out['loss']), rtol=2e-5)
+  assert float(out['distill']) > 0
