@@ -34,6 +34,17 @@ MODEL_SIZES = {
 }
 
 
+# Distillation teachers by name (`configs/stageN.py:teacher=clip`): the fields each sets in
+# `model.teacher`. Another teacher is a new entry here (plus a module and a converter when its
+# architecture differs).
+TEACHERS = {
+    # LanguageBind_Video_merge: CLIP ViT-L/14 + temporal attention, exact GELU (the paper's).
+    'languagebind_video': dict(temporal=True, activation='gelu'),
+    # OpenAI CLIP ViT-L/14 image tower, frame by frame (paper Table 10 ablation).
+    'clip': dict(temporal=False, activation='quick_gelu'),
+}
+
+
 def model_config(size: str = '7b') -> ml_collections.ConfigDict:
   """The model section of a config for a named size."""
   if size not in MODEL_SIZES:
@@ -46,6 +57,7 @@ def model_config(size: str = '7b') -> ml_collections.ConfigDict:
   teacher = dataclasses.asdict(TeacherConfig(**spec['teacher']))
   return ml_collections.ConfigDict(dict(
       size=size, stab=stab, llm=llm, distill=distill, distill_weight=1.0, teacher=teacher,
+      teacher_name='languagebind_video',
       llm_hidden=llm['hidden'], llm_layers=llm['layers'], dtype='float32',
       param_dtype='float32'))
 
@@ -62,9 +74,25 @@ def panda_config(model: ml_collections.ConfigDict) -> PandaConfig:
   return cfg
 
 
+def set_teacher(model: ml_collections.ConfigDict, name: str) -> None:
+  """Makes `model` distill from the named teacher (see TEACHERS)."""
+  if name not in TEACHERS:
+    raise ValueError(f'teacher {name!r}; expected one of {sorted(TEACHERS)}')
+  model.teacher_name = name
+  for k, v in TEACHERS[name].items():
+    setattr(model.teacher, k, v)
+
+
 def teacher_config(model: ml_collections.ConfigDict) -> TeacherConfig:
   cfg = TeacherConfig(**model.teacher.to_dict())
   cfg.validate()
+  name = model.get('teacher_name', 'languagebind_video')
+  if name not in TEACHERS:
+    raise ValueError(f'model.teacher_name={name!r}; expected one of {sorted(TEACHERS)}')
+  clash = {k: v for k, v in TEACHERS[name].items() if getattr(cfg, k) != v}
+  if clash:
+    raise ValueError(f'model.teacher_name={name!r} needs model.teacher fields {clash}; the '
+                     f'config has {({k: getattr(cfg, k) for k in clash})}')
   if cfg.hidden != model.distill.teacher_hidden:
     raise ValueError(f'model.teacher.hidden={cfg.hidden} differs from '
                      f'model.distill.teacher_hidden={model.distill.teacher_hidden}')
@@ -125,18 +153,29 @@ STAGES = {
 
 
 def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
-  """The config of one training stage; `arg='tiny'` is the CPU-sized variant."""
+  """The config of one training stage.
+
+  `arg` is a comma-separated list of options: `tiny` (the CPU-sized variant) and
+  `teacher=NAME` (a teacher of TEACHERS), e.g. `configs/stage2.py:tiny,teacher=clip`.
+  """
   if stage not in STAGES:
     raise ValueError(f'stage {stage}; expected 1, 2 or 3')
-  tiny = arg == 'tiny'
-  if arg not in ('', 'tiny'):
-    raise ValueError(f'config argument {arg!r}; expected nothing or "tiny"')
+  options = [o for o in arg.split(',') if o]
+  tiny = 'tiny' in options
+  teacher = 'languagebind_video'
+  for o in options:
+    if o.startswith('teacher='):
+      teacher = o[len('teacher='):]
+    elif o != 'tiny':
+      raise ValueError(f'config argument {arg!r}: unknown option {o!r}; expected "tiny" '
+                       f'and/or "teacher=NAME" with NAME in {sorted(TEACHERS)}')
   st = STAGES[stage]
   c = ml_collections.ConfigDict()
   c.mode = 'train'
   c.stage = stage
   c.seed = 0
   c.model = model_config('tiny' if tiny else '7b')
+  set_teacher(c.model, teacher)
   if not tiny:
     c.model.dtype = 'bfloat16'
     c.model.llm.remat = 'full'

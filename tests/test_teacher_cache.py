@@ -186,3 +186,25 @@ def test_cached_features_train_exactly_like_the_online_teacher(data, extracted, 
         {'params': state.params, 'batch_stats': state.batch_stats}, batch)
   np.testing.assert_allclose(cached['first_loss'], float(out['loss']), rtol=2e-5)
   assert float(out['distill']) > 0
+
+
+def test_teachers_are_named_by_config():
+  lb = config_lib.teacher_config(config_lib.train_config(2, 'tiny').model)
+  assert lb.temporal and lb.activation == 'gelu'
+  c = config_lib.train_config(2, 'tiny,teacher=clip')
+  clip = config_lib.teacher_config(c.model)
+  assert not clip.temporal and clip.activation == 'quick_gelu'
+  assert (clip.hidden, clip.layers) == (lb.hidden, lb.layers)
+  from panda_jax.models.teacher import VideoTeacher
+  x = jnp.zeros((1, 4, clip.image_size, clip.image_size, 3))
+  shapes = jax.eval_shape(VideoTeacher(clip).init, jax.random.PRNGKey(0), x)['params']
+  assert 'temporal_attn' not in str(jax.tree_util.tree_structure(shapes))
+  assert 'temporal_attn' in str(jax.tree_util.tree_structure(
+      jax.eval_shape(VideoTeacher(lb).init, jax.random.PRNGKey(0), x)['params']))
+  with pytest.raises(ValueError, match="unknown option 'big'"):
+    config_lib.train_config(2, 'tiny,big')
+  with pytest.raises(ValueError, match="teacher 'dino'; expected one of"):
+    config_lib.train_config(2, 'teacher=dino')
+  c.model.teacher.temporal = True        # contradicts the name
+  with pytest.raises(ValueError, match="teacher_name='clip' needs"):
+    config_lib.teacher_config(c.model)
