@@ -19,16 +19,22 @@ and times, median of --runs, runs of the variants interleaved:
       = naive / ours.
   videos_per_s_per_worker: complete samples (`load_video`) per second in this process over
   the two clips alternately, 2 / (short + long).
+  (c) packed ArrayRecord shards: both clips packed once (`panda_jax.data.packing`, the same
+      8 sampled frames, PNG and JPEG quality 95) and read back as training does: a random-
+      access read from the tfds data source, the stored images decoded, then the same
+      preprocessing as `load_video` (`preprocess_frames`) -> packed_videos_per_s_per_worker
+      (PNG, bit-identical to the raw path) on the same alternation.
 
 Decoding is single-threaded (--threads 1, like the reference's decord `num_threads=1`) in
 every variant, so a worker is one core. Run from the repo root:
   python benchmarks/data.py
   python benchmarks/data.py --runs 3 --short_seconds 2 --long_seconds 6   # quick
 The last line is `RESULT videos_per_s_per_worker=<x> long_clip_speedup_vs_naive=<y>
-short_clip_overhead_vs_decode=<z>`.
+short_clip_overhead_vs_decode=<z> packed_videos_per_s_per_worker=<w>`.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -39,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
-from panda_jax.data import synthetic  # noqa: E402
-from panda_jax.data.video import decode_frames, load_video  # noqa: E402
+from panda_jax.data import packing, synthetic  # noqa: E402
+from panda_jax.data.video import decode_frames, load_video, preprocess_frames  # noqa: E402
 
 
 def make_clip(workdir, name, width, height, fps, seconds, gop, noise, codec, seed):
@@ -78,6 +84,31 @@ def decode_all(path, threads):
     for _ in c.decode(s):
       n += 1
   return n
+
+
+def pack_clips(workdir, clips, frame_format):
+  """Packs the clips (once, cached per clip pair) as a training set; returns the data source."""
+  tag = '_'.join(os.path.splitext(os.path.basename(c))[0] for c in clips)
+  manual = os.path.join(workdir, 'packed', tag, 'manual')
+  data_dir = os.path.join(workdir, 'packed', tag)
+  name = packing.packed_config('valley', 8, frame_format).name
+  if not os.path.isdir(os.path.join(data_dir, packing.NAME, name)):
+    os.makedirs(os.path.join(manual, 'valley'), exist_ok=True)
+    entries = [{'id': f'clip{i}', 'video': os.path.abspath(c), 'conversations': [
+        {'from': 'human', 'value': '<video>\nDescribe the video.'},
+        {'from': 'gpt', 'value': 'Shapes move.'}]} for i, c in enumerate(clips)]
+    with open(os.path.join(manual, 'valley', 'annotations.json'), 'w') as f:
+      json.dump(entries, f)
+    t0 = time.perf_counter()
+    packing.build(manual, data_dir, 'valley', frames=8, frame_format=frame_format)
+    print(f'  packed the clips ({frame_format}) in {time.perf_counter() - t0:.1f} s')
+  return packing.open_packed(data_dir, name)
+
+
+def read_packed(source, i):
+  """One sample from packed shards, as `PackedProcessSample` makes it (without the text)."""
+  frames = packing.decode_images(source[i]['frames'])
+  return preprocess_frames(frames, num=8, size=448, teacher_size=224, patch=14)
 
 
 def timed(fn):
@@ -164,6 +195,17 @@ def main():
   print('("decoded" = frames output by the decoder; with seeking, unwanted non-reference '
         'frames are dropped inside the decoder and not counted)')
 
+  sources = {fmt: pack_clips(args.workdir, [short, long], fmt) for fmt in packing.FRAME_FORMATS}
+  t_packed, _ = bench({f'{fmt}_{clip}': (lambda s=sources[fmt], i=i: read_packed(s, i))
+                       for fmt in packing.FRAME_FORMATS
+                       for i, clip in enumerate(('short', 'long'))}, args.runs)
+  for fmt, src in sources.items():
+    for i, clip in enumerate(('short', 'long')):
+      size = sum(len(f) for f in src[i]['frames'])
+      row(clip, f'packed {fmt} ({size / 2**20:.1f} MiB): images + preprocess',
+          t_packed[f'{fmt}_{clip}'], 8)
+  print('(packed: "decoded" = images decoded; PNG is lossless, JPEG quality 95 is not)')
+
   z = t_short['load_video'] / t_short['decode_all']
   y = t_long['naive'] / t_long['ours']
   vps = 2 / (t_short['load_video'] + t_long['load_video'])
@@ -173,10 +215,17 @@ def main():
   print(f'samples/s per worker (raw videos, load_video, short and long alternately): '
         f'{vps:.2f}  [short {1 / t_short["load_video"]:.2f}/s, long '
         f'{1 / t_long["load_video"]:.2f}/s]')
-  print('note: packed ArrayRecord shards are not built yet; these numbers are for decoding '
-        'raw video files.')
+  pvps = {fmt: 2 / (t_packed[f'{fmt}_short'] + t_packed[f'{fmt}_long'])
+          for fmt in packing.FRAME_FORMATS}
+  print()
+  print(f'{"samples/s per worker":<34} {"short":>8} {"long":>8} {"both":>8} {"vs raw":>8}')
+  print(f'{"raw videos (load_video)":<34} {1 / t_short["load_video"]:>8.2f} '
+        f'{1 / t_long["load_video"]:>8.2f} {vps:>8.2f} {1:>8.2f}')
+  for fmt in packing.FRAME_FORMATS:
+    print(f'{"packed ArrayRecord, " + fmt:<34} {1 / t_packed[fmt + "_short"]:>8.2f} '
+          f'{1 / t_packed[fmt + "_long"]:>8.2f} {pvps[fmt]:>8.2f} {pvps[fmt] / vps:>8.2f}')
   print(f'RESULT videos_per_s_per_worker={vps:.2f} long_clip_speedup_vs_naive={y:.2f} '
-        f'short_clip_overhead_vs_decode={z:.3f}')
+        f'short_clip_overhead_vs_decode={z:.3f} packed_videos_per_s_per_worker={pvps["png"]:.2f}')
 
 
 if __name__ == '__main__':
