@@ -160,7 +160,8 @@ def abstract_inputs(config, mesh):
 
   # Teacher: as create_teacher.
   tc = config_lib.teacher_config(config.model)
-  teacher = VideoTeacher(tc, dtype=config_lib.dtype(config.model.dtype))
+  dt = config_lib.dtype(config.model.dtype)
+  teacher = VideoTeacher(tc, dtype=dt, param_dtype=dt)
   t_boxed = jax.eval_shape(teacher.init, key, jax.ShapeDtypeStruct((1,) + tp.shape[1:],
                                                                    np.float32))
   t_sh = sharding.logical_shardings(t_boxed, mesh, rules)['params']

@@ -179,6 +179,7 @@ def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
   if not tiny:
     c.model.dtype = 'bfloat16'
     c.model.llm.remat = 'full'
+    c.model.llm.attention_chunk = 512
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = ml_collections.config_dict.placeholder(list)
   c.optim = ml_collections.ConfigDict(dict(

@@ -48,6 +48,11 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   max_positions: int = 4096
   remat: str = 'none'
+  # Query-block attention: > 0 computes attention for blocks of this many queries at a time,
+  # each block rematerialised in the backward pass, so the [heads, T, S] score matrix never
+  # exists whole (exact: every block's softmax spans all keys). Used when T is a multiple of
+  # it and larger; 0 = one block.
+  attention_chunk: int = 0
   # Stack layers with nn.scan (one compiled layer; the training layout). False keeps one
   # module per layer (`layers_0`, ...), which decodes faster on CPU where scan copies each
   # layer's weights every step; `unstack_layers` / `stack_layers` convert parameters.
@@ -58,6 +63,8 @@ class LlamaConfig:
       raise ValueError(f'heads={self.heads} is not a multiple of kv_heads={self.kv_heads}')
     if self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
+    if self.attention_chunk < 0:
+      raise ValueError(f'attention_chunk={self.attention_chunk} must be >= 0 (0 = off)')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}')
 
@@ -101,6 +108,29 @@ def attention_mask(q_slots: jax.Array, k_slots: jax.Array, k_valid: jax.Array) -
   return k_valid[:, None, :] & (k_slots[:, None, :] <= q_slots[:, :, None])
 
 
+def _attend(qg, keys, values, q_slots, k_slots, k_valid, dtype):
+  """Softmax attention of grouped queries qg [B, T, K, G, D] over keys/values [B, S, K, D]."""
+  mask = attention_mask(q_slots, k_slots, k_valid)
+  scores = jnp.einsum('btkgd,bskd->bkgts', qg, keys, preferred_element_type=jnp.float32)
+  scores = scores * qg.shape[-1] ** -0.5
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  return jnp.einsum('bkgts,bskd->btkgd', probs, values)
+
+
+def chunked_attention(qg, keys, values, q_slots, k_slots, k_valid, dtype, chunk: int):
+  """`_attend` over blocks of `chunk` queries (T a multiple of it), one block at a time; each
+  block is recomputed in the backward pass, so only one block's scores are ever live."""
+  b, t = qg.shape[:2]
+  n = t // chunk
+  blocks = qg.reshape((b, n, chunk) + qg.shape[2:]).swapaxes(0, 1)
+  slots = q_slots.reshape(b, n, chunk).swapaxes(0, 1)
+  one = jax.checkpoint(lambda q, sl: _attend(q, keys, values, sl, k_slots, k_valid, dtype),
+                       prevent_cse=False)
+  out = jax.lax.map(lambda xs: one(*xs), (blocks, slots))        # [n, B, chunk, K, G, D]
+  return out.swapaxes(0, 1).reshape(qg.shape[:4] + values.shape[-1:])
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
   dtype: Dtype = jnp.float32
@@ -122,19 +152,18 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', None))
     if cache is None:
       keys, values = kk, vv
-      mask = attention_mask(slots, slots, valid)
+      k_slots, k_valid = slots, valid
     else:
       b = jnp.arange(x.shape[0])[:, None]
       keys = cache['k'].at[b, slots].set(kk.astype(cache['k'].dtype))
       values = cache['v'].at[b, slots].set(vv.astype(cache['v'].dtype))
-      mask = attention_mask(slots, cache['slots'], cache['valid'])
+      k_slots, k_valid = cache['slots'], cache['valid']
     b_, t, _, _ = q.shape
     qg = q.reshape(b_, t, k, h // k, d)
-    scores = jnp.einsum('btkgd,bskd->bkgts', qg, keys.astype(self.dtype),
-                        preferred_element_type=jnp.float32) * d ** -0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', probs, values.astype(self.dtype))
+    args = (qg, keys.astype(self.dtype), values.astype(self.dtype), slots, k_slots, k_valid,
+            self.dtype)
+    c = cfg.attention_chunk
+    out = chunked_attention(*args, chunk=c) if 0 < c < t and t % c == 0 else _attend(*args)
     out = out.reshape(b_, t, h, d)
     y = Dense(cfg.hidden, ('heads', 'kv'), ('embed',), use_bias=False, name='o', **kw)(out)
     return y, (keys, values)

@@ -51,15 +51,18 @@ def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
   if tc.grid ** 2 != st:
     raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
                      f'student\'s {cfg.stab.lsd_grid}x{cfg.stab.lsd_grid} LSD grid')
+  # Frames travel in the compute dtype (the STAB and the teacher cast them to it first thing,
+  # so bfloat16 frames change no result and halve the batch) and the 0/1 mask as uint8.
+  px = np.dtype(config_lib.dtype(config.model.dtype))
   return {
-      'pixels': ((b, f, s, s, 3), np.float32), 'mask': ((b, f, s, s), np.float32),
+      'pixels': ((b, f, s, s, 3), px), 'mask': ((b, f, s, s), np.uint8),
       'text_ids': ((b, l), np.int32), 'visual_index': ((b, l), np.int32),
       'valid': ((b, l), np.bool_), 'labels': ((b, l), np.int32),
       'patch_pos': ((b, f, st), np.int32), 'patch_valid': ((b, f, st), np.bool_),
       'teacher_cell': ((b, f, st), np.int32),
       'teacher_valid': ((b, f), np.bool_),
       **({'teacher': ((b, f, st, tc.hidden), np.float32)} if cached(config) else
-         {'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), np.float32)})}
+         {'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), px)})}
 
 
 def cached(config) -> bool:
@@ -70,13 +73,15 @@ def cached(config) -> bool:
   return mode == 'cached'
 
 
-def _global_batch(host: Mapping[str, np.ndarray], shardings) -> dict:
+def _global_batch(host: Mapping[str, np.ndarray], shardings, spec=None) -> dict:
   """This process's share of the batch -> global arrays laid out by `shardings` (extra host
-  fields, such as layout diagnostics, stay on the host)."""
+  fields, such as layout diagnostics, stay on the host), cast to the dtypes of `spec`
+  (`batch_spec`) when given."""
   missing = sorted(set(shardings) - set(host))
   if missing:
     raise KeyError(f'the data pipeline\'s batch lacks {missing}')
-  return {k: jax.make_array_from_process_local_data(s, np.asarray(host[k]))
+  cast = lambda k, a: a if spec is None else a.astype(spec[k][1], copy=False)
+  return {k: jax.make_array_from_process_local_data(s, cast(k, np.asarray(host[k])))
           for k, s in shardings.items()}
 
 
@@ -108,7 +113,10 @@ def create_teacher(config, mesh):
   checkpoint directory) or, for tiny runs only, randomly initialised."""
   from panda_jax.models.teacher import VideoTeacher
   tc = config_lib.teacher_config(config.model)
-  teacher = VideoTeacher(tc, dtype=config_lib.dtype(config.model.dtype))
+  # Frozen, so kept in the compute dtype: its matmuls cast weights to it anyway, so bfloat16 at
+  # full size halves its memory and changes only the rounding of its LayerNorm parameters.
+  dt = config_lib.dtype(config.model.dtype)
+  teacher = VideoTeacher(tc, dtype=dt, param_dtype=dt)
   frames = np.zeros((1, config.data.frames, tc.image_size, tc.image_size, 3), np.float32)
   params, sh = sharding.init_sharded(teacher.init, mesh, jax.random.PRNGKey(config.seed + 1),
                                      frames, rules=config_lib.rules(config))
@@ -117,7 +125,7 @@ def create_teacher(config, mesh):
     from panda_jax.convert.teacher import convert_teacher
     conv = convert_teacher(hf_io.load_tensors(config.init.teacher), tc,
                            prefix=config.init.teacher_prefix)
-    params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32), s),
+    params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32).astype(dt), s),
                           conv, sh)
   elif config.model.size != 'tiny':
     raise ValueError('init.teacher is empty: distillation needs the LanguageBind video '
@@ -235,7 +243,7 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
       step = start
       while step < total:
         host = next(iterator)
-        state, metrics = step_fn(state, _global_batch(host, batch_sh), teacher_params)
+        state, metrics = step_fn(state, _global_batch(host, batch_sh, spec), teacher_params)
         step += 1
         is_log = step % config.train.log_every == 0 or step == total
         if is_log or pre.requested:

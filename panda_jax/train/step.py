@@ -91,8 +91,6 @@ def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.Gradi
   def step(state: TrainState, batch: Mapping, teacher_params=None):
     batch = dict(batch)
     b = batch['labels'].shape[0]
-    if teacher is not None:
-      batch['teacher'] = teacher_targets(teacher, teacher_params, batch.pop('teacher_pixels'))
     if b % accum_steps:
       raise ValueError(f'global batch {b} is not a multiple of accum_steps={accum_steps}')
     rng, step_rng = jax.random.split(state.rng)
@@ -100,22 +98,30 @@ def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.Gradi
     # Micro-batch i takes rows i, i + accum, ...: every micro-batch is spread over all the
     # devices the batch is sharded on (contiguous blocks would sit on a few devices and make
     # XLA shard the accumulation axis instead).
-    micro = jax.tree.map(
-        lambda a: a.reshape((b // accum_steps, accum_steps) + a.shape[1:]).swapaxes(0, 1),
-        dict(batch))
+    # The [B // accum, accum, ...] view is free; each step slices its column inside the loop
+    # (a transposed copy of the whole batch would cost as much memory as the batch).
+    grid = jax.tree.map(lambda a: a.reshape((b // accum_steps, accum_steps) + a.shape[1:]),
+                        dict(batch))
     train, frozen = trainable_tree(state.params, labels)
     zeros = jax.tree.map(jnp.zeros_like, train)
 
     def body(carry, xs):
       grads, stats, loss, ce, dl = carry
-      mb, r = xs
+      i, r = xs
+      mb = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False),
+                        grid)
+      if teacher is not None:
+        # The teacher runs per micro-batch, so its activations never exist for the whole batch.
+        mb = dict(mb)
+        mb['teacher'] = teacher_targets(teacher, teacher_params, mb.pop('teacher_pixels'))
       (l, (c, d, stats)), g = grad_fn(train, frozen, stats, mb, r, totals)
       grads = jax.tree.map(jnp.add, grads, g)
       return (grads, stats, loss + l, ce + c, dl + d), None
 
     init = (zeros, state.batch_stats, 0.0, 0.0, 0.0)
     keys = jax.random.split(step_rng, accum_steps)
-    (grads, stats, loss, ce, dl), _ = jax.lax.scan(body, init, (micro, keys))
+    (grads, stats, loss, ce, dl), _ = jax.lax.scan(
+        body, init, (jnp.arange(accum_steps), keys))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, train)
