@@ -1,0 +1,172 @@
+"""VideoQA evaluation sources: Video-ChatGPT style question files -> evaluation records.
+
+The zero-shot VideoQA sets (MSVD-QA, MSRVTT-QA, TGIF-QA, ActivityNet-QA), as Video-ChatGPT,
+Video-LLaVA and the Video-Panda reference (`videopanda/eval/video/run_inference_video_qa.py`)
+use them, are JSON lists of `{"video_name", "question", "question_id", "answer"}`; the
+reference's copies split them into `test_q.json` (without `answer`) and `test_a.json`
+(`{"answer", "question_id", "type"}`), paired by position (`load_qa(q, answers_path=a)`).
+
+`video_name` is normally a file stem: the reference tries `video_root/<name><ext>` for each of
+'.mp4', '.avi', '.mov', '.mkv'; its ActivityNet script (`run_inference_video_qa_act.py`)
+tries `v_<name><ext>` instead, because ActivityNet-QA names are YouTube ids while the files
+carry ActivityNet's "v_" prefix. `resolve_video` tries the exact name (when it already ends
+with a video extension), then the stem with every extension of `VIDEO_EXTENSIONS` (the
+reference's four, plus '.webm' and '.gif', in which some ActivityNet and TGIF copies are
+stored), then the same with "v_" in front, and takes the first regular file found.
+
+`as_conversation` turns a question and its answer into the training conversation format, so
+a QA file can also be trained on (`as_training_record`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from panda_jax.data import text
+from panda_jax.data.pipeline import VIDEO_EXTENSIONS, AnnotationError
+
+QA_FIELDS = ('video_name', 'question', 'question_id', 'answer')
+ACTIVITYNET_PREFIX = 'v_'
+
+
+def _read_list(path: str, what: str) -> list:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise AnnotationError(f'{path}: cannot read the {what} file: {e}') from None
+  if not isinstance(data, list):
+    raise AnnotationError(f'{path}: expected a JSON list of {what} entries, got '
+                          f'{type(data).__name__}')
+  return data
+
+
+def _check_id(value: Any) -> bool:
+  # Question ids are strings in the Video-ChatGPT files; some copies number them instead.
+  return (isinstance(value, str) and value != '') or (isinstance(value, int) and
+                                                      not isinstance(value, bool))
+
+
+def load_qa(path: str, answers_path: str | None = None) -> list[dict]:
+  """Reads and validates a VideoQA file; returns its entries (dicts) in file order.
+
+  Every entry must have a non-empty string `video_name` and `question`, a `question_id`
+  (non-empty string or integer, unique in the file) and a non-empty string `answer`. With
+  `answers_path` (the reference's separate `test_a.json`), answers come from that file's entry
+  at the same position, whose `question_id`, where present, must match; its `type` (the
+  ActivityNet-QA question type) is kept.
+
+  Raises:
+    AnnotationError naming the file, the entry index and the field at the first bad entry.
+  """
+  data = _read_list(path, 'VideoQA')
+  answers = None
+  if answers_path is not None:
+    answers = _read_list(answers_path, 'VideoQA answers')
+    if len(answers) != len(data):
+      raise AnnotationError(f'{answers_path}: {len(answers)} answers for the {len(data)} '
+                            f'questions of {path}; the files are paired by position')
+  seen: dict[Any, int] = {}
+  out = []
+  for i, entry in enumerate(data):
+    where = f'{path}: entry {i}'
+    if not isinstance(entry, dict):
+      raise AnnotationError(f'{where}: expected an object, got {type(entry).__name__}')
+    entry = dict(entry)
+    for key in ('video_name', 'question'):
+      if not isinstance(entry.get(key), str) or not entry[key].strip():
+        raise AnnotationError(f'{where}: field "{key}" must be a non-empty string, got '
+                              f'{entry.get(key)!r}')
+    qid = entry.get('question_id')
+    if not _check_id(qid):
+      raise AnnotationError(f'{where}: field "question_id" must be a non-empty string or an '
+                            f'integer, got {qid!r}')
+    if qid in seen:
+      raise AnnotationError(f'{where}: field "question_id" {qid!r} repeats entry {seen[qid]}; '
+                            'question ids must be unique (results are keyed by them)')
+    seen[qid] = i
+    if answers is not None:
+      a = answers[i]
+      a_where = f'{answers_path}: entry {i}'
+      if not isinstance(a, dict):
+        raise AnnotationError(f'{a_where}: expected an object, got {type(a).__name__}')
+      if 'question_id' in a and a['question_id'] != qid:
+        raise AnnotationError(f'{a_where}: field "question_id" is {a["question_id"]!r} but '
+                              f'question {i} of {path} is {qid!r}; the files must be in the '
+                              'same order')
+      if 'answer' in entry and entry['answer'] != a.get('answer'):
+        raise AnnotationError(f'{where}: field "answer" {entry["answer"]!r} differs from '
+                              f'{a.get("answer")!r} in {answers_path}')
+      entry['answer'] = a.get('answer')
+      if 'type' in a and 'type' not in entry:
+        entry['type'] = a['type']
+      where = f'{a_where} (answer to {path} entry {i})'
+    if 'answer' not in entry and answers is None:
+      raise AnnotationError(f'{where}: field "answer" is missing; for a questions-only file '
+                            '(test_q.json) pass its answers file (test_a.json) too')
+    if not isinstance(entry.get('answer'), str) or not entry['answer'].strip():
+      raise AnnotationError(f'{where}: field "answer" must be a non-empty string, got '
+                            f'{entry.get("answer")!r}')
+    out.append(entry)
+  return out
+
+
+def video_candidates(video_name: str) -> list[str]:
+  """Relative file names `resolve_video` tries for `video_name`, in order."""
+  names = []
+  if os.path.splitext(video_name)[1].lower() in VIDEO_EXTENSIONS:
+    names.append(video_name)
+  names += [video_name + ext for ext in VIDEO_EXTENSIONS]
+  head, tail = os.path.split(video_name)
+  if not tail.startswith(ACTIVITYNET_PREFIX):
+    names += [os.path.join(head, ACTIVITYNET_PREFIX + tail + ext) for ext in VIDEO_EXTENSIONS]
+  return names
+
+
+def _resolve_relative(video_root: str, video_name: str) -> str | None:
+  for name in video_candidates(video_name):
+    if os.path.isfile(os.path.join(video_root, name)):
+      return name
+  return None
+
+
+def resolve_video(video_root: str, video_name: str) -> str | None:
+  """The path (under `video_root`) of the file for `video_name`, or None if there is none."""
+  name = _resolve_relative(video_root, video_name)
+  return None if name is None else os.path.join(video_root, name)
+
+
+def qa_records(entries: Sequence[Mapping], video_root: str) -> list[dict]:
+  """Evaluation records from `load_qa` entries, with each video found under `video_root`.
+
+  Returns dicts with `question_id`, `video_name`, `video` (path relative to `video_root`, or
+  None where no file matches), `question`, `answer` and `type` (None when the file has none).
+  Each distinct `video_name` is looked up once.
+  """
+  found: dict[str, str | None] = {}
+  out = []
+  for e in entries:
+    name = e['video_name']
+    if name not in found:
+      found[name] = _resolve_relative(video_root, name)
+    out.append({'question_id': e['question_id'], 'video_name': name, 'video': found[name],
+                'question': e['question'], 'answer': e['answer'], 'type': e.get('type')})
+  return out
+
+
+def as_conversation(record: Mapping) -> list[dict]:
+  """The training-format conversation of one question and its answer."""
+  return [{'from': 'human', 'value': f'{text.VIDEO_PLACEHOLDER}\n{record["question"]}'},
+          {'from': 'gpt', 'value': record['answer']}]
+
+
+def as_training_record(record: Mapping) -> dict:
+  """A `qa_records` record as a training sample (`pipeline.load_annotations` format)."""
+  if record.get('video') is None:
+    raise ValueError(f'question {record.get("question_id")!r}: no video file was found for '
+                     f'{record.get("video_name")!r}; only records with a video can be trained '
+                     'on')
+  return {'id': str(record['question_id']), 'video': record['video'],
+          'conversations': as_conversation(record)}
