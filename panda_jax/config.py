@@ -199,7 +199,10 @@ def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
       annotations='', video_root='', frames=4 if tiny else 8,
       max_len=512 if tiny else 4096, tokenizer='', num_workers=0 if tiny else 8,
       shuffle_seed=0, synthetic_videos=24 if tiny else 0, description=st['data'],
-      teacher_features=''))
+      teacher_features='',
+      # Packed ArrayRecord shards (panda_jax.data.packing) instead of annotations + videos:
+      # the tfds data_dir and the packed set's config name (e.g. 'valley').
+      packed='', packed_config=''))
   # from_run: an earlier stage's workdir; converted: `panda_jax.convert.checkpoint` output;
   # teacher: a LanguageBind video checkpoint directory (random only for tiny runs).
   c.init = ml_collections.ConfigDict(dict(

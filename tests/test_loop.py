@@ -85,3 +85,23 @@ def test_crash_and_resume_equals_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # TensorBoard event files and a readable config are in the workdir.
   assert list((tmp_path / 'a').glob('events.out.tfevents*'))
+
+
+def test_one_epoch_is_the_smallest_process_count():
+  assert loop.global_steps(7) == 7                     # one process: its own count
+  seen = []
+
+  def gather(x):                                       # three hosts with unequal shards
+    seen.append(int(x))
+    return np.array([int(x), 5, 9])
+
+  assert loop.global_steps(7, gather) == 5 and seen == [7]
+
+  class It:
+    steps_per_epoch = 0
+  c = _config()
+  c.train.steps = -1
+  with pytest.raises(ValueError, match='known size'):
+    loop.resolve_steps(c, It())
+  It.steps_per_epoch = 11
+  assert loop.resolve_steps(c, It()) == 11

@@ -255,3 +255,26 @@ def test_default_settings_use_the_registered_config(data):
   frames, info = decode_frames(os.path.join(data['ds'].root, ex['video'].decode()), num=8)
   assert len(ex['frames']) == 8 and list(ex['frame_indices']) == list(info['indices'])
   assert np.array_equal(packing.decode_images(ex['frames']), frames)
+
+
+def test_training_config_reads_packed_shards(data, png):
+  """`data.packed` drives `build_train_iterator`: the same batches as the raw videos."""
+  from panda_jax.train.data import build_train_iterator
+  c = config_lib.train_config(3, 'tiny')
+  c.data.frames, c.data.max_len, c.train.batch_size = FRAMES, MAX_LEN, 2
+  c.data.tokenizer = data['tok']
+  raw = c.copy_and_resolve_references()
+  raw.data.annotations = data['ds'].train_instruct
+  raw.data.video_root = data['ds'].root
+  c.data.packed, c.data.packed_config = data['out'], 'videochatgpt_4f_png'
+  a, b = build_train_iterator(raw, ''), build_train_iterator(c, '')
+  for _ in range(2):
+    x, y = next(a), next(b)
+    assert all(np.array_equal(x[k], y[k]) for k in x) and sorted(x) == sorted(y)
+  c.train.teacher = 'cached'                  # this set was packed without features
+  with pytest.raises(packing.PackingError, match='without teacher features'):
+    build_train_iterator(c, '')
+  c.train.teacher = 'online'
+  c.data.packed_config = ''
+  with pytest.raises(ValueError, match='data.packed_config'):
+    build_train_iterator(c, '')

@@ -52,7 +52,7 @@ def data_paths(config, workdir: str) -> tuple[str, str, str]:
   return annotations, video_root, tok
 
 
-def teacher_features_dir(config, workdir: str) -> str:
+def teacher_features_dir(config, workdir: str, packed: bool = False) -> str:
   """The cached teacher features of a `train.teacher=cached` run ('' for the online teacher).
 
   `data.teacher_features` names them; a synthetic run without it extracts them once into
@@ -63,7 +63,7 @@ def teacher_features_dir(config, workdir: str) -> str:
   if mode not in ('online', 'cached'):
     raise ValueError(f'train.teacher={mode!r}; expected "online" (the teacher runs in the '
                      'train step) or "cached" (features from panda_jax.teacher.extract)')
-  if mode == 'online':
+  if mode == 'online' or packed:     # packed sets carry their features inside
     return ''
   from panda_jax.teacher import extract, features
   path = config.data.teacher_features
@@ -86,15 +86,29 @@ def teacher_features_dir(config, workdir: str) -> str:
 
 
 def build_train_iterator(config, workdir: str) -> pipeline.TrainIterator:
+  """The training batches: packed shards (`data.packed`) or annotations + videos."""
   d = config.data
-  annotations, video_root, tok = data_paths(config, workdir)
-  features_dir = teacher_features_dir(config, workdir)
-  records = pipeline.load_annotations(annotations)
   stab = config_lib.stab_config(config.model)
-  processor = pipeline.ProcessSample(video_root, tok, stab, d.frames, d.max_len,
-                                     teacher_features=features_dir)
-  if features_dir and processor.teacher_shape[-1] != config.model.distill.teacher_hidden:
-    raise ValueError(f'teacher features in {features_dir} have width '
+  if d.packed:
+    from panda_jax.data import packing
+    if not d.packed_config or not d.tokenizer:
+      raise ValueError('data.packed is set: data.packed_config (the packed set\'s name, e.g. '
+                       '"valley") and data.tokenizer are needed too')
+    teacher_features_dir(config, workdir, packed=True)        # validates train.teacher
+    source = packing.open_packed(d.packed, d.packed_config)
+    processor = packing.PackedProcessSample(source, d.tokenizer, stab, d.frames, d.max_len,
+                                            teacher_features=config.train.teacher == 'cached')
+    records = packing.packed_records(source)
+    where = f'{d.packed} ({d.packed_config})'
+  else:
+    annotations, video_root, tok = data_paths(config, workdir)
+    where = teacher_features_dir(config, workdir)
+    records = pipeline.load_annotations(annotations)
+    processor = pipeline.ProcessSample(video_root, tok, stab, d.frames, d.max_len,
+                                       teacher_features=where)
+  if processor.teacher_shape and \
+      processor.teacher_shape[-1] != config.model.distill.teacher_hidden:
+    raise ValueError(f'teacher features in {where} have width '
                      f'{processor.teacher_shape[-1]}; model.distill.teacher_hidden is '
                      f'{config.model.distill.teacher_hidden}')
   return pipeline.TrainIterator(records, processor, config.train.batch_size,

@@ -185,7 +185,26 @@ def resolve_steps(config, iterator) -> int:
   if not per_epoch:
     raise ValueError('train.steps=-1 (one epoch) needs a data set of known size; set '
                      '--config.train.steps')
-  return int(per_epoch)
+  return global_steps(int(per_epoch))
+
+
+def global_steps(local: int, gather=None) -> int:
+  """One epoch in steps on every process: the smallest of the processes' own counts.
+
+  Each host's shard of the data set may hold a different number of whole batches; every
+  process must run the same number of steps (each is a collective), so all take the minimum
+  (the few samples beyond it on the larger shards are the epoch's remainder, as in a
+  single-process run that drops its last partial batch).
+  """
+  if gather is None:
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+    gather = multihost_utils.process_allgather
+  counts = np.asarray(gather(np.asarray(local, np.int64))).reshape(-1)
+  if counts.min() != counts.max():
+    logging.info('one epoch = %d steps (per-process counts %s)', counts.min(), counts.tolist())
+  return int(counts.min())
 
 
 def train(config, workdir: str, iterator: Iterator) -> dict:
