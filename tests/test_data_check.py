@@ -260,6 +260,18 @@ def test_check_a_qa_file(data, tmp_path):
   assert "'ghost'" in p['reason'] and "'v_'" in p['reason']
   assert r['tokens'] is None
   assert 'not computed' in check.summary(r)
+  # The reference's split files: questions, and answers paired by position.
+  q = _write(tmp_path / 'test_q.json', [{k: e[k] for k in ('video_name', 'question',
+                                                            'question_id')} for e in questions])
+  a = _write(tmp_path / 'test_a.json', [{'answer': e['answer'], 'question_id': e['question_id']}
+                                        for e in questions])
+  split = check.check(q, videos, frames=FRAMES, stab=STAB, report=None, progress=False,
+                      answers=a)
+  assert split['samples'] == dict(r['samples'], total=n, missing=0)
+  with pytest.raises(AnnotationError, match='field "answer" is missing.*test_a.json'):
+    check.check(q, videos, report=None, progress=False)
+  with pytest.raises(AnnotationError, match='only goes with a VideoQA questions file'):
+    check.check(data['ann'], data['root'], report=None, progress=False, answers=a)
   # A malformed QA file stops the check; so do unknown and empty files.
   dup = _write(tmp_path / 'dup.json', questions + [questions[0]])
   with pytest.raises(AnnotationError, match=f'entry {n}: field "question_id"'):

@@ -1,0 +1,183 @@
+"""The Grain training pipeline on a mixed directory: fixed-shape batches, exact skip counts,
+determinism, state restore, and worker processes giving the same batches."""
+
+import collections
+import json
+import os
+
+import grain
+import numpy as np
+import pytest
+from absl import flags
+
+from panda_jax import config as config_lib
+from panda_jax.data import pipeline, synthetic, text
+
+FRAMES = 4
+MAX_LEN = 400
+BATCH = 2
+SEED = 5
+STAB = config_lib.stab_config(config_lib.model_config('tiny'))
+LONG_ANSWER = 'The red square moves to the left and then it stops. ' * 40
+# The reason ProcessSample gives each unusable entry of the mixed file: every broken file and
+# the missing path fail to decode; a conversation without a placeholder and one with "</s>"
+# inside an answer (a tokenization mismatch) fail to tokenize; the long one does not fit.
+EXPECTED_SKIPS = {'bad_video': 8, 'bad_conversation': 2, 'too_long': 1}
+
+
+def _conv(video, answer='A shape moves.', question='<video>\nWhat happens?', id_=None):
+  return {'id': id_ or video, 'video': video, 'conversations': [
+      {'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]}
+
+
+def _epoch_order(n, seed):
+  """Record indices in the order TrainIterator's first epoch visits them (its shuffle)."""
+  ds = grain.MapDataset.source(list(range(n)))[0::1].shuffle(seed=seed)
+  return [ds[i] for i in range(n)]
+
+
+@pytest.fixture(scope='module')
+def mixed(tmp_path_factory):
+  """12 good samples (6 clips x caption and instructions) and 11 unusable ones, placed so that
+  the first epoch of seed SEED ends on a good sample: its 12 / BATCH batches then consume
+  exactly one epoch."""
+  root = str(tmp_path_factory.mktemp('mixed'))
+  ds = synthetic.make_dataset(root, 6, width=64, height=48, fps=8, duration_s=1.0,
+                              eval_fraction=0)
+  broken = synthetic.write_broken_files(os.path.join(root, 'videos', 'broken'))
+  captions = json.load(open(ds.train_captions))
+  instruct = json.load(open(ds.train_instruct))
+  good = captions + [dict(e, id=e['id'] + '_qa') for e in instruct]
+  vid = captions[0]['video']
+  bad = [_conv(os.path.relpath(p, root)) for p in broken.values()]
+  bad += [_conv('videos/missing.mp4'),
+          _conv(vid, question='What happens?', id_='no_placeholder'),
+          _conv(vid, answer='It moves.</s>USER: and then?', id_='eos_in_answer'),
+          _conv(vid, answer=LONG_ANSWER, id_='long')]
+  assert len(bad) == sum(EXPECTED_SKIPS.values())
+  corpus = [m['value'].replace('<video>', '') for e in good for m in e['conversations']]
+  tok = text.build_tokenizer(os.path.join(root, 'tokenizer'),
+                             (corpus + [text.SYSTEM_PROMPT, 'USER: ASSISTANT:']) * 2)
+  n = len(good) + len(bad)
+  order = _epoch_order(n, SEED)
+  # Good samples at the epoch's last position and wherever else they fall; bad ones between.
+  slots = [order[-1]] + [i for i in range(n) if i != order[-1]]
+  records = [None] * n
+  for slot, entry in zip(slots, good + bad):
+    records[slot] = entry
+  assert 'id' in records[order[-1]] and records[order[-1]] in good
+  path = os.path.join(root, 'mixed.json')
+  with open(path, 'w') as f:
+    json.dump(records, f)
+  records = pipeline.load_annotations(path)   # the loader lets every entry through
+  proc = pipeline.ProcessSample(root, tok, STAB, FRAMES, MAX_LEN)
+  return dict(root=root, records=records, good=good, proc=proc, tok=proc.tokenizer)
+
+
+def _iterator(mixed, seed=SEED, workers=0):
+  return pipeline.TrainIterator(mixed['records'], mixed['proc'], BATCH, seed=seed,
+                                num_workers=workers)
+
+
+def _close(it):
+  it._it.close()  # pylint: disable=protected-access  (ends Grain's worker processes)
+
+
+def _equal(a, b):
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _text_tokens(batch, row):
+  keep = batch['valid'][row] & (batch['visual_index'][row] < 0)
+  return tuple(batch['text_ids'][row][keep].tolist())
+
+
+def test_one_epoch_full_batches_and_exact_skip_counts(mixed):
+  it = _iterator(mixed)
+  per_epoch = len(mixed['good']) // BATCH
+  batches = [next(it) for _ in range(per_epoch)]
+  assert it.get_state()['grain']['next_index'] == len(mixed['records'])   # one epoch exactly
+  assert dict(it.skipped) == EXPECTED_SKIPS
+  assert it.stats() == {**{f'skipped_{k}': v for k, v in EXPECTED_SKIPS.items()},
+                        'skipped_total': 11}
+  shapes = {k: v.shape for k, v in batches[0].items()}
+  assert shapes['text_ids'] == (BATCH, MAX_LEN)
+  assert shapes['pixels'] == (BATCH, FRAMES, STAB.image_size, STAB.image_size, 3)
+  assert shapes['teacher_pixels'] == (BATCH, FRAMES, STAB.image_size // 2,
+                                      STAB.image_size // 2, 3)
+  rows = []
+  for b in batches:
+    assert {k: v.shape for k, v in b.items()} == shapes
+    assert b['valid'].any(-1).all() and b['mask'][:, 0].any(axis=(1, 2)).all()
+    assert (b['frame_len'] > 0).all()
+    rows += [_text_tokens(b, i) for i in range(BATCH)]
+  # Every good sample exactly once, and nothing else.
+  want = []
+  for e in mixed['good']:
+    ids, _ = text.tokenize_conversation(mixed['tok'], e['conversations'], num_frames=FRAMES)
+    want.append(tuple(int(i) for i in ids if i != text.IMAGE_TOKEN_INDEX))
+  assert collections.Counter(rows) == collections.Counter(want)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(mixed):
+  a, b, c = _iterator(mixed), _iterator(mixed), _iterator(mixed, seed=SEED + 1)
+  ba = [next(a) for _ in range(4)]
+  bb = [next(b) for _ in range(4)]
+  bc = [next(c) for _ in range(4)]
+  assert all(_equal(x, y) for x, y in zip(ba, bb)) and a.skipped == b.skipped
+  assert not all(_equal(x, y) for x, y in zip(ba, bc))
+
+
+def test_restore_replays_the_batches_and_skip_counters(mixed):
+  k, m = 3, 5   # the m batches cross into the second epoch
+  a = _iterator(mixed)
+  for _ in range(k):
+    next(a)
+  state = json.loads(json.dumps(a.get_state()))   # as a checkpoint stores it
+  at_save = dict(a.skipped)
+  assert sum(at_save.values()) > 0                 # samples were skipped before the save
+  after = [next(a) for _ in range(m)]
+  assert sum(a.skipped.values()) > sum(at_save.values())
+  b = _iterator(mixed)
+  b.set_state(state)
+  assert dict(b.skipped) == at_save
+  again = [next(b) for _ in range(m)]
+  for x, y in zip(after, again):
+    assert _equal(x, y)
+  assert b.skipped == a.skipped
+
+
+@pytest.fixture
+def absl_flags_parsed():
+  # Grain's worker processes read absl flags; outside an absl app nothing parsed them.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def test_worker_processes_give_the_same_batches_and_restore(mixed, absl_flags_parsed):
+  del absl_flags_parsed
+  k, m = 3, 4
+  ref = _iterator(mixed)
+  want = [next(ref) for _ in range(k)]
+  skipped_k = dict(ref.skipped)
+  want += [next(ref) for _ in range(m)]
+  a = _iterator(mixed, workers=2)
+  try:
+    for x in want[:k]:
+      assert _equal(next(a), x)
+    assert dict(a.skipped) == skipped_k
+    state = json.loads(json.dumps(a.get_state()))
+    for x in want[k:]:
+      assert _equal(next(a), x)
+    assert a.skipped == ref.skipped
+  finally:
+    _close(a)
+  b = _iterator(mixed, workers=2)
+  try:
+    b.set_state(state)
+    assert dict(b.skipped) == skipped_k
+    for x in want[k:]:
+      assert _equal(next(b), x)
+    assert b.skipped == ref.skipped
+  finally:
+    _close(b)
