@@ -115,10 +115,12 @@ class ProcessSample:
       return {'skip': 'bad_conversation', 'path': path, 'detail': str(e)[:200]}
     try:
       frames = self.decode(record, path)
+      v = preprocess_frames(frames, num=self.frames, size=self.stab.image_size,
+                            teacher_size=self.stab.image_size // 2, patch=self.stab.patch_size)
     except VideoDecodeError as e:
       return {'skip': 'bad_video', 'path': path, 'detail': e.reason[:200]}
-    v = preprocess_frames(frames, num=self.frames, size=self.stab.image_size,
-                          teacher_size=self.stab.image_size // 2, patch=self.stab.patch_size)
+    except (ValueError, OSError) as e:   # frames the decoder returned but we cannot use
+      return {'skip': 'bad_video', 'path': path, 'detail': f'preprocessing: {e}'[:200]}
     hw, _ = frame_grid(v['mask'], self.stab, xp=np)
     length = len(ids) - self.frames + int(frame_layout(hw, self.stab.lsd_grid, xp=np)
                                           ['length'].sum())
@@ -174,6 +176,9 @@ class TrainIterator:
     self.steps_per_epoch = len(shard) // self.local_batch
     ds = shard.shuffle(seed=seed).repeat().map(processor).to_iter_dataset()
     if num_workers > 0:
+      from absl import flags
+      if not flags.FLAGS.is_parsed():   # Grain's workers read absl flags (pytest, notebooks)
+        flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     self._it = iter(ds)
     self.skipped: collections.Counter = collections.Counter()
@@ -195,6 +200,12 @@ class TrainIterator:
         continue
       samples.append(s)
     return collate(samples, self.processor.stab, self.processor.max_len)
+
+  def close(self) -> None:
+    """Stops Grain's worker processes (if any)."""
+    close = getattr(self._it, 'close', None)
+    if close is not None:
+      close()
 
   def get_state(self) -> dict:
     return {'grain': self._it.get_state(), 'skipped': dict(self.skipped)}

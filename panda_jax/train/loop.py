@@ -178,7 +178,13 @@ def create_state(config, mesh, model, rng):
 
 
 def resolve_steps(config, iterator) -> int:
-  """`train.steps`, or one epoch of the iterator's data set when it is -1."""
+  """`train.steps`, or one epoch of the iterator's data set when it is -1.
+
+  One epoch is counted in annotation records (whole batches of this process's shard), before
+  any sample is skipped: with broken videos in the data the run sees that many batches, so
+  some good samples come round a second time. Run `panda_jax.data.check` first and set
+  `train.steps` from its good-sample count where that matters.
+  """
   if config.train.steps > 0:
     return config.train.steps
   per_epoch = getattr(iterator, 'steps_per_epoch', None)
