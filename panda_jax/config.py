@@ -202,7 +202,11 @@ def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
       teacher_features='',
       # Packed ArrayRecord shards (panda_jax.data.packing) instead of annotations + videos:
       # the tfds data_dir and the packed set's config name (e.g. 'valley').
-      packed='', packed_config=''))
+      packed='', packed_config='',
+      # System prompt of the v1 template: 'videopanda_v1' ("curious human", the spec's and the
+      # reference's inference template) or 'vicuna_v1' ("curious user", what the released
+      # training scripts used via --version v1).
+      system_prompt='videopanda_v1'))
   # from_run: an earlier stage's workdir; converted: `panda_jax.convert.checkpoint` output;
   # teacher: a LanguageBind video checkpoint directory (random only for tiny runs).
   c.init = ml_collections.ConfigDict(dict(

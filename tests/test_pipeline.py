@@ -173,3 +173,20 @@ def test_worker_processes_give_the_same_batches_and_restore(mixed):
     assert b.skipped == ref.skipped
   finally:
     _close(b)
+
+
+def test_system_prompt_is_configurable(mixed):
+  """'vicuna_v1' (the released training scripts) says "user" where the spec says "human";
+  the learned tokens are the same."""
+  good = next(r for r in mixed['records'] if r['id'] == mixed['good'][0]['id'])
+  spec = mixed['proc'](good)
+  vicuna = pipeline.ProcessSample(mixed['root'], mixed['proc'].tokenizer_dir, STAB, FRAMES,
+                                  MAX_LEN, system_prompt='vicuna_v1')(good)
+  tok = mixed['tok']
+  decode = lambda ids: tok.decode([i for i in ids if i >= 0])
+  assert 'curious human' in decode(spec['ids']) and 'curious user' in decode(vicuna['ids'])
+  learned = lambda s: [i for i in s['labels'] if i != text.IGNORE_INDEX]
+  assert learned(spec) == learned(vicuna) and learned(spec)
+  with pytest.raises(ValueError, match="system prompt 'chatml'"):
+    pipeline.ProcessSample(mixed['root'], mixed['proc'].tokenizer_dir, STAB, FRAMES, MAX_LEN,
+                           system_prompt='chatml')

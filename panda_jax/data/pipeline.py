@@ -77,7 +77,8 @@ class ProcessSample:
   """Record -> arrays for one sample, or {'skip': reason, 'path': ...}. Picklable (workers)."""
 
   def __init__(self, video_root: str, tokenizer_dir: str, stab: StabConfig, frames: int,
-               max_len: int, timeout_s: float = 30.0, teacher_features: str = ''):
+               max_len: int, timeout_s: float = 30.0, teacher_features: str = '',
+               system_prompt: str = 'videopanda_v1'):
     self.video_root = video_root
     self.tokenizer_dir = tokenizer_dir
     self.stab = stab
@@ -88,6 +89,10 @@ class ProcessSample:
     # the run at start (not a per-sample skip), and loading inside Grain's reader threads
     # races on transformers' lazy imports.
     self.tokenizer = text.load_tokenizer(tokenizer_dir, model_max_length=10 ** 6)
+    if system_prompt not in text.SYSTEM_PROMPTS:
+      raise ValueError(f'system prompt {system_prompt!r}; expected one of '
+                       f'{sorted(text.SYSTEM_PROMPTS)}')
+    self.system = text.SYSTEM_PROMPTS[system_prompt]
     self.teacher_features = teacher_features
     self.teacher_shape = None
     if teacher_features:
@@ -110,7 +115,8 @@ class ProcessSample:
     path = os.path.join(self.video_root, record['video'])
     try:
       turns = text.as_turns(record['conversations'])
-      ids, labels = text.tokenize_conversation(self.tokenizer, turns, num_frames=self.frames)
+      ids, labels = text.tokenize_conversation(self.tokenizer, turns, num_frames=self.frames,
+                                               system=self.system)
     except (ValueError, text.TokenizationMismatchError) as e:
       return {'skip': 'bad_conversation', 'path': path, 'detail': str(e)[:200]}
     try:

@@ -55,6 +55,9 @@ SYSTEM_PROMPT = ('A chat between a curious human and an artificial intelligence 
 VICUNA_V1_SYSTEM_PROMPT = ('A chat between a curious user and an artificial intelligence '
                            'assistant. The assistant gives helpful, detailed, and polite '
                            "answers to the user's questions.")
+# By the reference's template names: training parity needs 'vicuna_v1', the spec (and the
+# reference's inference) says 'videopanda_v1'.
+SYSTEM_PROMPTS = {'videopanda_v1': SYSTEM_PROMPT, 'vicuna_v1': VICUNA_V1_SYSTEM_PROMPT}
 ROLES = ('USER', 'ASSISTANT')
 SEP = ' '        # after the system prompt and after each user turn
 SEP2 = '</s>'    # after each assistant turn

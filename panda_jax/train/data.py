@@ -97,7 +97,8 @@ def build_train_iterator(config, workdir: str) -> pipeline.TrainIterator:
     teacher_features_dir(config, workdir, packed=True)        # validates train.teacher
     source = packing.open_packed(d.packed, d.packed_config)
     processor = packing.PackedProcessSample(source, d.tokenizer, stab, d.frames, d.max_len,
-                                            teacher_features=config.train.teacher == 'cached')
+                                            teacher_features=config.train.teacher == 'cached',
+                                            system_prompt=d.system_prompt)
     records = packing.packed_records(source)
     where = f'{d.packed} ({d.packed_config})'
   else:
@@ -105,7 +106,7 @@ def build_train_iterator(config, workdir: str) -> pipeline.TrainIterator:
     where = teacher_features_dir(config, workdir)
     records = pipeline.load_annotations(annotations)
     processor = pipeline.ProcessSample(video_root, tok, stab, d.frames, d.max_len,
-                                       teacher_features=where)
+                                       teacher_features=where, system_prompt=d.system_prompt)
   if processor.teacher_shape and \
       processor.teacher_shape[-1] != config.model.distill.teacher_hidden:
     raise ValueError(f'teacher features in {where} have width '
