@@ -37,7 +37,7 @@ import tqdm
 
 from panda_jax.data import qa as qa_lib
 from panda_jax.data import text
-from panda_jax.data.pipeline import AnnotationError, load_annotations
+from panda_jax.data.pipeline import AnnotationError, load_annotations, read_json_list
 from panda_jax.data.video import VideoDecodeError, load_video
 from panda_jax.models.stab import StabConfig, frame_grid, frame_layout
 
@@ -48,13 +48,7 @@ SQUARE_TOLERANCE = 1.05
 
 def detect_format(path: str) -> str:
   """'conversation' or 'qa', from the keys of the file's first entry."""
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise AnnotationError(f'{path}: cannot read the annotation file: {e}') from None
-  if not isinstance(data, list):
-    raise AnnotationError(f'{path}: expected a JSON list of samples, got {type(data).__name__}')
+  data = read_json_list(path)
   if not data:
     raise AnnotationError(f'{path}: the file holds no samples (an empty list)')
   first = data[0]

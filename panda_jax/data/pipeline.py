@@ -45,15 +45,22 @@ class AnnotationError(ValueError):
   """The annotation file itself is malformed (fails at start, naming file, entry and field)."""
 
 
-def load_annotations(path: str) -> list[dict]:
-  """Reads and validates a training conversation file (a JSON list)."""
+def read_json_list(path: str, what: str = 'annotation', entries: str = 'samples') -> list:
+  """The JSON list in `path`; AnnotationError naming the file if unreadable or not a list."""
   try:
     with open(path) as f:
       data = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise AnnotationError(f'{path}: cannot read the annotation file: {e}') from None
+    raise AnnotationError(f'{path}: cannot read the {what} file: {e}') from None
   if not isinstance(data, list):
-    raise AnnotationError(f'{path}: expected a JSON list of samples, got {type(data).__name__}')
+    raise AnnotationError(f'{path}: expected a JSON list of {entries}, got '
+                          f'{type(data).__name__}')
+  return data
+
+
+def load_annotations(path: str) -> list[dict]:
+  """Reads and validates a training conversation file (a JSON list)."""
+  data = read_json_list(path)
   for i, entry in enumerate(data):
     where = f'{path}: entry {i}'
     if not isinstance(entry, dict):

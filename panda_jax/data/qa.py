@@ -25,22 +25,14 @@ import os
 from typing import Any, Mapping, Sequence
 
 from panda_jax.data import text
-from panda_jax.data.pipeline import VIDEO_EXTENSIONS, AnnotationError
+from panda_jax.data.pipeline import VIDEO_EXTENSIONS, AnnotationError, read_json_list
 
 QA_FIELDS = ('video_name', 'question', 'question_id', 'answer')
 ACTIVITYNET_PREFIX = 'v_'
 
 
 def _read_list(path: str, what: str) -> list:
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise AnnotationError(f'{path}: cannot read the {what} file: {e}') from None
-  if not isinstance(data, list):
-    raise AnnotationError(f'{path}: expected a JSON list of {what} entries, got '
-                          f'{type(data).__name__}')
-  return data
+  return read_json_list(path, what, f'{what} entries')
 
 
 def _check_id(value: Any) -> bool:
