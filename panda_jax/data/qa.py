@@ -20,7 +20,6 @@ a QA file can also be trained on (`as_training_record`).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
