@@ -99,6 +99,16 @@ def teacher_config(model: ml_collections.ConfigDict) -> TeacherConfig:
   return cfg
 
 
+def cached_teacher(config) -> bool:
+  """Whether distillation reads cached features (`train.teacher=cached`) rather than running
+  the teacher in the train step (`online`)."""
+  mode = config.train.get('teacher', 'online')
+  if mode not in ('online', 'cached'):
+    raise ValueError(f'train.teacher={mode!r}; expected "online" (the teacher runs in the '
+                     'train step) or "cached" (features from panda_jax.teacher.extract)')
+  return mode == 'cached'
+
+
 def rules(config) -> tuple:
   """The logical-axis rules: `config.sharding_rules` when set, else the default table."""
   from panda_jax import sharding

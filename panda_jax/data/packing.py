@@ -66,6 +66,7 @@ from PIL import Image
 from panda_jax.data import pipeline
 from panda_jax.data.video import VideoDecodeError, decode_frames
 from panda_jax.models.stab import StabConfig
+from panda_jax.teacher import features as features_lib
 
 NAME = 'panda_packed'
 FRAME_FORMATS = ('png', 'jpeg')
@@ -290,7 +291,6 @@ Symbolic links are fine (e.g. videos -> /data/MSVD/YouTubeClips).
     return samples
 
   def _teacher_bytes(self, video: str) -> bytes | None:
-    from panda_jax.teacher import features as features_lib  # only when packing features
     try:
       with open(features_lib.feature_path(self._teacher_features, video), 'rb') as f:
         return f.read()
@@ -302,7 +302,6 @@ Symbolic links are fine (e.g. videos -> /data/MSVD/YouTubeClips).
     samples = self._samples(root)
     meta = self.info.metadata
     if self._teacher_features:
-      from panda_jax.teacher import features as features_lib
       meta['teacher_manifest'] = features_lib.read_manifest(self._teacher_features)
     skipped: collections.Counter = collections.Counter()
     listed: list[dict] = []
@@ -431,15 +430,12 @@ class PackedProcessSample(pipeline.ProcessSample):
     self.use_teacher = bool(teacher_features)
     self.teacher_shape = None
     if self.use_teacher:
-      from panda_jax.teacher import features as features_lib
       manifest = meta.get('teacher_manifest')
       if not manifest:
         raise PackingError(f'{info.data_dir} was packed without teacher features; pack with '
                            '--teacher_features=DIR or train with the online teacher')
-      grid = stab.lsd_grid
-      features_lib.check_manifest(manifest, frames, grid, manifest.get('hidden'),
-                                  os.fspath(info.data_dir))
-      self.teacher_shape = (frames, grid * grid, int(manifest['hidden']))
+      self.teacher_shape = features_lib.feature_shape(manifest, frames, stab.lsd_grid,
+                                                      os.fspath(info.data_dir))
 
   def decode(self, record: Mapping, path: str) -> np.ndarray:
     return decode_images(record['frames'], path)
@@ -463,13 +459,9 @@ def load_teacher(data: bytes, shape: tuple[int, ...], path: str = '') -> np.ndar
   if not data:
     raise PackingError(f'{path}: no teacher features were packed for this video')
   try:
-    a = np.load(io.BytesIO(data), allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise PackingError(f'{path}: unreadable packed teacher features: {e}') from None
-  if a.shape != tuple(shape):
-    raise PackingError(f'{path}: packed teacher features of shape {a.shape}; expected '
-                       f'{tuple(shape)}')
-  return a.astype(np.float32)
+    return features_lib.load(io.BytesIO(data), shape, f'{path} (packed)')
+  except features_lib.FeatureError as e:
+    raise PackingError(str(e)) from None
 
 
 def qa_examples(source) -> Iterator[dict]:

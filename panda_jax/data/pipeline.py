@@ -103,11 +103,8 @@ class ProcessSample:
     self.teacher_features = teacher_features
     self.teacher_shape = None
     if teacher_features:
-      manifest = features_lib.read_manifest(teacher_features)
-      grid = stab.lsd_grid
-      features_lib.check_manifest(manifest, frames, grid, manifest.get('hidden'),
-                                  teacher_features)
-      self.teacher_shape = (frames, grid * grid, int(manifest['hidden']))
+      self.teacher_shape = features_lib.feature_shape(
+          features_lib.read_manifest(teacher_features), frames, stab.lsd_grid, teacher_features)
 
   def decode(self, record: Mapping, path: str) -> np.ndarray:
     """uint8 [k, H, W, 3]: the record's sampled frames (k <= frames), decoded from the video.

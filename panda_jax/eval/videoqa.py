@@ -50,21 +50,14 @@ def load_model(checkpoint: str):
     return cfg, variables
   if (path / 'config.json').exists() and (path / 'checkpoints').exists():
     import ml_collections
-    import orbax.checkpoint as ocp
     from panda_jax import config as config_lib
     from panda_jax.train import checkpoint as ckpt
     with open(path / 'config.json') as f:
       config = ml_collections.ConfigDict(json.load(f))
     cfg = config_lib.panda_config(config.model)
-    step = ckpt.latest_step(path)
-    if step is None:
-      raise FileNotFoundError(f'{path / "checkpoints"} holds no complete checkpoint')
-    mngr = ocp.CheckpointManager(path.absolute() / 'checkpoints', item_names=ckpt.ITEMS,
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    r = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(), batch_stats=ocp.args.StandardRestore()))
+    step, params, batch_stats = ckpt.restore_variables(path)
     logging.info('loaded %s at step %d', path, step)
-    return cfg, {'params': r.params, 'batch_stats': r.batch_stats}
+    return cfg, {'params': params, 'batch_stats': batch_stats}
   raise FileNotFoundError(f'{checkpoint}: neither a converted checkpoint ({conv.CONFIG_FILE}) '
                           'nor a training workdir (config.json + checkpoints/)')
 

@@ -18,6 +18,7 @@ extracts its own 1/process_count of the videos on its local devices.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -87,7 +88,7 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   failures = []
   mesh = _local_mesh()
   n_dev = mesh.devices.size
-  batch = batch_size or max(n_dev, 8 // n_dev * n_dev)
+  batch = batch_size or -(-8 // n_dev) * n_dev      # 8 videos, rounded up to the devices
   if batch % n_dev:
     raise ValueError(f'--batch_size={batch} is not a multiple of the {n_dev} local devices')
   if todo:
@@ -141,7 +142,6 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
                  stats['written'], dt, stats['written'] / max(dt, 1e-9), stats['failed'])
   name = features_lib.FAILURES if jax.process_count() == 1 else \
       f'{features_lib.FAILURES}.{jax.process_index()}'
-  import json
   with open(os.path.join(out, name), 'w') as f:
     json.dump(failures, f, indent=1)
   if jax.process_index() == 0 and jax.process_count() == 1:

@@ -72,6 +72,13 @@ def check_manifest(manifest: Mapping[str, Any], frames: int, grid: int, hidden: 
                        f'different setting: {", ".join(bad)}')
 
 
+def feature_shape(manifest: Mapping[str, Any], frames: int, grid: int,
+                  root: str = '') -> tuple[int, int, int]:
+  """[frames, grid * grid, hidden] of each video's features, after `check_manifest`."""
+  check_manifest(manifest, frames, grid, manifest.get('hidden'), root)
+  return (frames, grid * grid, int(manifest['hidden']))
+
+
 def save(path: str, features: np.ndarray, dtype: str = 'float32') -> None:
   """Writes one video's features atomically (temporary file + rename)."""
   if dtype not in DTYPES:
@@ -83,14 +90,17 @@ def save(path: str, features: np.ndarray, dtype: str = 'float32') -> None:
   os.replace(tmp, path)
 
 
-def load(path: str, shape: tuple[int, ...]) -> np.ndarray:
-  """One video's features as float32; FeatureError if missing, unreadable or misshaped."""
+def load(source, shape: tuple[int, ...], where: str = '') -> np.ndarray:
+  """One video's features as float32, from a file path or a file object (`where` names it in
+  errors); FeatureError if missing, unreadable or misshaped."""
+  where = where or str(source)
   try:
-    a = np.load(path, allow_pickle=False)
+    a = np.load(source, allow_pickle=False)
   except FileNotFoundError:
-    raise FeatureError(f'{path}: no cached teacher features for this video') from None
+    raise FeatureError(f'{where}: no cached teacher features for this video') from None
   except (OSError, ValueError) as e:
-    raise FeatureError(f'{path}: unreadable teacher features: {e}') from None
+    raise FeatureError(f'{where}: unreadable teacher features: {e}') from None
   if a.shape != tuple(shape):
-    raise FeatureError(f'{path}: teacher features of shape {a.shape}; expected {tuple(shape)}')
+    raise FeatureError(f'{where}: teacher features of shape {a.shape}; expected '
+                       f'{tuple(shape)}')
   return a.astype(np.float32)

@@ -68,6 +68,19 @@ def latest_step(workdir) -> int | None:
                                item_names=ITEMS).latest_step()
 
 
+def restore_variables(workdir) -> tuple[int, Any, Any]:
+  """(step, params, batch_stats) of a run's newest checkpoint, as saved (host arrays)."""
+  step = latest_step(workdir)
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint under {pathlib.Path(workdir) / "checkpoints"}')
+  mngr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints',
+                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=ITEMS)
+  r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                 batch_stats=ocp.args.StandardRestore()))
+  return step, r.params, r.batch_stats
+
+
 def load_params(source, params, batch_stats, require=(), skip=()):
   """Copies matching variables from another run's newest checkpoint (stage chaining).
 
@@ -75,16 +88,8 @@ def load_params(source, params, batch_stats, require=(), skip=()):
   match a `skip` regex; every variable matching a `require` regex must be taken (a typo in a
   path would otherwise silently train from scratch). Returns (params, batch_stats, report).
   """
-  step = latest_step(source)
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint under {pathlib.Path(source) / "checkpoints"} to '
-                            'initialise from')
-  mngr = ocp.CheckpointManager(pathlib.Path(source).absolute() / 'checkpoints',
-                               options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=ITEMS)
-  r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                 batch_stats=ocp.args.StandardRestore()))
-  return merge_matching(params, batch_stats, r.params, r.batch_stats, require, skip,
+  step, src_params, src_stats = restore_variables(source)
+  return merge_matching(params, batch_stats, src_params, src_stats, require, skip,
                         f'{source} step {step}')
 
 

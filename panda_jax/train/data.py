@@ -52,18 +52,14 @@ def data_paths(config, workdir: str) -> tuple[str, str, str]:
   return annotations, video_root, tok
 
 
-def teacher_features_dir(config, workdir: str, packed: bool = False) -> str:
+def teacher_features_dir(config, workdir: str) -> str:
   """The cached teacher features of a `train.teacher=cached` run ('' for the online teacher).
 
   `data.teacher_features` names them; a synthetic run without it extracts them once into
   `workdir/cache/teacher_features` (the tiny teacher is initialised from the seed, so they
   equal what the online teacher computes).
   """
-  mode = config.train.teacher
-  if mode not in ('online', 'cached'):
-    raise ValueError(f'train.teacher={mode!r}; expected "online" (the teacher runs in the '
-                     'train step) or "cached" (features from panda_jax.teacher.extract)')
-  if mode == 'online' or packed:     # packed sets carry their features inside
+  if not config_lib.cached_teacher(config):
     return ''
   from panda_jax.teacher import extract, features
   path = config.data.teacher_features
@@ -94,10 +90,10 @@ def build_train_iterator(config, workdir: str) -> pipeline.TrainIterator:
     if not d.packed_config or not d.tokenizer:
       raise ValueError('data.packed is set: data.packed_config (the packed set\'s name, e.g. '
                        '"valley") and data.tokenizer are needed too')
-    teacher_features_dir(config, workdir, packed=True)        # validates train.teacher
     source = packing.open_packed(d.packed, d.packed_config)
+    # Packed sets carry their teacher features inside.
     processor = packing.PackedProcessSample(source, d.tokenizer, stab, d.frames, d.max_len,
-                                            teacher_features=config.train.teacher == 'cached',
+                                            teacher_features=config_lib.cached_teacher(config),
                                             system_prompt=d.system_prompt)
     records = packing.packed_records(source)
     where = f'{d.packed} ({d.packed_config})'

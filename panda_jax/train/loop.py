@@ -61,16 +61,10 @@ def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
       'patch_pos': ((b, f, st), np.int32), 'patch_valid': ((b, f, st), np.bool_),
       'teacher_cell': ((b, f, st), np.int32),
       'teacher_valid': ((b, f), np.bool_),
-      **({'teacher': ((b, f, st, tc.hidden), np.float32)} if cached(config) else
+      **({'teacher': ((b, f, st, tc.hidden), np.float32)} if config_lib.cached_teacher(config) else
          {'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), px)})}
 
 
-def cached(config) -> bool:
-  """Whether the distillation targets come from cached features (else the online teacher)."""
-  mode = config.train.get('teacher', 'online')
-  if mode not in ('online', 'cached'):
-    raise ValueError(f'train.teacher={mode!r}; expected "online" or "cached"')
-  return mode == 'cached'
 
 
 def _global_batch(host: Mapping[str, np.ndarray], shardings, spec=None) -> dict:
@@ -242,7 +236,7 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
   spec = batch_spec(config)
   batch_sh = {k: sharding.batch_sharding(mesh, len(s), config_lib.rules(config))
               for k, (s, _) in spec.items()}
-  if cached(config):
+  if config_lib.cached_teacher(config):
     teacher, teacher_params, teacher_sh = None, {}, {}
   else:
     teacher, teacher_params, teacher_sh = create_teacher(config, mesh)

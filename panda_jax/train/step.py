@@ -112,7 +112,6 @@ def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.Gradi
                         grid)
       if teacher is not None:
         # The teacher runs per micro-batch, so its activations never exist for the whole batch.
-        mb = dict(mb)
         mb['teacher'] = teacher_targets(teacher, teacher_params, mb.pop('teacher_pixels'))
       (l, (c, d, stats)), g = grad_fn(train, frozen, stats, mb, r, totals)
       grads = jax.tree.map(jnp.add, grads, g)
