@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,10 @@ def pick_token(logits: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'sampling', 'return_logits'))
+@functools.partial(jax.jit, static_argnames=('model', 'sampling', 'return_logits', 'stream'))
 def generate(model: Llama, params, prompt_embeds: jax.Array, prompt_valid: jax.Array,
-             rng: jax.Array, sampling: Sampling, return_logits: bool = False) -> dict:
+             rng: jax.Array, sampling: Sampling, return_logits: bool = False,
+             stream: Callable[[jax.Array, jax.Array], None] | None = None) -> dict:
   """Decodes after a right-padded prompt.
 
   Args:
@@ -60,6 +62,9 @@ def generate(model: Llama, params, prompt_embeds: jax.Array, prompt_valid: jax.A
     params: its parameters.
     prompt_embeds: [B, T, E]; prompt_valid: bool [B, T], True on each prompt's first n_b slots.
     rng: PRNG key (unused when greedy).
+    stream: optional host function called as each token is chosen, in order, with the step i
+      and the tokens int32 [B] of that step (pad for finished sequences). Static: pass the same
+      object for every call, or each new one compiles the program again.
   Returns:
     dict: `tokens` int32 [B, N] (pad after each sequence's end-of-sequence id, which is kept),
     `lengths` int32 [B] generated tokens per sequence (end id included), and with
@@ -83,6 +88,8 @@ def generate(model: Llama, params, prompt_embeds: jax.Array, prompt_valid: jax.A
     rng, sub = jax.random.split(rng)
     tok = jnp.where(done, s.pad_id, pick_token(logits, sub, s))
     tokens = tokens.at[:, i].set(tok)
+    if stream is not None:
+      jax.debug.callback(stream, i, tok, ordered=True)
     if return_logits:
       all_logits = all_logits.at[:, i].set(logits)
     now_done = done if s.eos_id is None else done | (tok == s.eos_id)

@@ -49,9 +49,11 @@ class Predictor:
   def prompt_ids(self, question: str, frames: int) -> np.ndarray:
     return text.generation_prompt_ids(self.tokenizer, question, num_frames=frames)
 
-  def generate_ids(self, pixels, mask, questions: Sequence[str], rng=None) -> list[np.ndarray]:
+  def generate_ids(self, pixels, mask, questions: Sequence[str], rng=None,
+                   stream=None) -> list[np.ndarray]:
     """pixels [B, F, H, W, 3], mask [B, F, H, W], B questions -> B arrays of new token ids
-    (without the end-of-sequence id)."""
+    (without the end-of-sequence id). `stream`: see `generate` (called with each step's
+    tokens [B] while decoding)."""
     b, f = np.shape(mask)[:2]
     if len(questions) != b:
       raise ValueError(f'{len(questions)} questions for a batch of {b} videos')
@@ -69,7 +71,8 @@ class Predictor:
     batch.update(pixels=jnp.asarray(pixels), mask=jnp.asarray(mask))
     embeds = self._embed(self.variables, batch)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    out = generate(self.decoder, self.decoder_params, embeds, batch['valid'], rng, self.sampling)
+    out = generate(self.decoder, self.decoder_params, embeds, batch['valid'], rng, self.sampling,
+                   stream=stream)
     tokens, lengths = np.asarray(out['tokens']), np.asarray(out['lengths'])
     eos = self.sampling.eos_id
     result = []
@@ -80,7 +83,7 @@ class Predictor:
       result.append(row)
     return result
 
-  def answer(self, pixels, mask, questions: Sequence[str], rng=None) -> list[str]:
+  def answer(self, pixels, mask, questions: Sequence[str], rng=None, stream=None) -> list[str]:
     """The decoded answers, one string per video."""
     return [self.tokenizer.decode(r, skip_special_tokens=True).strip()
-            for r in self.generate_ids(pixels, mask, questions, rng)]
+            for r in self.generate_ids(pixels, mask, questions, rng, stream)]

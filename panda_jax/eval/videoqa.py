@@ -62,6 +62,14 @@ def load_model(checkpoint: str):
                           'nor a training workdir (config.json + checkpoints/)')
 
 
+def load_clip(path: str, stab, frames: int = 8, timeout_s: float = 60.0) -> dict:
+  """One video as the model with visual tokenizer config `stab` takes it: `pixels`
+  [frames, S, S, 3] and `mask` [frames, S, S] (see `data.video.load_video`; raises
+  VideoDecodeError)."""
+  return load_video(path, num=frames, size=stab.image_size, teacher_size=stab.image_size // 2,
+                    patch=stab.patch_size, timeout_s=timeout_s)
+
+
 def _done_ids(out: str) -> set:
   """Question ids already answered in `out` (a torn last line from a kill is dropped)."""
   if not os.path.exists(out):
@@ -127,9 +135,7 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
         reason = f'no file for video_name {rs[0]["video_name"]!r} under {video_root}'
       else:
         try:
-          v = load_video(os.path.join(video_root, video), num=frames, size=stab.image_size,
-                         teacher_size=stab.image_size // 2, patch=stab.patch_size,
-                         timeout_s=timeout_s)
+          v = load_clip(os.path.join(video_root, video), stab, frames, timeout_s)
           reason = None
         except VideoDecodeError as e:
           reason = e.reason

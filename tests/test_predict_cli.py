@@ -1,0 +1,111 @@
+"""`python -m panda_jax.predict`: one question about a video or a directory of videos, the answer
+streamed as it is generated, clear errors for files that cannot be answered."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from panda_jax import predict
+from panda_jax.data import synthetic
+from panda_jax.eval.videoqa import load_clip
+from test_videoqa import FRAMES, setup  # noqa: F401  (the tiny model, tokenizer and videos)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = 'What moves to the left?'
+
+
+@pytest.fixture(scope='module')
+def videos(setup, tmp_path_factory):  # noqa: F811
+  """A directory: two videos, an undecodable .mp4 and a text file."""
+  d = tmp_path_factory.mktemp('videos')
+  good = sorted(setup['ds'].eval_videos)[:2]
+  for p in good:
+    shutil.copy(os.path.join(setup['ds'].root, p) if not os.path.isabs(p) else p, d)
+  broken = synthetic.write_broken_files(str(tmp_path_factory.mktemp('broken')))
+  shutil.copy(broken['not_video'], d / 'zz_not_video.mp4')
+  (d / 'notes.txt').write_text('not a video')
+  return d
+
+
+def _direct(setup, path):
+  v = load_clip(str(path), setup['cfg'].stab, FRAMES)
+  return setup['predictor'].answer(v['pixels'][None], v['mask'][None], [QUESTION])[0]
+
+
+def test_answers_stream_token_by_token_and_failures_are_reported(setup, videos):  # noqa: F811
+  paths, skipped = predict.list_videos(str(videos))
+  assert [os.path.basename(p) for p in paths][-1] == 'zz_not_video.mp4' and len(paths) == 3
+  assert [(os.path.basename(p), r.split(' (')[0]) for p, r in skipped] == [
+      ('notes.txt', 'not a video file')]
+
+  class Recorder(io.StringIO):
+    writes = []
+
+    def write(self, s):
+      self.writes.append(s)
+      return super().write(s)
+
+  out, errors = Recorder(), []
+  n = predict.answer_videos(setup['predictor'], paths, QUESTION, FRAMES, prefix=True, out=out,
+                            report=lambda p, r: errors.append((os.path.basename(p), r)))
+  assert n == 2
+  lines = out.getvalue().splitlines()
+  want = [f'{os.path.basename(p)}: {_direct(setup, p)}' for p in paths[:2]]
+  assert lines == want
+  # Streamed: the first answer arrived in several pieces, before the second video's name.
+  first = out.writes[:out.writes.index('\n')]
+  assert len(first) > 2 and ''.join(first) == want[0]
+  assert [e[0] for e in errors] == ['zz_not_video.mp4']
+
+  out = io.StringIO()
+  predict.answer_videos(setup['predictor'], paths[:1], QUESTION, FRAMES, as_json=True, out=out)
+  assert json.loads(out.getvalue()) == {'video': paths[0], 'question': QUESTION,
+                                        'answer': _direct(setup, paths[0])}
+
+
+def test_tokenizer_resolution(setup, tmp_path):  # noqa: F811
+  assert predict.resolve_tokenizer(str(tmp_path), 'tok') == 'tok'
+  tok = str(setup['work'] / 'tok')
+  assert predict.resolve_tokenizer(tok, None) == tok
+  (tmp_path / 'config.json').write_text(json.dumps({'data': {'tokenizer': '/x/tok'}}))
+  assert predict.resolve_tokenizer(str(tmp_path), None) == '/x/tok'
+  with pytest.raises(ValueError, match='pass --tokenizer'):
+    predict.resolve_tokenizer(str(setup['converted']), None)
+
+
+def _cli(setup, *extra):  # noqa: F811
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  args = [sys.executable, '-m', 'panda_jax.predict', f'--checkpoint={setup["converted"]}',
+          f'--tokenizer={setup["work"] / "tok"}', f'--question={QUESTION}',
+          f'--frames={FRAMES}', '--max_new_tokens=6', *extra]
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_command_line(setup, videos, tmp_path):  # noqa: F811
+  paths, _ = predict.list_videos(str(videos))
+  run = _cli(setup, f'--video={videos}', '--json')
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = [json.loads(l) for l in run.stdout.splitlines()]
+  assert rows == [{'video': p, 'question': QUESTION, 'answer': _direct(setup, p)}
+                  for p in paths[:2]]
+  errors = [l for l in run.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 2
+  assert errors[0].startswith(f'error: {videos / "notes.txt"}: not a video file')
+  assert errors[1].startswith(f'error: {videos / "zz_not_video.mp4"}: ')
+
+  one = _cli(setup, f'--video={paths[0]}')
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert one.stdout == _direct(setup, paths[0]) + '\n'
+
+  missing = _cli(setup, f'--video={tmp_path / "nope.mp4"}')
+  assert missing.returncode == 1
+  assert f'error: {tmp_path / "nope.mp4"}: no such file or directory' in missing.stderr
+  bad = _cli(setup, f'--video={videos / "zz_not_video.mp4"}')
+  assert bad.returncode == 1 and 'error: ' in bad.stderr and not bad.stdout
