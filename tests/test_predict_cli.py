@@ -26,7 +26,7 @@ def videos(setup, tmp_path_factory):  # noqa: F811
   d = tmp_path_factory.mktemp('videos')
   good = sorted(setup['ds'].eval_videos)[:2]
   for p in good:
-    shutil.copy(os.path.join(setup['ds'].root, p) if not os.path.isabs(p) else p, d)
+    shutil.copy(p, d)
   broken = synthetic.write_broken_files(str(tmp_path_factory.mktemp('broken')))
   shutil.copy(broken['not_video'], d / 'zz_not_video.mp4')
   (d / 'notes.txt').write_text('not a video')

@@ -331,7 +331,10 @@ class Judge:
         reply = self.client.chat.completions.create(
             model=self.model, temperature=0,
             messages=judge_messages(r['question'], r['answer'], r['pred']))
-        return reply.choices[0].message.content or ''
+        try:
+          return reply.choices[0].message.content or ''
+        except (AttributeError, IndexError, TypeError):   # a reply without a message: unparsed
+          return ''
       except retryable as e:
         if attempt + 1 == self.max_attempts:
           raise JudgeError(f'question {r["id"]!r}: {_describe(e)}, still after '
@@ -340,7 +343,7 @@ class Judge:
         wait = max(wait, _retry_after(e))
         logging.info('question %r: %s; retrying in %.1fs', r['id'], _describe(e), wait)
         self.sleep(wait)
-      except openai.APIStatusError as e:
+      except openai.APIError as e:          # 4xx other than 429, or a malformed response
         raise JudgeError(f'question {r["id"]!r}: {_describe(e)} (not retried: check --base_url, '
                          '--model and OPENAI_API_KEY)') from e
     raise AssertionError('unreachable')
