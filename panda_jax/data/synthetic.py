@@ -121,12 +121,19 @@ def _as_fraction(fps) -> fractions.Fraction:
 
 def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, fps=10,
                  duration_s: float = 3.0, max_shapes: int = 3, num_shapes: int | None = None,
-                 directions: Sequence[str] | None = None, noise: int = 0) -> Scene:
+                 directions: Sequence[str] | None = None, noise: int = 0,
+                 travel: float = 1.0) -> Scene:
   """A random scene; `num_shapes` / `directions` pin those choices (for tests).
 
   `noise` > 0 adds deterministic per-frame noise of that amplitude (in 8-bit levels), which
   makes the clips cost about as much to decode as camera footage instead of almost nothing.
+  `travel` < 1 slows the shapes down: every shape moves at the same speed, covering that
+  fraction of the frame's free span over the whole clip (less when it appears later), and
+  ends at the edge it moves towards. 1.0: each shape crosses the whole span, whenever it
+  appears.
   """
+  if not 0.0 < travel <= 1.0:
+    raise ValueError(f'travel={travel} must be in (0, 1]')
   fps = _as_fraction(fps)
   num_frames = max(1, int(round(float(fps) * duration_s)))
   k = int(num_shapes) if num_shapes is not None else int(rng.integers(1, max_shapes + 1))
@@ -153,15 +160,27 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
     if d in ('left', 'right'):
       y = float(rng.uniform(lo_y, hi_y))
       xs = (lo_x, hi_x) if d == 'right' else (hi_x, lo_x)
+      xs = _slowed(xs, travel, appear[i], num_frames)
       start, end = (float(xs[0]), y), (float(xs[1]), y)
     else:
       x = float(rng.uniform(lo_x, hi_x))
       ys = (lo_y, hi_y) if d == 'down' else (hi_y, lo_y)
+      ys = _slowed(ys, travel, appear[i], num_frames)
       start, end = (x, float(ys[0])), (x, float(ys[1]))
     shapes.append(Shape(kind=KINDS[int(rng.integers(len(KINDS)))], colour=str(colours[i]),
                         radius=radius, direction=d, appear=appear[i], start=start, end=end))
   return Scene(width=width, height=height, fps=fps, num_frames=num_frames, background=bg,
                shapes=tuple(shapes), noise=int(noise), noise_seed=int(rng.integers(2**31)))
+
+
+def _slowed(ends: tuple[float, float], travel: float, appear: int, num_frames: int):
+  """(start, end) along the motion axis for `random_scene`'s `travel`: the same end, a start
+  `travel` of the span per clip back along the way, in proportion to the frames left."""
+  if travel >= 1.0:
+    return ends
+  left = max(num_frames - 1 - appear, 1) / max(num_frames - 1, 1)
+  a, b = ends
+  return (b - (b - a) * travel * left, b)
 
 
 _NOISE_POOL = 17  # distinct noise fields cycled over frames (more than any encoder's refs)
@@ -352,6 +371,10 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
   return qs
 
 
+# The LLaVA-style answer-format instruction: a question carrying it is answered with the short
+# answer ('left', 'yes', 'the red circle') instead of a sentence.
+SHORT_ANSWER_PROMPT = 'Answer with a single word or phrase.'
+
 _CAPTION_PROMPTS = (
     'Describe the video briefly.',
     'What happens in this video?',
@@ -378,12 +401,23 @@ class SyntheticDataset:
 def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float = 0.25,
                  width: int = 160, height: int = 120, fps=10, duration_s: float = 3.0,
                  codec: str | None = None, gop: int = 12, max_shapes: int = 3,
-                 preset: str = 'veryfast') -> SyntheticDataset:
+                 preset: str = 'veryfast', turns: int = 3, short_fraction: float = 0.0,
+                 eval_instruction: str = '', progress: bool = False,
+                 travel: float = 1.0) -> SyntheticDataset:
   """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
 
   The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
   eval_fraction > 0) are held out for `eval_qa.json` and appear in no training file.
+  `turns` questions of each training clip go into its `train_instruct.json` conversation; each
+  is asked in the short form (the question followed by `SHORT_ANSWER_PROMPT`, answered with the
+  short answer) with probability `short_fraction`, else answered with a sentence.
+  `eval_instruction` is appended to every held-out question on a new line (e.g.
+  `SHORT_ANSWER_PROMPT`). `travel` is `random_scene`'s. `progress` shows a progress bar.
   """
+  if not 0.0 <= short_fraction <= 1.0:
+    raise ValueError(f'short_fraction={short_fraction} must be in [0, 1]')
+  if turns < 1:
+    raise ValueError(f'turns={turns} must be >= 1')
   if num_videos < 1:
     raise ValueError('num_videos must be >= 1')
   root = os.path.abspath(root)
@@ -397,10 +431,11 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
 
   captions, instruct, eval_qa, scenes = [], [], [], {}
   train_paths, eval_paths = [], []
-  for i in range(num_videos):
+  from tqdm import tqdm
+  for i in tqdm(range(num_videos), desc='synthetic clips', unit='clip', disable=not progress):
     rng = np.random.default_rng([seed, i])
     scene = random_scene(rng, width=width, height=height, fps=fps, duration_s=duration_s,
-                         max_shapes=max_shapes)
+                         max_shapes=max_shapes, travel=travel)
     name = f'vid_{i:05d}'
     path = os.path.join(vdir, name + '.mp4')
     write_scene_video(path, scene, codec=codec, gop=gop, preset=preset)
@@ -413,16 +448,23 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
       captions.append({'id': name, 'video': rel, 'conversations': [
           {'from': 'human', 'value': f'<video>\n{prompt}'},
           {'from': 'gpt', 'value': caption(scene)}]})
-      order = rng.permutation(len(qs))[:min(3, len(qs))]
+      order = rng.permutation(len(qs))[:min(turns, len(qs))]
+      # A separate stream, so the default (all sentences) keeps the files it always wrote.
+      short = (np.random.default_rng([seed, i, 1]).random(len(order)) < short_fraction
+               if short_fraction > 0 else np.zeros(len(order), bool))
       conv = []
       for t, q in enumerate(qs[int(k)] for k in order):
-        conv.append({'from': 'human', 'value': ('<video>\n' if t == 0 else '') + q['question']})
-        conv.append({'from': 'gpt', 'value': q['sentence']})
+        ask = ('<video>\n' if t == 0 else '') + q['question']
+        if short[t]:
+          ask += '\n' + SHORT_ANSWER_PROMPT
+        conv.append({'from': 'human', 'value': ask})
+        conv.append({'from': 'gpt', 'value': q['answer'] if short[t] else q['sentence']})
       instruct.append({'id': name, 'video': rel, 'conversations': conv})
     else:
       eval_paths.append(path)
       for k, q in enumerate(qs):
-        eval_qa.append({'video_name': name, 'question': q['question'],
+        ask = q['question'] + ('\n' + eval_instruction if eval_instruction else '')
+        eval_qa.append({'video_name': name, 'question': ask,
                         'question_id': f'{name}_{k}', 'answer': q['answer'],
                         'type': q['type']})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import sys
 import time
 from typing import Any, Iterator, Mapping
 
@@ -207,10 +208,20 @@ def global_steps(local: int, gather=None) -> int:
   return int(counts.min())
 
 
-def train(config, workdir: str, iterator: Iterator) -> dict:
+def train(config, workdir: str, iterator: Iterator, progress: bool = False,
+          desc: str = 'train') -> dict:
   """Runs (or resumes) the configured stage. Returns the last logged metrics (with
-  `first_loss`, the loss at this invocation's first logged step)."""
+  `first_loss`, the loss at this invocation's first logged step).
+
+  Every logged step also appends its scalars to `workdir/metrics.jsonl` (one JSON object per
+  line with `step`). `progress` shows a progress bar (`desc`) on process 0; its ETA, like the
+  logged one, is measured from the steps after the first, so compilation does not inflate it.
+  """
+  import json
+  import os
+
   from clu import metric_writers
+  from tqdm import tqdm
 
   steps = resolve_steps(config, iterator)
   if steps != config.train.steps:
@@ -255,7 +266,12 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.train.steps
   last: dict = {}
-  t0, s0 = time.perf_counter(), start
+  # Rates and ETAs count from the end of the first step of this invocation (which compiles).
+  t0, s0 = None, start
+  lead = jax.process_index() == 0
+  bar = tqdm(total=total, initial=start, desc=desc, unit='step', dynamic_ncols=True,
+             disable=not (progress and lead), file=sys.stderr)
+  metrics_log = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if lead else None
   try:
     with _Preemption() as pre, jax.set_mesh(mesh), \
         nn.logical_axis_rules(config_lib.rules(config)):
@@ -264,6 +280,10 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
         host = next(iterator)
         state, metrics = step_fn(state, _global_batch(host, batch_sh, spec), teacher_params)
         step += 1
+        bar.update(1)
+        if t0 is None:
+          jax.block_until_ready(metrics)
+          t0, s0 = time.perf_counter(), step
         is_log = step % config.train.log_every == 0 or step == total
         if is_log or pre.requested:
           m = jax.device_get(metrics)
@@ -281,9 +301,15 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
           for k, v in getattr(iterator, 'stats', lambda: {})().items():
             scalars[f'data/{k}'] = float(v)
           writer.write_scalars(step, scalars)
-          logging.info('step %d/%d loss %.4f (ce %.4f, distill %.4f) %.2f steps/s, ETA %.0fs',
+          eta = f'ETA {(total - step) / rate:.0f}s' if rate > 0 else 'ETA after the next log'
+          logging.info('step %d/%d loss %.4f (ce %.4f, distill %.4f) %.2f steps/s, %s',
                        step, total, scalars['loss'], scalars['ce'], scalars['distill'], rate,
-                       (total - step) / max(rate, 1e-9))
+                       eta)
+          bar.set_postfix(loss=f'{scalars["loss"]:.3f}', ce=f'{scalars["ce"]:.3f}',
+                          refresh=False)
+          if metrics_log is not None:
+            metrics_log.write(json.dumps(dict(scalars, step=step)) + '\n')
+            metrics_log.flush()
           last = dict(scalars, step=step, first_loss=last.get('first_loss', scalars['loss']))
         if step % config.train.save_every == 0 or step == total or pre.requested:
           ckpt.save(mngr, step, state, iterator.get_state())
@@ -293,4 +319,7 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
     # Whatever stops the loop, a save in flight completes (only SIGKILL loses it).
     mngr.wait_until_finished()
     writer.flush()
+    bar.close()
+    if metrics_log is not None:
+      metrics_log.close()
   return last

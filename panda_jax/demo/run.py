@@ -1,0 +1,261 @@
+"""The demo's phases: data, stages 1 -> 2 -> 3, held-out VideoQA, judge-free scores, report.
+
+  python -m panda_jax.main --config=configs/demo.py [--workdir=runs/demo]
+
+Every phase leaves a record in the workdir and is skipped when a rerun finds it complete: the
+data set (`data/DONE.json`), each stage (`stageN/summary.json`; an interrupted stage resumes
+from its newest checkpoint through the training loop itself), the predictions (appended as
+they are made, so evaluation resumes where it stopped). Scores and the report are recomputed
+from the predictions every time.
+
+Nothing here is a second training loop: the stages run `panda_jax.train.loop.train` on the
+iterator `panda_jax.train.data.build_train_iterator` builds from the annotation files, exactly
+as `configs/stageN.py` runs do, and evaluation is `panda_jax.eval.videoqa.answer_file`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import ml_collections
+
+from panda_jax import config as config_lib
+from panda_jax.data import synthetic, text
+
+STAGES = (1, 2, 3)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+
+def make_data(config, root: str, progress: bool = True) -> dict:
+  """Generates (once) the clips, annotation files and tokenizer under `root`.
+
+  Returns the data summary (also `root/DONE.json`): paths, clip and question counts, seconds.
+  """
+  done = os.path.join(root, 'DONE.json')
+  if os.path.exists(done):
+    return _read_json(done)
+  d = config.data
+  if d.train_clips < 1 or d.eval_clips < 1:
+    raise ValueError(f'data.train_clips={d.train_clips} and data.eval_clips={d.eval_clips} '
+                     'must both be positive')
+  t0 = time.perf_counter()
+  total = d.train_clips + d.eval_clips
+  ds = synthetic.make_dataset(
+      root, total, seed=config.seed, eval_fraction=d.eval_clips / total, width=d.width,
+      height=d.height, fps=d.fps, duration_s=d.duration_s, max_shapes=d.max_shapes,
+      turns=d.turns, short_fraction=d.short_fraction,
+      eval_instruction=synthetic.SHORT_ANSWER_PROMPT, progress=progress)
+  # The tokenizer learns the training text only (held-out questions use the same templates).
+  corpus = []
+  for path in (ds.train_captions, ds.train_instruct):
+    for entry in _read_json(path):
+      corpus += [m['value'].replace('<video>', '') for m in entry['conversations']]
+  corpus += [text.SYSTEM_PROMPT, 'USER: ASSISTANT:', synthetic.SHORT_ANSWER_PROMPT]
+  tok_dir = os.path.join(root, 'tokenizer')
+  text.build_tokenizer(tok_dir, corpus * 2, vocab_size=d.tokenizer_vocab)
+  vocab = len(text.load_tokenizer(tok_dir))
+  if vocab > config.model.llm.vocab_size:
+    raise ValueError(f'the tokenizer has {vocab} tokens but model.llm.vocab_size is '
+                     f'{config.model.llm.vocab_size}; raise it or lower data.tokenizer_vocab')
+  questions = _read_json(ds.eval_qa)
+  summary = {
+      'root': root, 'videos': os.path.join(root, 'videos'), 'tokenizer': tok_dir,
+      'train_captions': ds.train_captions, 'train_instruct': ds.train_instruct,
+      'eval_qa': ds.eval_qa, 'scenes': ds.scenes,
+      'train_clips': len(ds.train_videos), 'eval_clips': len(ds.eval_videos),
+      'eval_questions': len(questions),
+      'eval_by_type': dict(collections.Counter(q['type'] for q in questions)),
+      'tokenizer_vocab': vocab, 'seconds': time.perf_counter() - t0}
+  _write_json(done, summary)
+  return summary
+
+
+# ------------------------------------------------------------------------------------------
+# Training stages
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+  """Sets dotted fields (`model.stab.lste=False`) of an unlocked config; unknown fields fail."""
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split('.')
+    for p in path:
+      if p not in node:
+        raise KeyError(f'override {key!r}: no field {p!r}')
+      node = node[p]
+    if last not in node:
+      raise KeyError(f'override {key!r}: no field {last!r}')
+    node[last] = value
+
+
+def stage_config(config, stage: int, data: Mapping, init_from: str = '',
+                 model_overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The training config of one demo stage: `configs/stageN.py:tiny` with the demo's model,
+  data, steps, batch and learning rate."""
+  c = config_lib.train_config(stage, 'tiny')
+  c.seed = config.seed
+  c.model = ml_collections.ConfigDict(config.model.to_dict())
+  apply_overrides(c, {f'model.{k}': v for k, v in (model_overrides or {}).items()})
+  st = config.stages[f'stage{stage}']
+  c.train.steps = st.steps
+  c.train.batch_size = st.batch_size
+  c.train.log_every = config.train.log_every
+  c.train.save_every = config.train.save_every
+  c.optim.lr = st.lr
+  c.optim.warmup_ratio = st.warmup_ratio
+  c.data.annotations = data['train_instruct'] if stage == 3 else data['train_captions']
+  c.data.video_root = data['root']
+  c.data.tokenizer = data['tokenizer']
+  c.data.synthetic_videos = 0
+  c.data.frames = config.data.frames
+  c.data.max_len = config.data.max_len
+  c.data.num_workers = config.data.num_workers
+  c.init.from_run = init_from
+  c.lock()
+  return c
+
+
+def run_stage(config, stage: int, workdir: str, data: Mapping, init_from: str = '',
+              model_overrides: Mapping[str, Any] | None = None, progress: bool = True) -> dict:
+  """Trains one stage in `workdir` (skipped when its summary says it finished); returns the
+  stage summary: steps, seconds, the last logged metrics and the iterator's skip counts."""
+  from panda_jax.train.data import build_train_iterator
+  from panda_jax.train.loop import train
+  summary_path = os.path.join(workdir, 'summary.json')
+  c = stage_config(config, stage, data, init_from, model_overrides)
+  if os.path.exists(summary_path):
+    summary = _read_json(summary_path)
+    if summary.get('step') == c.train.steps:
+      logging.info('stage %d already trained in %s', stage, workdir)
+      return summary
+  config_lib.save_resolved(c, workdir)
+  t0 = time.perf_counter()
+  iterator = build_train_iterator(c, workdir)
+  try:
+    last = train(c, workdir, iterator, progress=progress, desc=f'stage {stage}')
+    stats = iterator.stats()
+  finally:
+    iterator.close()
+  previous = _read_json(summary_path) if os.path.exists(summary_path) else {}
+  summary = dict(last, stage=stage, step=c.train.steps, batch_size=c.train.batch_size,
+                 lr=c.optim.lr, trainable=list(c.optim.trainable), skipped=stats,
+                 seconds=previous.get('seconds', 0.0) + time.perf_counter() - t0)
+  _write_json(summary_path, summary)
+  return summary
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation
+
+def evaluate(config, model_dir: str, data: Mapping, out: str, progress: bool = True) -> dict:
+  """Answers every held-out question with the model in `model_dir` into `out` (JSON lines in
+  the VideoQA format with `type`; resumable) and returns the scores and baselines."""
+  from panda_jax.data import qa as qa_lib
+  from panda_jax.eval import score as score_lib
+  from panda_jax.eval import videoqa
+  from panda_jax.eval.generate import Sampling
+  from panda_jax.eval.predict import Predictor
+  records = qa_lib.qa_records(qa_lib.load_qa(data['eval_qa']), data['videos'])
+  t0 = time.perf_counter()
+  rows = _read_rows(out)
+  if len(rows) < len(records):
+    cfg, variables = videoqa.load_model(model_dir)
+    tok = text.load_tokenizer(data['tokenizer'])
+    predictor = Predictor(cfg, variables, tok, Sampling(
+        max_new_tokens=config.eval.max_new_tokens, eos_id=tok.eos_token_id))
+    stats = videoqa.answer_file(predictor, records, data['videos'], out,
+                                batch_size=config.eval.batch_size, frames=config.data.frames,
+                                progress=progress)
+    if stats['failed']:
+      raise RuntimeError(f'{stats["failed"]} held-out questions had no usable video (see '
+                         f'{out}.failures.json)')
+    rows = _read_rows(out)
+  scores = score_lib.score_records(rows)
+  scores['baseline'] = score_lib.majority_baseline(rows)
+  scores['seconds'] = time.perf_counter() - t0
+  return scores
+
+
+def _read_rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue          # a torn last line; answer_file drops it before appending
+  return rows
+
+
+# ------------------------------------------------------------------------------------------
+# A whole variant and the demo
+
+def run_variant(config, workdir: str, data: Mapping, model_overrides=None,
+                progress: bool = True, name: str = 'full') -> dict:
+  """Stages 1 -> 2 -> 3 (each from the previous) and the held-out evaluation of one model."""
+  stages, previous = {}, ''
+  for s in STAGES:
+    wd = os.path.join(workdir, f'stage{s}')
+    if progress:
+      logging.info('[%s] stage %d', name, s)
+    stages[s] = run_stage(config, s, wd, data, init_from=previous,
+                          model_overrides=model_overrides, progress=progress)
+    previous = wd
+  out = os.path.join(workdir, 'eval', 'predictions.jsonl')
+  scores = evaluate(config, previous, data, out, progress=progress)
+  result = {'name': name, 'overrides': dict(model_overrides or {}), 'stages': stages,
+            'scores': scores, 'predictions': out}
+  _write_json(os.path.join(workdir, 'scores.json'), scores)
+  return result
+
+
+def ablation_overrides(config) -> dict[str, dict]:
+  """The ablated variants the config asks for: {name: model overrides}."""
+  from panda_jax.demo.ablations import ABLATIONS
+  chosen = {}
+  for name in config.ablations:
+    if name not in ABLATIONS:
+      raise ValueError(f'ablation {name!r}; expected one of {sorted(ABLATIONS)}')
+    chosen[name] = ABLATIONS[name]
+  return chosen
+
+
+def run(config, workdir: str, progress: bool = True) -> dict:
+  """The whole demo in `workdir`; returns what the report shows."""
+  from panda_jax.demo import report
+  t_start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  data = make_data(config, os.path.join(workdir, 'data'), progress=progress)
+  logging.info('data: %d training clips, %d held-out clips, %d held-out questions %s',
+               data['train_clips'], data['eval_clips'], data['eval_questions'],
+               data['eval_by_type'])
+  main = run_variant(config, workdir, data, progress=progress, name='full')
+  variants = [main]
+  for name, overrides in ablation_overrides(config).items():
+    variants.append(run_variant(config, os.path.join(workdir, 'ablations', name), data,
+                                overrides, progress=progress, name=name))
+  result = {'data': data, 'variants': variants,
+            'seconds_this_run': time.perf_counter() - t_start}
+  paths = report.write_report(config, workdir, result)
+  result['report'] = paths
+  return result
