@@ -164,8 +164,11 @@ def create_state(config, mesh, model, rng):
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, train_sh,
                                  transform_non_params=lambda _: replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(train)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=opt_state, rng=jax.device_put(state_rng, replicated))
+  # Every leaf placed by its sharding: the step's outputs carry the mesh in their types, so an
+  # input without it (a bare jnp.zeros step) would make the second step compile again.
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                     batch_stats=batch_stats, opt_state=opt_state,
+                     rng=jax.device_put(state_rng, replicated))
   state_sh = TrainState(step=replicated, params=var_sh['params'],
                         batch_stats=var_sh.get('batch_stats', {}), opt_state=opt_sh,
                         rng=replicated)
