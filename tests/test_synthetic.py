@@ -127,3 +127,39 @@ def test_codec_and_keyframes(tmp_path):
     out = load_video(path)
     assert out['pixels'].shape == (8, 448, 448, 3)
     assert out['info']['indices'].tolist() == sample_indices(20, 10).tolist()
+
+
+def test_travel_slows_every_shape_to_one_speed_ending_at_its_edge():
+  full = synthetic.random_scene(np.random.default_rng(3), width=112, height=84, fps=1,
+                                duration_s=4.0, num_shapes=3)
+  slow = synthetic.random_scene(np.random.default_rng(3), width=112, height=84, fps=1,
+                                duration_s=4.0, num_shapes=3, travel=0.4)
+  speeds = []
+  for a, b in zip(full.shapes, slow.shapes):
+    # The same scene otherwise (the option draws nothing), the same end point.
+    assert (a.kind, a.colour, a.direction, a.appear, a.end) == (b.kind, b.colour, b.direction,
+                                                                 b.appear, b.end)
+    frames_moving = slow.num_frames - 1 - b.appear
+    dist = np.hypot(b.end[0] - b.start[0], b.end[1] - b.start[1])
+    span = np.hypot(a.end[0] - a.start[0], a.end[1] - a.start[1])
+    assert dist == pytest.approx(0.4 * span * frames_moving / (slow.num_frames - 1))
+    speeds.append(dist / frames_moving / span)
+  assert max(speeds) == pytest.approx(min(speeds))
+  with pytest.raises(ValueError, match='travel=0'):
+    synthetic.random_scene(np.random.default_rng(3), travel=0.0)
+
+
+def test_short_answer_turns_and_eval_instruction(tmp_path):
+  ds = synthetic.make_dataset(str(tmp_path), 12, seed=1, turns=6, short_fraction=0.5,
+                              eval_instruction=synthetic.SHORT_ANSWER_PROMPT, **SMALL)
+  scenes = json.load(open(ds.scenes))
+  pairs = [(h['value'], g['value']) for e in json.load(open(ds.train_instruct))
+           for h, g in zip(e['conversations'][::2], e['conversations'][1::2])]
+  short = [(q, a) for q, a in pairs if q.endswith('\n' + synthetic.SHORT_ANSWER_PROMPT)]
+  assert 0 < len(short) < len(pairs)
+  words = {'left', 'right', 'up', 'down', 'top', 'bottom', 'yes', 'no'}
+  assert all(a in words or a.startswith('the ') for _, a in short)
+  assert max(len(e['conversations']) for e in json.load(open(ds.train_instruct))) > 6
+  qa = json.load(open(ds.eval_qa))
+  assert all(q['question'].endswith('?\n' + synthetic.SHORT_ANSWER_PROMPT) for q in qa)
+  assert {q['video_name'] for q in qa} <= set(scenes)
