@@ -3,9 +3,12 @@
   python -m panda_jax.main --config=configs/demo.py [--config.field=value ...] [--workdir=DIR]
 
 The config's `mode` picks what runs:
-  demo   the STAB + projector on a generated letterboxed video: per-frame token counts and the
-         forward time, with parameters born sharded over the configured device mesh.
+  demo   the main job (configs/demo.py): a tiny Video-Panda trained through stages 1 -> 2 -> 3
+         on synthetic clips, scored on held-out VideoQA, with report.md and figures in
+         --workdir (default runs/demo); a rerun resumes.
   train  one training stage (configs/stage{1,2,3}.py) in --workdir, resuming automatically.
+  stab   the STAB + projector on a generated letterboxed video (configs/stab.py): per-frame
+         token counts and the forward time, with parameters born sharded over the device mesh.
 """
 
 from __future__ import annotations
@@ -32,7 +35,26 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False,
                                'every host runs the same command.')
 
 
+DEFAULT_DEMO_WORKDIR = 'runs/demo'
+
+
 def run_demo(config) -> dict:
+  """The main job: trains, evaluates and reports in --workdir (default runs/demo)."""
+  from panda_jax.demo import run as demo_run
+  workdir = _WORKDIR.value or DEFAULT_DEMO_WORKDIR
+  if jax.process_count() > 1:
+    raise app.UsageError('the demo runs on one process')
+  result = demo_run.run(config, workdir)
+  main = result['variants'][0]['scores']
+  print(f'held-out exact match {main["exact_match"]:.3f} over {main["count"]} questions:')
+  for t in sorted(main['by_type']):
+    print(f'  {t:<14} {main["by_type"][t]["exact_match"]:.3f}  (majority answer '
+          f'{main["baseline"][t]["accuracy"]:.3f})')
+  print(f'report: {result["report"]["report"]}')
+  return result
+
+
+def run_stab(config) -> dict:
   """Runs the visual tokenizer on a generated clip and prints what each frame becomes."""
   cfg = config_lib.stab_config(config.model)
   dtype = config_lib.dtype(config.model.dtype)
@@ -109,7 +131,7 @@ def run_train(config) -> dict:
   return last
 
 
-MODES = {'demo': run_demo, 'train': run_train}
+MODES = {'demo': run_demo, 'train': run_train, 'stab': run_stab}
 
 
 class _DropLibraryInfo:
@@ -139,8 +161,9 @@ def main(argv):
     raise app.UsageError('--config is required, e.g. --config=configs/demo.py')
   if config.mode not in MODES:
     raise app.UsageError(f'config.mode={config.mode!r}; available: {sorted(MODES)}')
-  if _WORKDIR.value and jax.process_index() == 0:
-    path = config_lib.save_resolved(config, _WORKDIR.value)
+  workdir = _WORKDIR.value or (DEFAULT_DEMO_WORKDIR if config.mode == 'demo' else None)
+  if workdir and jax.process_index() == 0:
+    path = config_lib.save_resolved(config, workdir)
     logging.info('resolved config written to %s', path)
   MODES[config.mode](config)
 

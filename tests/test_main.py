@@ -18,7 +18,7 @@ def _run(*args):
 
 @pytest.mark.slow
 def test_demo_runs_and_writes_resolved_config(tmp_path):
-  r = _run('--config=configs/demo.py:tiny', f'--workdir={tmp_path}',
+  r = _run('--config=configs/stab.py:tiny', f'--workdir={tmp_path}',
            '--config.demo.width=4', '--config.demo.height=3')
   assert r.returncode == 0, r.stderr[-3000:]
   # 4:3 at the tiny size (112 px, 14-px patches): 3 of 4 teacher patches, 6 x 8 student
@@ -30,11 +30,11 @@ def test_demo_runs_and_writes_resolved_config(tmp_path):
 
 
 def test_bad_config_fields_fail_clearly():
-  r = _run('--config=configs/demo.py:tiny', '--config.demo.frames=6')
+  r = _run('--config=configs/stab.py:tiny', '--config.demo.frames=6')
   assert r.returncode != 0 and 'demo.frames=6 must be a positive multiple of 4' in r.stderr
-  r = _run('--config=configs/demo.py:tiny', '--config.demo.nonexistent=1')
+  r = _run('--config=configs/stab.py:tiny', '--config.demo.nonexistent=1')
   assert r.returncode != 0 and 'nonexistent' in r.stderr
-  r = _run('--config=configs/demo.py:huge')
+  r = _run('--config=configs/stab.py:huge')
   assert r.returncode != 0 and "model size 'huge'" in r.stderr
 
 

@@ -1,0 +1,131 @@
+"""The main job (configs/demo.py) as a user runs it, scaled down: data, three stages, held-out
+VideoQA, scores and the report, then a rerun that resumes instead of redoing."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from panda_jax.eval import score as score_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir, *args):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'panda_jax.main', '--config=configs/demo.py:smoke',
+                         f'--workdir={workdir}', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def _table(report: str) -> dict:
+  """{type: (questions, exact match, token F1, majority accuracy)} from report.md's table."""
+  rows = {}
+  for line in report.splitlines():
+    m = re.match(r'\| (\w+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [^|]* \| ([\d.]+) \|', line)
+    if m:
+      rows[m.group(1)] = (int(m.group(2)), float(m.group(3)), float(m.group(4)),
+                          float(m.group(5)))
+  return rows
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('demo')
+  r = _run(workdir)
+  assert r.returncode == 0, r.stderr[-4000:]
+  return workdir, r
+
+
+@pytest.mark.slow
+def test_demo_writes_every_report_file(demo_run):
+  workdir, r = demo_run
+  for rel in ('report.md', 'scores.json', 'eval/predictions.jsonl', 'figures/loss.png',
+              'figures/accuracy.png', 'figures/example.png', 'data/DONE.json', 'config.json',
+              *(f'stage{s}/{f}' for s in (1, 2, 3) for f in ('summary.json', 'metrics.jsonl'))):
+    path = workdir / rel
+    assert path.exists() and path.stat().st_size > 0, rel
+  for fig in ('loss', 'accuracy', 'example'):
+    assert (workdir / 'figures' / f'{fig}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert 'held-out exact match' in r.stdout and 'report.md' in r.stdout
+  # Each stage starts from the previous one and trains what its stage trains.
+  s1 = json.load(open(workdir / 'stage1' / 'summary.json'))
+  s3 = json.load(open(workdir / 'stage3' / 'summary.json'))
+  assert s1['trainable'] == ['^visual/', '^distill/'] and s3['trainable'] == ['.*']
+  assert json.load(open(workdir / 'stage2' / 'config.json'))['init']['from_run'] == \
+      str(workdir / 'stage1')
+
+
+@pytest.mark.slow
+def test_demo_report_table_equals_scores_recomputed_from_predictions(demo_run):
+  workdir, _ = demo_run
+  rows = score_lib.read_predictions(str(workdir / 'eval' / 'predictions.jsonl'))
+  questions = json.load(open(workdir / 'data' / 'eval_qa.json'))
+  assert sorted(r['id'] for r in rows) == sorted(q['question_id'] for q in questions)
+  assert all(r['question'].endswith('Answer with a single word or phrase.') for r in rows)
+  scores = score_lib.score_records(rows)
+  base = score_lib.majority_baseline(rows)
+  table = _table(open(workdir / 'report.md').read())
+  assert set(table) == set(scores['by_type']) == {'direction', 'end_position', 'at_start',
+                                                   'order'}
+  for t, (n, em, f1, maj) in table.items():
+    s = scores['by_type'][t]
+    assert n == s['count']
+    assert em == pytest.approx(s['exact_match'], abs=5e-4)
+    assert f1 == pytest.approx(s['token_f1'], abs=5e-4)
+    assert maj == pytest.approx(base[t]['accuracy'], abs=5e-4)
+  saved = json.load(open(workdir / 'scores.json'))
+  assert saved['exact_match'] == pytest.approx(scores['exact_match'])
+
+
+@pytest.mark.slow
+def test_demo_rerun_resumes_instead_of_redoing(demo_run):
+  workdir, _ = demo_run
+  pred = workdir / 'eval' / 'predictions.jsonl'
+  lines = pred.read_text().splitlines()
+  # A kill during evaluation: the last answers (and a torn line) are lost.
+  pred.write_text('\n'.join(lines[:-3]) + '\n' + lines[-3][:10])
+  stamps = {s: os.path.getmtime(workdir / f'stage{s}' / 'summary.json') for s in (1, 2, 3)}
+  r = _run(workdir)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert r.stderr.count('already trained') == 3
+  assert {s: os.path.getmtime(workdir / f'stage{s}' / 'summary.json')
+          for s in (1, 2, 3)} == stamps
+  again = pred.read_text().splitlines()
+  assert len(again) == len(lines)
+  assert again[:-3] == lines[:-3]
+  assert sorted(json.loads(l)['id'] for l in again) == sorted(json.loads(l)['id']
+                                                               for l in lines)
+
+
+def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
+  from configs import demo as demo_config
+  from panda_jax.data import synthetic
+  from panda_jax.demo import run as demo_run
+  config = demo_config.get_config()
+  with config.unlocked():
+    config.data.train_clips = 40
+  data = demo_run.make_data(config, str(tmp_path / 'data'), progress=False)
+  # The default held-out set: at least 200 questions, at least 40 of every type.
+  assert data['eval_questions'] >= 200, data
+  assert min(data['eval_by_type'].values()) >= 40, data
+  assert set(data['eval_by_type']) == {'direction', 'end_position', 'at_start', 'order'}
+  qs = json.load(open(data['eval_qa']))
+  assert all(q['question'].endswith('\n' + synthetic.SHORT_ANSWER_PROMPT) for q in qs)
+  conv = json.load(open(data['train_instruct']))
+  answers = [(h['value'], g['value']) for e in conv
+             for h, g in zip(e['conversations'][::2], e['conversations'][1::2])]
+  short = [a for q, a in answers if q.endswith(synthetic.SHORT_ANSWER_PROMPT)]
+  sentences = [a for q, a in answers if not q.endswith(synthetic.SHORT_ANSWER_PROMPT)]
+  assert short and sentences
+  assert all(len(a.split()) <= 3 for a in short)
+  assert all(a.endswith('.') for a in sentences)
+  # Held-out clips are in no training file.
+  train_videos = {e['video'] for e in conv} | {e['video'] for e in
+                                               json.load(open(data['train_captions']))}
+  assert not {f'videos/{q["video_name"]}.mp4' for q in qs} & train_videos
+  # Made once: a second call reads the summary.
+  assert demo_run.make_data(config, str(tmp_path / 'data'), progress=False) == data
