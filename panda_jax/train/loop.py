@@ -25,6 +25,7 @@ from panda_jax import config as config_lib
 from panda_jax import sharding
 from panda_jax.models.panda import VideoPanda
 from panda_jax.train import checkpoint as ckpt
+from panda_jax.train import metrics as metrics_lib
 from panda_jax.train.optimizer import flatten, make_optimizer, param_labels, unflatten
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree
 
@@ -210,8 +211,6 @@ def global_steps(local: int, gather=None) -> int:
 def train(config, workdir: str, iterator: Iterator) -> dict:
   """Runs (or resumes) the configured stage. Returns the last logged metrics (with
   `first_loss`, the loss at this invocation's first logged step)."""
-  from clu import metric_writers
-
   steps = resolve_steps(config, iterator)
   if steps != config.train.steps:
     with config.unlocked() if hasattr(config, 'unlocked') else _nullcontext():
@@ -252,7 +251,7 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
     state, data_state = ckpt.restore(mngr, start, state, state_sh)
     iterator.set_state(data_state)
     logging.info('resumed from step %d', start)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metrics_lib.create_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.train.steps
   last: dict = {}
   t0, s0 = time.perf_counter(), start
@@ -292,5 +291,5 @@ def train(config, workdir: str, iterator: Iterator) -> dict:
   finally:
     # Whatever stops the loop, a save in flight completes (only SIGKILL loses it).
     mngr.wait_until_finished()
-    writer.flush()
+    writer.close()
   return last
