@@ -5,9 +5,11 @@
 #   launch/tpu_vm.sh NAME ZONE run --config=configs/demo.py [--config.x=y ...] [--workdir=gs://...]
 #
 # `setup` copies this checkout to ~/panda-jax on every worker and installs requirements.txt
-# plus JAX's TPU wheel. `run` starts `python -m panda_jax.main --multihost ARGS` on all workers
-# at once (every host must run the same program; jax.distributed finds its peers from the TPU
-# metadata). Output of worker 0 is shown; the others log to ~/panda-jax/worker.log.
+# plus JAX's TPU wheel and the Cloud Storage clients a gs:// workdir needs without TensorFlow
+# (gcsfs: etils.epath, so Orbax and tfds; google-cloud-storage: tensorboardX's event files).
+# `run` starts `python -m panda_jax.main --multihost ARGS` on all workers at once (every host
+# must run the same program; jax.distributed finds its peers from the TPU metadata). Output of
+# worker 0 is shown; the others log to ~/panda-jax/worker.log.
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
@@ -28,7 +30,7 @@ case "$action" in
     gcloud compute tpus tpu-vm scp "$tarball" "$name":panda-jax.tar.gz --zone "$zone" --worker=all
     rm -f "$tarball"
     jax_version=$(sed -n 's/^jax==//p' "$repo/requirements.txt")
-    ssh_all "set -e; rm -rf ~/panda-jax && mkdir -p ~/panda-jax && tar -xzf ~/panda-jax.tar.gz -C ~/panda-jax && cd ~/panda-jax && python3 -m venv .venv && . .venv/bin/activate && pip install -q -r requirements.txt && pip install -q 'jax[tpu]==${jax_version}'"
+    ssh_all "set -e; rm -rf ~/panda-jax && mkdir -p ~/panda-jax && tar -xzf ~/panda-jax.tar.gz -C ~/panda-jax && cd ~/panda-jax && python3 -m venv .venv && . .venv/bin/activate && pip install -q -r requirements.txt && pip install -q 'jax[tpu]==${jax_version}' gcsfs google-cloud-storage"
     ;;
   run)
     args=$(printf '%q ' "$@")

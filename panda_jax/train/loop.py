@@ -26,6 +26,7 @@ from panda_jax import config as config_lib
 from panda_jax import sharding
 from panda_jax.models.panda import VideoPanda
 from panda_jax.train import checkpoint as ckpt
+from panda_jax.train import metrics as metrics_lib
 from panda_jax.train.optimizer import flatten, make_optimizer, param_labels, unflatten
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree
 
@@ -223,7 +224,6 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   import json
   import os
 
-  from clu import metric_writers
   from tqdm import tqdm
 
   steps = resolve_steps(config, iterator)
@@ -266,7 +266,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
     state, data_state = ckpt.restore(mngr, start, state, state_sh)
     iterator.set_state(data_state)
     logging.info('resumed from step %d', start)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metrics_lib.create_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.train.steps
   last: dict = {}
   # Rates and ETAs count from the end of the first step of this invocation (which compiles).
@@ -321,7 +321,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   finally:
     # Whatever stops the loop, a save in flight completes (only SIGKILL loses it).
     mngr.wait_until_finished()
-    writer.flush()
+    writer.close()
     bar.close()
     if metrics_log is not None:
       metrics_log.close()
