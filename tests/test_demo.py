@@ -15,7 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(workdir, *args):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  import jax
+  # The run compiles what the suite may have compiled already: share the persistent cache.
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
   return subprocess.run([sys.executable, '-m', 'panda_jax.main', '--config=configs/demo.py:smoke',
                          f'--workdir={workdir}', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
@@ -129,3 +133,49 @@ def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
   assert not {f'videos/{q["video_name"]}.mp4' for q in qs} & train_videos
   # Made once: a second call reads the summary.
   assert demo_run.make_data(config, str(tmp_path / 'data'), progress=False) == data
+
+
+def test_every_ablation_names_valid_model_fields():
+  from configs import demo as demo_config
+  from panda_jax import config as config_lib
+  from panda_jax.demo import ablations, run as demo_run
+  config = demo_config.get_config('ablations')
+  assert set(config.ablations) <= set(ablations.ABLATIONS)
+  base = config_lib.panda_config(config.model)
+  for name, overrides in ablations.ABLATIONS.items():
+    c = demo_run.stage_config(config, 3, {'train_instruct': 'x', 'train_captions': 'y',
+                                          'root': 'r', 'tokenizer': 't'},
+                              model_overrides=overrides)
+    cfg = config_lib.panda_config(c.model)           # validates the combination
+    assert cfg != base, name
+  with pytest.raises(ValueError, match='no_such'):
+    with config.unlocked():
+      config.ablations = ['no_such']
+    demo_run.ablation_overrides(config)
+
+
+@pytest.mark.slow
+def test_report_puts_ablated_variants_side_by_side(demo_run, tmp_path):
+  from configs import demo as demo_config
+  from panda_jax.demo import report
+  workdir, _ = demo_run
+  import shutil
+  for d in ('stage1', 'stage2', 'stage3', 'eval', 'data'):
+    shutil.copytree(workdir / d, tmp_path / d)
+  data = json.load(open(tmp_path / 'data' / 'DONE.json'))
+  data['videos'] = str(workdir / 'data' / 'videos')
+  rows = score_lib.read_predictions(str(tmp_path / 'eval' / 'predictions.jsonl'))
+  scores = dict(score_lib.score_records(rows), baseline=score_lib.majority_baseline(rows),
+                seconds=1.0)
+  stages = {str(s): json.load(open(tmp_path / f'stage{s}' / 'summary.json')) for s in (1, 2, 3)}
+  variant = lambda name, ov: {'name': name, 'overrides': ov, 'stages': stages,  # noqa: E731
+                              'scores': scores,
+                              'predictions': str(tmp_path / 'eval' / 'predictions.jsonl')}
+  result = {'data': data, 'seconds_this_run': 1.0,
+            'variants': [variant('full', {}), variant('no_row_token', {'stab.row_token': False})]}
+  paths = report.write_report(demo_config.get_config('smoke'), str(tmp_path), result)
+  text = open(paths['report']).read()
+  assert '## Ablations' in text
+  assert '| full | released model |' in text
+  assert '| no_row_token | `stab.row_token=False` |' in text
+  assert open(paths['ablations'], 'rb').read()[:4] == b'\x89PNG'
