@@ -213,9 +213,10 @@ def test_default_path_is_unchanged(stab_setup, tiny_apply):
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
   assert DistillConfig().loss == 'cosine' and StabConfig().max_frame_tokens == 273
-  for case in ('stab_letterbox_eval', 'video_panda_tiny'):
-    rows = golden.check_case(golden.default_dir() / f'{case}.npz')
-    assert rows and all(ok for *_, ok in rows), (case, rows)
+  # The released STAB on a letterboxed video (crop, LSD, FSRA, fusion, rows); tests/test_golden.py
+  # checks every case, the whole model's included.
+  rows = golden.check_case(golden.default_dir() / 'stab_letterbox_eval.npz')
+  assert rows and all(ok for *_, ok in rows), rows
 
 
 def test_gstra_or_fsra_off_is_the_fusion_saturated_to_the_other(stab_setup):
@@ -237,7 +238,7 @@ def test_avgpool_is_lsd_without_its_attention_update(stab_setup):
   lsd['out'] = jax.tree.map(jnp.zeros_like, lsd['out'])
   want = _apply(TINY, _with(v, lsd=lsd), px, mask)
   got = _apply(dataclasses.replace(TINY, downsample='avgpool'), _drop(v, 'lsd'), px, mask)
-  np.testing.assert_allclose(got['tokens'], want['tokens'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got['tokens'], want['tokens'], rtol=1e-4, atol=1e-5)
 
 
 def test_row_token_off_drops_the_row_slots(stab_setup):

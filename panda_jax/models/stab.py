@@ -413,6 +413,7 @@ class STAB(nn.Module):
     cfg = self.cfg
     if deterministic is None:
       deterministic = not train
+    cfg.validate()          # e.g. an ablation combination that leaves no context token
     b, f, hgt, wid, ch = pixels.shape
     if (hgt, wid) != (cfg.image_size, cfg.image_size) or ch != 3:
       raise ValueError(f'pixels have shape {pixels.shape}; expected [B, F, {cfg.image_size}, '
