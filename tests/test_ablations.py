@@ -329,3 +329,23 @@ def test_bad_combinations_are_rejected(fields, match):
 def test_bad_distill_loss_is_rejected():
   with pytest.raises(ValueError, match="loss='l1'"):
     DistillConfig(loss='l1').validate()
+
+
+def test_batch_spec_follows_the_switches():
+  from panda_jax.config import train_config
+  from panda_jax.train.loop import batch_spec
+  c = train_config(1, 'tiny')
+  base = batch_spec(c)
+  assert base['patch_pos'][0][2] == 16 and 'teacher_pixels' in base
+  c.model.stab.downsample = 'none'             # 8x8 tokens, targets on the teacher's 4x4 grid
+  spec = batch_spec(c)
+  assert spec['patch_pos'][0][2] == spec['teacher_cell'][0][2] == 64
+  assert spec['teacher_pixels'] == base['teacher_pixels']
+  c.train.teacher = 'cached'
+  assert batch_spec(c)['teacher'][0][2:] == (16, c.model.distill.teacher_hidden)
+  c.model.distill.loss = 'none'                # no teacher at all
+  assert not {'teacher', 'teacher_pixels'} & set(batch_spec(c))
+  c.model.teacher.image_size = 112             # a teacher grid that matches nothing
+  with pytest.raises(ValueError, match='does not match'):
+    c.model.distill.loss = 'mse'
+    batch_spec(c)
