@@ -53,7 +53,7 @@ def model_config(size: str = '7b') -> ml_collections.ConfigDict:
   llm = dataclasses.asdict(LlamaConfig(**spec['llm']))
   stab = dataclasses.asdict(StabConfig(llm_hidden=llm['hidden'], **spec['stab']))
   distill = dict(teacher_hidden=spec['teacher_hidden'], heads=8,
-                 layers=list(default_layers(llm['layers'])))
+                 layers=list(default_layers(llm['layers'])), loss=DistillConfig.loss)
   teacher = dataclasses.asdict(TeacherConfig(**spec['teacher']))
   return ml_collections.ConfigDict(dict(
       size=size, stab=stab, llm=llm, distill=distill, distill_weight=1.0, teacher=teacher,
@@ -137,7 +137,9 @@ def stab_config(model: ml_collections.ConfigDict) -> StabConfig:
 
 def distill_config(model: ml_collections.ConfigDict) -> DistillConfig:
   cfg = DistillConfig(llm_hidden=model.llm_hidden, teacher_hidden=model.distill.teacher_hidden,
-                      heads=model.distill.heads, layers=tuple(model.distill.layers))
+                      heads=model.distill.heads, layers=tuple(model.distill.layers),
+                      # Configs saved before the ablation switch existed distilled with cosine.
+                      loss=model.distill.get('loss', DistillConfig.loss))
   cfg.validate(model.llm_layers)
   return cfg
 

@@ -39,9 +39,12 @@ def layout_batch(input_ids: np.ndarray, labels: np.ndarray | None, attention_mas
         (slots = `cfg.max_frame_tokens`).
       valid bool [B, L]; labels int32 [B, L] (IGNORE on visual tokens and padding).
       patch_pos int32 [B, F, P]: sequence position of each patch token of each frame
-        (row-major over its h x w LSD grid), P = S * S; patch_valid bool [B, F, P].
-      teacher_cell int32 [B, F, P]: index into the teacher's S x S patch grid of the same
-        patch (the crop's offset applied).
+        (row-major over its h x w token grid), P = S * S (S = `cfg.lsd_grid`);
+        patch_valid bool [B, F, P].
+      teacher_cell int32 [B, F, P]: index into the teacher's Sd x Sd patch grid
+        (Sd = `cfg.target_grid`) of the same patch (the crop's offset applied). With
+        `cfg.downsample == 'none'` tokens are patches and each teacher cell is the target of
+        the lsd_stride x lsd_stride tokens it covers (nearest-neighbour upsampled targets).
       frame_start int32 [B, F]; frame_len int32 [B, F]; patch_hw int32 [B, F, 2].
   Raises:
     ValueError if a sample's placeholder count differs from its frame count;
@@ -54,8 +57,10 @@ def layout_batch(input_ids: np.ndarray, labels: np.ndarray | None, attention_mas
   s = cfg.lsd_grid
   slots = cfg.max_frame_tokens
   patch_hw, origin = frame_grid(np.asarray(mask), cfg, xp=np)
-  lay = frame_layout(patch_hw, s, xp=np)            # [B, F, slots] each
+  lay = frame_layout(patch_hw, s, xp=np, row_token=cfg.row_token)   # [B, F, slots] each
   p_max = s * s
+  # Tokens per teacher cell side (1, or lsd_stride without downsampling) and the teacher grid.
+  u, sd = cfg.lsd_stride // cfg.token_stride, cfg.target_grid
 
   text_ids = np.zeros((b, max_len), np.int32)
   visual_index = np.full((b, max_len), -1, np.int32)
@@ -90,7 +95,8 @@ def layout_batch(input_ids: np.ndarray, labels: np.ndarray | None, attention_mas
         patch_pos[i, k, :len(at)] = pos + at
         patch_valid[i, k, :len(at)] = True
         q = np.arange(len(at))
-        teacher_cell[i, k, :len(at)] = (origin[i, k, 0] + q // w) * s + origin[i, k, 1] + q % w
+        teacher_cell[i, k, :len(at)] = ((origin[i, k, 0] + q // w) // u * sd
+                                        + (origin[i, k, 1] + q % w) // u)
         pos += n
         k += 1
       else:

@@ -91,7 +91,7 @@ def load_samples(annotations: str, video_root: str, answers: str | None = None
 def visual_tokens(mask: np.ndarray, stab: StabConfig) -> int:
   """Sequence slots the visual tokens of a clip take: mask [F, H, W] -> sum of frame lengths."""
   hw, _ = frame_grid(mask, stab, xp=np)
-  return int(frame_layout(hw, stab.lsd_grid, xp=np)['length'].sum())
+  return int(frame_layout(hw, stab.lsd_grid, xp=np, row_token=stab.row_token)['length'].sum())
 
 
 def probe_video(path: str, frames: int, stab: StabConfig, timeout_s: float | None) -> dict:

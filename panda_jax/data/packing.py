@@ -434,7 +434,7 @@ class PackedProcessSample(pipeline.ProcessSample):
       if not manifest:
         raise PackingError(f'{info.data_dir} was packed without teacher features; pack with '
                            '--teacher_features=DIR or train with the online teacher')
-      self.teacher_shape = features_lib.feature_shape(manifest, frames, stab.lsd_grid,
+      self.teacher_shape = features_lib.feature_shape(manifest, frames, stab.target_grid,
                                                       os.fspath(info.data_dir))
 
   def decode(self, record: Mapping, path: str) -> np.ndarray:

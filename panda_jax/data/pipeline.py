@@ -104,7 +104,7 @@ class ProcessSample:
     self.teacher_shape = None
     if teacher_features:
       self.teacher_shape = features_lib.feature_shape(
-          features_lib.read_manifest(teacher_features), frames, stab.lsd_grid, teacher_features)
+          features_lib.read_manifest(teacher_features), frames, stab.target_grid, teacher_features)
 
   def decode(self, record: Mapping, path: str) -> np.ndarray:
     """uint8 [k, H, W, 3]: the record's sampled frames (k <= frames), decoded from the video.
@@ -132,8 +132,8 @@ class ProcessSample:
     except (ValueError, OSError) as e:   # frames the decoder returned but we cannot use
       return {'skip': 'bad_video', 'path': path, 'detail': f'preprocessing: {e}'[:200]}
     hw, _ = frame_grid(v['mask'], self.stab, xp=np)
-    length = len(ids) - self.frames + int(frame_layout(hw, self.stab.lsd_grid, xp=np)
-                                          ['length'].sum())
+    lay = frame_layout(hw, self.stab.lsd_grid, xp=np, row_token=self.stab.row_token)
+    length = len(ids) - self.frames + int(lay['length'].sum())
     if length > self.max_len:
       return {'skip': 'too_long', 'path': path, 'detail': f'{length} > {self.max_len}'}
     out = {'ids': ids, 'labels': labels, 'pixels': v['pixels'], 'mask': v['mask'],

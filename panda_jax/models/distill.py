@@ -1,4 +1,4 @@
-"""Distillation head ("compressor") and the 1 - cosine distillation loss (spec section 5).
+"""Distillation head ("compressor") and the distillation losses (spec section 5).
 
 The head reads the LLM's hidden states at each frame's patch positions for a list of layers
 (Hugging Face numbering: 0 = embedding output, last = after the final norm), projects each
@@ -36,8 +36,13 @@ class DistillConfig:
   teacher_hidden: int = 1024
   heads: int = 8
   layers: Sequence[int] = default_layers(32)
+  # 'cosine' (1 - cosine similarity, released), 'mse' (mean squared error) or 'none' (no
+  # distillation term and no head): the paper's Table 9 ablation.
+  loss: str = 'cosine'
 
   def validate(self, num_llm_layers: int | None = None) -> None:
+    if self.loss not in LOSSES:
+      raise ValueError(f'distillation loss={self.loss!r}; expected one of {list(LOSSES)}')
     if len(self.layers) < 2:
       raise ValueError(f'distillation layers={list(self.layers)}: need at least 2 (one query '
                        'layer and one or more key/value layers)')
@@ -116,3 +121,19 @@ def cosine_distill_loss(student: jax.Array, teacher: jax.Array, patch_valid: jax
   fv = frame_valid.astype(jnp.float32) * (jnp.sum(pv, axis=-1) > 0)
   loss = jnp.sum(frame_loss * fv) / jnp.maximum(jnp.sum(fv), 1.0)
   return loss, frame_loss
+
+
+def mse_distill_loss(student: jax.Array, teacher: jax.Array, patch_valid: jax.Array,
+                     frame_valid: jax.Array):
+  """Mean squared error per frame (over its valid patches and the feature width), averaged
+  over frames with teacher content; arguments and result as `cosine_distill_loss`."""
+  err = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)), axis=-1)
+  pv = patch_valid.astype(jnp.float32)
+  frame_loss = jnp.sum(err * pv, axis=-1) / jnp.maximum(jnp.sum(pv, axis=-1), 1.0)
+  fv = frame_valid.astype(jnp.float32) * (jnp.sum(pv, axis=-1) > 0)
+  loss = jnp.sum(frame_loss * fv) / jnp.maximum(jnp.sum(fv), 1.0)
+  return loss, frame_loss
+
+
+# DistillConfig.loss -> loss function (None: no distillation).
+LOSSES = {'cosine': cosine_distill_loss, 'mse': mse_distill_loss, 'none': None}

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from panda_jax.data.assembly import IGNORE
-from panda_jax.models.distill import DistillConfig, DistillHead, cosine_distill_loss
+from panda_jax.models.distill import LOSSES, DistillConfig, DistillHead
 from panda_jax.models.llama import Llama, LlamaConfig
 from panda_jax.models.stab import StabConfig, VisualTokenizer
 
@@ -65,7 +65,9 @@ class VideoPanda(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.visual = VisualTokenizer(self.cfg.stab, **kw)
     self.llm = Llama(self.cfg.llm, **kw)
-    self.distill = DistillHead(self.cfg.distill, **kw)
+    # With distill.loss='none' (ablation) the model has no distillation head.
+    if self.cfg.distill.loss != 'none':
+      self.distill = DistillHead(self.cfg.distill, **kw)
 
   def embed_inputs(self, batch: dict, *, train: bool = False, deterministic: bool | None = None):
     """Visual tokens spliced into the text embeddings: -> ([B, L, E], visual outputs)."""
@@ -88,8 +90,17 @@ class VideoPanda(nn.Module):
     teacher_valid bool [B, F] (frames with teacher content).
     Returns dict: loss, ce, distill, logits [B, L, V], tokens (counted), frame_loss [B, F],
     and the sums behind the means (`ce_sum`, `distill_sum`, `distill_frames`), which gradient
-    accumulation uses to weight micro-batches exactly like one large batch.
+    accumulation uses to weight micro-batches exactly like one large batch. With
+    `cfg.distill.loss == 'none'` the distillation entries are zeros (no teacher is read).
     """
+    loss_fn = LOSSES[self.cfg.distill.loss]
+    if with_distill and loss_fn is None:
+      b, f = batch['patch_pos'].shape[:2]
+      with_distill = False
+      zeros = dict(distill=jnp.zeros((), jnp.float32), frame_loss=jnp.zeros((b, f), jnp.float32),
+                   distill_sum=jnp.zeros((), jnp.float32), distill_frames=jnp.zeros((), jnp.int32))
+    else:
+      zeros = {}
     embeds, _ = self.embed_inputs(batch, train=train, deterministic=deterministic)
     valid = batch['valid']
     b, length = valid.shape
@@ -103,13 +114,12 @@ class VideoPanda(nn.Module):
       hs = out['hidden_states'][jnp.asarray(self.cfg.distill.layers)]   # [K, B, F*P, E]
       student = self.distill(hs.reshape(hs.shape[:2] + (f, p, hs.shape[-1])))
       teacher = jnp.take_along_axis(batch['teacher'], batch['teacher_cell'][..., None], axis=2)
-      dl, frame_loss = cosine_distill_loss(student, teacher, batch['patch_valid'],
-                                           batch['teacher_valid'])
+      dl, frame_loss = loss_fn(student, teacher, batch['patch_valid'], batch['teacher_valid'])
       counted = batch['teacher_valid'] & jnp.any(batch['patch_valid'], axis=-1)
       result.update(distill=dl, frame_loss=frame_loss,
                     distill_sum=jnp.sum(jnp.where(counted, frame_loss, 0.0)),
                     distill_frames=jnp.sum(counted),
                     loss=ce + self.cfg.distill_weight * dl)
     else:
-      result['loss'] = ce
+      result.update(zeros, loss=ce)
     return result

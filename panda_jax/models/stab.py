@@ -65,13 +65,43 @@ class StabConfig:
   # Training-mode BatchNorm statistics: 'video' (each video's chunks on their own, as the
   # released code runs its tower once per video) or 'batch' (over the whole batch).
   bn_stats: str = 'video'
+  # Ablation switches (paper Tables 4, 5 and 8; README "Ablations"). The defaults are the
+  # released model; each False / other value removes or replaces one part:
+  # lste=False: no lmhra1 / dpe, GSTRA reads and the crop takes the raw patch embeddings.
+  lste: bool = True
+  # gstra=False: no temporal query; the context token is proj(FSRA token) (no `balance`).
+  gstra: bool = True
+  # fsra=False: no frame query; the context token is proj(GSTRA token) (no `balance`).
+  fsra: bool = True
+  # row_token=False: no <row> token; a frame is [context] + h * w tokens.
+  row_token: bool = True
+  # Spatial downsampling by lsd_stride: 'lsd' (attention, released), 'avgpool' (the k x k
+  # window mean, the LSD query alone) or 'none' (the full patch grid reaches the LLM).
+  downsample: str = 'lsd'
+  # Where the downsampling runs: 'after' the LSTE / GSTRA / crop (released) or 'before' them
+  # (on the whole padded patch grid; LSTE and GSTRA then see the downsampled grid and the crop
+  # is taken in whole windows).
+  lsd_position: str = 'after'
 
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
   @property
+  def token_stride(self) -> int:
+    """Patches per token side: lsd_stride, or 1 when downsample='none'."""
+    return 1 if self.downsample == 'none' else self.lsd_stride
+
+  @property
   def lsd_grid(self) -> int:
+    """S, tokens per side of a frame's (uncropped) token grid: the LSD grid, or the patch grid
+    G when downsample='none'."""
+    return self.grid // self.token_stride
+
+  @property
+  def target_grid(self) -> int:
+    """Side of the distillation target grid (the teacher's patch grid): G / lsd_stride, whatever
+    the downsampling (with 'none' each target covers lsd_stride x lsd_stride tokens)."""
     return self.grid // self.lsd_stride
 
   @property
@@ -80,8 +110,8 @@ class StabConfig:
 
   @property
   def max_frame_tokens(self) -> int:
-    """Slots per frame: context + S rows of (S tokens + <row>)."""
-    return 1 + self.lsd_grid * (self.lsd_grid + 1)
+    """Slots per frame: context + S rows of (S tokens [+ <row>])."""
+    return 1 + self.lsd_grid * (self.lsd_grid + int(self.row_token))
 
   def validate(self) -> None:
     if self.image_size % self.patch_size:
@@ -94,37 +124,50 @@ class StabConfig:
       raise ValueError(f'hidden={self.hidden} is not divisible by heads={self.heads}')
     if self.bn_stats not in ('video', 'batch'):
       raise ValueError(f"bn_stats={self.bn_stats!r}; expected 'video' or 'batch'")
+    if self.downsample not in ('lsd', 'avgpool', 'none'):
+      raise ValueError(f"downsample={self.downsample!r}; expected 'lsd', 'avgpool' or 'none'")
+    if self.lsd_position not in ('after', 'before'):
+      raise ValueError(f"lsd_position={self.lsd_position!r}; expected 'after' or 'before'")
+    if self.downsample == 'none' and self.lsd_position != 'after':
+      raise ValueError(f"lsd_position={self.lsd_position!r} with downsample='none': there is "
+                       "no downsampling to move; use lsd_position='after'")
+    if not (self.gstra or self.fsra):
+      raise ValueError('gstra=False and fsra=False together leave no context token; keep at '
+                       'least one of them')
     if self.empty_frame_patches < 1:
       raise ValueError(f'empty_frame_patches={self.empty_frame_patches} must be positive '
                        '(it is capped at the patch grid)')
 
 
-def frame_layout(patch_hw, lsd_grid: int, xp=jnp):
+def frame_layout(patch_hw, lsd_grid: int, xp=jnp, row_token: bool = True):
   """Index map from a frame's sequence slots to its token table.
 
   A frame's table is `[context, S*S LSD tokens (row-major, cropped region top-left), <row>]`
-  (size `S*S + 2`). Slot p of the sequence `[context] + h rows of (w tokens + <row>)` reads
-  table entry `index[..., p]`; `valid[..., p]` is False past the frame's length
-  `1 + h * (w + 1)`. `patch[..., p]` is the LSD grid cell (r * S + c) of a patch slot and -1
-  for the context, `<row>` and empty slots.
+  (size `S*S + 2`; `S*S + 1` without the <row> token). Slot p of the sequence
+  `[context] + h rows of (w tokens + <row>)` reads table entry `index[..., p]`;
+  `valid[..., p]` is False past the frame's length `1 + h * (w + 1)` (`1 + h * w` without
+  <row> tokens). `patch[..., p]` is the grid cell (r * S + c) of a patch slot and -1 for the
+  context, `<row>` and empty slots.
 
   Args:
-    patch_hw: int array [..., 2] of (h, w), the frame's LSD grid after the crop.
-    lsd_grid: S.
+    patch_hw: int array [..., 2] of (h, w), the frame's token grid after the crop.
+    lsd_grid: S (`StabConfig.lsd_grid`).
     xp: `jax.numpy` on device, `numpy` on the host (same results).
+    row_token: whether each row ends with a <row> token (`StabConfig.row_token`).
   Returns:
-    dict of int32 `index`, bool `valid`, int32 `patch`, each [..., 1 + S * (S + 1)], and
-    int32 `length` [...].
+    dict of int32 `index`, bool `valid`, int32 `patch`, each [..., 1 + S * (S + 1)]
+    ([..., 1 + S * S] without <row> tokens), and int32 `length` [...].
   """
   s = lsd_grid
+  extra = int(row_token)
   h = patch_hw[..., 0:1]
   w = patch_hw[..., 1:2]
-  p = xp.arange(1 + s * (s + 1), dtype=np.int32)
+  p = xp.arange(1 + s * (s + extra), dtype=np.int32)
   q = xp.maximum(p - 1, 0)
-  r = q // (w + 1)
-  c = q - r * (w + 1)
+  r = q // (w + extra)
+  c = q - r * (w + extra)
   is_ctx = p == 0
-  is_row = (c == w) & ~is_ctx
+  is_row = (c == w) & ~is_ctx         # never true without <row> tokens (c < w)
   valid = is_ctx | (r < h)
   is_patch = valid & ~is_ctx & ~is_row
   cell = r * s + c
@@ -132,7 +175,7 @@ def frame_layout(patch_hw, lsd_grid: int, xp=jnp):
   index = xp.where(is_ctx, 0, xp.where(is_row, row_slot, 1 + cell))
   index = xp.where(valid, index, 0).astype(np.int32)
   patch = xp.where(is_patch, cell, -1).astype(np.int32)
-  length = (1 + patch_hw[..., 0] * (patch_hw[..., 1] + 1)).astype(np.int32)
+  length = (1 + patch_hw[..., 0] * (patch_hw[..., 1] + extra)).astype(np.int32)
   return {'index': index, 'valid': valid, 'patch': patch, 'length': length}
 
 
@@ -175,13 +218,14 @@ def patch_mask(mask, patch_size: int, xp=jnp):
 def frame_grid(mask, cfg: 'StabConfig', xp=jnp):
   """What the STAB keeps of each frame, from its pixel mask [..., H, W].
 
-  Returns int32 `patch_hw` [..., 2] (LSD grid after the crop, odd sizes floored, at least one
-  window) and `origin` [..., 2] (the crop's top-left corner in LSD cells, i.e. in teacher
-  patches, for aligning distillation targets).
+  Returns int32 `patch_hw` [..., 2] (token grid after the crop, odd sizes floored, at least one
+  window) and `origin` [..., 2] (the crop's top-left corner in token cells: LSD cells, i.e.
+  teacher patches, or patches when `cfg.downsample == 'none'`; for aligning distillation
+  targets).
   """
   r0, c0, h, w = crop_boxes(patch_mask(mask, cfg.patch_size, xp) > 0, cfg.empty_frame_patches,
                             xp)
-  k = cfg.lsd_stride
+  k = cfg.token_stride
   hw = xp.stack([xp.maximum(h // k, 1), xp.maximum(w // k, 1)], axis=-1).astype(np.int32)
   origin = xp.stack([r0 // k, c0 // k], axis=-1).astype(np.int32)
   return hw, origin
@@ -354,8 +398,10 @@ class STAB(nn.Module):
 
   `__call__(pixels [B, F, H, W, 3], mask [B, F, H, W])` returns a dict:
     table [B, F, S*S + 2, C]: context, the S*S LSD tokens (crop in the top-left, row-major),
-      and the <row> token; read a frame's sequence with `frame_layout(patch_hw)`.
+      and the <row> token ([B, F, S*S + 1, C] when `cfg.row_token` is False); read a frame's
+      sequence with `frame_layout(patch_hw)`.
     patch_hw int32 [B, F, 2]: the (h, w) LSD grid of each frame.
+  S is `cfg.lsd_grid` (the patch grid G when `cfg.downsample == 'none'`).
   """
   cfg: StabConfig
   dtype: Dtype = jnp.float32
@@ -367,6 +413,7 @@ class STAB(nn.Module):
     cfg = self.cfg
     if deterministic is None:
       deterministic = not train
+    cfg.validate()          # e.g. an ablation combination that leaves no context token
     b, f, hgt, wid, ch = pixels.shape
     if (hgt, wid) != (cfg.image_size, cfg.image_size) or ch != 3:
       raise ValueError(f'pixels have shape {pixels.shape}; expected [B, F, {cfg.image_size}, '
@@ -387,60 +434,87 @@ class STAB(nn.Module):
                 **kw)(x.reshape(b * f, g, g, p, p, 3))                      # [BF, G, G, C]
     pmask = patch_mask(mask.reshape(b * f, hgt, wid), p)
 
+    def downsample(x):
+      """[BF, M, M, C] -> [BF, M / k, M / k, C]: LSD (each k x k window's mean queries its
+      k * k tokens) or, for 'avgpool', the window mean alone."""
+      m = x.shape[1] // k
+      win = x.reshape(b * f, m, k, m, k, c).transpose(0, 1, 3, 2, 4, 5)
+      win = win.reshape(b * f, m, m, k * k, c)
+      avg = jnp.mean(win.astype(jnp.float32), axis=3).astype(self.dtype)
+      if cfg.downsample == 'avgpool':
+        return avg
+      return SingleQueryAttention(c, cfg.heads, cfg.exact_rewrites, name='lsd', **kw)(avg, win)
+
+    # lsd_position='before' (ablation): downsample the whole padded grid first; LSTE, GSTRA and
+    # the crop below then work on the S x S grid.
+    early = cfg.downsample != 'none' and cfg.lsd_position == 'before'
+    x = downsample(emb) if early else emb
+    gt = x.shape[1]                                  # G, or S when downsampling came first
+
     # 2-3. LSTE and GSTRA on chunks of T frames, padding included.
-    emb_c = emb.reshape(n, t, g, g, c)
-    lste = LSTE(cfg, name='lste', **kw)(emb_c.reshape(b, n // b, t, g, g, c),
-                                        use_running_average=not train)
-    ctx_g = GSTRA(cfg, name='gstra', **kw)(lste.reshape(n, t * g * g, c), deterministic)
-    ctx_g = jnp.repeat(ctx_g, t, axis=0)                                    # [BF, C]
+    x_c = x.reshape(n, t, gt, gt, c)
+    if cfg.lste:
+      lste = LSTE(cfg, name='lste', **kw)(x_c.reshape(b, n // b, t, gt, gt, c),
+                                          use_running_average=not train)
+      # 4. Dense connection.
+      tokens = (lste + x_c).reshape(b * f, gt, gt, c)
+    else:  # ablation: GSTRA and the crop take the patch embeddings themselves
+      lste, tokens = x_c, x
+    if cfg.gstra:
+      ctx_g = GSTRA(cfg, name='gstra', **kw)(lste.reshape(n, t * gt * gt, c), deterministic)
+      ctx_g = jnp.repeat(ctx_g, t, axis=0)                                  # [BF, C]
 
-    # 4. Dense connection.
-    tokens = (lste + emb_c).reshape(b * f, g, g, c)
-
-    # 5. Crop the padding: gather the bounding box of valid patches to the top-left.
+    # 5. Crop the padding: gather the bounding box of valid patches to the top-left (in whole
+    # windows when downsampling came first: the box's corner floored to its window).
     r0, c0, h, w = crop_boxes(pmask > 0, cfg.empty_frame_patches)
-    rows = jnp.minimum(r0[:, None] + jnp.arange(g), g - 1)
-    cols = jnp.minimum(c0[:, None] + jnp.arange(g), g - 1)
+    if early:
+      r0, c0 = r0 // k, c0 // k
+    rows = jnp.minimum(r0[:, None] + jnp.arange(gt), gt - 1)
+    cols = jnp.minimum(c0[:, None] + jnp.arange(gt), gt - 1)
     tokens = jnp.take_along_axis(tokens, rows[:, :, None, None], axis=1)
     tokens = jnp.take_along_axis(tokens, cols[:, None, :, None], axis=2)
     # Odd sizes are floored like the reference's pooling; a region smaller than one window
     # (which the 28-px preprocessing never produces, and the reference cannot process) keeps
     # one window so the frame still has a finite sequence (`frame_grid` is the same rule).
-    hs, ws = jnp.maximum(h // k, 1), jnp.maximum(w // k, 1)
+    ks = cfg.token_stride
+    hs, ws = jnp.maximum(h // ks, 1), jnp.maximum(w // ks, 1)
 
-    # 6. LSD: each k x k window's mean queries its k*k tokens.
-    win = tokens.reshape(b * f, s, k, s, k, c).transpose(0, 1, 3, 2, 4, 5)
-    win = win.reshape(b * f, s, s, k * k, c)
-    avg = jnp.mean(win.astype(jnp.float32), axis=3).astype(self.dtype)
-    lsd = SingleQueryAttention(c, cfg.heads, cfg.exact_rewrites, name='lsd', **kw)(avg, win)    # [BF, S, S, C]
+    # 6. LSD (or its ablations): [BF, S, S, C].
+    lsd = downsample(tokens) if cfg.downsample != 'none' and not early else tokens
+    lsd_flat = lsd.reshape(b * f, s * s, c)
 
     # 7. FSRA: a learnt query over the frame's valid LSD tokens.
-    cell_valid = (jnp.arange(s)[None, :, None] < hs[:, None, None]) & \
-                 (jnp.arange(s)[None, None, :] < ws[:, None, None])
-    cls = self.param('fsra_query', partitioned(nn.initializers.normal(0.02), (EMBED,)), (c,),
-                     self.param_dtype)
-    lsd_flat = lsd.reshape(b * f, s * s, c)
-    ctx_f = SingleQueryAttention(c, cfg.heads, cfg.exact_rewrites, name='fsra', **kw)(
-        jnp.broadcast_to(cls.astype(self.dtype), (b * f, c)), lsd_flat,
-        cell_valid.reshape(b * f, s * s))
+    if cfg.fsra:
+      cell_valid = (jnp.arange(s)[None, :, None] < hs[:, None, None]) & \
+                   (jnp.arange(s)[None, None, :] < ws[:, None, None])
+      cls = self.param('fsra_query', partitioned(nn.initializers.normal(0.02), (EMBED,)), (c,),
+                       self.param_dtype)
+      ctx_f = SingleQueryAttention(c, cfg.heads, cfg.exact_rewrites, name='fsra', **kw)(
+          jnp.broadcast_to(cls.astype(self.dtype), (b * f, c)), lsd_flat,
+          cell_valid.reshape(b * f, s * s))
 
-    # 8. Fusion: w = sigmoid(balance); proj = LN -> Dropout -> Linear.
-    balance = self.param('balance', partitioned(nn.initializers.zeros, (EMBED,)), (c,),
-                         self.param_dtype)
-    wgt = jax.nn.sigmoid(balance.astype(jnp.float32)).astype(self.dtype)
-    fused = (1 - wgt) * ctx_g + wgt * ctx_f
+    # 8. Fusion: w = sigmoid(balance); proj = LN -> Dropout -> Linear. With one of GSTRA / FSRA
+    # ablated, proj takes the other's token alone (no balance).
+    if cfg.gstra and cfg.fsra:
+      balance = self.param('balance', partitioned(nn.initializers.zeros, (EMBED,)), (c,),
+                           self.param_dtype)
+      wgt = jax.nn.sigmoid(balance.astype(jnp.float32)).astype(self.dtype)
+      fused = (1 - wgt) * ctx_g + wgt * ctx_f
+    else:
+      fused = ctx_g if cfg.gstra else ctx_f
     fused = layer_norm(EMBED, name='fusion_norm', **kw)(fused)
     fused = nn.Dropout(cfg.dropout)(fused, deterministic=deterministic)
     context = Dense(c, (EMBED,), (EMBED_OUT,), name='fusion_proj', **kw)(fused)
 
-    # 9-10. Table [context, LSD tokens, <row>].
-    row = self.param('row_token', partitioned(nn.initializers.normal(0.02), (EMBED,)), (c,),
-                     self.param_dtype)
-    table = jnp.concatenate([
-        context[:, None], lsd_flat,
-        jnp.broadcast_to(row.astype(self.dtype), (b * f, 1, c))], axis=1)
+    # 9-10. Table [context, LSD tokens, <row>] (no <row> entry when row_token=False).
+    parts = [context[:, None], lsd_flat]
+    if cfg.row_token:
+      row = self.param('row_token', partitioned(nn.initializers.normal(0.02), (EMBED,)), (c,),
+                       self.param_dtype)
+      parts.append(jnp.broadcast_to(row.astype(self.dtype), (b * f, 1, c)))
+    table = jnp.concatenate(parts, axis=1)
     patch_hw = jnp.stack([hs, ws], axis=-1).astype(jnp.int32)
-    return {'table': table.reshape(b, f, s * s + 2, c),
+    return {'table': table.reshape(b, f, table.shape[1], c),
             'patch_hw': patch_hw.reshape(b, f, 2)}
 
 
@@ -463,7 +537,7 @@ class VisualTokenizer(nn.Module):
 
   Returns a dict:
     tokens [B, F, 1 + S*(S+1), L]: each frame's sequence `[context] + rows`, zeros past
-      its length.
+      its length (1 + S*S slots without <row> tokens, `cfg.max_frame_tokens` in general).
     valid bool [B, F, 1 + S*(S+1)], length int32 [B, F], patch_hw int32 [B, F, 2],
     patch int32 [B, F, 1 + S*(S+1)]: LSD grid cell of patch slots, -1 elsewhere.
     hidden (if `return_hidden`): the same sequences before the projector.
@@ -482,9 +556,11 @@ class VisualTokenizer(nn.Module):
     b, f, n_tab, c = table.shape
     proj = Projector(cfg.llm_hidden, name='projector', dtype=self.dtype,
                      param_dtype=self.param_dtype)
-    lay = frame_layout(patch_hw, cfg.lsd_grid)
+    lay = frame_layout(patch_hw, cfg.lsd_grid, row_token=cfg.row_token)
     idx = lay['index'][..., None]
-    if cfg.exact_rewrites:
+    if cfg.exact_rewrites and not cfg.row_token:
+      tokens = jnp.take_along_axis(proj(table), idx, axis=2)
+    elif cfg.exact_rewrites:
       # The <row> token is the same vector in every slot: project it once.
       body = proj(table[:, :, :-1])
       row = proj(table[0, 0, -1])

@@ -60,9 +60,10 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   stab = config_lib.stab_config(config.model)
   tc = config_lib.teacher_config(config.model)
   frames = config.data.frames
-  if tc.grid != stab.lsd_grid:
+  if tc.grid != stab.target_grid:
     raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
-                     f'student\'s {stab.lsd_grid}x{stab.lsd_grid} LSD grid')
+                     f'student\'s {stab.target_grid}x{stab.target_grid} distillation grid '
+                     f'(patch grid / lsd_stride)')
   annotations, video_root, _ = data_paths(config, workdir)
   records = pipeline.load_annotations(annotations)
   videos = sorted({r['video'] for r in records})[jax.process_index()::jax.process_count()]

@@ -48,23 +48,30 @@ def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
   the online teacher, teacher features for cached distillation)."""
   cfg = config_lib.panda_config(config.model)
   tc = config_lib.teacher_config(config.model)
-  b, f, l = config.train.batch_size, config.data.frames, config.data.max_len
-  s, st = cfg.stab.image_size, cfg.stab.lsd_grid ** 2
-  if tc.grid ** 2 != st:
-    raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
-                     f'student\'s {cfg.stab.lsd_grid}x{cfg.stab.lsd_grid} LSD grid')
   # Frames travel in the compute dtype (the STAB and the teacher cast them to it first thing,
   # so bfloat16 frames change no result and halve the batch) and the 0/1 mask as uint8.
   px = np.dtype(config_lib.dtype(config.model.dtype))
+  b, f, l = config.train.batch_size, config.data.frames, config.data.max_len
+  s, st = cfg.stab.image_size, cfg.stab.lsd_grid ** 2
+  # Targets live on the teacher's grid, G / lsd_stride (= the LSD grid, or half the token grid
+  # with downsample='none', whose tokens share their teacher cell: see layout_batch).
+  distill = cfg.distill.loss != 'none'
+  if distill and tc.grid != cfg.stab.target_grid:
+    raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
+                     f'student\'s {cfg.stab.target_grid}x{cfg.stab.target_grid} distillation '
+                     f'grid (patch grid {cfg.stab.grid} / lsd_stride {cfg.stab.lsd_stride})')
+  teacher = {}
+  if distill and config_lib.cached_teacher(config):
+    teacher = {'teacher': ((b, f, tc.grid ** 2, tc.hidden), np.float32)}
+  elif distill:
+    teacher = {'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), px)}
   return {
       'pixels': ((b, f, s, s, 3), px), 'mask': ((b, f, s, s), np.uint8),
       'text_ids': ((b, l), np.int32), 'visual_index': ((b, l), np.int32),
       'valid': ((b, l), np.bool_), 'labels': ((b, l), np.int32),
       'patch_pos': ((b, f, st), np.int32), 'patch_valid': ((b, f, st), np.bool_),
       'teacher_cell': ((b, f, st), np.int32),
-      'teacher_valid': ((b, f), np.bool_),
-      **({'teacher': ((b, f, st, tc.hidden), np.float32)} if config_lib.cached_teacher(config) else
-         {'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), px)})}
+      'teacher_valid': ((b, f), np.bool_), **teacher}
 
 
 
@@ -138,8 +145,9 @@ def create_state(config, mesh, model, rng):
   spec = batch_spec(config)
   zeros = {k: np.zeros((1,) + s[1:], d) for k, (s, d) in spec.items()}
   if zeros.pop('teacher_pixels', None) is not None:
-    zeros['teacher'] = np.zeros(zeros['patch_pos'].shape + (config.model.distill.teacher_hidden,),
-                                np.float32)
+    grid = config_lib.teacher_config(config.model).grid
+    zeros['teacher'] = np.zeros((1, config.data.frames, grid ** 2,
+                                 config.model.distill.teacher_hidden), np.float32)
   init_rng, state_rng = jax.random.split(rng)
   variables, var_sh = sharding.init_sharded(model.init, mesh, init_rng, zeros,
                                             rules=config_lib.rules(config))
@@ -250,7 +258,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   spec = batch_spec(config)
   batch_sh = {k: sharding.batch_sharding(mesh, len(s), config_lib.rules(config))
               for k, (s, _) in spec.items()}
-  if config_lib.cached_teacher(config):
+  if config_lib.cached_teacher(config) or cfg.distill.loss == 'none':
     teacher, teacher_params, teacher_sh = None, {}, {}
   else:
     teacher, teacher_params, teacher_sh = create_teacher(config, mesh)
