@@ -39,7 +39,7 @@ def get_config(arg: str = ''):
   # Clips drawn at the STAB's tiny input size (112 px wide, 4:3): four frames, one per second,
   # so the sampler takes every frame and each shape's appearance is on a frame of its own.
   c.data = ml_collections.ConfigDict(dict(
-      train_clips=4000, eval_clips=64, width=112, height=84, fps=1, duration_s=4.0,
+      train_clips=4000, eval_clips=100, width=112, height=84, fps=1, duration_s=4.0,
       max_shapes=2, frames=4, turns=6, short_fraction=0.5, tokenizer_vocab=1000,
       max_len=320, num_workers=0))
   stage = lambda steps, lr, batch, warmup: ml_collections.ConfigDict(  # noqa: E731

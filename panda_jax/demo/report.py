@@ -124,12 +124,12 @@ def example_figure(config, data: Mapping, predictions: Sequence[Mapping], path: 
                  size=cfg.image_size, teacher_size=cfg.image_size // 2, patch=cfg.patch_size)
   pixels, mask = v['pixels'], v['mask']            # [F, S, S, 3] normalised, [F, S, S]
   hw, origin = frame_grid(mask[None], cfg, xp=np)
-  lengths = frame_layout(hw, cfg.lsd_grid, xp=np)['length'][0]
+  lengths = frame_layout(hw, cfg.lsd_grid, xp=np, row_token=cfg.row_token)['length'][0]
   mean = np.asarray([0.48145466, 0.4578275, 0.40821073])
   std = np.asarray([0.26862954, 0.26130258, 0.27577711])
   rgb = np.clip(pixels * std + mean, 0, 1)
   f = rgb.shape[0]
-  cell = 2 * cfg.patch_size                       # one LSD token covers 2 x 2 patches
+  cell = cfg.token_stride * cfg.patch_size        # pixels per token side (LSD: 2 patches)
   fig = plt.figure(figsize=(3.0 * f, 5.4))
   for k in range(f):
     ax = fig.add_subplot(2, f, k + 1)
@@ -144,7 +144,8 @@ def example_figure(config, data: Mapping, predictions: Sequence[Mapping], path: 
       ax.plot([c0 + j * cell] * 2, [r0, r0 + h * cell], color='white', lw=0.6)
     ax.add_patch(plt.Rectangle((c0, r0), w * cell, h * cell, fill=False, color='yellow',
                                lw=1.5))
-    ax.set_title(f'frame {k}: LSD {h}x{w}\n1 + {h} x ({w} + 1) = {int(lengths[k])} tokens',
+    rows = f'({w} + 1)' if cfg.row_token else f'{w}'
+    ax.set_title(f'frame {k}: token grid {h}x{w}\n1 + {h} x {rows} = {int(lengths[k])} tokens',
                  fontsize=8)
     ax.axis('off')
   ax = fig.add_subplot(2, 1, 2)
