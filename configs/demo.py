@@ -40,13 +40,13 @@ def get_config(arg: str = ''):
   # so the sampler takes every frame and each shape's appearance is on a frame of its own.
   c.data = ml_collections.ConfigDict(dict(
       train_clips=4000, eval_clips=100, width=112, height=84, fps=1, duration_s=4.0,
-      max_shapes=2, frames=4, turns=6, short_fraction=0.5, tokenizer_vocab=1000,
-      max_len=320, num_workers=0))
+      max_shapes=2, frames=4, turns=1, short_fraction=0.75, tokenizer_vocab=1000,
+      max_len=192, num_workers=0))
   stage = lambda steps, lr, batch, warmup: ml_collections.ConfigDict(  # noqa: E731
       dict(steps=steps, lr=lr, batch_size=batch, warmup_ratio=warmup))
   c.stages = ml_collections.ConfigDict(dict(
-      stage1=stage(100, 5e-3, 8, 0.03), stage2=stage(500, 5e-3, 8, 0.01),
-      stage3=stage(1000, 5e-3, 8, 0.01)))
+      stage1=stage(100, 5e-3, 8, 0.03), stage2=stage(300, 5e-3, 8, 0.01),
+      stage3=stage(2000, 5e-3, 8, 0.01)))
   c.train = ml_collections.ConfigDict(dict(log_every=10, save_every=100))
   c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8))
   c.ablations = []
@@ -65,7 +65,6 @@ def get_config(arg: str = ''):
   elif variant == 'smoke':
     c.data.train_clips = 24
     c.data.eval_clips = 6
-    c.data.max_len = 320
     # Stages 2 and 3 then compile to the same program (the persistent cache serves the second).
     for s in (c.stages.stage1, c.stages.stage2, c.stages.stage3):
       s.steps = 4
