@@ -16,14 +16,26 @@ import jax.numpy as jnp  # noqa: E402
 
 # Many tests compile the same programs (a probe run and a full run of one stage, stages with the
 # same trainable set): a session-wide persistent cache compiles each once.
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ.get('PANDA_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='jaxc-'))
+JAX_CACHE = os.environ.get('PANDA_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='jaxc-')
+jax.config.update('jax_compilation_cache_dir', JAX_CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
 from panda_jax.models.stab import StabConfig, VisualTokenizer  # noqa: E402
+
+
+def subprocess_env(**extra):
+  """The environment of a test's `python -m panda_jax...` subprocess: CPU, one device, and this
+  session's compilation cache, so programs a subprocess shares with another (or with a run in
+  this process) compile once."""
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+  env.update(extra)
+  return env
+
 
 TINY = StabConfig(hidden=32, heads=4, llm_hidden=48, image_size=112, patch_size=14,
                   empty_frame_patches=4)
