@@ -62,11 +62,15 @@ def tiny_variables():
   px = jnp.zeros((1, 4, TINY.image_size, TINY.image_size, 3))
   v = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), px, jnp.ones(px.shape[:-1])))
   # Zero-initialised weights (LSTE up, GSTRA out/proj, balance) would hide bugs: randomise all.
-  leaves, tree = jax.tree.flatten(v['params'])
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  leaves = [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
-  stats = jax.tree.map(lambda s: s + 0.1, v['batch_stats'])
-  return {'params': jax.tree.unflatten(tree, leaves), 'batch_stats': stats}
+  # One jitted program (op by op, every leaf shape would compile its own random and add).
+  @jax.jit
+  def randomise(v):
+    leaves, tree = jax.tree.flatten(v['params'])
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    leaves = [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+    stats = jax.tree.map(lambda s: s + 0.1, v['batch_stats'])
+    return {'params': jax.tree.unflatten(tree, leaves), 'batch_stats': stats}
+  return randomise(v)
 
 
 @pytest.fixture(scope='session')
