@@ -16,14 +16,26 @@ import jax.numpy as jnp  # noqa: E402
 
 # Many tests compile the same programs (a probe run and a full run of one stage, stages with the
 # same trainable set): a session-wide persistent cache compiles each once.
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ.get('PANDA_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='jaxc-'))
+JAX_CACHE = os.environ.get('PANDA_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='jaxc-')
+jax.config.update('jax_compilation_cache_dir', JAX_CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
 from panda_jax.models.stab import StabConfig, VisualTokenizer  # noqa: E402
+
+
+def subprocess_env(**extra):
+  """The environment of a test's `python -m panda_jax...` subprocess: CPU, one device, and this
+  session's compilation cache, so programs a subprocess shares with another (or with a run in
+  this process) compile once."""
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+  env.update(extra)
+  return env
+
 
 TINY = StabConfig(hidden=32, heads=4, llm_hidden=48, image_size=112, patch_size=14,
                   empty_frame_patches=4)
@@ -50,11 +62,15 @@ def tiny_variables():
   px = jnp.zeros((1, 4, TINY.image_size, TINY.image_size, 3))
   v = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), px, jnp.ones(px.shape[:-1])))
   # Zero-initialised weights (LSTE up, GSTRA out/proj, balance) would hide bugs: randomise all.
-  leaves, tree = jax.tree.flatten(v['params'])
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  leaves = [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
-  stats = jax.tree.map(lambda s: s + 0.1, v['batch_stats'])
-  return {'params': jax.tree.unflatten(tree, leaves), 'batch_stats': stats}
+  # One jitted program (op by op, every leaf shape would compile its own random and add).
+  @jax.jit
+  def randomise(v):
+    leaves, tree = jax.tree.flatten(v['params'])
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    leaves = [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+    stats = jax.tree.map(lambda s: s + 0.1, v['batch_stats'])
+    return {'params': jax.tree.unflatten(tree, leaves), 'batch_stats': stats}
+  return randomise(v)
 
 
 @pytest.fixture(scope='session')

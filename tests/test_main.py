@@ -7,13 +7,24 @@ import sys
 
 import pytest
 
+from conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _start(*args):
+  return subprocess.Popen([sys.executable, '-m', 'panda_jax.main', *args], cwd=ROOT,
+                          env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _finish(proc):
+  out, err = proc.communicate(timeout=600)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _run(*args):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'panda_jax.main', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return _finish(_start(*args))
 
 
 @pytest.mark.slow
@@ -30,12 +41,15 @@ def test_demo_runs_and_writes_resolved_config(tmp_path):
 
 
 def test_bad_config_fields_fail_clearly():
-  r = _run('--config=configs/stab.py:tiny', '--config.demo.frames=6')
-  assert r.returncode != 0 and 'demo.frames=6 must be a positive multiple of 4' in r.stderr
-  r = _run('--config=configs/stab.py:tiny', '--config.demo.nonexistent=1')
-  assert r.returncode != 0 and 'nonexistent' in r.stderr
-  r = _run('--config=configs/stab.py:huge')
-  assert r.returncode != 0 and "model size 'huge'" in r.stderr
+  # Three independent processes, started together: each spends its time importing JAX.
+  procs = [_start('--config=configs/stab.py:tiny', '--config.demo.frames=6'),
+           _start('--config=configs/stab.py:tiny', '--config.demo.nonexistent=1'),
+           _start('--config=configs/stab.py:huge')]
+  frames, unknown, size = [_finish(p) for p in procs]
+  assert frames.returncode != 0
+  assert 'demo.frames=6 must be a positive multiple of 4' in frames.stderr
+  assert unknown.returncode != 0 and 'nonexistent' in unknown.stderr
+  assert size.returncode != 0 and "model size 'huge'" in size.stderr
 
 
 @pytest.mark.slow
