@@ -15,11 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(workdir, *args):
-  import jax
-  # The run compiles what the suite may have compiled already: share the persistent cache.
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '',
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+  from conftest import subprocess_env
+  env = subprocess_env()
   return subprocess.run([sys.executable, '-m', 'panda_jax.main', '--config=configs/demo.py:smoke',
                          f'--workdir={workdir}', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
