@@ -141,18 +141,22 @@ def test_command_line(setup, first_run, tmp_path):
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = tmp_path / 'cli.json'
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  from conftest import subprocess_env
+  env = subprocess_env()
   args = [sys.executable, '-m', 'panda_jax.eval.videoqa', f'--checkpoint={setup["converted"]}',
           f'--tokenizer={setup["work"] / "tok"}', f'--questions={setup["work"] / "test_q.json"}',
           f'--video_root={setup["video_root"]}', f'--out={out}', f'--batch_size={BATCH}',
           f'--frames={FRAMES}', '--max_new_tokens=6']
-  run = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  # The malformed-file run is independent: started alongside (it spends its time importing).
+  bad_args = args[:5] + [f'--questions={setup["converted"] / conv.CONFIG_FILE}'] + args[6:]
+  procs = [subprocess.Popen(a, cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for a in (args, bad_args)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  run, bad = [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
   assert run.returncode == 0, run.stderr[-3000:]
   n = len(setup['records'])
   assert f'{n} questions, {n - 1} answered now, 0 already there, 1 without a usable video' \
       in run.stdout
   assert {r['id']: r['pred'] for r in _lines(out)} == \
       {r['id']: r['pred'] for r in _lines(first_run[0])}
-  bad = subprocess.run(args[:5] + [f'--questions={setup["converted"] / conv.CONFIG_FILE}'] +
-                       args[6:], cwd=root, env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and 'expected a JSON list' in bad.stderr
