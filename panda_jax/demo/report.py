@@ -112,7 +112,8 @@ def example_figure(config, data: Mapping, predictions: Sequence[Mapping], path: 
   from panda_jax.data.video import load_video
   from panda_jax.models.stab import frame_grid, frame_layout
   plt = _matplotlib()
-  cfg = config_lib_stab(config)
+  from panda_jax import config as config_lib
+  cfg = config_lib.stab_config(config.model)
   by_video: dict = {}
   for r in predictions:
     by_video.setdefault(r['id'].rsplit('_', 1)[0], []).append(r)
@@ -163,11 +164,6 @@ def example_figure(config, data: Mapping, predictions: Sequence[Mapping], path: 
   return video_name
 
 
-def config_lib_stab(config):
-  from panda_jax import config as config_lib
-  return config_lib.stab_config(config.model)
-
-
 def _norm(s: str) -> str:
   from panda_jax.eval.score import normalize_answer
   return normalize_answer(s)
@@ -205,8 +201,8 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
            'example': os.path.join(fig_dir, 'example.png')}
   loss_figure(workdir, paths['loss'])
   accuracy_figure(main['scores'], paths['accuracy'])
-  with open(main['predictions']) as f:
-    preds = [json.loads(l) for l in f if l.strip()]
+  from panda_jax.eval.score import read_predictions
+  preds = read_predictions(main['predictions'])
   clip = example_figure(config, data, preds, paths['example'])
   if len(variants) > 1:
     paths['ablations'] = os.path.join(fig_dir, 'ablations.png')

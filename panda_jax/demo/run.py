@@ -175,7 +175,7 @@ def evaluate(config, model_dir: str, data: Mapping, out: str, progress: bool = T
   from panda_jax.eval.predict import Predictor
   records = qa_lib.qa_records(qa_lib.load_qa(data['eval_qa']), data['videos'])
   t0 = time.perf_counter()
-  rows = _read_rows(out)
+  rows = score_lib.read_predictions(out) if os.path.exists(out) else []
   if len(rows) < len(records):
     cfg, variables = videoqa.load_model(model_dir)
     tok = text.load_tokenizer(data['tokenizer'])
@@ -187,24 +187,11 @@ def evaluate(config, model_dir: str, data: Mapping, out: str, progress: bool = T
     if stats['failed']:
       raise RuntimeError(f'{stats["failed"]} held-out questions had no usable video (see '
                          f'{out}.failures.json)')
-    rows = _read_rows(out)
+    rows = score_lib.read_predictions(out)
   scores = score_lib.score_records(rows)
   scores['baseline'] = score_lib.majority_baseline(rows)
   scores['seconds'] = time.perf_counter() - t0
   return scores
-
-
-def _read_rows(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue          # a torn last line; answer_file drops it before appending
-  return rows
 
 
 # ------------------------------------------------------------------------------------------
