@@ -107,3 +107,20 @@ def test_one_epoch_is_the_smallest_process_count():
     loop.resolve_steps(c, It())
   It.steps_per_epoch = 11
   assert loop.resolve_steps(c, It()) == 11
+
+
+def test_initial_state_is_placed_by_its_shardings_so_the_step_compiles_once():
+  # A leaf placed without the mesh (as the step counter once was) has another type than the
+  # step's output: the second step then traced and compiled the whole train step again.
+  from panda_jax import sharding
+  from panda_jax.models.panda import VideoPanda
+  c = _config()
+  mesh = sharding.make_mesh(c.mesh.to_dict())
+  model = VideoPanda(config_lib.panda_config(c.model))
+  state, state_sh, *_ = loop.create_state(c, mesh, model, jax.random.PRNGKey(0))
+  leaves, tree = jax.tree.flatten(state)
+  specs = tree.flatten_up_to(state_sh)
+  assert len(leaves) == len(specs)
+  for leaf, sh in zip(leaves, specs):
+    assert leaf.sharding == sh, (leaf.shape, leaf.sharding, sh)
+  assert state.step.sharding.mesh == mesh
