@@ -1,5 +1,6 @@
 """Synthetic video data: determinism, ground truth visible in decoded frames, annotations."""
 
+import collections
 import json
 import os
 
@@ -163,3 +164,50 @@ def test_short_answer_turns_and_eval_instruction(tmp_path):
   qa = json.load(open(ds.eval_qa))
   assert all(q['question'].endswith('?\n' + synthetic.SHORT_ANSWER_PROMPT) for q in qa)
   assert {q['video_name'] for q in qa} <= set(scenes)
+
+
+def test_size_sets_the_radius_and_nothing_else():
+  kw = dict(width=112, height=84, fps=1, duration_s=4.0, num_shapes=2)
+  small = synthetic.random_scene(np.random.default_rng(5), **kw)
+  big = synthetic.random_scene(np.random.default_rng(5), size=0.2, **kw)
+  assert {s.radius for s in small.shapes} == {8} and {s.radius for s in big.shapes} == {16}
+  for a, b in zip(small.shapes, big.shapes):
+    assert (a.kind, a.colour, a.direction, a.appear) == (b.kind, b.colour, b.direction, b.appear)
+    # Still inside the frame at both ends of its path.
+    for x, y in (b.start, b.end):
+      assert b.radius <= x <= 112 - b.radius and b.radius <= y <= 84 - b.radius
+  frame = synthetic.render_frame(big, 0)
+  colour = np.array(synthetic.COLOURS[big.shapes[0].colour])
+  painted = (np.abs(frame.astype(int) - colour).sum(-1) < 30).sum()
+  painted_small = (np.abs(synthetic.render_frame(small, 0).astype(int) - colour).sum(-1) < 30).sum()
+  assert 3 * painted_small < painted < 5 * painted_small      # about 4x the area
+  for bad in (0.0, 0.3):
+    with pytest.raises(ValueError, match=f'size={bad}'):
+      synthetic.random_scene(np.random.default_rng(5), size=bad)
+
+
+def test_balance_types_draws_each_type_equally_often(tmp_path):
+  kw = dict(width=32, height=24, fps=1, duration_s=4.0, max_shapes=2, turns=1,
+            short_fraction=1.0)
+
+  def type_counts(root, balance):
+    ds = synthetic.make_dataset(str(root), 201, seed=3, eval_fraction=0.005,
+                                balance_types=balance, **kw)
+    scenes = json.load(open(ds.scenes))
+    counts = collections.Counter()
+    for e in json.load(open(ds.train_instruct)):
+      if len(scenes[e['id']]['shapes']) != 2:
+        continue
+      q = e['conversations'][0]['value']
+      counts['order' if q.split('\n')[1].startswith('Which') else
+             'at_start' if 'visible' in q else
+             'end_position' if 'edge' in q else 'direction'] += 1
+    return counts, sum(counts.values())
+
+  plain, n = type_counts(tmp_path / 'plain', False)
+  balanced, m = type_counts(tmp_path / 'balanced', True)
+  # Two shapes: seven questions, one of them "which appears first".
+  assert plain['order'] < 0.25 * n
+  assert all(abs(balanced[t] / m - 0.25) < 0.1 for t in
+             ('order', 'at_start', 'end_position', 'direction'))
+  assert balanced['order'] > 1.5 * plain['order']

@@ -122,7 +122,7 @@ def _as_fraction(fps) -> fractions.Fraction:
 def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, fps=10,
                  duration_s: float = 3.0, max_shapes: int = 3, num_shapes: int | None = None,
                  directions: Sequence[str] | None = None, noise: int = 0,
-                 travel: float = 1.0) -> Scene:
+                 travel: float = 1.0, size: float = 0.1) -> Scene:
   """A random scene; `num_shapes` / `directions` pin those choices (for tests).
 
   `noise` > 0 adds deterministic per-frame noise of that amplitude (in 8-bit levels), which
@@ -130,10 +130,12 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
   `travel` < 1 slows the shapes down: every shape moves at the same speed, covering that
   fraction of the frame's free span over the whole clip (less when it appears later), and
   ends at the edge it moves towards. 1.0: each shape crosses the whole span, whenever it
-  appears.
+  appears. `size`: a shape's half-size as a fraction of the frame's shorter side.
   """
   if not 0.0 < travel <= 1.0:
     raise ValueError(f'travel={travel} must be in (0, 1]')
+  if not 0.0 < size <= 0.25:
+    raise ValueError(f'size={size} must be in (0, 0.25]')
   fps = _as_fraction(fps)
   num_frames = max(1, int(round(float(fps) * duration_s)))
   k = int(num_shapes) if num_shapes is not None else int(rng.integers(1, max_shapes + 1))
@@ -141,7 +143,7 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
     raise ValueError(f'num_shapes={k} must be in [1, {len(COLOURS)}]')
   colours = rng.choice(list(COLOURS), size=k, replace=False)
   bg = tuple(int(v) for v in rng.integers(10, 50, 3))
-  radius = max(2, min(width, height) // 10)
+  radius = max(2, int(min(width, height) * size))
   # Appearance frames: 0 for the first, then strictly increasing inside the first 70 %.
   if k > 1 and num_frames >= 2 * k:
     later = np.sort(rng.choice(np.arange(max(1, num_frames // 5), max(2, 7 * num_frames // 10)),
@@ -383,6 +385,21 @@ _CAPTION_PROMPTS = (
 )
 
 
+def _balanced_order(qs: list[dict], n: int, rng: np.random.Generator) -> list[int]:
+  """`n` distinct question indices, each drawn by a uniform type, then a uniform question of
+  that type among those not yet drawn."""
+  left = list(range(len(qs)))
+  chosen = []
+  for _ in range(n):
+    types = sorted({qs[k]['type'] for k in left})
+    t = types[int(rng.integers(len(types)))]
+    of_type = [k for k in left if qs[k]['type'] == t]
+    k = of_type[int(rng.integers(len(of_type)))]
+    chosen.append(k)
+    left.remove(k)
+  return chosen
+
+
 def _rel(root: str, path: str) -> str:
   return os.path.relpath(path, root).replace(os.sep, '/')
 
@@ -403,7 +420,8 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  codec: str | None = None, gop: int = 12, max_shapes: int = 3,
                  preset: str = 'veryfast', turns: int = 3, short_fraction: float = 0.0,
                  eval_instruction: str = '', progress: bool = False,
-                 travel: float = 1.0) -> SyntheticDataset:
+                 travel: float = 1.0, balance_types: bool = False,
+                 size: float = 0.1) -> SyntheticDataset:
   """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
 
   The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
@@ -412,7 +430,10 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   is asked in the short form (the question followed by `SHORT_ANSWER_PROMPT`, answered with the
   short answer) with probability `short_fraction`, else answered with a sentence.
   `eval_instruction` is appended to every held-out question on a new line (e.g.
-  `SHORT_ANSWER_PROMPT`). `travel` is `random_scene`'s. `progress` shows a progress bar.
+  `SHORT_ANSWER_PROMPT`). `travel` and `size` are `random_scene`'s. `balance_types`: a training turn first
+  draws a question type uniformly among the clip's types, then a question of that type (else
+  every question of the clip is equally likely, so a two-shape clip asks "which appears first"
+  once in seven). `progress` shows a progress bar.
   """
   if not 0.0 <= short_fraction <= 1.0:
     raise ValueError(f'short_fraction={short_fraction} must be in [0, 1]')
@@ -435,7 +456,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   for i in tqdm(range(num_videos), desc='synthetic clips', unit='clip', disable=not progress):
     rng = np.random.default_rng([seed, i])
     scene = random_scene(rng, width=width, height=height, fps=fps, duration_s=duration_s,
-                         max_shapes=max_shapes, travel=travel)
+                         max_shapes=max_shapes, travel=travel, size=size)
     name = f'vid_{i:05d}'
     path = os.path.join(vdir, name + '.mp4')
     write_scene_video(path, scene, codec=codec, gop=gop, preset=preset)
@@ -448,7 +469,11 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
       captions.append({'id': name, 'video': rel, 'conversations': [
           {'from': 'human', 'value': f'<video>\n{prompt}'},
           {'from': 'gpt', 'value': caption(scene)}]})
-      order = rng.permutation(len(qs))[:min(turns, len(qs))]
+      if balance_types:
+        order = _balanced_order(qs, min(turns, len(qs)),
+                                np.random.default_rng([seed, i, 2]))
+      else:
+        order = rng.permutation(len(qs))[:min(turns, len(qs))]
       # A separate stream, so the default (all sentences) keeps the files it always wrote.
       short = (np.random.default_rng([seed, i, 1]).random(len(order)) < short_fraction
                if short_fraction > 0 else np.zeros(len(order), bool))

@@ -63,7 +63,8 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       root, total, seed=config.seed, eval_fraction=d.eval_clips / total, width=d.width,
       height=d.height, fps=d.fps, duration_s=d.duration_s, max_shapes=d.max_shapes,
       turns=d.turns, short_fraction=d.short_fraction,
-      eval_instruction=synthetic.SHORT_ANSWER_PROMPT, progress=progress)
+      eval_instruction=synthetic.SHORT_ANSWER_PROMPT, progress=progress,
+      travel=d.travel, balance_types=d.balance_types, size=d.shape_size)
   # The tokenizer learns the training text only (held-out questions use the same templates).
   corpus = []
   for path in (ds.train_captions, ds.train_instruct):
