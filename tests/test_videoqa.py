@@ -136,7 +136,7 @@ def test_models_load_from_converted_checkpoints_and_training_workdirs(setup, tmp
     videoqa.load_model(str(tmp_path))
 
 
-def test_command_line(setup, first_run, tmp_path):
+def test_command_line(setup, first_run, consistency_file, tmp_path):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,10 +149,21 @@ def test_command_line(setup, first_run, tmp_path):
           f'--frames={FRAMES}', '--max_new_tokens=6']
   # The malformed-file run is independent: started alongside (it spends its time importing).
   bad_args = args[:5] + [f'--questions={setup["converted"] / conv.CONFIG_FILE}'] + args[6:]
+  # A consistency file through the same command (format told by its fields), decoded inline.
+  pairs_out = tmp_path / 'pairs.jsonl'
+  pair_args = (args[:5] + [f'--questions={consistency_file[0]}', args[6], f'--out={pairs_out}']
+               + args[8:] + ['--decode_workers=0'])
   procs = [subprocess.Popen(a, cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for a in (args, bad_args)]
+                            stderr=subprocess.PIPE, text=True)
+           for a in (args, bad_args, pair_args)]
   outs = [p.communicate(timeout=600) for p in procs]
-  run, bad = [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
+  run, bad, pairs = [subprocess.CompletedProcess(p.args, p.returncode, *o)
+                     for p, o in zip(procs, outs)]
+  assert pairs.returncode == 0, pairs.stderr[-3000:]
+  assert '5 question pairs, 4 answered now, 0 already there, 1 without a usable video' \
+      in pairs.stdout
+  assert all(isinstance(r['pred1'], str) and isinstance(r['pred2'], str)
+             for r in _lines(pairs_out)) and len(_lines(pairs_out)) == 4
   assert run.returncode == 0, run.stderr[-3000:]
   n = len(setup['records'])
   assert f'{n} questions, {n - 1} answered now, 0 already there, 1 without a usable video' \
