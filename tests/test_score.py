@@ -1,6 +1,7 @@
 """Scoring VideoQA predictions: normalisation, exact match, token F1, majority baselines, and the
 Video-ChatGPT judge against a fake OpenAI-compatible server on 127.0.0.1 (retries, unparsed
-verdicts, concurrency, the verdict cache)."""
+verdicts, concurrency, the verdict cache); the fine-grained benchmark's five protocols (their
+prompts, averages, both answers of a consistency pair) against the same server."""
 
 import http.server
 import json
@@ -169,7 +170,10 @@ class FakeJudgeServer:
         with fake.lock:
           fake.in_flight += 1
           fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-          question = re.search(r'Question: (.*)\n', body['messages'][1]['content']).group(1)
+          # The QA and single-answer prompts quote "Question:", the consistency one
+          # "Question 1:" (its first question keys the script).
+          question = re.search(r'Question(?: 1)?: (.*)\n',
+                               body['messages'][1]['content']).group(1)
           n = sum(q == question for q, _ in fake.requests)
           fake.requests.append((question, body))
         try:
@@ -366,3 +370,177 @@ def test_command_line(tmp_path, no_key):
   bad = subprocess.run(args[:3] + [f'--predictions={ROOT}/README.md'] + args[4:5], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and 'README.md:1: not a JSON object' in bad.stderr
+
+
+# --- The fine-grained benchmark ---------------------------------------------------------------
+
+@pytest.mark.parametrize('text, want', [
+    ("{'score': 4}", {'score': 4}),
+    ('{"score": 0}', {'score': 0}),
+    ("{'score': 4.8}", {'score': 4}),
+    ("```\n{'score': '3'}\n```", {'score': 3}),
+    ("{''score': 4.8}", None),                    # the prompt's own malformed example
+    ("{'score': 6}", None),
+    ("{'score': -1}", None),
+    ("{'pred': 'yes'}", None),
+    ('Score: 4', None),
+    (None, None),
+])
+def test_parse_score(text, want):
+  assert score.parse_score(text) == want
+
+
+def test_benchmark_prompts_are_video_chatgpts():
+  r = {'question': 'Q?', 'question2': 'Q2?', 'answer': 'A', 'pred': 'P', 'pred2': 'P2'}
+  heads = {'correctness': 'factual accuracy', 'detail': 'detail orientation',
+           'context': 'contextual understanding', 'temporal': 'temporal understanding',
+           'consistency': 'consistency'}
+  for name, what in heads.items():
+    p = score.BENCHMARK_PROTOCOLS[name]
+    system, user = p.messages(r)
+    assert system['content'].startswith(f'You are an intelligent chatbot designed for evaluating '
+                                        f'the {what} of generative outputs')
+    assert user['content'].startswith('Please evaluate the following video-based question-'
+                                      'answer pair:\n\n')
+    assert user['content'].endswith("For example, your response should look like this: "
+                                    "{''score': 4.8}.")
+    assert 'integer value between 0 and 5' in user['content']
+    assert p.version == f'video-chatgpt-{name}-v1'
+  _, user = score.BENCHMARK_PROTOCOLS['correctness'].messages(r)
+  assert 'Question: Q?\nCorrect Answer: A\nPredicted Answer: P\n\n' in user['content']
+  _, user = score.BENCHMARK_PROTOCOLS['consistency'].messages(r)
+  assert ('Question 1: Q?\nQuestion 2: Q2?\nCorrect Answer: A\nPredicted Answer to Question 1: '
+          'P\nPredicted Answer to Question 2: P2\n\n') in user['content']
+  assert len({score.BENCHMARK_PROTOCOLS[n].version for n in heads} | {score.PROMPT_VERSION}) == 6
+
+
+# Answers to generic_qa.json as the reference's generation script writes them: a JSON list of
+# the file's entries plus "pred", no ids (v1 has two questions).
+GENERIC = [
+    {'video_name': 'v1', 'Q': 'gq1', 'A': 'a man cooks pasta', 'pred': 'a man cooks'},
+    {'video_name': 'v1', 'Q': 'gq2', 'A': 'in a kitchen', 'pred': 'outdoors'},
+    {'video_name': 'v2', 'Q': 'gq3', 'A': 'two dogs', 'pred': '2 dogs'},
+    {'video_name': 'v3', 'Q': 'gq4', 'A': 'red', 'pred': 'blue'},
+]
+GENERIC_SCRIPT = {'gq1': ["{'score': 4}"], 'gq2': [429, "{'score': 4.8}"],
+                  'gq3': [500, '{"score": 5}'], 'gq4': ['It deserves a 1.']}
+
+
+@pytest.mark.parametrize('protocol', ['correctness', 'detail', 'context', 'temporal'])
+def test_benchmark_protocols_average_scores_and_cache(tmp_path, no_key, protocol):
+  preds = tmp_path / 'generic_preds.json'
+  preds.write_text(json.dumps(GENERIC))
+  out = str(tmp_path / f'{protocol}.json')
+  p = score.BENCHMARK_PROTOCOLS[protocol]
+  with FakeJudgeServer(GENERIC_SCRIPT) as server:
+    result = score.run(str(preds), out, judge='openai', workers=2, judge_obj=_judge(server.url),
+                       progress=False, protocol=protocol)
+    assert sorted(q for q, _ in server.requests) == ['gq1', 'gq2', 'gq2', 'gq3', 'gq3', 'gq4']
+    body = next(b for q, b in server.requests if q == 'gq2')
+    assert body['messages'][0]['content'] == p.system and body['temperature'] == 0
+    assert body['messages'][1]['content'] == p.user.format(question='gq2',
+                                                           answer='in a kitchen', pred='outdoors')
+    j = result['judge']
+    # 4, int(4.8) = 4 and 5 judged; the prose verdict of v3 is unparsed, kept, not averaged.
+    assert (j['protocol'], j['prompt_version'], j['model']) == (protocol, p.version, 'judge-1')
+    assert (j['judged'], j['unparsed'], j['unparsed_ids']) == (3, 1, ['v3_0'])
+    assert j['score'] == pytest.approx(13 / 3)
+    assert j['histogram'] == {'0': 0, '1': 0, '2': 0, '3': 0, '4': 2, '5': 1}
+    assert result['count'] == 4 and result['protocol'] == protocol
+    assert result['token_f1'] == pytest.approx(
+        sum(score.token_f1(r['pred'], r['A']) for r in GENERIC) / 4)
+    cache = {e['id']: e for e in map(json.loads, open(tmp_path / f'{protocol}.verdicts.jsonl'))}
+    assert sorted(cache) == ['v1_0', 'v1_1', 'v2_0', 'v3_0']     # the reference's keys
+    assert cache['v3_0']['verdict'] is None and cache['v3_0']['raw'] == 'It deserves a 1.'
+    assert json.load(open(out)) == json.loads(json.dumps(result))
+    # A rerun asks nothing; another protocol on the same file is a different prompt: asked again.
+    n = len(server.requests)
+    assert score.run(str(preds), out, judge='openai', judge_obj=_judge(server.url),
+                     progress=False, protocol=protocol) == result
+    assert len(server.requests) == n
+    other = 'temporal' if protocol != 'temporal' else 'correctness'
+    score.run(str(preds), out, judge='openai', judge_obj=_judge(server.url), progress=False,
+              protocol=other)
+    assert len(server.requests) == n + 4
+
+
+# Consistency pairs as panda_jax.eval.videoqa writes them (JSON lines with ids): the second
+# question and answer differ from the first, so a judge shown the first twice is caught.
+CONSISTENCY = [
+    {'id': 'v1_0', 'video_name': 'v1', 'Q1': 'cq1 what is he doing?', 'Q2': 'describe his action',
+     'A': 'he cooks pasta', 'pred1': 'he cooks', 'pred2': 'he is cooking pasta'},
+    {'id': 'v2_0', 'video_name': 'v2', 'Q1': 'cq2 how many dogs?', 'Q2': 'count the dogs',
+     'A': 'two', 'pred1': 'two dogs', 'pred2': 'three'},
+    {'id': 'v3_0', 'video_name': 'v3', 'Q1': 'cq3 which colour?', 'Q2': 'what colour is it',
+     'A': 'red', 'pred1': 'red', 'pred2': 'red'},
+]
+
+
+def test_consistency_judge_sees_both_answers_of_a_pair(tmp_path, no_key):
+  preds = tmp_path / 'consistency.jsonl'
+  _write_preds(preds, CONSISTENCY)
+  out = str(tmp_path / 'consistency.json')
+  script = {'cq1 what is he doing?': ["{'score': 4}"], 'cq2 how many dogs?': ["{'score': 1}"],
+            'cq3 which colour?': [503, "{'score': 5}"]}
+  with FakeJudgeServer(script) as server:
+    result = score.run(str(preds), out, judge='openai', workers=3, judge_obj=_judge(server.url),
+                       progress=False, protocol='consistency')
+  p = score.BENCHMARK_PROTOCOLS['consistency']
+  asked = {q: b['messages'] for q, b in server.requests}
+  assert len(asked) == 3
+  for r in CONSISTENCY:
+    system, user = asked[r['Q1']]
+    assert system['content'] == p.system
+    assert (f'Question 1: {r["Q1"]}\nQuestion 2: {r["Q2"]}\nCorrect Answer: {r["A"]}\n'
+            f'Predicted Answer to Question 1: {r["pred1"]}\n'
+            f'Predicted Answer to Question 2: {r["pred2"]}\n\n') in user['content']
+  j = result['judge']
+  assert (j['judged'], j['unparsed'], j['score']) == (3, 0, pytest.approx(10 / 3))
+  assert j['protocol'] == 'consistency'
+  f1 = [score.token_f1(a, r['A']) for r in CONSISTENCY for a in (r['pred1'], r['pred2'])]
+  assert result['token_f1'] == pytest.approx(sum(f1) / 6)
+  assert result['pair_token_f1'] == pytest.approx(
+      sum(score.token_f1(r['pred1'], r['pred2']) for r in CONSISTENCY) / 3)
+  # The judged text covers the second answer: editing only pred2 asks that pair again.
+  edited = [dict(r) for r in CONSISTENCY]
+  edited[1]['pred2'] = 'two'
+  _write_preds(preds, edited)
+  with FakeJudgeServer(script) as server:
+    score.run(str(preds), out, judge='openai', judge_obj=_judge(server.url), progress=False,
+              protocol='consistency')
+  assert [q for q, _ in server.requests] == ['cq2 how many dogs?']
+
+
+def test_benchmark_predictions_of_the_wrong_kind_are_named(tmp_path):
+  generic = tmp_path / 'generic.json'
+  generic.write_text(json.dumps(GENERIC))
+  with pytest.raises(ValueError, match=r"generic.json: entry 0: missing \['Q1', 'Q2', "
+                     r"'pred1', 'pred2'\]; a consistency benchmark prediction needs .*is this "
+                     r'a generic file \(--protocol=correctness\|detail\|context\|temporal\)'):
+    score.run(str(generic), str(tmp_path / 's.json'), protocol='consistency')
+  pairs = tmp_path / 'pairs.jsonl'
+  _write_preds(pairs, CONSISTENCY)
+  with pytest.raises(ValueError, match=r"pairs.jsonl:1: missing \['Q', 'pred'\].*is this a "
+                     r'consistency file \(--protocol=consistency\)'):
+    score.run(str(pairs), str(tmp_path / 's.json'), protocol='temporal')
+  with pytest.raises(ValueError, match=r"protocol='detailed'; expected one of qa, correctness, "
+                     r'detail, context, temporal, consistency'):
+    score.run(str(generic), str(tmp_path / 's.json'), protocol='detailed')
+  # Judge-free scoring needs no server.
+  plain = score.run(str(generic), str(tmp_path / 's.json'), protocol='detail')
+  assert plain['count'] == 4 and 'judge' not in plain and 'exact_match' not in plain
+
+
+def test_benchmark_command_line(tmp_path, no_key):
+  preds = tmp_path / 'consistency.jsonl'
+  _write_preds(preds, CONSISTENCY)
+  out = tmp_path / 'cons.json'
+  with FakeJudgeServer({r['Q1']: ["{'score': 3}"] for r in CONSISTENCY}) as server:
+    run = subprocess.run(
+        [sys.executable, '-m', 'panda_jax.eval.score', f'--predictions={preds}', f'--out={out}',
+         '--protocol=consistency', '--judge=openai', f'--base_url={server.url}', '--model=local'],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'judge local (video-chatgpt-consistency-v1): consistency score 3.0000 (0-5), 3 judged, ' \
+      '0 unparsed' in run.stdout
+  assert json.load(open(out))['judge']['score'] == 3.0

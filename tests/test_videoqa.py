@@ -136,7 +136,7 @@ def test_models_load_from_converted_checkpoints_and_training_workdirs(setup, tmp
     videoqa.load_model(str(tmp_path))
 
 
-def test_command_line(setup, first_run, tmp_path):
+def test_command_line(setup, first_run, consistency_file, tmp_path):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,10 +149,21 @@ def test_command_line(setup, first_run, tmp_path):
           f'--frames={FRAMES}', '--max_new_tokens=6']
   # The malformed-file run is independent: started alongside (it spends its time importing).
   bad_args = args[:5] + [f'--questions={setup["converted"] / conv.CONFIG_FILE}'] + args[6:]
+  # A consistency file through the same command (format told by its fields), decoded inline.
+  pairs_out = tmp_path / 'pairs.jsonl'
+  pair_args = (args[:5] + [f'--questions={consistency_file[0]}', args[6], f'--out={pairs_out}']
+               + args[8:] + ['--decode_workers=0'])
   procs = [subprocess.Popen(a, cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for a in (args, bad_args)]
+                            stderr=subprocess.PIPE, text=True)
+           for a in (args, bad_args, pair_args)]
   outs = [p.communicate(timeout=600) for p in procs]
-  run, bad = [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
+  run, bad, pairs = [subprocess.CompletedProcess(p.args, p.returncode, *o)
+                     for p, o in zip(procs, outs)]
+  assert pairs.returncode == 0, pairs.stderr[-3000:]
+  assert '5 question pairs, 4 answered now, 0 already there, 1 without a usable video' \
+      in pairs.stdout
+  assert all(isinstance(r['pred1'], str) and isinstance(r['pred2'], str)
+             for r in _lines(pairs_out)) and len(_lines(pairs_out)) == 4
   assert run.returncode == 0, run.stderr[-3000:]
   n = len(setup['records'])
   assert f'{n} questions, {n - 1} answered now, 0 already there, 1 without a usable video' \
@@ -160,3 +171,204 @@ def test_command_line(setup, first_run, tmp_path):
   assert {r['id']: r['pred'] for r in _lines(out)} == \
       {r['id']: r['pred'] for r in _lines(first_run[0])}
   assert bad.returncode == 2 and 'expected a JSON list' in bad.stderr
+
+
+# --- Background decoding, corrupt videos, the fine-grained benchmark's files ------------------
+
+class FakePredictor:
+  """Answers with the question and a checksum of the frames it was given, so a line shows
+  which question was asked about which video; records the batch sizes it saw."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.batches = []
+
+  def answer(self, pixels, mask, questions):
+    self.batches.append(len(questions))
+    assert np.shape(pixels)[0] == np.shape(mask)[0] == len(questions)
+    return [f'{q} @ {checksum(p)}' for p, q in zip(pixels, questions)]
+
+
+def checksum(pixels):
+  return f'{float(np.abs(np.asarray(pixels, np.float64)).sum()):.3f}'
+
+
+def _clip_sums(setup, names):
+  out = {}
+  for name in names:
+    path = qa.resolve_video(setup['video_root'], name)
+    out[name] = checksum(videoqa.load_clip(path, setup['cfg'].stab, FRAMES)['pixels'])
+  return out
+
+
+def test_decoding_runs_ahead_in_background_keeping_order():
+  import threading
+  import time
+  lock = threading.Lock()
+  state = {'running': 0, 'most': 0, 'started': [], 'consumed': 0, 'ahead': 0}
+
+  def load(i):
+    with lock:
+      state['running'] += 1
+      state['most'] = max(state['most'], state['running'])
+      state['started'].append(i)
+      state['ahead'] = max(state['ahead'], len(state['started']) - state['consumed'])
+    time.sleep(0.05 * (i % 3))             # later videos often finish first
+    with lock:
+      state['running'] -= 1
+    return ({'i': i}, None) if i != 4 else (None, 'corrupt')
+
+  got = []
+  for g, clip, reason in videoqa._decode_videos(list(range(12)), load, workers=3):
+    got.append((g, clip, reason))
+    state['consumed'] += 1
+  assert [g for g, _, _ in got] == list(range(12))
+  assert all(c == {'i': g} for g, c, r in got if g != 4) and got[4][1:] == (None, 'corrupt')
+  assert state['most'] > 1                 # decodes overlapped
+  assert state['ahead'] <= 2 * 3 + 1       # bounded: at most 2 * workers queued ahead
+  inline = [(g, c, r) for g, c, r in videoqa._decode_videos(list(range(12)), load, workers=0)]
+  assert inline == got
+
+
+def test_background_decoding_gives_the_same_predictions(setup, first_run, tmp_path):
+  fake = FakePredictor(setup['cfg'])
+  outs = {}
+  for workers in (0, 3):
+    outs[workers] = str(tmp_path / f'w{workers}.json')
+    videoqa.answer_file(fake, setup['records'], setup['video_root'], outs[workers],
+                        batch_size=BATCH, frames=FRAMES, progress=False, workers=workers)
+  assert open(outs[0]).read() == open(outs[3]).read()     # same lines, same order
+  rows = _lines(outs[3])
+  sums = _clip_sums(setup, {r['video_name'] for r in setup['records'] if r['video']})
+  by_id = {r['question_id']: r for r in setup['records']}
+  for row in rows:
+    r = by_id[row['id']]
+    assert row['pred'] == f'{r["question"]} @ {sums[r["video_name"]]}'
+  assert set(fake.batches) == {BATCH}
+  # The real model: the background-decoded first run equals an inline one.
+  inline = str(tmp_path / 'inline.json')
+  videoqa.answer_file(setup['predictor'], setup['records'], setup['video_root'], inline,
+                      batch_size=BATCH, frames=FRAMES, progress=False, workers=0)
+  assert [(r['id'], r['pred']) for r in _lines(inline)] == \
+      [(r['id'], r['pred']) for r in _lines(first_run[0])]
+
+
+def test_a_corrupt_video_is_counted_not_a_crash(setup, tmp_path):
+  root = tmp_path / 'videos'
+  root.mkdir()
+  good = sorted({r['video'] for r in setup['records'] if r['video']})
+  for name in good:
+    os.symlink(os.path.join(setup['video_root'], name), root / name)
+  (root / 'broken.mp4').write_bytes(np.random.default_rng(0).bytes(5000))
+  (root / 'empty.mp4').write_bytes(b'')
+  entries = [{'video_name': os.path.splitext(good[0])[0], 'question': 'q0', 'question_id': 0,
+              'answer': 'a'},
+             {'video_name': 'broken', 'question': 'q1', 'question_id': 1, 'answer': 'a'},
+             {'video_name': 'broken', 'question': 'q2', 'question_id': 2, 'answer': 'a'},
+             {'video_name': 'empty', 'question': 'q3', 'question_id': 3, 'answer': 'a'},
+             {'video_name': os.path.splitext(good[1])[0], 'question': 'q4', 'question_id': 4,
+              'answer': 'a'}]
+  records = qa.qa_records(entries, str(root))
+  out = str(tmp_path / 'p.json')
+  stats = videoqa.answer_file(FakePredictor(setup['cfg']), records, str(root), out,
+                              batch_size=BATCH, frames=FRAMES, progress=False, workers=2)
+  assert stats == {'questions': 5, 'already': 0, 'answered': 2, 'failed': 3}
+  assert [r['id'] for r in _lines(out)] == [0, 4]
+  failures = {f['id']: f['reason'] for f in json.load(open(out + '.failures.json'))}
+  assert sorted(failures) == [1, 2, 3]
+  assert failures[1] == failures[2] and 'broken.mp4' in failures[1]
+  assert 'empty file' in failures[3]
+  with pytest.raises(ValueError, match='frames=6 must be a positive multiple of 4'):
+    videoqa.answer_file(FakePredictor(setup['cfg']), records, str(root), out, frames=6)
+
+
+@pytest.fixture(scope='module')
+def consistency_file(setup):
+  names = sorted({r['video_name'] for r in setup['records'] if r['video']})
+  qs = [r['question'] for r in setup['records']]
+  entries = [{'video_name': names[0], 'Q1': qs[0], 'Q2': qs[1], 'A': 'left'},
+             {'video_name': names[0], 'Q1': qs[2], 'Q2': qs[3], 'A': 'yes'},
+             {'video_name': names[1], 'Q1': qs[4], 'Q2': qs[5], 'A': 'right'},
+             {'video_name': 'not_there', 'Q1': qs[0], 'Q2': qs[1], 'A': 'up'},
+             {'video_name': names[2], 'Q1': qs[6], 'Q2': qs[7], 'A': 'down'}]
+  path = setup['work'] / 'consistency_qa.json'
+  json.dump(entries, open(path, 'w'))
+  return str(path), entries
+
+
+def test_consistency_pairs_get_both_answers(setup, consistency_file, tmp_path):
+  path, entries = consistency_file
+  kind, records = videoqa.load_records(path, None, setup['video_root'])
+  assert kind == 'consistency' and len(records) == 5
+  assert [r['question_id'] for r in records] == [
+      f'{entries[0]["video_name"]}_0', f'{entries[0]["video_name"]}_1',
+      f'{entries[2]["video_name"]}_0', 'not_there_0', f'{entries[4]["video_name"]}_0']
+  # Batches of 3: pairs straddle batches; each line is written once both answers exist.
+  fake = FakePredictor(setup['cfg'])
+  out = str(tmp_path / 'consistency.jsonl')
+  stats = videoqa.answer_file(fake, records, setup['video_root'], out, batch_size=3,
+                              frames=FRAMES, progress=False)
+  assert stats == {'questions': 5, 'already': 0, 'answered': 4, 'failed': 1}
+  assert fake.batches == [3, 3, 3]                      # 8 questions, the last batch filled
+  sums = _clip_sums(setup, {e['video_name'] for e in entries if e['video_name'] != 'not_there'})
+  rows = _lines(out)
+  want = [dict(e, id=r['question_id']) for e, r in zip(entries, records)
+          if e['video_name'] != 'not_there']
+  for row, e in zip(rows, want):
+    assert set(row) == {'id', 'video_name', 'Q1', 'Q2', 'A', 'pred1', 'pred2'}
+    assert {k: row[k] for k in e} == e
+    assert row['pred1'] == f'{e["Q1"]} @ {sums[e["video_name"]]}'
+    assert row['pred2'] == f'{e["Q2"]} @ {sums[e["video_name"]]}'
+  assert len(rows) == len(want)
+  assert [f['id'] for f in json.load(open(out + '.failures.json'))] == ['not_there_0']
+  # score reads these lines as consistency pairs.
+  from panda_jax.eval import score
+  pairs = score.read_benchmark_predictions(out, 'consistency')
+  assert [(p['question2'], p['pred2']) for p in pairs] == [(r['Q2'], r['pred2']) for r in rows]
+
+  # The tiny model: both answers are its answers to Q1 and Q2 about the pair's video.
+  real = str(tmp_path / 'real.jsonl')
+  videoqa.answer_file(setup['predictor'], records, setup['video_root'], real,
+                      batch_size=BATCH, frames=FRAMES, progress=False)
+  row = _lines(real)[2]
+  assert row['id'] == records[2]['question_id']
+  v = videoqa.load_clip(qa.resolve_video(setup['video_root'], row['video_name']),
+                        setup['cfg'].stab, FRAMES)
+  direct = setup['predictor'].answer(np.stack([v['pixels']] * BATCH),
+                                     np.stack([v['mask']] * BATCH),
+                                     [row['Q1'], row['Q2'], row['Q1'], row['Q2']])
+  assert (row['pred1'], row['pred2']) == (direct[0], direct[1])
+
+
+def test_benchmark_generic_files_and_format_errors(setup, tmp_path):
+  names = sorted({r['video_name'] for r in setup['records'] if r['video']})
+  generic = tmp_path / 'temporal_qa.json'
+  json.dump([{'video_name': names[0], 'Q': 'what happens first?', 'A': 'it moves'},
+             {'video_name': names[0], 'Q': 'and then?', 'A': 'it stops'}], open(generic, 'w'))
+  kind, records = videoqa.load_records(str(generic), None, setup['video_root'])
+  assert kind == 'generic' and [r['questions'] for r in records] == [['what happens first?'],
+                                                                     ['and then?']]
+  fake = FakePredictor(setup['cfg'])
+  out = str(tmp_path / 'temporal.jsonl')
+  videoqa.answer_file(fake, records, setup['video_root'], out, batch_size=BATCH, frames=FRAMES,
+                      progress=False)
+  rows = _lines(out)
+  assert [set(r) for r in rows] == [{'id', 'video_name', 'Q', 'A', 'pred'}] * 2
+  assert [r['id'] for r in rows] == [f'{names[0]}_0', f'{names[0]}_1']
+  assert rows[1]['pred'].startswith('and then? @ ')
+  # A second run asks nothing.
+  assert videoqa.answer_file(fake, records, setup['video_root'], out, batch_size=BATCH,
+                             frames=FRAMES, progress=False)['already'] == 2
+  bad = tmp_path / 'bad.json'
+  json.dump([{'video_name': 'x', 'Q1': 'a?', 'A': 'b'}], open(bad, 'w'))
+  with pytest.raises(qa.AnnotationError, match=r"bad.json: entry 0 has \['A', 'Q1', "
+                     r"'video_name'\]; expected a VideoQA entry"):
+    videoqa.load_records(str(bad), None, setup['video_root'])
+  with pytest.raises(qa.AnnotationError, match=r'bad.json: entry 0: field "Q2" must be a '
+                     r'non-empty string, got None \(a consistency entry has "video_name", '
+                     r"""'Q1', 'Q2' and "A"\)"""):
+    videoqa.load_records(str(bad), None, setup['video_root'], file_format='consistency')
+  with pytest.raises(ValueError, match="format='generic_qa'; expected auto or one of"):
+    videoqa.load_records(str(generic), None, setup['video_root'], file_format='generic_qa')
+  with pytest.raises(ValueError, match='--answers=a.json is for VideoQA question files'):
+    videoqa.load_records(str(generic), 'a.json', setup['video_root'])

@@ -14,6 +14,16 @@ with a video extension), then the stem with every extension of `VIDEO_EXTENSIONS
 reference's four, plus '.webm' and '.gif', in which some ActivityNet and TGIF copies are
 stored), then the same with "v_" in front, and takes the first regular file found.
 
+Video-ChatGPT's video-based generative performance benchmark (Video-Panda's Table 2) has
+three question files over 500 ActivityNet videos: `generic_qa.json` (scored for correctness,
+detail orientation and contextual understanding) and `temporal_qa.json`, JSON lists of
+`{"video_name", "Q", "A"}`, and `consistency_qa.json`, of `{"video_name", "Q1", "Q2", "A"}`
+(two phrasings of one question with one answer). `load_benchmark` reads them and
+`benchmark_records` turns them into the same records as `qa_records`, each with the list of
+its questions (two for a consistency pair). A video may have several entries, so an entry's
+id is `<video_name>_<k>` with k its occurrence count, as the reference's scoring scripts key
+them.
+
 `as_conversation` turns a question and its answer into the training conversation format, so
 a QA file can also be trained on (`as_training_record`).
 """
@@ -27,6 +37,11 @@ from panda_jax.data import text
 from panda_jax.data.pipeline import VIDEO_EXTENSIONS, AnnotationError, read_json_list
 
 QA_FIELDS = ('video_name', 'question', 'question_id', 'answer')
+# Question fields of the fine-grained benchmark's files, by kind, and the fields their answers
+# are written to (the reference generation scripts' names).
+BENCHMARK_FIELDS = {'generic': ('Q',), 'consistency': ('Q1', 'Q2')}
+BENCHMARK_PRED_FIELDS = {'generic': ('pred',), 'consistency': ('pred1', 'pred2')}
+FILE_FORMATS = ('videoqa', 'generic', 'consistency')
 ACTIVITYNET_PREFIX = 'v_'
 
 
@@ -161,3 +176,69 @@ def as_training_record(record: Mapping) -> dict:
                      'on')
   return {'id': str(record['question_id']), 'video': record['video'],
           'conversations': as_conversation(record)}
+
+
+def detect_format(path: str) -> str:
+  """The kind of question file at `path`, by its first entry's fields: 'videoqa'
+  (`question`), 'generic' (the benchmark's generic or temporal file: `Q`) or 'consistency'
+  (`Q1` and `Q2`)."""
+  data = _read_list(path, 'question')
+  if not data:
+    raise AnnotationError(f'{path}: empty list; expected question entries')
+  first = data[0]
+  if isinstance(first, dict):
+    if 'Q1' in first and 'Q2' in first:
+      return 'consistency'
+    if 'Q' in first:
+      return 'generic'
+    if 'question' in first:
+      return 'videoqa'
+  keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+  raise AnnotationError(f'{path}: entry 0 has {keys}; expected a VideoQA entry ("question"), a '
+                        'generic/temporal benchmark entry ("Q", "A") or a consistency entry '
+                        '("Q1", "Q2", "A")')
+
+
+def load_benchmark(path: str, kind: str) -> list[dict]:
+  """Reads and validates a fine-grained benchmark file: `kind` 'generic' (generic_qa.json,
+  temporal_qa.json: `{"video_name", "Q", "A"}`) or 'consistency' (consistency_qa.json:
+  `{"video_name", "Q1", "Q2", "A"}`). Returns the entries in file order.
+
+  Raises:
+    AnnotationError naming the file, the entry index and the field at the first bad entry.
+  """
+  if kind not in BENCHMARK_FIELDS:
+    raise ValueError(f'kind={kind!r}; expected one of {sorted(BENCHMARK_FIELDS)}')
+  data = _read_list(path, f'{kind} benchmark')
+  for i, entry in enumerate(data):
+    where = f'{path}: entry {i}'
+    if not isinstance(entry, dict):
+      raise AnnotationError(f'{where}: expected an object, got {type(entry).__name__}')
+    for key in ('video_name',) + BENCHMARK_FIELDS[kind] + ('A',):
+      if not isinstance(entry.get(key), str) or not entry[key].strip():
+        raise AnnotationError(f'{where}: field "{key}" must be a non-empty string, got '
+                              f'{entry.get(key)!r} (a {kind} entry has "video_name", '
+                              f'{", ".join(repr(k) for k in BENCHMARK_FIELDS[kind])} and "A")')
+  return [dict(e) for e in data]
+
+
+def benchmark_records(entries: Sequence[Mapping], kind: str, video_root: str) -> list[dict]:
+  """Evaluation records from `load_benchmark` entries: as `qa_records` (`question_id` is
+  `<video_name>_<k>`, `question` the first question, `answer` the file's `A`), plus
+  `questions` (the entry's one or two questions), `pred_fields` (where their answers go) and
+  `entry` (the file's fields, written back with the answers)."""
+  found: dict[str, str | None] = {}
+  seen: dict[str, int] = {}
+  out = []
+  for e in entries:
+    name = e['video_name']
+    if name not in found:
+      found[name] = _resolve_relative(video_root, name)
+    k = seen.get(name, -1) + 1
+    seen[name] = k
+    questions = [e[f] for f in BENCHMARK_FIELDS[kind]]
+    out.append({'question_id': f'{name}_{k}', 'video_name': name, 'video': found[name],
+                'question': questions[0], 'answer': e['A'], 'type': None,
+                'questions': questions, 'pred_fields': list(BENCHMARK_PRED_FIELDS[kind]),
+                'entry': dict(e)})
+  return out

@@ -1,29 +1,42 @@
-"""Zero-shot VideoQA inference: a model answers every question of a benchmark file.
+"""Zero-shot VideoQA and fine-grained benchmark inference: a model answers every question of
+a benchmark file.
 
   python -m panda_jax.eval.videoqa --checkpoint=DIR --tokenizer=DIR \\
       --questions=test_q.json [--answers=test_a.json] --video_root=DIR --out=preds.json \\
-      [--batch_size=8] [--frames=8] [--max_new_tokens=1024]
+      [--batch_size=8] [--frames=8] [--max_new_tokens=1024] [--decode_workers=4]
 
 `--checkpoint` is a `panda_jax.convert.checkpoint` output (the released Video-Panda-7B) or a
 training workdir (its newest checkpoint and `config.json`). Questions are Video-ChatGPT style
 files (MSVD-QA, MSRVTT-QA, TGIF-QA, ActivityNet-QA; see `panda_jax.data.qa` for the formats
-and how video names are resolved).
+and how video names are resolved), or the question files of Video-ChatGPT's video-based
+generative performance benchmark (`generic_qa.json`, `temporal_qa.json`,
+`consistency_qa.json`), told apart by their fields (`--format`).
 
 Decoding follows the reference's `run_inference_video_qa.py`: the `v1` template with one
 `<image>` per frame before the question, greedy decoding up to 1024 new tokens, stopping at
 `</s>`. Output, as the reference writes it (so its GPT-judge scripts read it unchanged): one JSON
 object per line, `{"id", "question", "answer", "pred"}` (plus `"type"` where the answers file
-has one). Lines are appended as batches finish, so an interrupted run resumes with the same
-command: questions whose id is already in the file are not asked again. Questions whose video
-is missing or cannot be decoded get no line; they are counted, logged and listed with the
-reason in `<out>.failures.json`.
+has one). A benchmark file's lines are its entries with `"id"` (`<video_name>_<k>`) and the
+answers added as its generation scripts add them: `"pred"` for generic and temporal entries,
+`"pred1"` and `"pred2"` (the answers to `"Q1"` and `"Q2"`) for consistency pairs. Lines are
+appended as batches finish, so an interrupted run resumes with the same command: entries whose
+id is already in the file are not asked again. Entries whose video is missing or cannot be
+decoded get no line; they are counted, logged and listed with the reason in
+`<out>.failures.json`.
 
-Each video is decoded once (its questions share the frames); batches have a fixed size (the
-last one is filled with copies that are not written), so one compiled program serves the run.
+Each video is decoded once (its questions share the frames), by `--decode_workers` background
+threads that run ahead of the model (a bounded number of videos), so the accelerator does not
+wait for the host's decoding; lines keep the file's video order. Batches have a fixed size
+(the last one is filled with copies that are not written), so one compiled program serves the
+run.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -88,14 +101,63 @@ def _done_ids(out: str) -> set:
   return done
 
 
+def _row(r: Mapping, preds: Sequence[str]) -> dict:
+  """The output line of record `r` given the answers to its questions."""
+  if 'entry' in r:          # a benchmark record: the file's own fields, then the answers
+    row = {'id': r['question_id']}
+    row.update(r['entry'])
+    row.update(zip(r['pred_fields'], preds))
+    return row
+  row = {'id': r['question_id'], 'question': r['question'], 'answer': r['answer'],
+         'pred': preds[0]}
+  if r.get('type') is not None:
+    row['type'] = r['type']
+  return row
+
+
+def _decode_videos(groups: Sequence, load, workers: int):
+  """Yields (group, clip, reason) for each `groups` item, in order, where `load(group)` returns
+  (clip, reason). With `workers` > 0, `load` runs in that many background threads, at most
+  2 * workers videos ahead of the consumer (bounded memory); with 0, inline."""
+  if workers <= 0:
+    for g in groups:
+      yield (g,) + load(g)
+    return
+  with cf.ThreadPoolExecutor(workers, thread_name_prefix='decode') as pool:
+    ahead = collections.deque()
+    it = iter(groups)
+    try:
+      for g in itertools.islice(it, 2 * workers):
+        ahead.append((g, pool.submit(load, g)))
+      while ahead:
+        g, fut = ahead.popleft()
+        for nxt in itertools.islice(it, 1):
+          ahead.append((nxt, pool.submit(load, nxt)))
+        yield (g,) + fut.result()
+    finally:
+      for _, fut in ahead:      # stopped early (an error, a kill): drop what is queued
+        fut.cancel()
+
+
 def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str,
                 batch_size: int = 8, frames: int = 8, timeout_s: float = 60.0,
-                progress: bool = True) -> dict:
-  """Answers `records` (from `qa.qa_records`) into `out` (JSON lines); returns counts:
-  `questions`, `answered` (this call), `already` (found in `out`), `failed` (no usable video)."""
+                progress: bool = True, workers: int = 2) -> dict:
+  """Answers `records` (from `qa.qa_records` or `qa.benchmark_records`) into `out` (JSON
+  lines); returns counts: `questions` (records), `answered` (this call), `already` (found in
+  `out`), `failed` (no usable video).
+
+  Videos are decoded by `workers` background threads (0: inline) while the model answers the
+  questions of the videos before them; lines are written in the order of `records`' videos
+  either way. A record with two questions (a consistency pair) gets its line once both are
+  answered.
+  """
   from tqdm import tqdm
   if batch_size < 1:
     raise ValueError(f'batch_size={batch_size} must be positive')
+  if workers < 0:
+    raise ValueError(f'workers={workers} must be 0 (decode inline) or more')
+  if frames < 4 or frames % 4:
+    raise ValueError(f'frames={frames} must be a positive multiple of 4 (4, 8, 16, 32)')
   stab = predictor.cfg.stab
   done = _done_ids(out)
   todo = [r for r in records if r['question_id'] not in done]
@@ -107,8 +169,19 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
   for r in todo:
     by_video.setdefault(r['video'] or f'<missing>{r["video_name"]}', []).append(r)
   bar = tqdm(total=len(todo), desc='questions', unit='q', disable=not progress, file=sys.stderr)
-  pending: list = []
+  pending: list = []          # (record, question index, pixels, mask)
+  partial: dict = {}          # question_id -> answers so far, for records of two questions
   t0 = time.perf_counter()
+
+  def load(item):
+    video, rs = item
+    if rs[0]['video'] is None:
+      return None, f'no file for video_name {rs[0]["video_name"]!r} under {video_root}'
+    try:
+      v = load_clip(os.path.join(video_root, video), stab, frames, timeout_s)
+    except VideoDecodeError as e:     # any failure of the file (anything else is a bug)
+      return None, e.reason
+    return {'pixels': v['pixels'], 'mask': v['mask']}, None
 
   def flush(f_out, final=False):
     while len(pending) >= batch_size or (final and pending):
@@ -116,29 +189,24 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
       del pending[:batch_size]
       n = len(chunk)
       chunk = chunk + [chunk[-1]] * (batch_size - n)      # fixed shape: fill with copies
-      answers = predictor.answer(np.stack([c[1] for c in chunk]),
-                                 np.stack([c[2] for c in chunk]), [c[0]['question'] for c in chunk])
-      for (r, _, _), pred in zip(chunk[:n], answers[:n]):
-        row = {'id': r['question_id'], 'question': r['question'], 'answer': r['answer'],
-               'pred': pred}
-        if r.get('type') is not None:
-          row['type'] = r['type']
-        f_out.write(json.dumps(row) + '\n')
+      answers = predictor.answer(np.stack([c[2] for c in chunk]), np.stack([c[3] for c in chunk]),
+                                 [_questions(c[0])[c[1]] for c in chunk])
+      finished = 0
+      for (r, i, _, _), pred in zip(chunk[:n], answers[:n]):
+        preds = partial.setdefault(r['question_id'], [None] * len(_questions(r)))
+        preds[i] = pred
+        if all(p is not None for p in preds):
+          del partial[r['question_id']]
+          f_out.write(json.dumps(_row(r, preds)) + '\n')
+          finished += 1
       f_out.flush()
-      stats['answered'] += n
-      bar.update(n)
+      stats['answered'] += finished
+      bar.update(finished)
 
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, 'a') as f_out:
-    for video, rs in by_video.items():
-      if rs[0]['video'] is None:
-        reason = f'no file for video_name {rs[0]["video_name"]!r} under {video_root}'
-      else:
-        try:
-          v = load_clip(os.path.join(video_root, video), stab, frames, timeout_s)
-          reason = None
-        except VideoDecodeError as e:
-          reason = e.reason
+  decoded = contextlib.closing(_decode_videos(list(by_video.items()), load, workers))
+  with open(out, 'a') as f_out, decoded as videos:
+    for (video, rs), clip, reason in videos:
       if reason is not None:
         logging.warning('%d question(s) skipped: %s', len(rs), reason)
         failures += [{'id': r['question_id'], 'video_name': r['video_name'], 'reason': reason}
@@ -146,7 +214,8 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
         stats['failed'] += len(rs)
         bar.update(len(rs))
         continue
-      pending.extend((r, v['pixels'], v['mask']) for r in rs)
+      pending.extend((r, i, clip['pixels'], clip['mask']) for r in rs
+                     for i in range(len(_questions(r))))
       flush(f_out)
     flush(f_out, final=True)
   bar.close()
@@ -156,6 +225,29 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
   logging.info('answered %d questions in %.1fs (%.2f/s); %d failed', stats['answered'], dt,
                stats['answered'] / max(dt, 1e-9), stats['failed'])
   return stats
+
+
+def _questions(r: Mapping) -> list[str]:
+  return r.get('questions') or [r['question']]
+
+
+def load_records(questions: str, answers: str | None, video_root: str,
+                 file_format: str = 'auto') -> tuple[str, list[dict]]:
+  """(format, records) of a question file: a VideoQA file ('videoqa', with `answers` for a
+  questions-only file) or one of the fine-grained benchmark's ('generic' for generic_qa.json
+  and temporal_qa.json, 'consistency'); 'auto' tells them apart by their fields."""
+  if file_format not in ('auto',) + qa_lib.FILE_FORMATS:
+    raise ValueError(f'format={file_format!r}; expected auto or one of {qa_lib.FILE_FORMATS}')
+  if file_format == 'auto':
+    file_format = qa_lib.detect_format(questions)
+  if file_format == 'videoqa':
+    return file_format, qa_lib.qa_records(qa_lib.load_qa(questions, answers_path=answers),
+                                          video_root)
+  if answers:
+    raise ValueError(f'--answers={answers} is for VideoQA question files; a {file_format} '
+                     'benchmark file holds its answers ("A")')
+  return file_format, qa_lib.benchmark_records(qa_lib.load_benchmark(questions, file_format),
+                                               file_format, video_root)
 
 
 def main(argv):
@@ -169,18 +261,19 @@ def main(argv):
     if not getattr(f, name):
       raise app.UsageError(f'--{name} is required')
   try:
-    entries = qa_lib.load_qa(f.questions, answers_path=f.answers or None)
-  except qa_lib.AnnotationError as e:
+    kind, records = load_records(f.questions, f.answers or None, f.video_root, f.format)
+  except (qa_lib.AnnotationError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  records = qa_lib.qa_records(entries, f.video_root)
+  logging.info('%s: %d %s entries', f.questions, len(records), kind)
   cfg, variables = load_model(f.checkpoint)
   tok = text.load_tokenizer(f.tokenizer)
   predictor = Predictor(cfg, variables, tok,
                         Sampling(max_new_tokens=f.max_new_tokens, eos_id=tok.eos_token_id))
   stats = answer_file(predictor, records, f.video_root, f.out, f.batch_size, f.frames,
-                      f.timeout_s)
-  print(f'{f.out}: {stats["questions"]} questions, {stats["answered"]} answered now, '
+                      f.timeout_s, workers=f.decode_workers)
+  what = 'question pairs' if kind == 'consistency' else 'questions'
+  print(f'{f.out}: {stats["questions"]} {what}, {stats["answered"]} answered now, '
         f'{stats["already"]} already there, {stats["failed"]} without a usable video '
         f'(listed in {f.out}.failures.json)')
 
@@ -189,12 +282,17 @@ if __name__ == '__main__':
   from absl import app, flags
   flags.DEFINE_string('checkpoint', None, 'Converted checkpoint or training workdir.')
   flags.DEFINE_string('tokenizer', None, 'Tokenizer directory (e.g. vicuna-7b-v1.5).')
-  flags.DEFINE_string('questions', None, 'VideoQA question file (test_q.json or combined).')
+  flags.DEFINE_string('questions', None, 'Question file: VideoQA (test_q.json or combined) or '
+                      'a fine-grained benchmark file (generic_qa.json, temporal_qa.json, '
+                      'consistency_qa.json).')
   flags.DEFINE_string('answers', '', 'Separate answers file (test_a.json), paired by position.')
+  flags.DEFINE_enum('format', 'auto', ['auto', *qa_lib.FILE_FORMATS],
+                    'Question file format; auto: by the first entry\'s fields.')
   flags.DEFINE_string('video_root', None, 'Directory holding the videos.')
   flags.DEFINE_string('out', None, 'Predictions (JSON lines, appended; resumable).')
   flags.DEFINE_integer('batch_size', 8, 'Questions per generation batch.')
   flags.DEFINE_integer('frames', 8, 'Frames per video (a multiple of 4).')
   flags.DEFINE_integer('max_new_tokens', 1024, 'Answer length limit (the reference: 1024).')
   flags.DEFINE_float('timeout_s', 60.0, 'Per-video decoding time budget.')
+  flags.DEFINE_integer('decode_workers', 4, 'Background video-decoding threads (0: inline).')
   app.run(main)
