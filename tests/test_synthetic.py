@@ -211,3 +211,13 @@ def test_balance_types_draws_each_type_equally_often(tmp_path):
   assert all(abs(balanced[t] / m - 0.25) < 0.1 for t in
              ('order', 'at_start', 'end_position', 'direction'))
   assert balanced['order'] > 1.5 * plain['order']
+
+
+def test_min_shapes_bounds_the_shape_count():
+  counts = {len(synthetic.random_scene(np.random.default_rng(i), max_shapes=3,
+                                       min_shapes=2).shapes) for i in range(40)}
+  assert counts == {2, 3}
+  assert {len(synthetic.random_scene(np.random.default_rng(i), max_shapes=3).shapes)
+          for i in range(40)} == {1, 2, 3}
+  with pytest.raises(ValueError, match='min_shapes=4'):
+    synthetic.random_scene(np.random.default_rng(0), max_shapes=3, min_shapes=4)

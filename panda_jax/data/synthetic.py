@@ -122,7 +122,7 @@ def _as_fraction(fps) -> fractions.Fraction:
 def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, fps=10,
                  duration_s: float = 3.0, max_shapes: int = 3, num_shapes: int | None = None,
                  directions: Sequence[str] | None = None, noise: int = 0,
-                 travel: float = 1.0, size: float = 0.1) -> Scene:
+                 travel: float = 1.0, size: float = 0.1, min_shapes: int = 1) -> Scene:
   """A random scene; `num_shapes` / `directions` pin those choices (for tests).
 
   `noise` > 0 adds deterministic per-frame noise of that amplitude (in 8-bit levels), which
@@ -130,7 +130,8 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
   `travel` < 1 slows the shapes down: every shape moves at the same speed, covering that
   fraction of the frame's free span over the whole clip (less when it appears later), and
   ends at the edge it moves towards. 1.0: each shape crosses the whole span, whenever it
-  appears. `size`: a shape's half-size as a fraction of the frame's shorter side.
+  appears. `size`: a shape's half-size as a fraction of the frame's shorter side. The number
+  of shapes is uniform in [min_shapes, max_shapes] unless `num_shapes` pins it.
   """
   if not 0.0 < travel <= 1.0:
     raise ValueError(f'travel={travel} must be in (0, 1]')
@@ -138,7 +139,10 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
     raise ValueError(f'size={size} must be in (0, 0.25]')
   fps = _as_fraction(fps)
   num_frames = max(1, int(round(float(fps) * duration_s)))
-  k = int(num_shapes) if num_shapes is not None else int(rng.integers(1, max_shapes + 1))
+  if not 1 <= min_shapes <= max_shapes:
+    raise ValueError(f'min_shapes={min_shapes} must be in [1, max_shapes={max_shapes}]')
+  k = (int(num_shapes) if num_shapes is not None else
+       int(rng.integers(min_shapes, max_shapes + 1)))
   if not 1 <= k <= len(COLOURS):
     raise ValueError(f'num_shapes={k} must be in [1, {len(COLOURS)}]')
   colours = rng.choice(list(COLOURS), size=k, replace=False)
@@ -421,7 +425,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  preset: str = 'veryfast', turns: int = 3, short_fraction: float = 0.0,
                  eval_instruction: str = '', progress: bool = False,
                  travel: float = 1.0, balance_types: bool = False,
-                 size: float = 0.1) -> SyntheticDataset:
+                 size: float = 0.1, min_shapes: int = 1) -> SyntheticDataset:
   """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
 
   The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
@@ -430,7 +434,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   is asked in the short form (the question followed by `SHORT_ANSWER_PROMPT`, answered with the
   short answer) with probability `short_fraction`, else answered with a sentence.
   `eval_instruction` is appended to every held-out question on a new line (e.g.
-  `SHORT_ANSWER_PROMPT`). `travel` and `size` are `random_scene`'s. `balance_types`: a training turn first
+  `SHORT_ANSWER_PROMPT`). `travel`, `size` and `min_shapes` are `random_scene`'s. `balance_types`: a training turn first
   draws a question type uniformly among the clip's types, then a question of that type (else
   every question of the clip is equally likely, so a two-shape clip asks "which appears first"
   once in seven). `progress` shows a progress bar.
@@ -456,7 +460,8 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   for i in tqdm(range(num_videos), desc='synthetic clips', unit='clip', disable=not progress):
     rng = np.random.default_rng([seed, i])
     scene = random_scene(rng, width=width, height=height, fps=fps, duration_s=duration_s,
-                         max_shapes=max_shapes, travel=travel, size=size)
+                         max_shapes=max_shapes, travel=travel, size=size,
+                         min_shapes=min_shapes)
     name = f'vid_{i:05d}'
     path = os.path.join(vdir, name + '.mp4')
     write_scene_video(path, scene, codec=codec, gop=gop, preset=preset)

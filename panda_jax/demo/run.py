@@ -64,7 +64,8 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       height=d.height, fps=d.fps, duration_s=d.duration_s, max_shapes=d.max_shapes,
       turns=d.turns, short_fraction=d.short_fraction,
       eval_instruction=synthetic.SHORT_ANSWER_PROMPT, progress=progress,
-      travel=d.travel, balance_types=d.balance_types, size=d.shape_size)
+      travel=d.travel, balance_types=d.balance_types, size=d.shape_size,
+      min_shapes=d.min_shapes)
   # The tokenizer learns the training text only (held-out questions use the same templates).
   corpus = []
   for path in (ds.train_captions, ds.train_instruct):
