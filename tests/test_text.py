@@ -379,3 +379,23 @@ def test_masking_rule_reproduces_golden_labels():
   # The greedy prompt is sample 0 up to and including ' ASSISTANT:'.
   end = dict((n, e) for n, _, e in layouts[0])['role_assistant']
   np.testing.assert_array_equal(inputs['greedy_prompt_ids'][0], ids_all[0, :end])
+
+
+def test_split_punctuation_keeps_words_whole_and_apart_from_punctuation(tmp_path):
+  corpus = ['Is the blue triangle visible?\nAnswer with a word.',
+            'Which appears first, the red square or the blue triangle?\nAnswer with a word.',
+            'The blue triangle moves left.'] * 50
+  s = 'Which appears first, the red square or the blue triangle?\nAnswer with a word.'
+  fused = text.load_tokenizer(text.build_tokenizer(str(tmp_path / 'a'), corpus, vocab_size=400))
+  split = text.load_tokenizer(text.build_tokenizer(str(tmp_path / 'b'), corpus, vocab_size=400,
+                                                   split_punctuation=True))
+  # Without the option the templated corpus teaches pieces across '?' and the line break.
+  assert any('?' in p and len(p) > 1 for p in fused.tokenize(s))
+  pieces = split.tokenize(s)
+  assert '▁triangle' in pieces and '?' in pieces and '▁first' in pieces and ',' in pieces
+  assert all(len(p) == 1 or not any(c in p for c in '?,.\n') for p in pieces)
+  # The same word is the same token before punctuation and before a space.
+  tri = split.convert_tokens_to_ids('▁triangle')
+  assert split(s)['input_ids'].count(tri) == 1
+  assert tri in split('The blue triangle moves left.')['input_ids']
+  assert split.decode(split(s)['input_ids'][1:]) == s

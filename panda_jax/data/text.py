@@ -471,12 +471,17 @@ def generation_prompt_ids(tokenizer: Any, question: str, num_frames: int = 8,
 
 
 def build_tokenizer(dirname, corpus, vocab_size: int = 450, tokenizer_class='LlamaTokenizer',
-                    legacy=False, post_processor=True):
+                    legacy=False, post_processor=True, split_punctuation: bool = False):
   """Trains a small Llama-style tokenizer on `corpus` and writes it as a Hugging Face directory.
 
   BPE with byte fallback (ids 3..258 are the bytes, so '\\n' is 13 as in Llama), `<unk>`=0,
   `<s>`=1, `</s>`=2, Llama-2's `tokenizer.json` pipeline. For tests and the synthetic tiny runs,
   where no released tokenizer can be downloaded.
+
+  `split_punctuation`: merges never join punctuation or a line break to a word, as in Llama-2's
+  vocabulary ('triangle', '?', '\\n' instead of one 'triangle?\\nAnswer' piece, which a small
+  corpus of templated sentences otherwise learns), so a word is the same token wherever it
+  stands.
   """
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
   from tokenizers import trainers
@@ -485,6 +490,10 @@ def build_tokenizer(dirname, corpus, vocab_size: int = 450, tokenizer_class='Lla
   # Train on words (merges never span a '▁'), then switch to Llama-2's tokenizer.json pipeline.
   tok.normalizer = normalizers.Replace(' ', '▁')
   tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='always')
+  if split_punctuation:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split('\n', behavior='isolated'),
+        pre_tokenizers.Punctuation(behavior='isolated'), tok.pre_tokenizer])
   alphabet = sorted(set(''.join(corpus).replace(' ', '▁')))
   specials = ['<unk>', '<s>', '</s>'] + [f'<0x{i:02X}>' for i in range(256)]
   tok.train_from_iterator(corpus, trainers.BpeTrainer(

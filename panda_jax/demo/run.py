@@ -73,7 +73,8 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       corpus += [m['value'].replace('<video>', '') for m in entry['conversations']]
   corpus += [text.SYSTEM_PROMPT, 'USER: ASSISTANT:', synthetic.SHORT_ANSWER_PROMPT]
   tok_dir = os.path.join(root, 'tokenizer')
-  text.build_tokenizer(tok_dir, corpus * 2, vocab_size=d.tokenizer_vocab)
+  text.build_tokenizer(tok_dir, corpus * 2, vocab_size=d.tokenizer_vocab,
+                       split_punctuation=d.split_punctuation)
   vocab = len(text.load_tokenizer(tok_dir))
   if vocab > config.model.llm.vocab_size:
     raise ValueError(f'the tokenizer has {vocab} tokens but model.llm.vocab_size is '
