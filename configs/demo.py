@@ -42,7 +42,8 @@ def get_config(arg: str = ''):
       train_clips=4000, eval_clips=100, width=112, height=84, fps=1, duration_s=4.0,
       max_shapes=2, frames=4, turns=1, short_fraction=0.75, tokenizer_vocab=1000,
       max_len=192, num_workers=0, travel=1.0, balance_types=False,
-      shape_size=0.1, min_shapes=1, split_punctuation=False))
+      shape_size=0.1, min_shapes=1, split_punctuation=False,
+      late_start=0.0))
   stage = lambda steps, lr, batch, warmup: ml_collections.ConfigDict(  # noqa: E731
       dict(steps=steps, lr=lr, batch_size=batch, warmup_ratio=warmup))
   c.stages = ml_collections.ConfigDict(dict(

@@ -221,3 +221,25 @@ def test_min_shapes_bounds_the_shape_count():
           for i in range(40)} == {1, 2, 3}
   with pytest.raises(ValueError, match='min_shapes=4'):
     synthetic.random_scene(np.random.default_rng(0), max_shapes=3, min_shapes=4)
+
+
+def test_late_start_opens_some_clips_empty_and_at_start_says_no():
+  kw = dict(width=112, height=84, fps=1, duration_s=4.0, max_shapes=2)
+  scenes = [synthetic.random_scene(np.random.default_rng(i), late_start=0.5, **kw)
+            for i in range(60)]
+  late = [s for s in scenes if s.shapes[0].appear > 0]
+  assert 15 < len(late) < 45
+  for s in late:
+    assert [sh.appear for sh in s.shapes] == list(range(1, len(s.shapes) + 1))
+    # The first frame is the background alone; the shape is drawn from its frame on.
+    first = synthetic.render_frame(s, 0).astype(int)
+    assert np.abs(first - np.array(s.background)).max() == 0
+    assert np.abs(synthetic.render_frame(s, 1).astype(int) - np.array(s.background)).max() > 100
+    answers = {q['answer'] for q in synthetic.questions(s, np.random.default_rng(0))
+               if q['type'] == 'at_start'}
+    assert answers == {'no'}
+  # 0 draws nothing: the same scenes as without the option.
+  assert synthetic.random_scene(np.random.default_rng(7), late_start=0.0, **kw) == \
+      synthetic.random_scene(np.random.default_rng(7), **kw)
+  with pytest.raises(ValueError, match='late_start=2'):
+    synthetic.random_scene(np.random.default_rng(7), late_start=2, **kw)

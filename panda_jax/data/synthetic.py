@@ -122,7 +122,8 @@ def _as_fraction(fps) -> fractions.Fraction:
 def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, fps=10,
                  duration_s: float = 3.0, max_shapes: int = 3, num_shapes: int | None = None,
                  directions: Sequence[str] | None = None, noise: int = 0,
-                 travel: float = 1.0, size: float = 0.1, min_shapes: int = 1) -> Scene:
+                 travel: float = 1.0, size: float = 0.1, min_shapes: int = 1,
+                 late_start: float = 0.0) -> Scene:
   """A random scene; `num_shapes` / `directions` pin those choices (for tests).
 
   `noise` > 0 adds deterministic per-frame noise of that amplitude (in 8-bit levels), which
@@ -131,7 +132,9 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
   fraction of the frame's free span over the whole clip (less when it appears later), and
   ends at the edge it moves towards. 1.0: each shape crosses the whole span, whenever it
   appears. `size`: a shape's half-size as a fraction of the frame's shorter side. The number
-  of shapes is uniform in [min_shapes, max_shapes] unless `num_shapes` pins it.
+  of shapes is uniform in [min_shapes, max_shapes] unless `num_shapes` pins it. `late_start`:
+  the probability that the clip opens empty (every shape enters one frame later, so the first
+  frame shows only the background); 0 draws nothing, so it changes no other scene.
   """
   if not 0.0 < travel <= 1.0:
     raise ValueError(f'travel={travel} must be in (0, 1]')
@@ -155,6 +158,12 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
   else:
     later = np.arange(1, k)
   appear = [0] + [int(a) for a in later]
+  if late_start > 0:
+    if not 0.0 <= late_start <= 1.0:
+      raise ValueError(f'late_start={late_start} must be in [0, 1]')
+    late_rng = np.random.default_rng(rng.integers(2**31))
+    if late_rng.random() < late_start and appear[-1] + 1 < num_frames - 1:
+      appear = [a + 1 for a in appear]
   shapes = []
   for i in range(k):
     d = directions[i] if directions is not None else DIRECTIONS[int(rng.integers(4))]
@@ -425,7 +434,8 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  preset: str = 'veryfast', turns: int = 3, short_fraction: float = 0.0,
                  eval_instruction: str = '', progress: bool = False,
                  travel: float = 1.0, balance_types: bool = False,
-                 size: float = 0.1, min_shapes: int = 1) -> SyntheticDataset:
+                 size: float = 0.1, min_shapes: int = 1,
+                 late_start: float = 0.0) -> SyntheticDataset:
   """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
 
   The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
@@ -434,7 +444,8 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   is asked in the short form (the question followed by `SHORT_ANSWER_PROMPT`, answered with the
   short answer) with probability `short_fraction`, else answered with a sentence.
   `eval_instruction` is appended to every held-out question on a new line (e.g.
-  `SHORT_ANSWER_PROMPT`). `travel`, `size` and `min_shapes` are `random_scene`'s. `balance_types`: a training turn first
+  `SHORT_ANSWER_PROMPT`). `travel`, `size`, `min_shapes` and `late_start` are
+  `random_scene`'s. `balance_types`: a training turn first
   draws a question type uniformly among the clip's types, then a question of that type (else
   every question of the clip is equally likely, so a two-shape clip asks "which appears first"
   once in seven). `progress` shows a progress bar.
@@ -461,7 +472,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
     rng = np.random.default_rng([seed, i])
     scene = random_scene(rng, width=width, height=height, fps=fps, duration_s=duration_s,
                          max_shapes=max_shapes, travel=travel, size=size,
-                         min_shapes=min_shapes)
+                         min_shapes=min_shapes, late_start=late_start)
     name = f'vid_{i:05d}'
     path = os.path.join(vdir, name + '.mp4')
     write_scene_video(path, scene, codec=codec, gop=gop, preset=preset)

@@ -65,7 +65,7 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       turns=d.turns, short_fraction=d.short_fraction,
       eval_instruction=synthetic.SHORT_ANSWER_PROMPT, progress=progress,
       travel=d.travel, balance_types=d.balance_types, size=d.shape_size,
-      min_shapes=d.min_shapes)
+      min_shapes=d.min_shapes, late_start=d.late_start)
   # The tokenizer learns the training text only (held-out questions use the same templates).
   corpus = []
   for path in (ds.train_captions, ds.train_instruct):
