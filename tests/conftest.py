@@ -16,7 +16,12 @@ import jax.numpy as jnp  # noqa: E402
 
 # Many tests compile the same programs (a probe run and a full run of one stage, stages with the
 # same trainable set): a session-wide persistent cache compiles each once.
-JAX_CACHE = os.environ.get('PANDA_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='jaxc-')
+# Under pytest-xdist (`-n 2`) the workers of one run share it (one directory per run id).
+_RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID')
+JAX_CACHE = (os.environ.get('PANDA_TEST_JAX_CACHE') or
+             (os.path.join(tempfile.gettempdir(), f'jaxc-{_RUN}') if _RUN else
+              tempfile.mkdtemp(prefix='jaxc-')))
+os.makedirs(JAX_CACHE, exist_ok=True)
 jax.config.update('jax_compilation_cache_dir', JAX_CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
