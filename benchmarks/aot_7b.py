@@ -154,9 +154,10 @@ def abstract_inputs(config, mesh):
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                      params=sds(params, params_sh), batch_stats=sds(batch_stats, stats_sh),
                      opt_state=sds(opt_shapes, opt_sh),
-                     rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+                     rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+                     refused=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
   state_sh = TrainState(step=replicated, params=params_sh, batch_stats=stats_sh,
-                        opt_state=opt_sh, rng=replicated)
+                        opt_state=opt_sh, rng=replicated, refused=replicated)
 
   # Teacher: as create_teacher.
   tc = config_lib.teacher_config(config.model)

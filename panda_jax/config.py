@@ -203,6 +203,10 @@ def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
       # -1: one epoch over the data set (the paper trains every stage for one epoch).
       steps=12 if tiny else -1,
       log_every=2 if tiny else 10, save_every=4 if tiny else 500, keep=3,
+      # A step with a non-finite loss, gradient or BatchNorm statistic is refused (nothing
+      # changes); the run stops with an error once more than this many were refused (counted
+      # on the device, read at logging and saving steps).
+      max_refused_steps=10,
       # Distillation targets: 'online' runs the teacher in the train step on the batch's
       # teacher frames; 'cached' reads features written by panda_jax.teacher.extract from
       # data.teacher_features (a synthetic run extracts them into its workdir itself).

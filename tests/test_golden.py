@@ -21,3 +21,59 @@ def test_golden(path):
     pytest.skip(f'golden kind {kind!r} is not implemented yet (open issue)')
   rows = golden.check_case(path)
   assert rows and all(ok for *_, ok in rows)
+
+
+def _mutated(src, dst, change):
+  """A copy of the case `src` at `dst` with `change(arrays)` applied to its name -> array dict."""
+  import numpy as np
+  with np.load(src, allow_pickle=False) as z:
+    arrays = {k: z[k] for k in z.files}
+  change(arrays)
+  np.savez(dst, **arrays)
+  return dst
+
+
+def test_mutated_cases_fail(tmp_path):
+  """The harness fails a case with an output it does not check, a value moved just beyond
+  tolerance, or a required output missing: a harness that ignored any of them would pass."""
+  import numpy as np
+  src = golden.default_dir() / 'distill_head.npz'
+  rows = golden.check_case(src)
+  assert rows and all(ok for *_, ok in rows)
+
+  def extra(a):
+    a['output/extra_logits'] = np.zeros((2, 3), np.float32)
+  with pytest.raises(golden.GoldenMismatch, match=r'output/extra_logits is not checked'):
+    golden.check_case(_mutated(src, tmp_path / 'extra.npz', extra))
+
+  def moved(a):
+    s = a['output/student'].copy()
+    tol = golden.RTOL * max(1.0, float(np.max(np.abs(s))))
+    s[3, 5, 7] += 1.5 * tol                       # one value, just beyond the tolerance
+    a['output/student'] = s
+  with pytest.raises(golden.GoldenMismatch, match=r'1 of \d+ comparisons failed\n  student:'):
+    golden.check_case(_mutated(src, tmp_path / 'moved.npz', moved))
+
+  def moved_scalar(a):
+    a['output/loss'] = a['output/loss'] + 1.5 * golden.RTOL * max(1.0, abs(float(a['output/loss'])))
+  with pytest.raises(golden.GoldenMismatch, match=r'\n  loss:'):
+    golden.check_case(_mutated(src, tmp_path / 'moved_loss.npz', moved_scalar))
+
+  # The LanguageBind outputs are all required (checked before any model runs).
+  lb = golden.default_dir() / 'languagebind_video_tiny.npz'
+  for key in ('features', 'hidden_states_all', 'pooler_output'):
+    path = _mutated(lb, tmp_path / f'no_{key}.npz', lambda a: a.pop(f'output/{key}'))
+    with pytest.raises(golden.GoldenMismatch, match=f'required outputs missing.*output/{key}'):
+      golden.check_case(path)
+
+
+def test_unknown_kind_is_reported_not_a_missing_key(tmp_path):
+  import json
+  import numpy as np
+  src = golden.default_dir() / 'distill_head.npz'
+  path = _mutated(src, tmp_path / 'new_kind.npz',
+                  lambda a: a.update(meta=np.array(json.dumps({'kind': 'audio_tower'}))))
+  with pytest.raises(golden.UnknownKind):
+    golden.check_case(path)
+  # The command line skips it (and still checks the others).
+  assert golden.main(['golden', str(tmp_path)]) == 0

@@ -1,7 +1,15 @@
-"""The training loop: checkpoints, resume after a crash equals an uninterrupted run."""
+"""The training loop: checkpoints; resume after a crash, or after a kill during an asynchronous
+save, equals an uninterrupted run (dropout on); non-finite steps refused, counted and capped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from panda_jax import config as config_lib
@@ -13,13 +21,16 @@ from test_train_step import tiny_batch
 class Batches:
   """A deterministic in-memory batch source with a resumable position."""
 
-  def __init__(self, cfg, crash_after=None):
+  def __init__(self, cfg, crash_after=None, nan_at=()):
     self.cfg, self.i, self.crash_after, self.served = cfg, 0, crash_after, 0
+    self.nan_at = set(nan_at)          # positions (0-based) whose pixels are all NaN
 
   def __next__(self):
     if self.crash_after is not None and self.served == self.crash_after:
       raise KeyboardInterrupt('simulated crash')
     b = _batch(self.cfg, self.i % 3)
+    if self.i in self.nan_at:
+      b['pixels'] = np.full_like(b['pixels'], np.nan)
     self.i += 1
     self.served += 1
     return b
@@ -54,39 +65,156 @@ def _batch(config, seed):
 
 
 def _config(steps=4):
+  """Dropout on (the tiny default, 0.5): a resumed run must restore the random state too."""
   c = config_lib.train_config(2, 'tiny')
   c.train.steps = steps
   c.train.save_every = 2
   c.train.log_every = 1
   c.data.max_len = 160
-  c.model.stab.dropout = 0.0
   c.mesh.data, c.mesh.tensor = 4, 2       # 8 fake devices (conftest)
+  assert c.model.stab.dropout > 0
   return c
 
 
+def _checkpoint(workdir, step) -> dict:
+  """Every saved array of checkpoint `step` (params, batch_stats, opt_state, meta), flat."""
+  from panda_jax.train import checkpoint as ckpt
+  m = ocp.CheckpointManager(workdir / 'checkpoints', item_names=ckpt.ITEMS,
+                            options=ocp.CheckpointManagerOptions(read_only=True))
+  items = ('params', 'batch_stats', 'opt_state', 'meta')
+  r = m.restore(step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore() for k in items}))
+  out = {}
+  for k in items:
+    for path, v in jax.tree_util.tree_flatten_with_path(r[k])[0]:
+      names = [str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path]
+      out['/'.join([k] + names)] = np.asarray(v)
+  return out
+
+
+def _assert_checkpoints_equal(a, b, step):
+  ca, cb = _checkpoint(a, step), _checkpoint(b, step)
+  assert sorted(ca) == sorted(cb) and 'meta/rng' in ca
+  for k in ca:
+    np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """4 steps, saved every 2, dropout on: the run the interrupted ones must end equal to."""
+  work = tmp_path_factory.mktemp('uninterrupted')
+  last = loop.train(_config(), str(work), Batches(_config()))
+  assert last['step'] == 4
+  return work, last
+
+
 @pytest.mark.slow
-def test_crash_and_resume_equals_uninterrupted_run(tmp_path):
+def test_crash_and_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
   # 4 steps, saved every 2: the crash comes after step 3, the resumed run restores step 2 (and
-  # the data position) and runs steps 3 and 4 again.
-  full = loop.train(_config(), str(tmp_path / 'a'), Batches(_config()))
-  assert full['step'] == 4
+  # the data position and the dropout random state) and runs steps 3 and 4 again.
+  full_dir, full = uninterrupted
   with pytest.raises(KeyboardInterrupt):
     loop.train(_config(), str(tmp_path / 'b'), Batches(_config(), crash_after=3))
   assert loop.ckpt.latest_step(tmp_path / 'b') == 2
   resumed = loop.train(_config(), str(tmp_path / 'b'), Batches(_config()))
   assert resumed['step'] == 4
   assert resumed['loss'] == full['loss']
-  from panda_jax.train import checkpoint as ckpt
-  import orbax.checkpoint as ocp
-  def final(w):
-    m = ocp.CheckpointManager(w / 'checkpoints', item_names=ckpt.ITEMS,
-                              options=ocp.CheckpointManagerOptions(read_only=True))
-    return m.restore(4, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
-  a, b = flatten(final(tmp_path / 'a')), flatten(final(tmp_path / 'b'))
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # Parameters, BatchNorm statistics, optimizer state, step and random state, bit for bit.
+  _assert_checkpoints_equal(full_dir, tmp_path / 'b', 4)
   # TensorBoard event files and a readable config are in the workdir.
-  assert list((tmp_path / 'a').glob('events.out.tfevents*'))
+  assert list(full_dir.glob('events.out.tfevents*'))
+
+
+# Run in a subprocess: hold the asynchronous save of checkpoint 4 just before Orbax commits it
+# (its files written to a temporary directory, not yet renamed into place), say so, and wait
+# there to be killed.
+_KILLED_SCRIPT = """
+import pathlib, sys, time
+sys.path.insert(0, {tests!r})
+from orbax.checkpoint._src.checkpointers import async_checkpointer as ac
+commit = ac._on_commit_callback
+def held(tmpdir, *args, **kwargs):
+  if pathlib.Path(tmpdir.get_final()).name == '4':
+    pathlib.Path({mark!r}).write_text(str(tmpdir.get()))
+    time.sleep(600)
+  return commit(tmpdir, *args, **kwargs)
+ac._on_commit_callback = held
+from test_loop import Batches, _config
+from panda_jax.train import loop
+loop.train(_config(), {work!r}, Batches(_config()))
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_async_save_resumes_from_the_newest_complete_checkpoint(
+    uninterrupted, tmp_path):
+  from conftest import JAX_CACHE, subprocess_env
+  work, mark = tmp_path / 'killed', tmp_path / 'in_flight'
+  tests = os.path.dirname(os.path.abspath(__file__))
+  script = _KILLED_SCRIPT.format(tests=tests, mark=str(mark), work=str(work))
+  # The same 8 fake devices and compilation cache as this process: the step compiles once.
+  env = subprocess_env(XLA_FLAGS='--xla_force_host_platform_device_count=8',
+                       PANDA_TEST_JAX_CACHE=JAX_CACHE)
+  proc = subprocess.Popen([sys.executable, '-c', script], cwd=os.path.dirname(tests), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 300
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    assert mark.exists(), proc.communicate(timeout=30)[0][-3000:] if proc.poll() is not None \
+        else 'the save of step 4 never started'
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  # Checkpoint 4 was written but never committed; 2 is the newest complete one.
+  assert os.path.isdir(mark.read_text()) and not (work / 'checkpoints' / '4').exists()
+  assert loop.ckpt.latest_step(work) == 2
+  resumed = loop.train(_config(), str(work), Batches(_config()))
+  assert resumed['step'] == 4
+  _assert_checkpoints_equal(uninterrupted[0], work, 4)
+
+
+def _nan_config(max_refused):
+  c = _config()
+  c.train.log_every = 4                  # no host read of the step before step 2's save
+  c.train.max_refused_steps = max_refused
+  return c
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_refused_counted_and_stop_the_run(tmp_path):
+  """A NaN batch at step 3: the step is refused on the device (no per-step host read), counted,
+  the loop and the state agree on the step; past `max_refused_steps` the run stops with an
+  error at its next logging or saving step, and no checkpoint holds a non-finite value."""
+  tolerant = loop.train(_nan_config(1), str(tmp_path / 'a'), Batches(_config(), nan_at=[2]))
+  assert tolerant['step'] == 4 and tolerant['refused_steps'] == 1
+  assert np.isfinite(tolerant['loss'])
+  for step in (2, 4):
+    saved = _checkpoint(tmp_path / 'a', step)
+    assert int(saved['meta/step']) == step                  # the loop's step == state.step
+    assert int(saved['meta/refused']) == (1 if step == 4 else 0)
+    for k, v in saved.items():
+      assert np.all(np.isfinite(v)), (step, k)
+
+  with pytest.raises(loop.NonFiniteError,
+                     match=r'1 steps refused by step 4 .*max_refused_steps=0; the newest '
+                           r'checkpoint \(step 2\)'):
+    loop.train(_nan_config(0), str(tmp_path / 'b'), Batches(_config(), nan_at=[2]))
+  assert loop.ckpt.latest_step(tmp_path / 'b') == 2
+  assert all(np.all(np.isfinite(v)) for v in _checkpoint(tmp_path / 'b', 2).values())
+
+
+def test_a_state_with_a_non_finite_value_is_never_saved():
+  """The check run before every save (refused steps keep the state finite; this is the guard
+  for anything else, such as an overflow in the optimizer)."""
+  import jax.numpy as jnp
+  state = {'params': {'w': jnp.ones(3)}, 'opt_state': (jnp.zeros(2), jnp.int32(3)),
+           'rng': jax.random.PRNGKey(0)}
+  assert bool(loop._all_finite(state))
+  state['opt_state'] = (jnp.array([0.0, jnp.inf]), jnp.int32(3))
+  assert not bool(loop._all_finite(state))
 
 
 def test_one_epoch_is_the_smallest_process_count():

@@ -126,7 +126,7 @@ def test_models_load_from_converted_checkpoints_and_training_workdirs(setup, tmp
   mngr = ckpt.manager(str(work), 1, 1)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=setup['variables']['params'],
                      batch_stats=setup['variables']['batch_stats'], opt_state={'mu': jnp.zeros(2)},
-                     rng=jax.random.PRNGKey(0))
+                     rng=jax.random.PRNGKey(0), refused=jnp.zeros((), jnp.int32))
   ckpt.save(mngr, 3, state, {})
   mngr.wait_until_finished()
   cfg2, v2 = videoqa.load_model(str(work))

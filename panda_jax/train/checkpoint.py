@@ -35,7 +35,8 @@ def save(mngr, step: int, state, data_state: Mapping | None, force: bool = False
       params=ocp.args.StandardSave(state.params),
       batch_stats=ocp.args.StandardSave(state.batch_stats),
       opt_state=ocp.args.StandardSave(state.opt_state),
-      meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng}),
+      meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng,
+                                  'refused': state.refused}),
       data=ocp.args.JsonSave(dict(data_state or {})))
   mngr.save(step, args=args, force=force)
 
@@ -51,12 +52,13 @@ def restore(mngr, step: int, state, shardings):
       params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
       batch_stats=ocp.args.StandardRestore(_abstract(state.batch_stats, shardings.batch_stats)),
       opt_state=ocp.args.StandardRestore(_abstract(state.opt_state, shardings.opt_state)),
-      meta=ocp.args.StandardRestore(_abstract({'step': state.step, 'rng': state.rng},
-                                              {'step': shardings.step, 'rng': shardings.rng})),
+      meta=ocp.args.StandardRestore(_abstract(
+          {'step': state.step, 'rng': state.rng, 'refused': state.refused},
+          {'step': shardings.step, 'rng': shardings.rng, 'refused': shardings.refused})),
       data=ocp.args.JsonRestore())
   r = mngr.restore(step, args=args)
   new = state.replace(params=r.params, batch_stats=r.batch_stats, opt_state=r.opt_state,
-                      step=r.meta['step'], rng=r.meta['rng'])
+                      step=r.meta['step'], rng=r.meta['rng'], refused=r.meta['refused'])
   return new, dict(r.data or {})
 
 

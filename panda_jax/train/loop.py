@@ -40,7 +40,18 @@ class _nullcontext:
 
 
 class NonFiniteError(RuntimeError):
-  """The loss or gradient norm was not finite; the last good checkpoint is kept."""
+  """Too many steps were refused for non-finite values, or the state to save was not finite;
+  the newest checkpoint (all finite) is kept."""
+
+
+@jax.jit
+def _all_finite(state) -> jax.Array:
+  """Whether every floating-point leaf of `state` is finite (one device-side reduction)."""
+  ok = jnp.array(True)
+  for x in jax.tree.leaves(state):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
 
 
 def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -177,10 +188,11 @@ def create_state(config, mesh, model, rng):
   # input without it (a bare jnp.zeros step) would make the second step compile again.
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                      batch_stats=batch_stats, opt_state=opt_state,
-                     rng=jax.device_put(state_rng, replicated))
+                     rng=jax.device_put(state_rng, replicated),
+                     refused=jax.device_put(jnp.zeros((), jnp.int32), replicated))
   state_sh = TrainState(step=replicated, params=var_sh['params'],
                         batch_stats=var_sh.get('batch_stats', {}), opt_state=opt_sh,
-                        rng=replicated)
+                        rng=replicated, refused=replicated)
   return state, state_sh, labels, tx, schedules
 
 
@@ -276,6 +288,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
     logging.info('resumed from step %d', start)
   writer = metrics_lib.create_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.train.steps
+  max_refused = config.train.max_refused_steps
   last: dict = {}
   # Rates and ETAs count from the end of the first step of this invocation (which compiles).
   t0, s0 = None, start
@@ -296,17 +309,24 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
           jax.block_until_ready(metrics)
           t0, s0 = time.perf_counter(), step
         is_log = step % config.train.log_every == 0 or step == total
-        if is_log or pre.requested:
-          m = jax.device_get(metrics)
-          if not int(m['finite']):
+        is_save = step % config.train.save_every == 0 or step == total or pre.requested
+        if is_log or is_save:
+          # The only host reads of the step's results, and only on these steps: refused steps
+          # are counted on the device (`state.refused`), so none is missed in between.
+          refused = int(jax.device_get(metrics['refused']))
+          if refused > max_refused:
             mngr.wait_until_finished()
             raise NonFiniteError(
-                f'non-finite loss ({float(m["loss"])}) or gradient norm '
-                f'({float(m["grad_norm"])}) at step {step}; the update was refused and the last '
-                f'good checkpoint (step {mngr.latest_step()}) is kept')
+                f'{refused} steps refused by step {step} (a non-finite loss, gradient or '
+                f'BatchNorm statistic; the last logged loss {last.get("loss")}, this step\'s '
+                f'{float(metrics["loss"])}), more than train.max_refused_steps={max_refused}; '
+                f'the newest checkpoint (step {mngr.latest_step()}) is kept')
+        if is_log or pre.requested:
+          m = jax.device_get(metrics)
           dt = time.perf_counter() - t0
           rate = (step - s0) / dt if step > s0 and dt > 0 else 0.0
-          scalars = {k: float(v) for k, v in m.items() if k != 'finite'}
+          scalars = {k: float(v) for k, v in m.items() if k not in ('finite', 'refused')}
+          scalars['refused_steps'] = float(m['refused'])
           scalars['steps_per_s'] = rate
           scalars['tokens_per_s'] = rate * float(m['tokens'])
           for k, v in getattr(iterator, 'stats', lambda: {})().items():
@@ -322,7 +342,13 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
             metrics_log.write(json.dumps(dict(scalars, step=step)) + '\n')
             metrics_log.flush()
           last = dict(scalars, step=step, first_loss=last.get('first_loss', scalars['loss']))
-        if step % config.train.save_every == 0 or step == total or pre.requested:
+        if is_save:
+          if not bool(_all_finite(state)):
+            mngr.wait_until_finished()
+            raise NonFiniteError(
+                f'the train state at step {step} holds a non-finite value although no update '
+                f'with one was applied (an overflow in the optimizer?); not saved, the newest '
+                f'checkpoint (step {mngr.latest_step()}) is kept')
           ckpt.save(mngr, step, state, iterator.get_state())
         if pre.requested:
           break

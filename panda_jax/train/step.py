@@ -3,8 +3,10 @@
 The step differentiates only the trainable parameters (frozen ones enter as constants, so no
 weight gradients and no optimizer state exist for them), accumulates gradients over
 micro-batches with `lax.scan`, weighting every micro-batch by the whole batch's token and frame
-counts so the result equals one large batch, and refuses a non-finite update (the state is
-returned unchanged and `finite` is 0 in the metrics).
+counts so the result equals one large batch, and refuses a non-finite update: parameters,
+BatchNorm statistics and optimizer state stay as they were, `state.step` still advances (it
+counts batches, as the loop does) and `state.refused` counts the refusal on the device, so the
+loop needs no per-step host sync to notice it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from panda_jax.train.optimizer import FROZEN, flatten, unflatten
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array        # batches taken (applied or refused); equals the loop's step
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  refused: jax.Array     # steps refused for a non-finite loss, gradient or BatchNorm statistic
 
 
 def trainable_tree(params: Mapping, labels: Mapping[str, str]):
@@ -45,7 +48,7 @@ def merge(train_nested: Mapping, frozen_flat: Mapping) -> dict:
 def init_state(params, batch_stats, labels, tx, rng) -> TrainState:
   train, _ = trainable_tree(params, labels)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(train), rng=rng)
+                    opt_state=tx.init(train), rng=rng, refused=jnp.zeros((), jnp.int32))
 
 
 def batch_totals(batch: Mapping) -> dict:
@@ -69,13 +72,16 @@ def teacher_targets(teacher: nn.Module, params, frames: jax.Array) -> jax.Array:
 
 def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.GradientTransformation,
                     schedules: Mapping[str, Callable], accum_steps: int = 1,
-                    distill_weight: float = 1.0, teacher: nn.Module | None = None):
+                    distill_weight: float = 1.0, teacher: nn.Module | None = None,
+                    return_grads: bool = False):
   """Returns `step(state, batch, teacher_params=None) -> (state, metrics)` (the caller jits it).
 
   `batch` holds the global batch; its leading dim must be a multiple of `accum_steps`. With a
   `teacher` module the distillation targets are computed in the step from
   `batch['teacher_pixels']` (frozen: no gradient, no optimizer state); otherwise the batch
-  carries them as `batch['teacher']` (cached features).
+  carries them as `batch['teacher']` (cached features). `return_grads` (for tests) adds the
+  accumulated gradients of the trainable parameters, before clipping, as `metrics['grads']`;
+  without it the step computes and returns exactly what it did before.
   """
 
   def loss_fn(train, frozen, batch_stats, micro, rng, totals):
@@ -122,20 +128,30 @@ def make_train_step(model: nn.Module, labels: Mapping[str, str], tx: optax.Gradi
     (grads, stats, loss, ce, dl), _ = jax.lax.scan(
         body, init, (jnp.arange(accum_steps), keys))
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The new BatchNorm statistics are checked too: they are kept, not differentiated, so a
+    # non-finite value in them need not show in the loss or the gradient norm.
+    stats_finite = jax.tree.reduce(lambda a, x: a & jnp.all(jnp.isfinite(x)), stats,
+                                   jnp.array(True))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & stats_finite
     updates, opt_state = tx.update(grads, state.opt_state, train)
     new_train = optax.apply_updates(train, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    refused = state.refused + (~finite).astype(jnp.int32)
     new_state = state.replace(
-        step=state.step + finite.astype(jnp.int32),
+        step=state.step + 1,
         params=merge(keep(new_train, train), frozen),
         batch_stats=keep(stats, state.batch_stats),
         opt_state=keep(opt_state, state.opt_state),
-        rng=rng)
+        rng=rng, refused=refused)
     metrics = {'loss': loss, 'ce': ce, 'distill': dl, 'grad_norm': grad_norm,
-               'tokens': totals['tokens'], 'finite': finite.astype(jnp.int32)}
+               'tokens': totals['tokens'], 'finite': finite.astype(jnp.int32),
+               'refused': refused}
+    # The optimizer's schedules count applied updates (a refused step leaves its state, count
+    # included, unchanged): the rate this step used is at step - refused-before-it.
     for g, sched in schedules.items():
-      metrics[f'lr/{g}'] = sched(state.step)
+      metrics[f'lr/{g}'] = sched(state.step - state.refused)
+    if return_grads:
+      metrics['grads'] = grads
     return new_state, metrics
 
   return step
