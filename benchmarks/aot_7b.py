@@ -29,9 +29,7 @@ The last line is `RESULT per_device_gib=<x> step_tflops=<y>`.
 
 import argparse
 import os
-import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,6 +84,7 @@ from panda_jax.models.teacher import VideoTeacher  # noqa: E402
 from panda_jax.train.loop import batch_spec  # noqa: E402
 from panda_jax.train.optimizer import flatten, make_optimizer, param_labels  # noqa: E402
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree  # noqa: E402
+from common import compiled_flops, compiled_memory, peak_rss_gib, timed  # noqa: E402
 
 
 def make_config(layers: int | None):
@@ -187,27 +186,6 @@ def abstract_inputs(config, mesh):
   return step, state, batch, t_params, (state_sh, batch_sh, t_sh), info
 
 
-def memory(compiled) -> dict:
-  """Per-device bytes from `compiled.memory_analysis()` (None where the backend says nothing);
-  total = argument + output + temp + code - alias (donated outputs reuse their inputs)."""
-  m = compiled.memory_analysis()
-  get = lambda a: None if m is None else getattr(m, a, None)
-  out = {'argument': get('argument_size_in_bytes'), 'output': get('output_size_in_bytes'),
-         'temp': get('temp_size_in_bytes'),
-         'generated code': get('generated_code_size_in_bytes'),
-         'alias': get('alias_size_in_bytes')}
-  parts = [out[k] for k in ('argument', 'output', 'temp', 'generated code')]
-  out['total'] = None if any(p is None for p in parts) else sum(parts) - (out['alias'] or 0)
-  return out
-
-
-def xla_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return None if not cost else cost.get('flops')
-
-
 def stab_forward_flops(cfg, frames: int) -> float | None:
   """FLOPs of one video's STAB + projector forward, from XLA's cost analysis."""
   from panda_jax.models.stab import VisualTokenizer
@@ -218,7 +196,7 @@ def stab_forward_flops(cfg, frames: int) -> float | None:
   v = jax.eval_shape(model.init, jax.random.PRNGKey(0), px, mk)
   try:
     c = jax.jit(lambda v, x, m: model.apply(v, x, m)['tokens']).lower(nn.unbox(v), px, mk)
-    return xla_flops(c.compile())
+    return compiled_flops(c.compile())
   except Exception:  # the cost is context only
     return None
 
@@ -261,18 +239,19 @@ def hand_flops(config, info) -> dict:
 def compile_once(layers: int | None) -> dict:
   config = make_config(layers)
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  t0 = time.perf_counter()
-  step, state, batch, tparams, (state_sh, batch_sh, t_sh), info = abstract_inputs(config, mesh)
-  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, t_sh), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
+
+  def lower():
+    step, state, batch, tparams, (state_sh, batch_sh, t_sh), info = abstract_inputs(config, mesh)
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, t_sh),
+                     out_shardings=(state_sh, None), donate_argnums=(0,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(info['rules']):   # as train() traces its step
+      return jitted.lower(state, batch, tparams), info
+
+  t_lower, (lowered, info) = timed(lower)
   with jax.set_mesh(mesh):
-    with nn.logical_axis_rules(info['rules']):     # as train() traces its step
-      lowered = jitted.lower(state, batch, tparams)
-    t_lower = time.perf_counter() - t0
-    compiled = lowered.compile()
-  t_compile = time.perf_counter() - t0 - t_lower
-  return dict(config=config, mesh=mesh, info=info, mem=memory(compiled),
-              xla_flops=xla_flops(compiled), t_lower=t_lower, t_compile=t_compile,
+    t_compile, compiled = timed(lowered.compile)
+  return dict(config=config, mesh=mesh, info=info, mem=compiled_memory(compiled),
+              xla_flops=compiled_flops(compiled), t_lower=t_lower, t_compile=t_compile,
               layers=config.model.llm.layers)
 
 
@@ -385,8 +364,7 @@ def main():
   if extrap is not None:
     print(f'{full_layers:>6} {"(extrapolated)":>11} {"":>6} {"":>6} {gib(per_device):>11} '
           f'{"yes" if fits else "no":>8}')
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-  print(f'peak host RSS of this process: {rss:.2f} GiB')
+  print(f'peak host RSS of this process: {peak_rss_gib():.2f} GiB')
   print(f'RESULT per_device_gib={per_device / GIB if per_device is not None else float("nan"):.3f}'
         f' step_tflops={_fmt(hf["model"] / 1e12)}')
 

@@ -8,6 +8,7 @@ is saved with every checkpoint, so a resumed run sees exactly the batches it wou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -29,14 +30,6 @@ from panda_jax.train import checkpoint as ckpt
 from panda_jax.train import metrics as metrics_lib
 from panda_jax.train.optimizer import flatten, make_optimizer, param_labels, unflatten
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 class NonFiniteError(RuntimeError):
@@ -248,7 +241,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
 
   steps = resolve_steps(config, iterator)
   if steps != config.train.steps:
-    with config.unlocked() if hasattr(config, 'unlocked') else _nullcontext():
+    with config.unlocked() if hasattr(config, 'unlocked') else contextlib.nullcontext():
       config.train.steps = steps
 
   cfg = config_lib.panda_config(config.model)
