@@ -81,8 +81,8 @@ from panda_jax.models.distill import default_layers  # noqa: E402
 from panda_jax.models.panda import VideoPanda  # noqa: E402
 from panda_jax.models.stab import VisualTokenizer  # noqa: E402
 from panda_jax.models.teacher import VideoTeacher  # noqa: E402
-from panda_jax.train.loop import batch_spec  # noqa: E402
-from panda_jax.train.optimizer import flatten, make_optimizer, param_labels  # noqa: E402
+from panda_jax.train.optimizer import make_optimizer, param_labels  # noqa: E402
+from panda_jax.tree import flatten  # noqa: E402
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree  # noqa: E402
 from common import compiled_flops, compiled_memory, peak_rss_gib, timed  # noqa: E402
 
@@ -90,14 +90,14 @@ from common import compiled_flops, compiled_memory, peak_rss_gib, timed  # noqa:
 def make_config(layers: int | None):
   config = config_lib.train_config(2, 'tiny' if ARGS.tiny else '')
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = ARGS.data, ARGS.fsdp, ARGS.tensor
-  shape = sharding.mesh_shape(config.mesh.to_dict(), N_DEVICES)
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh.to_dict(), N_DEVICES)))
+  shards = int(np.prod([shape[a] for a in sharding.batch_axes(config_lib.rules(config))]))
   accum = ARGS.accum or (2 if ARGS.tiny else 32)
-  config.train.batch_size = ARGS.batch * shape[0] * shape[1] * accum
+  config.train.batch_size = ARGS.batch * shards * accum
   config.train.accum_steps = accum
   config.train.steps = 1000   # only shapes the LR schedule
   if layers:
     config.model.llm.layers = layers
-    config.model.llm_layers = layers
     # Every 4th hidden state, as the release; at least two (the head's query and a key).
     dl = default_layers(layers)
     config.model.distill.layers = list(dl if len(dl) >= 2 else
@@ -124,19 +124,17 @@ def count(tree) -> int:
 
 def abstract_inputs(config, mesh):
   """(step fn, state shapes, batch shapes, teacher shapes, shardings, info) -- all abstract."""
-  rules = config_lib.rules(config)
-  cfg = config_lib.panda_config(config.model)
-  model = VideoPanda(cfg, dtype=config_lib.dtype(config.model.dtype),
-                     param_dtype=config_lib.dtype(config.model.param_dtype))
+  run = config_lib.resolve(config)
+  rules, cfg, tc = run.rules, run.model, run.teacher
+  model = VideoPanda(cfg, dtype=run.dtype, param_dtype=run.param_dtype)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   # Model variables: as create_state, on a batch of one, but only shapes.
-  spec = batch_spec(config)
+  spec = run.batch
   one = {k: jax.ShapeDtypeStruct((1,) + s[1:], d) for k, (s, d) in spec.items()}
   tp = one.pop('teacher_pixels')
-  one['teacher'] = jax.ShapeDtypeStruct(
-      tp.shape[:2] + (spec['patch_pos'][0][2], config.model.distill.teacher_hidden), np.float32)
+  one['teacher'] = jax.ShapeDtypeStruct(tp.shape[:2] + (tc.grid ** 2, tc.hidden), np.float32)
   boxed = jax.eval_shape(model.init, key, one)
   var_sh = sharding.logical_shardings(boxed, mesh, rules)
   variables = nn.unbox(boxed)
@@ -159,9 +157,7 @@ def abstract_inputs(config, mesh):
                         opt_state=opt_sh, rng=replicated, refused=replicated)
 
   # Teacher: as create_teacher.
-  tc = config_lib.teacher_config(config.model)
-  dt = config_lib.dtype(config.model.dtype)
-  teacher = VideoTeacher(tc, dtype=dt, param_dtype=dt)
+  teacher = VideoTeacher(tc, dtype=run.dtype, param_dtype=run.dtype)
   t_boxed = jax.eval_shape(teacher.init, key, jax.ShapeDtypeStruct((1,) + tp.shape[1:],
                                                                    np.float32))
   t_sh = sharding.logical_shardings(t_boxed, mesh, rules)['params']
@@ -283,7 +279,7 @@ def main():
         f'{c.data.frames} frames x {info["cfg"].stab.image_size} px, teacher ViT '
         f'{info["tc"].hidden}x{info["tc"].layers} at {info["tc"].image_size} px (online)')
   print(f'mesh: {dict(mesh.shape)}; global batch {c.train.batch_size} = {ARGS.batch}/device '
-        f'micro-batch x {mesh.shape["data"] * mesh.shape["fsdp"]} batch shards x '
+        f'micro-batch x {sharding.batch_shards(mesh, info["rules"])} batch shards x '
         f'{c.train.accum_steps} accumulation steps')
   print(f'parameters: {info["n_params"] / 1e9:.3f} B in the model ({info["n_train"] / 1e9:.3f} B '
         f'trainable; visual {info["n_visual"] / 1e6:.1f} M, distill {info["n_distill"] / 1e6:.1f}'

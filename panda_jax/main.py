@@ -57,6 +57,7 @@ def run_demo(config) -> dict:
 def run_stab(config) -> dict:
   """Runs the visual tokenizer on a generated clip and prints what each frame becomes."""
   cfg = config_lib.stab_config(config.model)
+  rules = config_lib.rules(config)
   dtype = config_lib.dtype(config.model.dtype)
   param_dtype = config_lib.dtype(config.model.param_dtype)
   demo = config.demo
@@ -78,16 +79,18 @@ def run_stab(config) -> dict:
   model = VisualTokenizer(cfg, dtype=dtype, param_dtype=param_dtype)
   t0 = time.perf_counter()
   variables, _ = sharding.init_sharded(model.init, mesh, jax.random.PRNGKey(config.seed),
-                                       jnp.zeros(pixels.shape, dtype), jnp.ones(mask.shape))
+                                       jnp.zeros(pixels.shape, dtype), jnp.ones(mask.shape),
+                                       rules=rules)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
   logging.info('initialised %d parameters in %.1fs', n_params, time.perf_counter() - t0)
 
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  shards = sharding.batch_shards(mesh, rules)
   if demo.batch % shards:
     raise ValueError(f'demo.batch={demo.batch} must be a multiple of the batch-sharded mesh '
-                     f'axes data x fsdp = {shards}')
+                     f'axes {" x ".join(sharding.batch_axes(rules))} = {shards}')
   # Every host holds the whole (generated) batch; each device takes its slice.
-  pixels, mask = (jax.make_array_from_callback(a.shape, sharding.batch_sharding(mesh, a.ndim),
+  pixels, mask = (jax.make_array_from_callback(a.shape,
+                                               sharding.batch_sharding(mesh, a.ndim, rules),
                                                lambda idx, a=a: a[idx])
                   for a in (pixels, mask))
   forward = jax.jit(lambda v, x, m: model.apply(v, x, m))
@@ -122,8 +125,9 @@ def run_train(config) -> dict:
   from panda_jax.train.loop import train
   if not _WORKDIR.value:
     raise app.UsageError('training needs --workdir (checkpoints, metrics, resolved config)')
-  iterator = build_train_iterator(config, _WORKDIR.value)
-  last = train(config, _WORKDIR.value, iterator)
+  run = config_lib.resolve(config)           # the one place a training config is resolved
+  iterator = build_train_iterator(config, _WORKDIR.value, run)
+  last = train(config, _WORKDIR.value, iterator, run=run)
   print(f'stage {config.stage}: finished at step {last.get("step")} with loss '
         f'{last.get("loss", float("nan")):.4f} (ce {last.get("ce", float("nan")):.4f}, '
         f'distill {last.get("distill", float("nan")):.4f}); skipped samples: '
