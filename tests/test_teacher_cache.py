@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from panda_jax import config as config_lib
 from panda_jax.data import pipeline, synthetic
 from panda_jax.data import teacher_features as features
@@ -57,7 +58,7 @@ def data(tmp_path_factory):
 def extracted(data, tmp_path_factory):
   """Features written by the command-line tool (one process, one device)."""
   out = tmp_path_factory.mktemp('features')
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = subprocess_env()      # one device and this session's compilation cache
   args = [sys.executable, '-m', 'panda_jax.teacher.extract', '--config=configs/stage2.py:tiny',
           f'--config.data.annotations={data["annotations"]}',
           f'--config.data.video_root={data["root"]}',
