@@ -98,6 +98,7 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
       raise features_lib.FeatureError(
           f'{out} holds features of another teacher ({old.get("teacher_init")!r}, '
           f'{old.get("teacher")}); use a new --out')
+  os.makedirs(out, exist_ok=True)
   if index == 0:
     features_lib.write_manifest(out, manifest)
   # This process's share is not done until its marker is written again at the end.
