@@ -29,9 +29,7 @@ The last line is `RESULT per_device_gib=<x> step_tflops=<y>`.
 
 import argparse
 import os
-import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,22 +81,23 @@ from panda_jax.models.distill import default_layers  # noqa: E402
 from panda_jax.models.panda import VideoPanda  # noqa: E402
 from panda_jax.models.stab import VisualTokenizer  # noqa: E402
 from panda_jax.models.teacher import VideoTeacher  # noqa: E402
-from panda_jax.train.loop import batch_spec  # noqa: E402
-from panda_jax.train.optimizer import flatten, make_optimizer, param_labels  # noqa: E402
+from panda_jax.train.optimizer import make_optimizer, param_labels  # noqa: E402
+from panda_jax.tree import flatten  # noqa: E402
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree  # noqa: E402
+from common import compiled_flops, compiled_memory, peak_rss_gib, timed  # noqa: E402
 
 
 def make_config(layers: int | None):
   config = config_lib.train_config(2, 'tiny' if ARGS.tiny else '')
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = ARGS.data, ARGS.fsdp, ARGS.tensor
-  shape = sharding.mesh_shape(config.mesh.to_dict(), N_DEVICES)
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh.to_dict(), N_DEVICES)))
+  shards = int(np.prod([shape[a] for a in sharding.batch_axes(config_lib.rules(config))]))
   accum = ARGS.accum or (2 if ARGS.tiny else 32)
-  config.train.batch_size = ARGS.batch * shape[0] * shape[1] * accum
+  config.train.batch_size = ARGS.batch * shards * accum
   config.train.accum_steps = accum
   config.train.steps = 1000   # only shapes the LR schedule
   if layers:
     config.model.llm.layers = layers
-    config.model.llm_layers = layers
     # Every 4th hidden state, as the release; at least two (the head's query and a key).
     dl = default_layers(layers)
     config.model.distill.layers = list(dl if len(dl) >= 2 else
@@ -125,19 +124,17 @@ def count(tree) -> int:
 
 def abstract_inputs(config, mesh):
   """(step fn, state shapes, batch shapes, teacher shapes, shardings, info) -- all abstract."""
-  rules = config_lib.rules(config)
-  cfg = config_lib.panda_config(config.model)
-  model = VideoPanda(cfg, dtype=config_lib.dtype(config.model.dtype),
-                     param_dtype=config_lib.dtype(config.model.param_dtype))
+  run = config_lib.resolve(config)
+  rules, cfg, tc = run.rules, run.model, run.teacher
+  model = VideoPanda(cfg, dtype=run.dtype, param_dtype=run.param_dtype)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   # Model variables: as create_state, on a batch of one, but only shapes.
-  spec = batch_spec(config)
+  spec = run.batch
   one = {k: jax.ShapeDtypeStruct((1,) + s[1:], d) for k, (s, d) in spec.items()}
   tp = one.pop('teacher_pixels')
-  one['teacher'] = jax.ShapeDtypeStruct(
-      tp.shape[:2] + (spec['patch_pos'][0][2], config.model.distill.teacher_hidden), np.float32)
+  one['teacher'] = jax.ShapeDtypeStruct(tp.shape[:2] + (tc.grid ** 2, tc.hidden), np.float32)
   boxed = jax.eval_shape(model.init, key, one)
   var_sh = sharding.logical_shardings(boxed, mesh, rules)
   variables = nn.unbox(boxed)
@@ -160,9 +157,7 @@ def abstract_inputs(config, mesh):
                         opt_state=opt_sh, rng=replicated, refused=replicated)
 
   # Teacher: as create_teacher.
-  tc = config_lib.teacher_config(config.model)
-  dt = config_lib.dtype(config.model.dtype)
-  teacher = VideoTeacher(tc, dtype=dt, param_dtype=dt)
+  teacher = VideoTeacher(tc, dtype=run.dtype, param_dtype=run.dtype)
   t_boxed = jax.eval_shape(teacher.init, key, jax.ShapeDtypeStruct((1,) + tp.shape[1:],
                                                                    np.float32))
   t_sh = sharding.logical_shardings(t_boxed, mesh, rules)['params']
@@ -187,27 +182,6 @@ def abstract_inputs(config, mesh):
   return step, state, batch, t_params, (state_sh, batch_sh, t_sh), info
 
 
-def memory(compiled) -> dict:
-  """Per-device bytes from `compiled.memory_analysis()` (None where the backend says nothing);
-  total = argument + output + temp + code - alias (donated outputs reuse their inputs)."""
-  m = compiled.memory_analysis()
-  get = lambda a: None if m is None else getattr(m, a, None)
-  out = {'argument': get('argument_size_in_bytes'), 'output': get('output_size_in_bytes'),
-         'temp': get('temp_size_in_bytes'),
-         'generated code': get('generated_code_size_in_bytes'),
-         'alias': get('alias_size_in_bytes')}
-  parts = [out[k] for k in ('argument', 'output', 'temp', 'generated code')]
-  out['total'] = None if any(p is None for p in parts) else sum(parts) - (out['alias'] or 0)
-  return out
-
-
-def xla_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return None if not cost else cost.get('flops')
-
-
 def stab_forward_flops(cfg, frames: int) -> float | None:
   """FLOPs of one video's STAB + projector forward, from XLA's cost analysis."""
   from panda_jax.models.stab import VisualTokenizer
@@ -218,7 +192,7 @@ def stab_forward_flops(cfg, frames: int) -> float | None:
   v = jax.eval_shape(model.init, jax.random.PRNGKey(0), px, mk)
   try:
     c = jax.jit(lambda v, x, m: model.apply(v, x, m)['tokens']).lower(nn.unbox(v), px, mk)
-    return xla_flops(c.compile())
+    return compiled_flops(c.compile())
   except Exception:  # the cost is context only
     return None
 
@@ -261,18 +235,19 @@ def hand_flops(config, info) -> dict:
 def compile_once(layers: int | None) -> dict:
   config = make_config(layers)
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  t0 = time.perf_counter()
-  step, state, batch, tparams, (state_sh, batch_sh, t_sh), info = abstract_inputs(config, mesh)
-  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, t_sh), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
+
+  def lower():
+    step, state, batch, tparams, (state_sh, batch_sh, t_sh), info = abstract_inputs(config, mesh)
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, t_sh),
+                     out_shardings=(state_sh, None), donate_argnums=(0,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(info['rules']):   # as train() traces its step
+      return jitted.lower(state, batch, tparams), info
+
+  t_lower, (lowered, info) = timed(lower)
   with jax.set_mesh(mesh):
-    with nn.logical_axis_rules(info['rules']):     # as train() traces its step
-      lowered = jitted.lower(state, batch, tparams)
-    t_lower = time.perf_counter() - t0
-    compiled = lowered.compile()
-  t_compile = time.perf_counter() - t0 - t_lower
-  return dict(config=config, mesh=mesh, info=info, mem=memory(compiled),
-              xla_flops=xla_flops(compiled), t_lower=t_lower, t_compile=t_compile,
+    t_compile, compiled = timed(lowered.compile)
+  return dict(config=config, mesh=mesh, info=info, mem=compiled_memory(compiled),
+              xla_flops=compiled_flops(compiled), t_lower=t_lower, t_compile=t_compile,
               layers=config.model.llm.layers)
 
 
@@ -304,7 +279,7 @@ def main():
         f'{c.data.frames} frames x {info["cfg"].stab.image_size} px, teacher ViT '
         f'{info["tc"].hidden}x{info["tc"].layers} at {info["tc"].image_size} px (online)')
   print(f'mesh: {dict(mesh.shape)}; global batch {c.train.batch_size} = {ARGS.batch}/device '
-        f'micro-batch x {mesh.shape["data"] * mesh.shape["fsdp"]} batch shards x '
+        f'micro-batch x {sharding.batch_shards(mesh, info["rules"])} batch shards x '
         f'{c.train.accum_steps} accumulation steps')
   print(f'parameters: {info["n_params"] / 1e9:.3f} B in the model ({info["n_train"] / 1e9:.3f} B '
         f'trainable; visual {info["n_visual"] / 1e6:.1f} M, distill {info["n_distill"] / 1e6:.1f}'
@@ -385,8 +360,7 @@ def main():
   if extrap is not None:
     print(f'{full_layers:>6} {"(extrapolated)":>11} {"":>6} {"":>6} {gib(per_device):>11} '
           f'{"yes" if fits else "no":>8}')
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-  print(f'peak host RSS of this process: {rss:.2f} GiB')
+  print(f'peak host RSS of this process: {peak_rss_gib():.2f} GiB')
   print(f'RESULT per_device_gib={per_device / GIB if per_device is not None else float("nan"):.3f}'
         f' step_tflops={_fmt(hf["model"] / 1e12)}')
 

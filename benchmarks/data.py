@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 
 from panda_jax.data import packing, synthetic  # noqa: E402
 from panda_jax.data.video import decode_frames, load_video, preprocess_frames  # noqa: E402
+from common import timed  # noqa: E402
 
 
 def make_clip(workdir, name, width, height, fps, seconds, gop, noise, codec, seed):
@@ -109,12 +110,6 @@ def read_packed(source, i):
   """One sample from packed shards, as `PackedProcessSample` makes it (without the text)."""
   frames = packing.decode_images(source[i]['frames'])
   return preprocess_frames(frames, num=8, size=448, teacher_size=224, patch=14)
-
-
-def timed(fn):
-  t0 = time.perf_counter()
-  out = fn()
-  return time.perf_counter() - t0, out
 
 
 def bench(variants, runs):

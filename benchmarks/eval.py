@@ -35,7 +35,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,6 +50,7 @@ from panda_jax.eval import videoqa  # noqa: E402
 from panda_jax.eval.generate import Sampling  # noqa: E402
 from panda_jax.eval.predict import Predictor  # noqa: E402
 from panda_jax.models.panda import VideoPanda  # noqa: E402
+from common import timed  # noqa: E402
 
 
 def dataset(workdir: str, videos: int, width: int, height: int, seconds: float):
@@ -119,10 +119,9 @@ def main():
   print(f'data: {len(records)} questions over {args.videos} clips of {args.width} x '
         f'{args.height}, {args.seconds:g} s')
 
-  t0 = time.perf_counter()
-  for path in sorted({r['video'] for r in records}):
-    videoqa.load_clip(os.path.join(video_root, path), cfg.stab, args.frames)
-  decode_s = time.perf_counter() - t0
+  decode_s, _ = timed(lambda: [videoqa.load_clip(os.path.join(video_root, path), cfg.stab,
+                                                   args.frames)
+                                 for path in sorted({r['video'] for r in records})])
 
   out_dir = tempfile.mkdtemp(prefix='bench_eval_')
   configs = [(bs, workers) for bs in (1, 8) for workers in (0, args.workers)]
@@ -130,11 +129,11 @@ def main():
   for i in range(args.runs + 1):              # pass 0 compiles; configurations interleaved
     for bs, workers in configs:
       out = os.path.join(out_dir, f'{bs}_{workers}_{i}.jsonl')
-      t0 = time.perf_counter()
-      stats = videoqa.answer_file(predictor, records, video_root, out, batch_size=bs,
-                                  frames=args.frames, progress=False, workers=workers)
+      dt, stats = timed(lambda: videoqa.answer_file(
+          predictor, records, video_root, out, batch_size=bs, frames=args.frames,
+          progress=False, workers=workers))
       if i:
-        times[(bs, workers)].append(time.perf_counter() - t0)
+        times[(bs, workers)].append(dt)
       assert stats['answered'] == len(records), stats
   rows = {c: statistics.median(t) for c, t in times.items()}
   shutil.rmtree(out_dir)

@@ -29,9 +29,7 @@ where bound_fraction = bound step (weights only) / measured decode step (1.0 = a
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,17 +40,7 @@ from panda_jax.eval.generate import Sampling, generate  # noqa: E402
 import dataclasses  # noqa: E402
 
 from panda_jax.models.llama import Llama, LlamaConfig, unstack_layers  # noqa: E402
-
-
-def median_ms(fn, *args, runs: int) -> float:
-  """Median wall time in ms of `runs` calls, after one (compiling) warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+from common import median_ms  # noqa: E402
 
 
 def tree_bytes(tree) -> int:

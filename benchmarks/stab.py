@@ -26,7 +26,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,42 +33,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from panda_jax.models.stab import StabConfig, VisualTokenizer  # noqa: E402
+from common import compiled_gflop, matmul_peak, time_ms  # noqa: E402
 
 # Quoted in issue #2 (the STAB issue): FLOPs of the authors' implementation per video.
 QUOTED_GFLOP, QUOTED_PROJECTOR_GFLOP = 210.9, 91.6
-
-
-def compiled_gflop(compiled) -> float:
-  """FLOPs of a compiled executable in GFLOP (cost_analysis is a dict or a list of dicts)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    return sum(c.get('flops', 0.0) for c in cost) / 1e9
-  return cost.get('flops', 0.0) / 1e9
-
-
-def time_ms(fn, *args, runs: int) -> list[float]:
-  """Per-call wall times in ms after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return times
-
-
-def matmul_peak(n: int) -> float:
-  """Median float32 n x n matmul throughput over 5 runs, in GFLOP/s.
-
-  The median, like the model's timing, so a lucky burst on either side does not skew the
-  fraction; n = 4096 is a workload of the model's size (137 GFLOP).
-  """
-  ka, kb = jax.random.split(jax.random.PRNGKey(1))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
-  mm = jax.jit(lambda x, y: x @ y)
-  ms = statistics.median(time_ms(mm, a, b, runs=5))
-  return 2 * n ** 3 / (ms / 1e3) / 1e9
 
 
 def bench(cfg: StabConfig, pixels, mask, runs: int) -> dict:

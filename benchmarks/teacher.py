@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,35 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from panda_jax.models.teacher import TeacherConfig, VideoTeacher  # noqa: E402
-
-
-def compiled_gflop(compiled) -> float:
-  """FLOPs of a compiled executable in GFLOP (cost_analysis is a dict or a list of dicts)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    return sum(c.get('flops', 0.0) for c in cost) / 1e9
-  return cost.get('flops', 0.0) / 1e9
-
-
-def time_ms(fn, *args, runs: int) -> list[float]:
-  """Per-call wall times in ms after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return times
-
-
-def matmul_peak(n: int) -> float:
-  """Median float32 n x n matmul throughput over 5 runs, in GFLOP/s."""
-  ka, kb = jax.random.split(jax.random.PRNGKey(1))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
-  mm = jax.jit(lambda x, y: x @ y)
-  ms = statistics.median(time_ms(mm, a, b, runs=5))
-  return 2 * n ** 3 / (ms / 1e3) / 1e9
+from common import compiled_gflop, matmul_peak, time_ms, timed  # noqa: E402
 
 
 def hand_gflop(cfg: TeacherConfig, frames: int) -> float:
@@ -113,9 +84,7 @@ def main():
 
   model = VideoTeacher(cfg)
   params = random_params(cfg, frames)
-  start = time.perf_counter()
-  compiled = jax.jit(model.apply).lower(params, frames).compile()
-  compile_s = time.perf_counter() - start
+  compile_s, compiled = timed(lambda: jax.jit(model.apply).lower(params, frames).compile())
   gflop = compiled_gflop(compiled)
   times = time_ms(compiled, params, frames, runs=args.runs)
   ms = statistics.median(times)

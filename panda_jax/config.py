@@ -1,4 +1,5 @@
-"""Shared config helpers: model sizes by name, validation, conversion to model dataclasses.
+"""Shared config helpers: model sizes by name, and `resolve`, which turns a config into the typed,
+validated dataclasses the code below the entry points takes (`Run`).
 
 Config files under `configs/` are Python files with `get_config(arg)` returning a locked
 `ml_collections.ConfigDict`; `arg` picks a variant (`configs/demo.py:tiny`). Fields are
@@ -10,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from panda_jax.models.distill import DistillConfig, default_layers
 from panda_jax.models.llama import LlamaConfig
@@ -23,15 +27,20 @@ from panda_jax.models.teacher import TeacherConfig
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Model sizes by name. '7b' is the released Video-Panda-7B; 'tiny' is for CPU tests and demos.
+# Widths that one part takes from another (the projector's and the distillation head's LLM
+# width, the head's teacher width) are not fields: `resolve` derives them from `model.llm` and
+# `model.teacher`, so `--config.model.llm.hidden=...` changes every one of them.
 MODEL_SIZES = {
-    '7b': dict(stab=dict(), llm=dict(), teacher_hidden=1024, teacher=dict()),
+    '7b': dict(stab=dict(), llm=dict(), teacher=dict()),
     'tiny': dict(stab=dict(hidden=64, heads=4, image_size=112, empty_frame_patches=4),
                  llm=dict(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=4,
                           head_dim=32, mlp=256, max_positions=1024),
-                 teacher_hidden=32,
                  teacher=dict(hidden=32, layers=3, heads=4, mlp=64, image_size=56,
                               num_frames=4)),
 }
+
+# Fields of the model dataclasses that are derived, never configured (see MODEL_SIZES).
+_DERIVED = {'stab': ('llm_hidden',), 'distill': ('llm_hidden', 'teacher_hidden')}
 
 
 # Distillation teachers by name (`configs/stageN.py:teacher=clip`): the fields each sets in
@@ -51,25 +60,36 @@ def model_config(size: str = '7b') -> ml_collections.ConfigDict:
     raise ValueError(f'model size {size!r}; expected one of {sorted(MODEL_SIZES)}')
   spec = MODEL_SIZES[size]
   llm = dataclasses.asdict(LlamaConfig(**spec['llm']))
-  stab = dataclasses.asdict(StabConfig(llm_hidden=llm['hidden'], **spec['stab']))
-  distill = dict(teacher_hidden=spec['teacher_hidden'], heads=8,
-                 layers=list(default_layers(llm['layers'])), loss=DistillConfig.loss)
+  stab = {k: v for k, v in dataclasses.asdict(StabConfig(**spec['stab'])).items()
+          if k not in _DERIVED['stab']}
+  distill = dict(heads=8, layers=list(default_layers(llm['layers'])), loss=DistillConfig.loss)
   teacher = dataclasses.asdict(TeacherConfig(**spec['teacher']))
   return ml_collections.ConfigDict(dict(
       size=size, stab=stab, llm=llm, distill=distill, distill_weight=1.0, teacher=teacher,
-      teacher_name='languagebind_video',
-      llm_hidden=llm['hidden'], llm_layers=llm['layers'], dtype='float32',
-      param_dtype='float32'))
+      teacher_name='languagebind_video', dtype='float32', param_dtype='float32'))
+
+
+def _section(model, name: str) -> dict:
+  """`model.<name>` as a dict, without the derived fields (a config written before they were
+  derived holds them; they then equal what is derived, as the code of that time checked)."""
+  d = dict(model[name].to_dict() if hasattr(model[name], 'to_dict') else model[name])
+  for k in _DERIVED.get(name, ()):
+    d.pop(k, None)
+  return d
 
 
 def panda_config(model: ml_collections.ConfigDict) -> PandaConfig:
-  """The whole-model dataclass from `config.model` (validated)."""
-  llm = LlamaConfig(**model.llm.to_dict())
-  if model.llm_hidden != llm.hidden or model.llm_layers != llm.layers:
-    raise ValueError(f'model.llm_hidden/llm_layers ({model.llm_hidden}, {model.llm_layers}) '
-                     f'differ from model.llm.hidden/layers ({llm.hidden}, {llm.layers})')
-  cfg = PandaConfig(stab=stab_config(model), llm=llm, distill=distill_config(model),
-                    distill_weight=model.distill_weight)
+  """The whole-model dataclass from `config.model` (validated); the STAB's and the distillation
+  head's LLM width and the head's teacher width are the LLM's and the teacher's."""
+  llm = LlamaConfig(**_section(model, 'llm'))
+  teacher = TeacherConfig(**_section(model, 'teacher'))
+  stab = StabConfig(llm_hidden=llm.hidden, **_section(model, 'stab'))
+  d = _section(model, 'distill')
+  distill = DistillConfig(llm_hidden=llm.hidden, teacher_hidden=teacher.hidden,
+                          heads=d['heads'], layers=tuple(d['layers']),
+                          # Configs saved before the ablation switch existed distilled with cosine.
+                          loss=d.get('loss', DistillConfig.loss))
+  cfg = PandaConfig(stab=stab, llm=llm, distill=distill, distill_weight=model.distill_weight)
   cfg.validate()
   return cfg
 
@@ -84,7 +104,8 @@ def set_teacher(model: ml_collections.ConfigDict, name: str) -> None:
 
 
 def teacher_config(model: ml_collections.ConfigDict) -> TeacherConfig:
-  cfg = TeacherConfig(**model.teacher.to_dict())
+  """The teacher dataclass from `config.model` (validated against `model.teacher_name`)."""
+  cfg = TeacherConfig(**_section(model, 'teacher'))
   cfg.validate()
   name = model.get('teacher_name', 'languagebind_video')
   if name not in TEACHERS:
@@ -93,29 +114,37 @@ def teacher_config(model: ml_collections.ConfigDict) -> TeacherConfig:
   if clash:
     raise ValueError(f'model.teacher_name={name!r} needs model.teacher fields {clash}; the '
                      f'config has {({k: getattr(cfg, k) for k in clash})}')
-  if cfg.hidden != model.distill.teacher_hidden:
-    raise ValueError(f'model.teacher.hidden={cfg.hidden} differs from '
-                     f'model.distill.teacher_hidden={model.distill.teacher_hidden}')
   return cfg
 
 
-def cached_teacher(config) -> bool:
-  """Whether distillation reads cached features (`train.teacher=cached`) rather than running
-  the teacher in the train step (`online`)."""
-  mode = config.train.get('teacher', 'online')
-  if mode not in ('online', 'cached'):
-    raise ValueError(f'train.teacher={mode!r}; expected "online" (the teacher runs in the '
-                     'train step) or "cached" (features from panda_jax.teacher.extract)')
-  return mode == 'cached'
+def stab_config(model: ml_collections.ConfigDict) -> StabConfig:
+  """The STAB dataclass from `config.model` (validated; LLM width taken from the LLM)."""
+  return panda_config(model).stab
+
+
+TEACHER_MODES = ('online', 'cached')
 
 
 def rules(config) -> tuple:
-  """The logical-axis rules: `config.sharding_rules` when set, else the default table."""
+  """The logical-axis rules: `config.sharding_rules` when set, else the default table; every
+  rule names mesh axes that exist."""
   from panda_jax import sharding
   custom = config.get('sharding_rules') if hasattr(config, 'get') else None
-  if custom:
-    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in custom)
-  return sharding.DEFAULT_RULES
+  if not custom:
+    return sharding.DEFAULT_RULES
+  out = []
+  for rule in custom:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f'sharding_rules entry {rule!r}; expected [logical name, mesh axes]')
+    name, axes = rule
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    named = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+    bad = [a for a in named if a not in sharding.MESH_AXES]
+    if bad:
+      raise ValueError(f'sharding_rules entry {rule!r}: unknown mesh axes {bad}; expected '
+                       f'{list(sharding.MESH_AXES)}')
+    out.append((name, axes))
+  return tuple(out)
 
 
 def dtype(name: str):
@@ -124,24 +153,108 @@ def dtype(name: str):
   return DTYPES[name]
 
 
-def stab_config(model: ml_collections.ConfigDict) -> StabConfig:
-  """The STAB dataclass from `config.model` (validated; LLM width taken from the model)."""
-  fields = dict(model.stab.to_dict())
-  if fields.get('llm_hidden') != model.llm_hidden:
-    raise ValueError(f'model.stab.llm_hidden={fields.get("llm_hidden")} differs from '
-                     f'model.llm_hidden={model.llm_hidden}; set them equal')
-  cfg = StabConfig(**fields)
-  cfg.validate()
-  return cfg
+class BatchSpec(Mapping):
+  """Shapes and dtypes of a global training batch: {field: ((dims), numpy dtype)}."""
+
+  def __init__(self, fields: Mapping[str, tuple[tuple[int, ...], Any]]):
+    self._fields = dict(fields)
+
+  def __getitem__(self, key):
+    return self._fields[key]
+
+  def __iter__(self):
+    return iter(self._fields)
+
+  def __len__(self):
+    return len(self._fields)
+
+  def __repr__(self):
+    return f'BatchSpec({self._fields})'
+
+  def zeros(self, batch: int = 1) -> dict[str, np.ndarray]:
+    """A zero batch of `batch` rows (parameter shapes do not depend on the batch)."""
+    return {k: np.zeros((batch,) + s[1:], d) for k, (s, d) in self._fields.items()}
 
 
-def distill_config(model: ml_collections.ConfigDict) -> DistillConfig:
-  cfg = DistillConfig(llm_hidden=model.llm_hidden, teacher_hidden=model.distill.teacher_hidden,
-                      heads=model.distill.heads, layers=tuple(model.distill.layers),
-                      # Configs saved before the ablation switch existed distilled with cosine.
-                      loss=model.distill.get('loss', DistillConfig.loss))
-  cfg.validate(model.llm_layers)
-  return cfg
+def batch_spec(model: PandaConfig, teacher: TeacherConfig, compute_dtype, batch_size: int,
+               frames: int, max_len: int, cached_teacher: bool) -> BatchSpec:
+  """A global training batch (teacher frames for the online teacher, teacher features for
+  cached distillation)."""
+  # Frames travel in the compute dtype (the STAB and the teacher cast them to it first thing,
+  # so bfloat16 frames change no result and halve the batch) and the 0/1 mask as uint8.
+  px = np.dtype(compute_dtype)
+  b, f, l = batch_size, frames, max_len
+  s, st = model.stab.image_size, model.stab.lsd_grid ** 2
+  # Targets live on the teacher's grid, G / lsd_stride (= the LSD grid, or half the token grid
+  # with downsample='none', whose tokens share their teacher cell: see layout_batch).
+  distill = model.distill.loss != 'none'
+  if distill and teacher.grid != model.stab.target_grid:
+    raise ValueError(f'the teacher\'s {teacher.grid}x{teacher.grid} patch grid does not match '
+                     f'the student\'s {model.stab.target_grid}x{model.stab.target_grid} '
+                     f'distillation grid (patch grid {model.stab.grid} / lsd_stride '
+                     f'{model.stab.lsd_stride})')
+  extra = {}
+  if distill and cached_teacher:
+    extra = {'teacher': ((b, f, teacher.grid ** 2, teacher.hidden), np.float32)}
+  elif distill:
+    extra = {'teacher_pixels': ((b, f, teacher.image_size, teacher.image_size, 3), px)}
+  return BatchSpec({
+      'pixels': ((b, f, s, s, 3), px), 'mask': ((b, f, s, s), np.uint8),
+      'text_ids': ((b, l), np.int32), 'visual_index': ((b, l), np.int32),
+      'valid': ((b, l), np.bool_), 'labels': ((b, l), np.int32),
+      'patch_pos': ((b, f, st), np.int32), 'patch_valid': ((b, f, st), np.bool_),
+      'teacher_cell': ((b, f, st), np.int32),
+      'teacher_valid': ((b, f), np.bool_), **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A training config resolved once, at the entry (`resolve`): the typed, validated pieces
+  the layers below need, so none of them reads `config.model`, the mesh or the rules again."""
+  model: PandaConfig
+  teacher: TeacherConfig
+  size: str                        # 'tiny' allows a randomly initialised teacher
+  dtype: Any                       # compute dtype
+  param_dtype: Any
+  mesh: Mapping[str, int]          # mesh axis sizes as configured (-1: fill)
+  rules: tuple                     # logical-axis rules
+  batch: BatchSpec
+  cached_teacher: bool             # distillation targets from cached features
+
+  @property
+  def distill(self) -> bool:
+    return self.model.distill.loss != 'none'
+
+  @property
+  def online_teacher(self) -> bool:
+    """Whether the teacher runs inside the train step."""
+    return self.distill and not self.cached_teacher
+
+
+def resolve(config) -> Run:
+  """The training config -> `Run` (every check on the model, teacher, mesh, rules and batch
+  made here, once)."""
+  from panda_jax import sharding
+  model = panda_config(config.model)
+  teacher = teacher_config(config.model)
+  mode = config.train.get('teacher', 'online')
+  if mode not in TEACHER_MODES:
+    raise ValueError(f'train.teacher={mode!r}; expected "online" (the teacher runs in the '
+                     'train step) or "cached" (features from panda_jax.teacher.extract)')
+  mesh = dict(config.mesh.to_dict())
+  unknown = sorted(set(mesh) - set(sharding.MESH_AXES))
+  if unknown:
+    raise ValueError(f'mesh axes {unknown}; expected {list(sharding.MESH_AXES)}')
+  table = rules(config)
+  if not sharding.batch_axes(table):
+    raise ValueError('the sharding rules map "batch" to no mesh axis; every device would hold '
+                     'the whole batch (map it to data and/or fsdp)')
+  dt = dtype(config.model.dtype)
+  batch = batch_spec(model, teacher, dt, config.train.batch_size, config.data.frames,
+                     config.data.max_len, mode == 'cached')
+  return Run(model=model, teacher=teacher, size=config.model.get('size', ''), dtype=dt,
+             param_dtype=dtype(config.model.param_dtype), mesh=mesh, rules=table, batch=batch,
+             cached_teacher=mode == 'cached')
 
 
 def save_resolved(config: ml_collections.ConfigDict, workdir: str) -> str:

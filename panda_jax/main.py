@@ -31,8 +31,16 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where outputs and the resolved config go.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False,
-                               'Call jax.distributed.initialize() first (TPU pods, GPU clusters); '
-                               'every host runs the same command.')
+                               'Call jax.distributed.initialize() first (TPU pods, GPU clusters, '
+                               'launch/local.sh); every process runs the same command.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'With --multihost: HOST:PORT of process 0 (default: found by '
+                                   "JAX's cluster detection: TPU metadata, SLURM, Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'With --multihost: how many processes (default: detected).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'With --multihost: this process, 0 .. num_processes - 1 '
+                                   '(default: detected).')
 
 
 DEFAULT_DEMO_WORKDIR = 'runs/demo'
@@ -57,6 +65,7 @@ def run_demo(config) -> dict:
 def run_stab(config) -> dict:
   """Runs the visual tokenizer on a generated clip and prints what each frame becomes."""
   cfg = config_lib.stab_config(config.model)
+  rules = config_lib.rules(config)
   dtype = config_lib.dtype(config.model.dtype)
   param_dtype = config_lib.dtype(config.model.param_dtype)
   demo = config.demo
@@ -78,19 +87,23 @@ def run_stab(config) -> dict:
   model = VisualTokenizer(cfg, dtype=dtype, param_dtype=param_dtype)
   t0 = time.perf_counter()
   variables, _ = sharding.init_sharded(model.init, mesh, jax.random.PRNGKey(config.seed),
-                                       jnp.zeros(pixels.shape, dtype), jnp.ones(mask.shape))
+                                       jnp.zeros(pixels.shape, dtype), jnp.ones(mask.shape),
+                                       rules=rules)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
   logging.info('initialised %d parameters in %.1fs', n_params, time.perf_counter() - t0)
 
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  shards = sharding.batch_shards(mesh, rules)
   if demo.batch % shards:
     raise ValueError(f'demo.batch={demo.batch} must be a multiple of the batch-sharded mesh '
-                     f'axes data x fsdp = {shards}')
+                     f'axes {" x ".join(sharding.batch_axes(rules))} = {shards}')
   # Every host holds the whole (generated) batch; each device takes its slice.
-  pixels, mask = (jax.make_array_from_callback(a.shape, sharding.batch_sharding(mesh, a.ndim),
+  pixels, mask = (jax.make_array_from_callback(a.shape,
+                                               sharding.batch_sharding(mesh, a.ndim, rules),
                                                lambda idx, a=a: a[idx])
                   for a in (pixels, mask))
-  forward = jax.jit(lambda v, x, m: model.apply(v, x, m))
+  # Outputs replicated: with several processes each can then read (and print) all of them.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  forward = jax.jit(lambda v, x, m: model.apply(v, x, m), out_shardings=replicated)
   t0 = time.perf_counter()
   compiled = forward.lower(variables, pixels, mask).compile()
   compile_s = time.perf_counter() - t0
@@ -122,8 +135,9 @@ def run_train(config) -> dict:
   from panda_jax.train.loop import train
   if not _WORKDIR.value:
     raise app.UsageError('training needs --workdir (checkpoints, metrics, resolved config)')
-  iterator = build_train_iterator(config, _WORKDIR.value)
-  last = train(config, _WORKDIR.value, iterator)
+  run = config_lib.resolve(config)           # the one place a training config is resolved
+  iterator = build_train_iterator(config, _WORKDIR.value, run)
+  last = train(config, _WORKDIR.value, iterator, run=run)
   print(f'stage {config.stage}: finished at step {last.get("step")} with loss '
         f'{last.get("loss", float("nan")):.4f} (ce {last.get("ce", float("nan")):.4f}, '
         f'distill {last.get("distill", float("nan")):.4f}); skipped samples: '
@@ -148,12 +162,41 @@ def _quiet_libraries() -> None:
   std_logging.getLogger('absl').addFilter(_DropLibraryInfo())
 
 
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins this process to the others through `jax.distributed`: with the three values given
+  (launch/local.sh, a hand-made cluster) or none of them (JAX detects TPU, SLURM, Open MPI)."""
+  given = {'--coordinator_address': coordinator_address, '--num_processes': num_processes,
+           '--process_id': process_id}
+  missing = [k for k, v in given.items() if v is None]
+  if missing and len(missing) < len(given):
+    raise app.UsageError(f'{", ".join(missing)} missing: give all of --coordinator_address, '
+                         '--num_processes and --process_id, or none (detected by JAX)')
+  if not missing:
+    host, _, port = coordinator_address.rpartition(':')
+    if not host or not port.isdigit():
+      raise app.UsageError(f'--coordinator_address={coordinator_address!r}: expected HOST:PORT, '
+                           'e.g. 127.0.0.1:12345')
+    if num_processes < 1:
+      raise app.UsageError(f'--num_processes={num_processes} must be at least 1')
+    if not 0 <= process_id < num_processes:
+      raise app.UsageError(f'--process_id={process_id} must be in 0..{num_processes - 1} '
+                           f'(--num_processes={num_processes})')
+  # Processes on CPU (launch/local.sh, tests) exchange collectives through gloo; the setting
+  # only concerns the CPU client, so it is harmless on TPU and GPU hosts.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def main(argv):
   _quiet_libraries()
+  if not _MULTIHOST.value and any(f.present for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    raise app.UsageError('--coordinator_address, --num_processes and --process_id need '
+                         '--multihost')
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   config = _CONFIG.value

@@ -113,3 +113,16 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of an input array whose leading dim is the batch."""
   spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec)
+
+
+def batch_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes the rules split the batch over (`'batch'`'s entry; () when unlisted)."""
+  axes = next((a for name, a in rules if name == 'batch'), None)     # the first rule wins
+  if axes is None:
+    return ()
+  return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
+def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  """How many pieces the rules cut a batch into on `mesh` (the product of its batch axes)."""
+  return int(np.prod([mesh.shape[a] for a in batch_axes(rules)], dtype=np.int64))

@@ -15,7 +15,8 @@ from panda_jax.data.assembly import layout_batch
 from panda_jax.models.distill import DistillConfig, cosine_distill_loss, mse_distill_loss
 from panda_jax.models.panda import PandaConfig, VideoPanda
 from panda_jax.models.stab import StabConfig, VisualTokenizer, frame_layout
-from panda_jax.train.optimizer import flatten, make_optimizer, param_labels, unflatten
+from panda_jax.train.optimizer import make_optimizer, param_labels
+from panda_jax.tree import flatten, unflatten
 from panda_jax.train.step import init_state, make_train_step
 from test_predict import CFG
 from test_train_step import optim_config
@@ -332,8 +333,8 @@ def test_bad_distill_loss_is_rejected():
 
 
 def test_batch_spec_follows_the_switches():
-  from panda_jax.config import train_config
-  from panda_jax.train.loop import batch_spec
+  from panda_jax.config import resolve, train_config
+  batch_spec = lambda c: resolve(c).batch
   c = train_config(1, 'tiny')
   base = batch_spec(c)
   assert base['patch_pos'][0][2] == 16 and 'teacher_pixels' in base
@@ -342,7 +343,7 @@ def test_batch_spec_follows_the_switches():
   assert spec['patch_pos'][0][2] == spec['teacher_cell'][0][2] == 64
   assert spec['teacher_pixels'] == base['teacher_pixels']
   c.train.teacher = 'cached'
-  assert batch_spec(c)['teacher'][0][2:] == (16, c.model.distill.teacher_hidden)
+  assert batch_spec(c)['teacher'][0][2:] == (16, c.model.teacher.hidden)
   c.model.distill.loss = 'none'                # no teacher at all
   assert not {'teacher', 'teacher_pixels'} & set(batch_spec(c))
   c.model.teacher.image_size = 112             # a teacher grid that matches nothing

@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
+from conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_aot_benchmark_reports_memory_and_flops():
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = subprocess_env()      # one device and this session's compilation cache
   run = subprocess.run([sys.executable, 'benchmarks/aot_7b.py', '--tiny'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from panda_jax import golden
 from panda_jax.convert import hf_io
 from panda_jax.convert.checkpoint import convert_directory, load_converted
@@ -131,7 +132,7 @@ def test_command_line_converts_and_refuses_to_overwrite(tmp_path, case):
   _write_safetensors_shards(src, dict(params))
   cmd = [sys.executable, '-m', 'panda_jax.convert.checkpoint', f'--src={src}',
          f'--dst={tmp_path / "out"}', '--image_size=224', '--llm_dtype=bfloat16']
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = subprocess_env()      # one device and this session's compilation cache
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   _, cfg, variables = load_converted(tmp_path / 'out')

@@ -14,7 +14,7 @@ import pytest
 
 from panda_jax import config as config_lib
 from panda_jax.train import loop
-from panda_jax.train.optimizer import flatten
+from panda_jax.tree import flatten
 from test_train_step import tiny_batch
 
 
@@ -46,8 +46,8 @@ def _batch(config, seed):
   """A host batch with the tiny model's shapes (see test_train_step.tiny_batch)."""
   from conftest import box_mask
   from panda_jax.data.assembly import layout_batch
-  spec = loop.batch_spec(config)
-  cfg = config_lib.panda_config(config.model)
+  run = config_lib.resolve(config)
+  spec, cfg = run.batch, run.model
   b, f = spec['mask'][0][:2]
   rng = np.random.default_rng(seed)
   px = rng.standard_normal(spec['pixels'][0]).astype(np.float32)
@@ -244,8 +244,9 @@ def test_initial_state_is_placed_by_its_shardings_so_the_step_compiles_once():
   from panda_jax.models.panda import VideoPanda
   c = _config()
   mesh = sharding.make_mesh(c.mesh.to_dict())
-  model = VideoPanda(config_lib.panda_config(c.model))
-  state, state_sh, *_ = loop.create_state(c, mesh, model, jax.random.PRNGKey(0))
+  run = config_lib.resolve(c)
+  model = VideoPanda(run.model)
+  state, state_sh, *_ = loop.create_state(c, run, mesh, model, jax.random.PRNGKey(0))
   leaves, tree = jax.tree.flatten(state)
   specs = tree.flatten_up_to(state_sh)
   assert len(leaves) == len(specs)

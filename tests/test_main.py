@@ -84,3 +84,32 @@ def test_generate_benchmark_prints_table_and_result_line():
   # At this size a decode step is ~0.1 ms, below the timing noise of a loaded machine: the
   # figures must parse, their sign is not asserted.
   float(fields['decode_tokens_per_s']), float(fields['bound_fraction'])
+
+
+def test_widths_derived_from_the_llm_and_teacher_follow_command_line_overrides():
+  """`model.llm.hidden` and `model.teacher.hidden` are the only sources of the projector's, the
+  distillation head's and the cached features' widths; the derived fields are not settable."""
+  from absl import flags
+  from ml_collections import config_flags
+  from panda_jax import config as config_lib
+
+  def parse(*overrides):         # as main.py's flag parses a command line
+    argv = ['prog', f'--config={ROOT}/configs/stage2.py:tiny', *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, '', flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  run = config_lib.resolve(parse('--config.model.llm.hidden=64',
+                                 '--config.model.teacher.hidden=16',
+                                 '--config.train.teacher=cached'))
+  m = run.model
+  assert m.llm.hidden == m.stab.llm_hidden == m.distill.llm_hidden == 64
+  assert run.teacher.hidden == m.distill.teacher_hidden == 16
+  assert run.batch['teacher'][0][-1] == 16
+  default = config_lib.resolve(parse()).model
+  assert default.stab.llm_hidden == default.llm.hidden == 128
+  for derived in ('model.stab.llm_hidden', 'model.distill.teacher_hidden', 'model.llm_hidden'):
+    with pytest.raises(Exception, match=derived.rsplit('.', 1)[1]):
+      parse(f'--config.{derived}=64')

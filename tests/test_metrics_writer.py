@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from conftest import subprocess_env
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from panda_jax.train import metrics
@@ -75,7 +77,7 @@ try:
 finally:
   print('tensorflow imported:', 'tensorflow' in sys.modules, flush=True)
 """
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  env = subprocess_env(PYTHONPATH=ROOT)   # one device, this session's compilation cache
   run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from panda_jax import config as config_lib
 from panda_jax.data import packing, pipeline, synthetic, text
 from panda_jax.data.video import VideoDecodeError, decode_frames
-from panda_jax.teacher import features as features_lib
+from panda_jax.data import teacher_features as features_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES = 4

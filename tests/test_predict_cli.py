@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from panda_jax import predict
 from panda_jax.data import synthetic
 from panda_jax.eval.videoqa import load_clip
@@ -80,7 +81,7 @@ def test_tokenizer_resolution(setup, tmp_path):  # noqa: F811
 
 
 def _cli(setup, *extra):  # noqa: F811
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = subprocess_env()      # one device and this session's compilation cache
   args = [sys.executable, '-m', 'panda_jax.predict', f'--checkpoint={setup["converted"]}',
           f'--tokenizer={setup["work"] / "tok"}', f'--question={QUESTION}',
           f'--frames={FRAMES}', '--max_new_tokens=6', *extra]

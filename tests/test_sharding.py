@@ -80,3 +80,35 @@ def test_full_model_sharded_over_a_2x2x2_mesh_matches_one_device():
   host = jax.device_get(variables)
   want = jax.jit(loss)(host, batch)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_batch_axes_come_from_the_rules_table():
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  assert sharding.batch_axes() == ('data', 'fsdp') and sharding.batch_shards(mesh) == 4
+  # The first rule for a name wins (as in flax's logical_to_mesh_axes).
+  rules = (('batch', ('fsdp', 'tensor')),) + sharding.DEFAULT_RULES
+  assert sharding.batch_axes(rules) == ('fsdp', 'tensor')
+  assert sharding.batch_shards(mesh, rules) == 4
+  assert sharding.batch_sharding(mesh, 3, rules).spec == P(('fsdp', 'tensor'), None, None)
+  one = (('batch', 'tensor'),)
+  assert sharding.batch_axes(one) == ('tensor',) and sharding.batch_shards(mesh, one) == 2
+  assert sharding.batch_axes((('embed', 'fsdp'),)) == ()
+
+
+def test_the_loop_and_resolve_take_the_batch_axes_from_configured_rules(tmp_path):
+  from panda_jax import config as config_lib
+  from panda_jax.train import loop
+  c = config_lib.train_config(2, 'tiny')
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  c.train.batch_size = 4
+  c.sharding_rules = [['batch', ['data', 'fsdp', 'tensor']]] + [
+      list(r) for r in sharding.DEFAULT_RULES if r[0] != 'batch']
+  # Refused before anything compiles: 4 rows cannot be cut into 8 pieces.
+  with pytest.raises(ValueError, match=r'data x fsdp x tensor = 8 times train.accum_steps=1'):
+    loop.train(c, str(tmp_path), iter(()))
+  c.sharding_rules = [['batch', None]]
+  with pytest.raises(ValueError, match='map "batch" to no mesh axis'):
+    config_lib.resolve(c)
+  c.sharding_rules = [['batch', 'pods']]
+  with pytest.raises(ValueError, match=r"unknown mesh axes \['pods'\]"):
+    config_lib.resolve(c)

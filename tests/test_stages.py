@@ -16,9 +16,10 @@ import pytest
 from conftest import subprocess_env
 from panda_jax import config as config_lib
 from panda_jax.train import checkpoint as ckpt
-from panda_jax.train.data import build_train_iterator, synthetic_data
+from panda_jax.data.sources import synthetic_data
+from panda_jax.train.data import build_train_iterator
 from panda_jax.train.loop import train
-from panda_jax.train.optimizer import flatten
+from panda_jax.tree import flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8

@@ -12,11 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from panda_jax import config as config_lib
 from panda_jax.data import pipeline, synthetic
-from panda_jax.teacher import extract, features
-from panda_jax.train.data import build_train_iterator, synthetic_data
-from panda_jax.train.loop import create_teacher, train
+from panda_jax.data import teacher_features as features
+from panda_jax.teacher import extract
+from panda_jax.data.sources import synthetic_data
+from panda_jax.teacher.model import create_teacher
+from panda_jax.train.data import build_train_iterator
 from panda_jax.train.step import teacher_targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +58,7 @@ def data(tmp_path_factory):
 def extracted(data, tmp_path_factory):
   """Features written by the command-line tool (one process, one device)."""
   out = tmp_path_factory.mktemp('features')
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = subprocess_env()      # one device and this session's compilation cache
   args = [sys.executable, '-m', 'panda_jax.teacher.extract', '--config=configs/stage2.py:tiny',
           f'--config.data.annotations={data["annotations"]}',
           f'--config.data.video_root={data["root"]}',
@@ -72,7 +75,8 @@ def test_cli_writes_every_decodable_video_and_lists_failures(data, extracted):
   assert f'{n + 1} videos, {n} written, 0 already there, 1 undecodable' in extracted['stdout']
   manifest = features.read_manifest(str(out))
   tc = config_lib.teacher_config(config_lib.model_config('tiny'))
-  assert manifest['complete'] and manifest['frames'] == 4
+  assert manifest['complete'] and manifest['frames'] == 4 and manifest['failed'] == 1
+  assert json.load(open(out / 'done.0-of-1.json')) == {'videos': n + 1, 'failed': 1, 'of': n + 1}
   assert (manifest['grid'], manifest['hidden']) == (tc.grid, tc.hidden)
   for v in data['videos']:
     a = np.load(features.feature_path(str(out), v))
@@ -86,9 +90,10 @@ def test_cli_writes_every_decodable_video_and_lists_failures(data, extracted):
 def test_features_are_the_teachers_output_on_the_training_frames(data, extracted):
   from panda_jax.data.video import load_video
   c = _config(data)
-  tc = config_lib.teacher_config(c.model)
+  run = config_lib.resolve(c)
+  tc = run.teacher
   mesh = extract._local_mesh()
-  teacher, params, _ = create_teacher(c, mesh)
+  teacher, params, _ = create_teacher(run, mesh, c.seed, c.data.frames)
   v = data['videos'][3]
   px = load_video(os.path.join(data['root'], v), num=4, size=112, teacher_size=tc.image_size,
                   patch=14)['teacher_pixels']
@@ -107,7 +112,8 @@ def test_extraction_resumes_where_it_stopped(data, extracted, tmp_path):
   os.utime(kept, (1, 1))                       # an old mtime: a rewrite would change it
   stats = extract.extract(_config(data), str(out), progress=False, batch_size=8)
   n = len(data['videos'])
-  assert stats == {'videos': n + 1, 'existing': n - 1, 'written': 1, 'failed': 1}
+  assert stats == {'videos': n + 1, 'existing': n - 1, 'written': 1, 'failed': 1,
+                   'complete': True}
   assert os.stat(kept).st_mtime == 1
   np.testing.assert_allclose(np.load(gone), before, rtol=1e-5, atol=1e-5)
   # Another teacher must not write into these features.
@@ -118,12 +124,44 @@ def test_extraction_resumes_where_it_stopped(data, extracted, tmp_path):
     extract.extract(other, str(out), progress=False)
 
 
+def test_extraction_shared_by_two_processes_is_complete_when_the_last_share_is(data, extracted,
+                                                                               tmp_path):
+  """Process index and count faked (as `global_steps` fakes its gather): each process takes its
+  share; whichever finishes last marks the features complete. Markers of another process count
+  or another data set do not count."""
+  out = tmp_path / 'features'
+  shutil.copytree(extracted['out'], out)
+  for name in (features.MANIFEST, 'done.0-of-1.json'):
+    os.remove(out / name)
+  c = _config(data)
+  n = len(data['videos']) + 1                       # the broken video is one of them
+  json.dump({'videos': 5, 'failed': 0, 'of': 99}, open(out / 'done.0-of-2.json', 'w'))
+  json.dump({'videos': n, 'failed': 1, 'of': n}, open(out / 'done.0-of-3.json', 'w'))
+  second = extract.extract(c, str(out), progress=False, process=(1, 2))
+  assert second['videos'] == n // 2 and not second['complete']
+  assert not os.path.exists(out / features.MANIFEST)            # process 0 writes it
+  first = extract.extract(c, str(out), progress=False, process=(0, 2))
+  assert first['videos'] == n - n // 2 and first['complete']
+  manifest = features.read_manifest(str(out))
+  assert manifest['complete'] and manifest['failed'] == 1
+  failed = [f['video'] for i in (0, 1) for f in json.load(open(out / f'failures.json.{i}'))]
+  assert failed == [data['bad']]
+  # Process 0 starting again clears "complete" until every share is done again.
+  os.remove(out / 'done.1-of-2.json')
+  assert not extract.extract(c, str(out), progress=False, process=(0, 2))['complete']
+  assert not features.read_manifest(str(out))['complete']
+  assert extract.extract(c, str(out), progress=False, process=(1, 2))['complete']
+  assert features.read_manifest(str(out))['complete']
+  with pytest.raises(ValueError, match='process index 2 of 2'):
+    extract.extract(c, str(out), progress=False, process=(2, 2))
+
+
 def test_pipeline_reads_features_and_skips_videos_without_them(data, extracted, tmp_path):
   out = tmp_path / 'features'
   shutil.copytree(extracted['out'], out)
   os.remove(features.feature_path(str(out), data['videos'][2]))
   c = _config(data)
-  stab = config_lib.stab_config(c.model)
+  stab = config_lib.resolve(c).model.stab
   proc = pipeline.ProcessSample(str(data['root']), c.data.tokenizer, stab, 4, 512,
                                 teacher_features=str(out))
   records = pipeline.load_annotations(str(data['clean']))
@@ -179,7 +217,7 @@ def test_cached_features_train_exactly_like_the_online_teacher(data, extracted, 
 
   def batches(c, work):
     it = build_train_iterator(c, str(tmp_path / work))
-    spec = loop.batch_spec(c)
+    spec = config_lib.resolve(c).batch
     return [{k: np.asarray(b[k]).astype(spec[k][1]) for k in spec}
             for b in (next(it), next(it))]
   from_cache, from_frames = batches(cached, 'cached'), batches(online, 'online')
@@ -188,12 +226,12 @@ def test_cached_features_train_exactly_like_the_online_teacher(data, extracted, 
     np.testing.assert_array_equal(a['text_ids'], b['text_ids'])     # the same samples
 
   mesh = sharding.make_mesh(online.mesh.to_dict(), jax.devices()[:1])
-  cfg = config_lib.panda_config(online.model)
-  model = VideoPanda(cfg)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config_lib.rules(online)):
-    state, _, labels, tx, schedules = loop.create_state(online, mesh, model,
+  run = config_lib.resolve(online)
+  model = VideoPanda(run.model)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(run.rules):
+    state, _, labels, tx, schedules = loop.create_state(online, run, mesh, model,
                                                         jax.random.PRNGKey(online.seed))
-    teacher, tparams, _ = create_teacher(online, mesh)
+    teacher, tparams, _ = create_teacher(run, mesh, online.seed, online.data.frames)
     with_teacher = jax.jit(make_train_step(model, labels, tx, schedules, teacher=teacher,
                                            return_grads=True))
     without = jax.jit(make_train_step(model, labels, tx, schedules, return_grads=True))

@@ -9,8 +9,9 @@ import pytest
 from panda_jax import config as config_lib
 from panda_jax import sharding
 from panda_jax.models.panda import VideoPanda
+from panda_jax.teacher.model import create_teacher
 from panda_jax.train import loop
-from panda_jax.train.optimizer import flatten
+from panda_jax.tree import flatten
 from panda_jax.train.step import make_train_step
 from test_loop import _batch
 from test_train_step import adam_moments, assert_trees_close
@@ -28,12 +29,12 @@ def _setup(sizes, devices):
   assert c.optim.lr == LR
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = sizes
   mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
-  cfg = config_lib.panda_config(c.model)
-  model = VideoPanda(cfg)
-  state, state_sh, labels, tx, schedules = loop.create_state(c, mesh, model,
+  run = config_lib.resolve(c)
+  model = VideoPanda(run.model)
+  state, state_sh, labels, tx, schedules = loop.create_state(c, run, mesh, model,
                                                              jax.random.PRNGKey(0))
-  teacher, tparams, tsh = loop.create_teacher(c, mesh)
-  spec = loop.batch_spec(c)
+  teacher, tparams, tsh = create_teacher(run, mesh, c.seed, c.data.frames)
+  spec = run.batch
   batch_sh = {k: sharding.batch_sharding(mesh, len(s)) for k, (s, _) in spec.items()}
   step = jax.jit(make_train_step(model, labels, tx, schedules, teacher=teacher,
                                  return_grads=True),

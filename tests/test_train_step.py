@@ -13,7 +13,8 @@ import pytest
 from conftest import TINY, box_mask, random_video
 from panda_jax.data.assembly import layout_batch
 from panda_jax.models.panda import VideoPanda
-from panda_jax.train.optimizer import flatten, make_optimizer, param_labels
+from panda_jax.train.optimizer import make_optimizer, param_labels
+from panda_jax.tree import flatten
 from panda_jax.train.step import init_state, make_train_step
 from test_predict import CFG
 

@@ -1,14 +1,14 @@
 """Streaming readers for Hugging Face-style checkpoint directories, without torch.
 
 A 7B Llama / Video-Panda checkpoint is ~14 GB in bf16, so conversion must never hold all of it:
-`iter_tensors` walks the checkpoint shard by shard and hands out numpy arrays that are, wherever
-the format allows, read-only views of a memory map of the file (the OS pages data in as it is
-touched and can drop it again), so host memory stays around one shard at most.
+`iter_tensors` walks the checkpoint shard by shard and tensor by tensor: safetensors tensors are
+read one at a time, `.bin` tensors are, wherever the format allows, read-only views of a memory
+map of the file (the OS pages data in as it is touched and can drop it again), so host memory
+stays around one shard at most.
 
 Formats:
-  * safetensors (single file or sharded with `model.safetensors.index.json`), parsed here: an
-    8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}`
-    (offsets relative to the end of the header; `__metadata__` is ignored), then raw data.
+  * safetensors (single file or sharded with `model.safetensors.index.json`), read and written
+    by the `safetensors` package's numpy API (`safe_open` reads one tensor at a time).
   * PyTorch `.bin` (single or sharded with `pytorch_model.bin.index.json`) in the zip format that
     `torch.save` writes since torch 1.6: `<archive>/data.pkl` is a pickle whose tensors are
     `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` calls on storages that
@@ -38,6 +38,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 PathLike = str | os.PathLike
 
@@ -47,10 +49,6 @@ BIN_INDEX = 'pytorch_model.bin.index.json'
 BIN_SINGLE = 'pytorch_model.bin'
 ACCEPTED = (f'{SAFETENSORS_INDEX} (+ its shards), {SAFETENSORS_SINGLE}, exactly one *.safetensors, '
             f'{BIN_INDEX} (+ its shards), {BIN_SINGLE}')
-
-# safetensors never needs more than this for a header (the reference implementation's limit).
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-
 
 class CheckpointError(ValueError):
   """A checkpoint directory or file that cannot be read; the message names the file."""
@@ -226,106 +224,50 @@ def checkpoint_files(directory: PathLike) -> list[pathlib.Path]:
 
 # ------------------------------------------------------------------------------ safetensors
 
-def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict], dict[str, str], int]:
-  """Parses and checks a safetensors header: ({name: {dtype, shape, data_offsets}}, metadata,
-  byte offset of the data section)."""
-  path = pathlib.Path(path)
-  size = path.stat().st_size
-  with open(path, 'rb') as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise CheckpointError(f'{path}: too short to be a safetensors file ({size} bytes)')
-    (n,) = struct.unpack('<Q', head)
-    if n > min(size - 8, _MAX_HEADER_BYTES):
-      raise CheckpointError(f'{path}: header length {n} does not fit the file ({size} bytes); '
-                            'not a safetensors file?')
-    raw = f.read(n)
+def _open_safetensors(path: pathlib.Path):
+  """The `safetensors` package's lazy reader; its errors become CheckpointErrors naming `path`."""
   try:
-    header = json.loads(raw.decode('utf-8'))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f'{path}: the safetensors header is not valid JSON ({e})') from e
-  if not isinstance(header, dict):
-    raise CheckpointError(f'{path}: the safetensors header is not a JSON object')
-  metadata = header.pop('__metadata__', None) or {}
-  data_start = 8 + n
-  data_len = size - data_start
-  for name, info in header.items():
-    where = f'{path}: tensor {name!r}'
-    if not isinstance(info, dict):
-      raise CheckpointError(f'{where}: header entry is not an object')
-    dtype, shape, offsets = info.get('dtype'), info.get('shape'), info.get('data_offsets')
-    if dtype not in SAFETENSORS_DTYPES:
-      raise CheckpointError(f'{where}: unsupported dtype {dtype!r}; supported: '
-                            + ', '.join(SAFETENSORS_DTYPES))
-    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-      raise CheckpointError(f'{where}: bad shape {shape!r}')
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
-      raise CheckpointError(f'{where}: bad data_offsets {offsets!r} (data section is '
-                            f'{data_len} bytes)')
-    want = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-    if offsets[1] - offsets[0] != want:
-      raise CheckpointError(f'{where}: {dtype}{shape} needs {want} bytes, data_offsets give '
-                            f'{offsets[1] - offsets[0]}')
-  return header, metadata, data_start
+    return safetensors.safe_open(str(path), framework='numpy')
+  except (safetensors.SafetensorError, OSError) as e:
+    raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
 
 
 def _iter_safetensors(path: pathlib.Path, names: frozenset[str] | None
                       ) -> Iterator[tuple[str, np.ndarray]]:
-  header, _, data_start = read_safetensors_header(path)
-  wanted = [k for k in header if names is None or k in names]
-  if not wanted:
-    return
-  data = _map_file(path)
-  # In file order, so a full pass reads the file sequentially.
-  for name in sorted(wanted, key=lambda k: header[k]['data_offsets'][0]):
-    info = header[name]
-    _check_host(info['dtype'], f'{path}: {name}')
-    begin, end = info['data_offsets']
-    raw = data[data_start + begin:data_start + end]
-    yield name, raw.view(SAFETENSORS_DTYPES[info['dtype']]).reshape(tuple(info['shape']))
+  with _open_safetensors(path) as f:
+    for name in f.keys():
+      if names is None or name in names:
+        try:
+          yield name, f.get_tensor(name)
+        except safetensors.SafetensorError as e:
+          raise CheckpointError(f'{path}: tensor {name!r} cannot be read ({e})') from e
+
+
+def safetensors_metadata(path: PathLike) -> dict[str, str]:
+  """The `__metadata__` of a safetensors file ({} when it has none)."""
+  with _open_safetensors(pathlib.Path(path)) as f:
+    return dict(f.metadata() or {})
 
 
 def save_safetensors(path: PathLike, tensors: Mapping[str, Any],
                      metadata: Mapping[str, str] | None = None) -> None:
-  """Writes `tensors` ({name: array}) as a safetensors file readable by the `safetensors` package.
-
-  Tensors are laid out by decreasing item size, so every tensor's data stays aligned to its item
-  size (the header is padded to a multiple of 8). Written to a temporary name, then renamed.
-  """
+  """Writes `tensors` ({name: array}) as a safetensors file (`safetensors.numpy.save_file`) to a
+  temporary name, then renames it; any byte order is stored little-endian."""
   path = pathlib.Path(path)
-  arrays: list[tuple[str, str, np.ndarray]] = []
+  arrays = {}
   for name, value in tensors.items():
     if not isinstance(name, str) or name == '__metadata__':
       raise CheckpointError(f'{path}: bad tensor name {name!r}')
     arr = np.asarray(value)
     dtype_name = _safetensors_name(arr.dtype)
     _check_host(dtype_name, f'{path}: {name}')
-    target = SAFETENSORS_DTYPES[dtype_name]
-    # (np.asarray, not np.ascontiguousarray, which would turn a 0-d array into 1-d)
-    arrays.append((name, dtype_name, np.asarray(arr, dtype=target, order='C')))
-  arrays.sort(key=lambda t: (-t[2].dtype.itemsize, t[0]))
-
-  header: dict[str, Any] = {}
-  if metadata:
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-      raise CheckpointError(f'{path}: safetensors metadata must map str -> str')
-    header['__metadata__'] = dict(metadata)
-  offset = 0
-  for name, dtype_name, arr in arrays:
-    header[name] = {'dtype': dtype_name, 'shape': list(arr.shape),
-                    'data_offsets': [offset, offset + arr.nbytes]}
-    offset += arr.nbytes
-  raw = json.dumps(header, separators=(',', ':')).encode('utf-8')
-  raw += b' ' * (-len(raw) % 8)
-
+    arrays[name] = np.ascontiguousarray(arr, dtype=SAFETENSORS_DTYPES[dtype_name]).reshape(
+        arr.shape)
+  if metadata and not all(isinstance(k, str) and isinstance(v, str)
+                          for k, v in metadata.items()):
+    raise CheckpointError(f'{path}: safetensors metadata must map str -> str')
   tmp = path.with_name(path.name + '.tmp')
-  with open(tmp, 'wb') as f:
-    f.write(struct.pack('<Q', len(raw)))
-    f.write(raw)
-    for _, _, arr in arrays:
-      if arr.nbytes:
-        f.write(arr.reshape(-1).view(np.uint8).data)
+  safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
   os.replace(tmp, path)
 
 
@@ -586,8 +528,8 @@ def iter_tensors(directory: PathLike, names: Iterable[str] | None = None
 
   `directory` is resolved with `checkpoint_files` (a single `.safetensors` / `.bin` file path is
   accepted too). With `names`, only those tensors are read, and shards the index says hold none
-  of them are not opened. Arrays are read-only views of a memory map where possible (always for
-  safetensors, and for contiguous `.bin` tensors); copy one before writing to it. For a sharded
+  of them are not opened. `.bin` arrays are read-only views of a memory map where possible
+  (contiguous tensors); copy one before writing to it. For a sharded
   checkpoint, a tensor the index places in a shard that lacks it raises a `CheckpointError`.
   """
   files, held = _resolve(directory)

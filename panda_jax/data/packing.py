@@ -27,7 +27,7 @@ A config packed with other settings than 8 PNG frames gets its own name (and dir
 
 Training sets hold one record per conversation (`index`: its position in the annotation file,
 `id`, `video`, `conversations` as JSON, `frames`, `frame_indices`, `video_frames`, `fps`, and
-`teacher`: the video's cached teacher features file (`panda_jax.teacher.features`, `.npy`
+`teacher`: the video's cached teacher features file (`panda_jax.data.teacher_features`, `.npy`
 bytes, empty where there is none) when packed with `teacher_features`). VideoQA sets hold one
 record per video, with all its questions (`video_name`; `qa`: JSON list of `{question_id,
 question, answer, type}`; `index`: the position of its first question), so a video's frames
@@ -66,7 +66,7 @@ from PIL import Image
 from panda_jax.data import pipeline
 from panda_jax.data.video import VideoDecodeError, decode_frames
 from panda_jax.models.stab import StabConfig
-from panda_jax.teacher import features as features_lib
+from panda_jax.data import teacher_features as features_lib
 
 NAME = 'panda_packed'
 FRAME_FORMATS = ('png', 'jpeg')

@@ -36,7 +36,7 @@ from panda_jax.data import text
 from panda_jax.data.assembly import layout_batch
 from panda_jax.data.video import VideoDecodeError, decode_frames, preprocess_frames
 from panda_jax.models.stab import StabConfig, frame_grid, frame_layout
-from panda_jax.teacher import features as features_lib
+from panda_jax.data import teacher_features as features_lib
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
 

@@ -151,9 +151,10 @@ def run_stage(config, stage: int, workdir: str, data: Mapping, init_from: str = 
       return summary
   config_lib.save_resolved(c, workdir)
   t0 = time.perf_counter()
-  iterator = build_train_iterator(c, workdir)
+  run = config_lib.resolve(c)
+  iterator = build_train_iterator(c, workdir, run)
   try:
-    last = train(c, workdir, iterator, progress=progress, desc=f'stage {stage}')
+    last = train(c, workdir, iterator, progress=progress, desc=f'stage {stage}', run=run)
     stats = iterator.stats()
   finally:
     iterator.close()

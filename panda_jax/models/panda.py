@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from panda_jax.data.assembly import IGNORE
 from panda_jax.models.distill import LOSSES, DistillConfig, DistillHead
 from panda_jax.models.llama import Llama, LlamaConfig
 from panda_jax.models.stab import StabConfig, VisualTokenizer
@@ -41,13 +40,14 @@ class PandaConfig:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array):
-  """Mean next-token cross-entropy over positions whose next label is not IGNORE.
+  """Mean next-token cross-entropy over positions whose next label is a token id; negative
+  labels (the data's IGNORE, -100: prompt, padding, visual slots) are not predicted.
 
   logits [B, L, V], labels [B, L]; returns (mean, token count, sum).
   """
   lg = logits[:, :-1].astype(jnp.float32)
   tgt = labels[:, 1:]
-  keep = tgt != IGNORE
+  keep = tgt >= 0
   logz = jax.nn.logsumexp(lg, axis=-1)
   picked = jnp.take_along_axis(lg, jnp.where(keep, tgt, 0)[..., None], axis=-1)[..., 0]
   nll = jnp.where(keep, logz - picked, 0.0)

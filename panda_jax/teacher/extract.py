@@ -7,13 +7,14 @@ Reads the same annotations, video root and teacher the training config names (`d
 `model.teacher`, `init.teacher`), decodes every distinct video once with the training
 sampler and preprocessing (Grain, host threads), runs the teacher on batches of videos
 sharded over this host's devices, and writes one feature file per video under `--out`
-(default: `data.teacher_features`) in the layout of `panda_jax.teacher.features`. Train on them
+(default: `data.teacher_features`) in the layout of `panda_jax.data.teacher_features`. Train on them
 with `--config.train.teacher=cached --config.data.teacher_features=DIR`.
 
 Resumable: videos whose feature file exists are skipped, so an interrupted run is restarted
 with the same command. Videos that cannot be decoded are counted, listed in `failures.json`
 and skipped (training skips them too). On a multi-host pod every host runs the command and
-extracts its own 1/process_count of the videos on its local devices.
+extracts its own 1/process_count of the videos on its local devices; the features are marked
+`complete` in the manifest by the last process to finish its share.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import time
 
 import numpy as np
 
-from panda_jax.teacher import features as features_lib
+from panda_jax.data import teacher_features as features_lib
+
+
+# Each process extracts alone on its own devices, all of them on the `data` axis of a local
+# mesh, so the videos of a batch are split over them whatever the training rules say.
+LOCAL_RULES = (('batch', 'data'),)
+# `<out>/done.<i>-of-<n>.json`: process i of n finished its share (see `extract`).
+DONE_PREFIX = 'done.'
 
 
 def _local_mesh():
@@ -37,12 +45,19 @@ def _local_mesh():
   return Mesh(devices, MESH_AXES)
 
 
+def _done_name(index: int, count: int) -> str:
+  return f'{DONE_PREFIX}{index}-of-{count}.json'
+
+
 def extract(config, out: str, workdir: str = '', batch_size: int = 0,
-            dtype: str = 'float32', progress: bool = True) -> dict:
+            dtype: str = 'float32', progress: bool = True, run=None,
+            process: tuple[int, int] | None = None) -> dict:
   """Writes the teacher features of every video of the configured data set under `out`.
 
-  Returns counts: `videos` (distinct videos of this host's share), `written`, `existing`
-  (skipped: already there), `failed` (undecodable).
+  `run`: the config resolved by the caller (resolved here when not given). `process`: (index,
+  count) of this process among those sharing the work (default: JAX's). Returns counts:
+  `videos` (distinct videos of this process's share), `written`, `existing` (skipped: already
+  there), `failed` (undecodable), and `complete` (whether every process's share is now done).
   """
   import grain
   import jax
@@ -51,14 +66,17 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   from panda_jax import config as config_lib
   from panda_jax import sharding
   from panda_jax.data import pipeline
+  from panda_jax.data.sources import data_paths
   from panda_jax.data.video import VideoDecodeError, load_video
-  from panda_jax.train.data import data_paths
-  from panda_jax.train.loop import create_teacher
+  from panda_jax.teacher.model import create_teacher
 
   if dtype not in features_lib.DTYPES:
     raise ValueError(f'--dtype={dtype!r}; expected one of {features_lib.DTYPES}')
-  stab = config_lib.stab_config(config.model)
-  tc = config_lib.teacher_config(config.model)
+  run = run or config_lib.resolve(config)
+  index, count = process or (jax.process_index(), jax.process_count())
+  if not 0 <= index < count:
+    raise ValueError(f'process index {index} of {count} processes')
+  stab, tc = run.model.stab, run.teacher
   frames = config.data.frames
   if tc.grid != stab.target_grid:
     raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
@@ -66,7 +84,8 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
                      f'(patch grid / lsd_stride)')
   annotations, video_root, _ = data_paths(config, workdir)
   records = pipeline.load_annotations(annotations)
-  videos = sorted({r['video'] for r in records})[jax.process_index()::jax.process_count()]
+  every = sorted({r['video'] for r in records})
+  videos = every[index::count]
 
   manifest = {'frames': frames, 'grid': tc.grid, 'hidden': tc.hidden, 'dtype': dtype,
               'teacher': config.model.teacher.to_dict(), 'teacher_init': config.init.teacher,
@@ -79,8 +98,13 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
       raise features_lib.FeatureError(
           f'{out} holds features of another teacher ({old.get("teacher_init")!r}, '
           f'{old.get("teacher")}); use a new --out')
-  if jax.process_index() == 0:
+  os.makedirs(out, exist_ok=True)
+  if index == 0:
     features_lib.write_manifest(out, manifest)
+  # This process's share is not done until its marker is written again at the end.
+  done_path = os.path.join(out, _done_name(index, count))
+  if os.path.exists(done_path):
+    os.remove(done_path)
 
   todo = [v for v in videos
           if not os.path.exists(features_lib.feature_path(out, v))]
@@ -93,8 +117,9 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   if batch % n_dev:
     raise ValueError(f'--batch_size={batch} is not a multiple of the {n_dev} local devices')
   if todo:
-    teacher, params, _ = create_teacher(config, mesh)
-    batch_sh = sharding.batch_sharding(mesh, 5)
+    teacher, params, _ = create_teacher(run, mesh, config.seed, frames, config.init.teacher,
+                                        config.init.teacher_prefix)
+    batch_sh = sharding.batch_sharding(mesh, 5, LOCAL_RULES)
     run = jax.jit(lambda p, x: teacher.apply({'params': p}, x))
 
     def decode(video):
@@ -141,13 +166,34 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
     dt = time.perf_counter() - t0
     logging.info('teacher features: %d written in %.1fs (%.2f videos/s), %d failed',
                  stats['written'], dt, stats['written'] / max(dt, 1e-9), stats['failed'])
-  name = features_lib.FAILURES if jax.process_count() == 1 else \
-      f'{features_lib.FAILURES}.{jax.process_index()}'
+  name = features_lib.FAILURES if count == 1 else f'{features_lib.FAILURES}.{index}'
   with open(os.path.join(out, name), 'w') as f:
     json.dump(failures, f, indent=1)
-  if jax.process_index() == 0 and jax.process_count() == 1:
-    features_lib.write_manifest(out, dict(manifest, complete=True, failed=stats['failed']))
+  # Each process marks its share done; whichever finds every share done (the last to finish)
+  # marks the features complete. A marker counts only for the same number of processes and the
+  # same data set (its video count), so one left by another run of the tool does not.
+  _write_json(done_path, {'videos': len(videos), 'failed': len(failures), 'of': len(every)})
+  shares = []
+  for i in range(count):
+    try:
+      with open(os.path.join(out, _done_name(i, count))) as f:
+        shares.append(json.load(f))
+    except (FileNotFoundError, json.JSONDecodeError):
+      break
+  complete = len(shares) == count and all(m.get('of') == len(every) for m in shares) and \
+      sum(m['videos'] for m in shares) == len(every)
+  if complete:
+    features_lib.write_manifest(out, dict(manifest, complete=True,
+                                          failed=sum(m['failed'] for m in shares)))
+  stats['complete'] = complete
   return stats
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
 
 
 def main(argv):
@@ -167,7 +213,8 @@ def main(argv):
                   flags.FLAGS.dtype)
   print(f'teacher features in {out}: {stats["videos"]} videos, {stats["written"]} written, '
         f'{stats["existing"]} already there, {stats["failed"]} undecodable '
-        f'(listed in {os.path.join(out, features_lib.FAILURES)})')
+        f'(listed in {os.path.join(out, features_lib.FAILURES)}); '
+        + ('complete' if stats['complete'] else 'other processes\' shares not done yet'))
 
 
 if __name__ == '__main__':

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from panda_jax.train.optimizer import flatten, unflatten
+from panda_jax.tree import flatten, unflatten
 
 ITEMS = ('params', 'batch_stats', 'opt_state', 'meta', 'data')
 

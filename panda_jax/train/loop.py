@@ -8,12 +8,12 @@ is saved with every checkpoint, so a resumed run sees exactly the batches it wou
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import signal
 import sys
 import time
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -27,16 +27,10 @@ from panda_jax import sharding
 from panda_jax.models.panda import VideoPanda
 from panda_jax.train import checkpoint as ckpt
 from panda_jax.train import metrics as metrics_lib
-from panda_jax.train.optimizer import flatten, make_optimizer, param_labels, unflatten
+from panda_jax.teacher.model import create_teacher
+from panda_jax.train.optimizer import make_optimizer, param_labels
+from panda_jax.tree import flatten
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 class NonFiniteError(RuntimeError):
@@ -52,39 +46,6 @@ def _all_finite(state) -> jax.Array:
     if jnp.issubdtype(x.dtype, jnp.floating):
       ok = ok & jnp.all(jnp.isfinite(x))
   return ok
-
-
-def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Shapes and dtypes of a global training batch, from the config alone (teacher frames for
-  the online teacher, teacher features for cached distillation)."""
-  cfg = config_lib.panda_config(config.model)
-  tc = config_lib.teacher_config(config.model)
-  # Frames travel in the compute dtype (the STAB and the teacher cast them to it first thing,
-  # so bfloat16 frames change no result and halve the batch) and the 0/1 mask as uint8.
-  px = np.dtype(config_lib.dtype(config.model.dtype))
-  b, f, l = config.train.batch_size, config.data.frames, config.data.max_len
-  s, st = cfg.stab.image_size, cfg.stab.lsd_grid ** 2
-  # Targets live on the teacher's grid, G / lsd_stride (= the LSD grid, or half the token grid
-  # with downsample='none', whose tokens share their teacher cell: see layout_batch).
-  distill = cfg.distill.loss != 'none'
-  if distill and tc.grid != cfg.stab.target_grid:
-    raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
-                     f'student\'s {cfg.stab.target_grid}x{cfg.stab.target_grid} distillation '
-                     f'grid (patch grid {cfg.stab.grid} / lsd_stride {cfg.stab.lsd_stride})')
-  teacher = {}
-  if distill and config_lib.cached_teacher(config):
-    teacher = {'teacher': ((b, f, tc.grid ** 2, tc.hidden), np.float32)}
-  elif distill:
-    teacher = {'teacher_pixels': ((b, f, tc.image_size, tc.image_size, 3), px)}
-  return {
-      'pixels': ((b, f, s, s, 3), px), 'mask': ((b, f, s, s), np.uint8),
-      'text_ids': ((b, l), np.int32), 'visual_index': ((b, l), np.int32),
-      'valid': ((b, l), np.bool_), 'labels': ((b, l), np.int32),
-      'patch_pos': ((b, f, st), np.int32), 'patch_valid': ((b, f, st), np.bool_),
-      'teacher_cell': ((b, f, st), np.int32),
-      'teacher_valid': ((b, f), np.bool_), **teacher}
-
-
 
 
 def _global_batch(host: Mapping[str, np.ndarray], shardings, spec=None) -> dict:
@@ -122,46 +83,21 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def create_teacher(config, mesh):
-  """The frozen teacher and its parameters, sharded: from `init.teacher` (a LanguageBind
-  checkpoint directory) or, for tiny runs only, randomly initialised."""
-  from panda_jax.models.teacher import VideoTeacher
-  tc = config_lib.teacher_config(config.model)
-  # Frozen, so kept in the compute dtype: its matmuls cast weights to it anyway, so bfloat16 at
-  # full size halves its memory and changes only the rounding of its LayerNorm parameters.
-  dt = config_lib.dtype(config.model.dtype)
-  teacher = VideoTeacher(tc, dtype=dt, param_dtype=dt)
-  frames = np.zeros((1, config.data.frames, tc.image_size, tc.image_size, 3), np.float32)
-  params, sh = sharding.init_sharded(teacher.init, mesh, jax.random.PRNGKey(config.seed + 1),
-                                     frames, rules=config_lib.rules(config))
-  if config.init.teacher:
-    from panda_jax.convert import hf_io
-    from panda_jax.convert.teacher import convert_teacher
-    conv = convert_teacher(hf_io.load_tensors(config.init.teacher), tc,
-                           prefix=config.init.teacher_prefix)
-    params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32).astype(dt), s),
-                          conv, sh)
-  elif config.model.size != 'tiny':
-    raise ValueError('init.teacher is empty: distillation needs the LanguageBind video '
-                     'teacher (a random teacher is only allowed for tiny runs)')
-  return teacher, params['params'], sh['params']
-
-
-def create_state(config, mesh, model, rng):
+def create_state(config, run: config_lib.Run, mesh, model, rng):
   """Parameters born sharded, optional initialisation from other runs, optimizer state.
 
   Returns (state, state shardings, labels, tx, schedules).
   """
-  # Parameter shapes do not depend on the batch: initialise with one sample.
-  spec = batch_spec(config)
-  zeros = {k: np.zeros((1,) + s[1:], d) for k, (s, d) in spec.items()}
+  # Parameter shapes do not depend on the batch: initialise with one sample (the model takes
+  # teacher features, which the online teacher computes from the teacher frames in the step).
+  zeros = run.batch.zeros(1)
   if zeros.pop('teacher_pixels', None) is not None:
-    grid = config_lib.teacher_config(config.model).grid
-    zeros['teacher'] = np.zeros((1, config.data.frames, grid ** 2,
-                                 config.model.distill.teacher_hidden), np.float32)
+    tc = run.teacher
+    zeros['teacher'] = np.zeros((1, zeros['pixels'].shape[1], tc.grid ** 2, tc.hidden),
+                                np.float32)
   init_rng, state_rng = jax.random.split(rng)
   variables, var_sh = sharding.init_sharded(model.init, mesh, init_rng, zeros,
-                                            rules=config_lib.rules(config))
+                                            rules=run.rules)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   init = config.init
   if init.from_run:
@@ -233,13 +169,14 @@ def global_steps(local: int, gather=None) -> int:
 
 
 def train(config, workdir: str, iterator: Iterator, progress: bool = False,
-          desc: str = 'train') -> dict:
+          desc: str = 'train', run: config_lib.Run | None = None) -> dict:
   """Runs (or resumes) the configured stage. Returns the last logged metrics (with
   `first_loss`, the loss at this invocation's first logged step).
 
   Every logged step also appends its scalars to `workdir/metrics.jsonl` (one JSON object per
   line with `step`). `progress` shows a progress bar (`desc`) on process 0; its ETA, like the
   logged one, is measured from the steps after the first, so compilation does not inflate it.
+  `run`: the config resolved by the caller (resolved here when not given).
   """
   import json
   import os
@@ -248,35 +185,35 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
 
   steps = resolve_steps(config, iterator)
   if steps != config.train.steps:
-    with config.unlocked() if hasattr(config, 'unlocked') else _nullcontext():
+    with config.unlocked() if hasattr(config, 'unlocked') else contextlib.nullcontext():
       config.train.steps = steps
 
-  cfg = config_lib.panda_config(config.model)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  run = run or config_lib.resolve(config)
+  mesh = sharding.make_mesh(run.mesh)
+  shards = sharding.batch_shards(mesh, run.rules)
   if config.train.batch_size % (shards * config.train.accum_steps):
     raise ValueError(f'train.batch_size={config.train.batch_size} must be a multiple of the '
-                     f'batch-sharded mesh axes data x fsdp = {shards} times '
-                     f'train.accum_steps={config.train.accum_steps}')
-  model = VideoPanda(cfg, dtype=config_lib.dtype(config.model.dtype),
-                     param_dtype=config_lib.dtype(config.model.param_dtype))
+                     f'batch-sharded mesh axes {" x ".join(sharding.batch_axes(run.rules))} = '
+                     f'{shards} times train.accum_steps={config.train.accum_steps}')
+  model = VideoPanda(run.model, dtype=run.dtype, param_dtype=run.param_dtype)
   state, state_sh, labels, tx, schedules = create_state(
-      config, mesh, model, jax.random.PRNGKey(config.seed))
+      config, run, mesh, model, jax.random.PRNGKey(config.seed))
   n_train = sum(int(np.prod(v.shape)) for k, v in flatten(state.params).items()
                 if labels[k] != 'frozen')
   logging.info('%d trainable of %d parameters', n_train,
                sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.params)))
 
-  spec = batch_spec(config)
-  batch_sh = {k: sharding.batch_sharding(mesh, len(s), config_lib.rules(config))
-              for k, (s, _) in spec.items()}
-  if config_lib.cached_teacher(config) or cfg.distill.loss == 'none':
-    teacher, teacher_params, teacher_sh = None, {}, {}
+  spec = run.batch
+  batch_sh = {k: sharding.batch_sharding(mesh, len(s), run.rules) for k, (s, _) in spec.items()}
+  if run.online_teacher:
+    teacher, teacher_params, teacher_sh = create_teacher(
+        run, mesh, config.seed, config.data.frames, config.init.teacher,
+        config.init.teacher_prefix)
   else:
-    teacher, teacher_params, teacher_sh = create_teacher(config, mesh)
+    teacher, teacher_params, teacher_sh = None, {}, {}
   step_fn = jax.jit(
       make_train_step(model, labels, tx, schedules, config.train.accum_steps,
-                      cfg.distill_weight, teacher=teacher),
+                      run.model.distill_weight, teacher=teacher),
       in_shardings=(state_sh, batch_sh, teacher_sh), out_shardings=(state_sh, None),
       donate_argnums=(0,))
 
@@ -298,7 +235,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   metrics_log = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if lead else None
   try:
     with _Preemption() as pre, jax.set_mesh(mesh), \
-        nn.logical_axis_rules(config_lib.rules(config)):
+        nn.logical_axis_rules(run.rules):
       step = start
       while step < total:
         host = next(iterator)

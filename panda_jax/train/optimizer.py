@@ -20,17 +20,10 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
+
+from panda_jax.tree import unflatten
 
 FROZEN = 'frozen'
-
-
-def flatten(tree: Mapping) -> dict[str, Any]:
-  return traverse_util.flatten_dict(tree, sep='/')
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  return traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
 def _compile(patterns, what: str) -> list[re.Pattern]:

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from panda_jax.data.assembly import IGNORE
-from panda_jax.train.optimizer import FROZEN, flatten, unflatten
+from panda_jax.train.optimizer import FROZEN
+from panda_jax.tree import flatten, unflatten
 
 
 @flax.struct.dataclass
@@ -52,8 +52,9 @@ def init_state(params, batch_stats, labels, tx, rng) -> TrainState:
 
 
 def batch_totals(batch: Mapping) -> dict:
-  """Token and frame counts of the whole batch (the denominators of both losses)."""
-  tokens = jnp.sum(batch['labels'][:, 1:] != IGNORE)
+  """Token and frame counts of the whole batch (the denominators of both losses); tokens are
+  the positions `cross_entropy` predicts (a label >= 0)."""
+  tokens = jnp.sum(batch['labels'][:, 1:] >= 0)
   frames = jnp.sum(batch['teacher_valid'] & jnp.any(batch['patch_valid'], axis=-1))
   return {'tokens': jnp.maximum(tokens, 1).astype(jnp.float32),
           'frames': jnp.maximum(frames, 1).astype(jnp.float32)}

@@ -8,7 +8,10 @@ Layout of a features directory (written by `python -m panda_jax.teacher.extract`
   <dir>/<video relpath>.npy      [frames, grid * grid, hidden] patch features of that video's
                                  teacher frames (the frames the sampler picks, padding frames
                                  of short videos included), float32 or float16
-  <dir>/failures.json            videos the last pass could not decode (path, reason)
+  <dir>/failures.json            videos the last pass could not decode (path, reason);
+                                 failures.json.<i> per process when several shared the work
+  <dir>/done.<i>-of-<n>.json     process i of n finished its share (the last one to finish
+                                 sets `complete`)
 
 Files are written to a temporary name and renamed, so a file that exists is complete: an
 interrupted extraction resumes by skipping the videos whose file exists. Reading needs numpy

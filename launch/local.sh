@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Runs panda-jax as several JAX processes on this machine: a multi-host run over loopback, on CPU.
+#
+#   launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS [main args...]
+#   launch/local.sh 2 4 --config=configs/stage2.py:tiny --workdir=/tmp/s2
+#
+# Each process runs `python -m panda_jax.main --multihost --coordinator_address=127.0.0.1:PORT
+# --num_processes=N --process_id=I [main args...]` with JAX_PLATFORMS=cpu and
+# XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROCESS (CPU collectives through
+# gloo), PORT a free loopback port. Output lines are prefixed with "[I] ". The script waits for
+# all; when one fails it stops the others (SIGTERM, then SIGKILL after LOCAL_KILL_GRACE seconds,
+# default 10) and exits with the failed process's status. PYTHON picks the interpreter
+# (default: python).
+set -euo pipefail
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+
+if [ $# -lt 2 ]; then
+  usage
+  exit 2
+fi
+num=$1 per=$2
+shift 2
+if ! is_count "$num"; then
+  echo "local.sh: NUM_PROCESSES='$num' must be a positive integer" >&2
+  exit 2
+fi
+if ! is_count "$per"; then
+  echo "local.sh: DEVICES_PER_PROCESS='$per' must be a positive integer" >&2
+  exit 2
+fi
+python=${PYTHON:-python}
+grace=${LOCAL_KILL_GRACE:-10}
+cd "$(dirname "$0")/.."
+port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
+declare -A rank_of=()
+pids=()
+stop_all() {
+  local pid
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  local deadline=$((SECONDS + grace))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+}
+trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
+
+for ((i = 0; i < num; i++)); do
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
+    "$python" -m panda_jax.main --multihost --coordinator_address="127.0.0.1:$port" \
+    --num_processes="$num" --process_id="$i" "$@" \
+    > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
+  pids+=($!)
+  rank_of[$!]=$i
+  echo "local.sh: process $i of $num: pid $!, $per devices, coordinator 127.0.0.1:$port"
+done
+
+live=("${pids[@]}")
+while [ ${#live[@]} -gt 0 ]; do
+  status=0
+  wait -n -p done_pid "${live[@]}" || status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "local.sh: process ${rank_of[$done_pid]} (pid $done_pid) exited with status $status;" \
+         "stopping the others" >&2
+    stop_all
+    exit "$status"
+  fi
+  next=()
+  for pid in "${live[@]}"; do [ "$pid" = "$done_pid" ] || next+=("$pid"); done
+  live=("${next[@]+"${next[@]}"}")
+done
+echo "local.sh: all $num processes finished"

@@ -1,0 +1,99 @@
+"""Several JAX processes on this machine through launch/local.sh (CPU collectives over loopback)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL = os.path.join(ROOT, 'launch', 'local.sh')
+
+
+def _local(*args, **kwargs):
+  return subprocess.Popen(['bash', LOCAL, *args], cwd=ROOT,
+                          env=subprocess_env(PYTHON=sys.executable, LOCAL_KILL_GRACE='5'),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _gone(pid):
+  """True once `pid` no longer runs (absent, or a zombie nobody reaped)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+  except FileNotFoundError:
+    return True
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_form_one_system():
+  # The STAB on a batch of 4 sharded over the 4 devices of both processes: the forward pass and
+  # its replicated outputs need the two processes' collectives.
+  proc = _local('2', '2', '--config=configs/stab.py:tiny', '--config.demo.frames=4',
+                '--config.demo.runs=1', '--config.demo.batch=4')
+  out, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0, err[-3000:]
+  for i in (0, 1):
+    assert f'process {i} of 2, 2 local / 4 global devices' in err, err[-3000:]
+    assert f"[{i}] STAB + projector: 158,098 parameters, mesh {{'data': 4, 'fsdp': 1, " in out
+    assert f'[{i}] output tokens (4, 4, 21, 128)' in out
+  assert 'local.sh: all 2 processes finished' in out
+
+
+def test_a_failed_process_stops_the_others():
+  proc = _local('2', '1', '--config=configs/stab.py:tiny')
+  pids = {}
+  try:
+    while len(pids) < 2:
+      line = proc.stdout.readline()
+      assert line, proc.stderr.read()[-3000:]
+      if line.startswith('local.sh: process '):
+        pids[int(line.split()[2])] = int(line.split('pid ')[1].split(',')[0])
+    os.kill(pids[1], signal.SIGKILL)   # process 0 now waits for a peer that will never come
+    proc.wait(timeout=120)
+    err = proc.stderr.read()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 128 + signal.SIGKILL, err[-3000:]
+  assert f'process 1 (pid {pids[1]}) exited with status 137; stopping the others' in err
+  deadline = time.time() + 10
+  while not _gone(pids[0]) and time.time() < deadline:
+    time.sleep(0.2)
+  assert _gone(pids[0]), f'process 0 (pid {pids[0]}) still runs'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['0', '2'], "NUM_PROCESSES='0' must be a positive integer"),
+    (['2', 'x'], "DEVICES_PER_PROCESS='x' must be a positive integer"),
+    (['2'], 'launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS'),
+])
+def test_local_sh_rejects_bad_counts(args, message):
+  proc = _local(*args)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 2 and message in err, err
+
+
+def test_main_rejects_partial_or_bad_distributed_flags():
+  cases = {
+      'partial': (['--multihost', '--num_processes=2'],
+                  '--coordinator_address, --process_id missing'),
+      'range': (['--multihost', '--coordinator_address=127.0.0.1:1', '--num_processes=2',
+                 '--process_id=2'], '--process_id=2 must be in 0..1'),
+      'address': (['--multihost', '--coordinator_address=localhost', '--num_processes=1',
+                   '--process_id=0'], "--coordinator_address='localhost': expected HOST:PORT"),
+      'no_multihost': (['--num_processes=2'], 'need --multihost'),
+  }
+  # Started together: each spends its time importing JAX.
+  procs = {name: subprocess.Popen([sys.executable, '-m', 'panda_jax.main',
+                                   '--config=configs/stab.py:tiny', *args], cwd=ROOT,
+                                  env=subprocess_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+           for name, (args, _) in cases.items()}
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and cases[name][1] in err, (name, err[-2000:])
