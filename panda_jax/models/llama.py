@@ -69,6 +69,11 @@ class LlamaConfig:
   # 'splash' only: run the kernel in the Pallas interpreter (any backend, slow) -- how the
   # CPU tests check its numbers.
   attention_interpret: bool = False
+  # Training loss in blocks of this many positions (`panda.chunked_cross_entropy`): the LM
+  # head's float32 logits exist for one block [B, chunk, V] at a time and are recomputed in the
+  # backward pass, never for the whole sequence [B, T, V]; exact. The model then returns no
+  # logits. 0 = the whole sequence at once.
+  loss_chunk: int = 0
 
   def validate(self) -> None:
     if self.heads % self.kv_heads:
@@ -77,6 +82,8 @@ class LlamaConfig:
       raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
     if self.attention_chunk < 0:
       raise ValueError(f'attention_chunk={self.attention_chunk} must be >= 0 (0 = off)')
+    if self.loss_chunk < 0:
+      raise ValueError(f'loss_chunk={self.loss_chunk} must be >= 0 (0 = off)')
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of '
                        f'{list(ATTENTION_IMPLS)}')
@@ -328,8 +335,12 @@ class Llama(nn.Module):
     """ids [B, T] -> [B, T, E]."""
     return self.embed_tokens(ids)
 
+  def head_kernel(self) -> jax.Array:
+    """The LM head's kernel [E, V] (for a loss that applies it block by block)."""
+    return nn.unbox(self.lm_head.variables['params']['kernel'])
+
   def __call__(self, inputs_embeds, slots, valid, *, cache=None, hidden_gather=None,
-               output_hidden_states=False, logits_gather=None):
+               output_hidden_states=False, logits_gather=None, logits=True):
     """Runs the decoder.
 
     Args:
@@ -343,9 +354,11 @@ class Llama(nn.Module):
         (0 = embeddings, L = after the final norm).
       logits_gather: optional int [B, P]: compute logits only at these positions (prefill
         needs one per sequence, not [B, T, V]).
+      logits: False returns the final-norm output `normed` [B, T, E] instead of logits (a
+        chunked loss applies `head_kernel()` to it block by block).
     Returns:
-      dict with `logits` [B, T or P, V] (float32), `hidden_states` [L + 1, B, T or P, E] when asked,
-      `cache` when given.
+      dict with `logits` [B, T or P, V] (float32) or `normed`, `hidden_states`
+      [L + 1, B, T or P, E] when asked, `cache` when given.
     """
     if self.is_initializing():  # create the embedding table even when given embeddings
       self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
@@ -366,11 +379,16 @@ class Llama(nn.Module):
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
       outs = jnp.stack(out_list)
     normed = self.final_norm(x_last)
-    head_in = normed if logits_gather is None else jnp.take_along_axis(
-        normed, logits_gather[..., None], axis=1)
-    logits = self.lm_head(head_in).astype(jnp.float32)
-    logits = nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
-    result = {'logits': logits}
+    if logits:
+      head_in = normed if logits_gather is None else jnp.take_along_axis(
+          normed, logits_gather[..., None], axis=1)
+      out = self.lm_head(head_in).astype(jnp.float32)
+      result = {'logits': nn.with_logical_constraint(
+          out, ('act_batch', 'act_length', 'act_vocab'))}
+    else:
+      if self.is_initializing():  # create the head's kernel
+        self.lm_head(normed[:, :1])
+      result = {'normed': normed}
     if output_hidden_states:
       pick = (lambda a: a) if gather is None else (
           lambda a: jnp.take_along_axis(a, gather[..., None], axis=1))
