@@ -1,49 +1,78 @@
-"""Ahead-of-time compile of the stage-2 train step at the real 7B size on a simulated pod.
+"""Ahead-of-time compile of the stage-2 train step at the real 7B size for a TPU pod.
 
 Lowers and compiles `panda_jax.train.step.make_train_step` exactly as `panda_jax.train.loop.train`
 jits it (same in/out shardings, donated state, online LanguageBind teacher), for the stage-2
 config `train_config(2)` (bf16 compute, float32 master weights, remat 'full', 4096 tokens,
-8 frames x 448 px), on N simulated CPU devices (default 64: a v5e-64 pod). Every input is
-abstract (`jax.ShapeDtypeStruct` with its sharding): the state comes from `jax.eval_shape` of
-the model init and of the optimizer init, so nothing of the 7B model is ever allocated.
+8 frames x 448 px). Every input is abstract (`jax.ShapeDtypeStruct` with its sharding): the
+state comes from `jax.eval_shape` of the model init and of the optimizer init, so nothing of
+the 7B model is ever allocated.
+
+With `--topology=v5e:8x8` (or v5p:4x4x4, v6e:8x8, ...: what libtpu knows) the devices are those
+of that TPU slice from `jax.experimental.topologies.get_topology_desc`, and the program is
+compiled by the TPU compiler in libtpu, on this CPU host (no TPU needed; install the libtpu
+that `jax[tpu]` pins, see the README). Without libtpu, or without `--topology`, it compiles
+for N simulated CPU devices (XLA:CPU's estimate) and says `compiler=cpu`.
 
 Reported (per device, from `compiled.memory_analysis()`): argument, output, temp, generated
 code and alias sizes and their total (argument + output + temp + code - alias), against the
-16 GiB of HBM of a v5e chip; FLOPs per step from `compiled.cost_analysis()` and from a hand
+HBM of the topology's chip (v5e's 16 GiB without one); FLOPs per step from `compiled.cost_analysis()` and from a hand
 count (the MFU uses the hand count: XLA counts each while-loop body, i.e. the layer scan and
-the accumulation scan, once); the MFU implied by an assumed step time and the step time that
-gives 40% MFU; the compile time.
+the accumulation scan, once); the compile time; the number of Pallas TPU kernels in the
+compiled program (splash attention).
 
-Caveats: the memory figures are those of the XLA:CPU compiler, whose scheduling, fusion and
-bf16 handling differ from XLA:TPU's; they are an estimate of the TPU footprint, not a
-measurement.
+The step time and MFU are MODELLED, never measured: a roofline from the hand-counted FLOPs
+and stated byte counts (HBM traffic of the gathered weights, the optimizer update and the
+attention scores; FSDP collectives over ICI) against the chip's published peak and bandwidths,
+every term printed (`roofline`).
+
+Caveats: with compiler=cpu the memory figures are those of the XLA:CPU compiler, whose
+scheduling, fusion and bf16 handling differ from XLA:TPU's; they are an estimate of the TPU
+footprint. With compiler=tpu they are the TPU compiler's own buffer assignment.
 
 Run from the repo root:
-  python benchmarks/aot_7b.py --tiny                   # smoke: tiny config, 8 devices
-  python benchmarks/aot_7b.py                          # 7B, 64 devices, fsdp=64
+  python benchmarks/aot_7b.py --topology=v5e:8x8       # 7B by the TPU compiler, v5e-64
+  python benchmarks/aot_7b.py --tiny --topology=v5e:2x2  # smoke: tiny config, 4 TPU chips
+  python benchmarks/aot_7b.py --tiny                   # smoke: tiny config, 8 CPU devices
+  python benchmarks/aot_7b.py                          # 7B, 64 CPU devices, fsdp=64
+  python benchmarks/aot_7b.py --topology=v5e:8x8 --set model.llm.attention_impl=splash
   python benchmarks/aot_7b.py --fsdp 32 --tensor 2     # another mesh
   python benchmarks/aot_7b.py --layers 2,4             # compile 2 and 4 LLM layers and
                                                        # extrapolate linearly to 32
-The last line is `RESULT per_device_gib=<x> step_tflops=<y>`.
+The last line is `RESULT compiler=<tpu|cpu> topology=<name> per_device_gib=<x>
+modelled_mfu=<y> step_tflops=<z>`.
 """
 
 import argparse
+import ast
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GIB = 1024 ** 3
-V5E_PEAK_TFLOPS = 197.0   # bf16, per chip
-V5E_HBM_GIB = 16.0
+
+# Published per-chip figures (Cloud TPU system-architecture pages): bf16 peak TFLOP/s, HBM GiB,
+# HBM GB/s, ICI Gbit/s (all links of a chip together).
+CHIPS = {
+    'v4': dict(peak_tflops=275.0, hbm_gib=32.0, hbm_gbs=1200.0, ici_gbps=2400.0),
+    'v5e': dict(peak_tflops=197.0, hbm_gib=16.0, hbm_gbs=819.0, ici_gbps=1600.0),
+    'v5p': dict(peak_tflops=459.0, hbm_gib=95.0, hbm_gbs=2765.0, ici_gbps=4800.0),
+    'v6e': dict(peak_tflops=918.0, hbm_gib=32.0, hbm_gbs=1640.0, ici_gbps=3584.0),
+}
 
 
 def parse_args():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--tiny', action='store_true',
                   help="smoke mode: train_config(2, 'tiny') on 8 devices")
+  ap.add_argument('--topology', type=str, default='',
+                  help='TPU slice to compile for with libtpu, e.g. v5e:8x8, v5p:4x4x4 '
+                       '(default: simulated CPU devices)')
   ap.add_argument('--devices', type=int, default=None,
-                  help='simulated CPU devices (default 64, 8 with --tiny)')
+                  help='simulated CPU devices (default: the topology\'s chip count, else 64, '
+                       '8 with --tiny)')
   ap.add_argument('--data', type=int, default=1, help='mesh axis data (-1 = fill)')
   ap.add_argument('--fsdp', type=int, default=-1, help='mesh axis fsdp (-1 = fill)')
   ap.add_argument('--tensor', type=int, default=1, help='mesh axis tensor (-1 = fill)')
@@ -56,22 +85,41 @@ def parse_args():
   ap.add_argument('--layers', type=str, default='',
                   help='override the LLM layer count; "2,4" compiles both and extrapolates '
                        'the memory linearly to the configured count')
-  ap.add_argument('--step_time_s', type=float, default=60.0,
-                  help='assumed wall time of one optimizer step for the MFU figure')
+  ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                  help='config override, e.g. model.llm.loss_chunk=512 (repeatable)')
   return ap.parse_args()
 
 
+def topology_chips(name: str) -> tuple[str, int]:
+  """'v5e:8x8' -> ('v5e', 64)."""
+  gen, _, dims = name.partition(':')
+  try:
+    n = int(np.prod([int(d) for d in dims.split('x')]))
+  except ValueError:
+    n = 0
+  if gen not in CHIPS or n <= 0:
+    raise SystemExit(f'--topology={name!r}: expected GEN:AxB[xC] with GEN in {sorted(CHIPS)}, '
+                     f'e.g. v5e:8x8')
+  return gen, n
+
+
 ARGS = parse_args()
-N_DEVICES = ARGS.devices or (8 if ARGS.tiny else 64)
+CHIP = topology_chips(ARGS.topology)[0] if ARGS.topology else 'v5e'
+N_DEVICES = ARGS.devices or (topology_chips(ARGS.topology)[1] if ARGS.topology else
+                             (8 if ARGS.tiny else 64))
 # Must precede the first jax import.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            f' --xla_force_host_platform_device_count={N_DEVICES}').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if ARGS.topology:
+  # libtpu takes a lock file so that one process owns the TPU; this one only compiles (JAX runs
+  # on the CPU), so it may load libtpu beside another process that holds it (a second compile,
+  # a test worker, training on this TPU VM).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
@@ -87,10 +135,53 @@ from panda_jax.train.step import TrainState, make_train_step, trainable_tree  # 
 from common import compiled_flops, compiled_memory, peak_rss_gib, timed  # noqa: E402
 
 
+def target_devices():
+  """(devices, compiler, note): the TPU slice's devices when libtpu knows `--topology`, else
+  this host's simulated CPU devices."""
+  if not ARGS.topology:
+    return jax.devices(), 'cpu', 'no --topology: XLA:CPU on simulated devices'
+  try:
+    from jax.experimental import topologies
+    topo = topologies.get_topology_desc(platform='tpu', topology_name=ARGS.topology)
+    return list(topo.devices), 'tpu', f'TPU compiler (libtpu) for {ARGS.topology}'
+  except Exception as e:  # no libtpu, or a topology it does not know: say so, fall back
+    why = (str(e).strip().splitlines() or [''])[0][:200]
+    return jax.devices(), 'cpu', (f'no TPU compiler for {ARGS.topology} ({type(e).__name__}: '
+                                  f'{why}); XLA:CPU on {N_DEVICES} simulated devices instead')
+
+
+DEVICES, COMPILER, COMPILER_NOTE = target_devices()
+
+
+def parse_override(item: str) -> tuple[str, object]:
+  """'model.llm.loss_chunk=512' -> ('model.llm.loss_chunk', 512) (Python literals, else text)."""
+  key, sep, text = item.partition('=')
+  if not sep or not key:
+    raise SystemExit(f'--set {item!r}: expected KEY=VALUE, e.g. model.llm.loss_chunk=512')
+  try:
+    return key, ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return key, text
+
+
 def make_config(layers: int | None):
   config = config_lib.train_config(2, 'tiny' if ARGS.tiny else '')
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = ARGS.data, ARGS.fsdp, ARGS.tensor
-  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh.to_dict(), N_DEVICES)))
+  for key, value in map(parse_override, ARGS.set):
+    node, *path = key.split('.')
+    parent = config
+    for name in [node] + path[:-1]:
+      if name not in parent:
+        raise SystemExit(f'--set {key}: the config has no field {name!r}')
+      parent = parent[name]
+    if not path or path[-1] not in parent:
+      raise SystemExit(f'--set {key}: the config has no field {key!r}')
+    parent[path[-1]] = value
+  llm = config.model.llm
+  if COMPILER != 'tpu' and llm.attention_impl == 'splash' and not llm.attention_interpret:
+    raise SystemExit(f'attention_impl=splash is a TPU kernel and needs the TPU compiler: '
+                     f'{COMPILER_NOTE}')
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh.to_dict(), len(DEVICES))))
   shards = int(np.prod([shape[a] for a in sharding.batch_axes(config_lib.rules(config))]))
   accum = ARGS.accum or (2 if ARGS.tiny else 32)
   config.train.batch_size = ARGS.batch * shards * accum
@@ -232,9 +323,64 @@ def hand_flops(config, info) -> dict:
           'hardware': model + remat}
 
 
+def roofline(config, info, hf, mesh) -> dict:
+  """A MODELLED step time from stated terms (seconds per optimizer step, per chip):
+
+  compute: hardware FLOPs (model + remat recompute) / (chips x bf16 peak).
+  HBM: per micro-batch, the gathered bf16 LLM weights read once per pass (forward, remat
+    recompute, backward: 3; 2 without remat) and the f32 gradient accumulator read and written;
+    the attention scores of the `xla` attention (f32 scores written and read, bf16
+    probabilities written and read: 12 B per score, in the same 3 passes; the splash and cuDNN
+    kernels keep them on chip: 0); once per step, Adam (f32 parameter, gradient, two moments:
+    read 16 B, write 12 B per parameter) on the chip's shard. Activations, the teacher's and the
+    STAB's traffic are not counted (so the HBM term is a lower bound).
+  ICI: per micro-batch, FSDP all-gathers of the bf16 LLM weights (forward and backward: 2) and a
+    reduce-scatter of the f32 gradients, each moving (f-1)/f of the chip's tensor-parallel
+    share; with tensor > 1, the two all-reduces per layer of [tokens, E] bf16 activations in
+    each of 3 passes (ring: 2 (t-1)/t of the data); with data > 1, an all-reduce of the f32
+    gradient shard per micro-batch. At the chip's whole published ICI bandwidth (optimistic).
+  Step time: max of the three (perfect overlap; the MFU upper bound) and their sum (no overlap).
+  """
+  chip = CHIPS[CHIP]
+  cfg = info['cfg']
+  llm = cfg.llm
+  d, f, tp = mesh.shape['data'], mesh.shape['fsdp'], mesh.shape['tensor']
+  chips = topology_chips(ARGS.topology)[1] if COMPILER == 'tpu' else len(mesh.devices.flat)
+  accum = config.train.accum_steps
+  b_local = config.train.batch_size // (accum * d * f)      # sequences per chip per micro-batch
+  t = config.data.max_len
+  n_llm = llm.num_params - llm.vocab_size * llm.hidden
+  n_shard = info['n_train'] / (f * tp)
+  passes = 3 if llm.remat != 'none' else 2
+  hbm_weights = accum * passes * 2 * n_llm / tp
+  hbm_accum = accum * 8 * n_shard
+  scores = llm.layers * (llm.heads / tp) * b_local * t * t
+  hbm_scores = accum * passes * 12 * scores if llm.attention_impl == 'xla' else 0.0
+  hbm_adam = 28 * n_shard
+  hbm = hbm_weights + hbm_accum + hbm_scores + hbm_adam
+  ici_gather = accum * 2 * (f - 1) / f * 2 * llm.num_params / tp
+  ici_scatter = accum * (f - 1) / f * 4 * llm.num_params / tp
+  ici_tensor = (accum * passes * 2 * llm.layers * 2 * (tp - 1) / tp * b_local * t * llm.hidden
+                * 2)
+  ici_data = accum * 2 * (d - 1) / d * 4 * n_shard
+  ici = ici_gather + ici_scatter + ici_tensor + ici_data
+  t_compute = hf['hardware'] / (chips * chip['peak_tflops'] * 1e12)
+  t_hbm = hbm / (chip['hbm_gbs'] * 1e9)
+  t_ici = ici / (chip['ici_gbps'] / 8 * 1e9)
+  peak_all = chips * chip['peak_tflops'] * 1e12
+  t_max, t_sum = max(t_compute, t_hbm, t_ici), t_compute + t_hbm + t_ici
+  return dict(chips=chips, b_local=b_local, passes=passes, t_compute=t_compute, t_hbm=t_hbm,
+              t_ici=t_ici, hbm=dict(weights=hbm_weights, accumulator=hbm_accum,
+                                    scores=hbm_scores, adam=hbm_adam),
+              ici=dict(gather=ici_gather, scatter=ici_scatter, tensor=ici_tensor,
+                       data=ici_data),
+              t_max=t_max, t_sum=t_sum, mfu=hf['model'] / (t_max * peak_all),
+              mfu_sum=hf['model'] / (t_sum * peak_all))
+
+
 def compile_once(layers: int | None) -> dict:
   config = make_config(layers)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), DEVICES)
 
   def lower():
     step, state, batch, tparams, (state_sh, batch_sh, t_sh), info = abstract_inputs(config, mesh)
@@ -246,7 +392,9 @@ def compile_once(layers: int | None) -> dict:
   t_lower, (lowered, info) = timed(lower)
   with jax.set_mesh(mesh):
     t_compile, compiled = timed(lowered.compile)
-  return dict(config=config, mesh=mesh, info=info, mem=compiled_memory(compiled),
+  # Pallas kernels (splash attention) compiled for a TPU appear as Mosaic custom calls.
+  kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  return dict(config=config, mesh=mesh, info=info, mem=compiled_memory(compiled), kernels=kernels,
               xla_flops=compiled_flops(compiled), t_lower=t_lower, t_compile=t_compile,
               layers=config.model.llm.layers)
 
@@ -261,14 +409,20 @@ def main():
     raise SystemExit('--layers takes one or two layer counts')
   full_layers = config_lib.train_config(2, 'tiny' if ARGS.tiny else '').model.llm.layers
 
-  print(f'jax {jax.__version__}, backend {jax.default_backend()}, {len(jax.devices())} '
-        f'simulated devices, {os.cpu_count()} CPU cores')
+  chip = CHIPS[CHIP]
+  per_chip = max(1, len(DEVICES) // (topology_chips(ARGS.topology)[1] if COMPILER == 'tpu'
+                                      else len(DEVICES)))
+  hbm_gib = chip['hbm_gib'] / per_chip          # a v4 chip shows as 2 devices (TensorCores)
+  print(f'jax {jax.__version__}; compiler={COMPILER}: {COMPILER_NOTE}; {len(DEVICES)} devices '
+        f'({DEVICES[0].device_kind}); {os.cpu_count()} CPU cores')
   results = []
   for layers in layer_list:
     print(f'compiling with {layers or full_layers} LLM layers ...', flush=True)
     results.append(compile_once(layers))
     r = results[-1]
-    print(f'  lowered in {r["t_lower"]:.1f} s, compiled in {r["t_compile"]:.1f} s', flush=True)
+    print(f'  lowered in {r["t_lower"]:.1f} s, compiled in {r["t_compile"]:.1f} s; '
+          f'{r["kernels"]} Pallas TPU kernel call(s) (tpu_custom_call) in the compiled '
+          f'program', flush=True)
 
   r = results[-1]
   config, info, mesh = r['config'], r['info'], r['mesh']
@@ -315,16 +469,16 @@ def main():
     print(f'  NOTE: the last column is a LINEAR EXTRAPOLATION from the {results[0]["layers"]}- '
           f'and {results[1]["layers"]}-layer compiles to {full_layers} layers, not a compile.')
   per_device = extrap['total'] if extrap is not None else r['mem']['total']
-  fits = per_device is not None and per_device / GIB <= V5E_HBM_GIB
-  print(f'  => {gib(per_device)} GiB per device: '
-        f'{"fits" if fits else "does NOT fit"} the {V5E_HBM_GIB:.0f} GiB of a v5e chip')
+  fits = per_device is not None and per_device / GIB <= hbm_gib
+  print(f'  => {gib(per_device)} GiB per device ({"the TPU compiler" if COMPILER == "tpu" else "XLA:CPU estimate"}): '
+        f'{"fits" if fits else "does NOT fit"} the {hbm_gib:g} GiB of HBM of a {CHIP} '
+        f'{"device" if per_chip > 1 else "chip"}')
 
   print()
   if extrap is not None or r['layers'] != full_layers:
     print(f'(FLOP figures below are for the {r["layers"]}-layer compile.)')
   hf = hand_flops(config, info)
   xf = r['xla_flops']
-  n_dev = len(jax.devices())
   print('FLOPs per optimizer step (whole pod):')
   print(f'  XLA cost_analysis      {"-" if xf is None else f"{xf / 1e12:,.1f}"} TFLOP per device'
         f' program (counts each while-loop body -- the {config.train.accum_steps}-step '
@@ -338,31 +492,49 @@ def main():
   print(f'  hand: distillation head            {hf["distill"] / 1e12:>12,.1f} TFLOP')
   print(f'  hand: model total (used)           {hf["model"] / 1e12:>12,.1f} TFLOP')
   print(f'  hand: + remat recompute (hardware) {hf["hardware"] / 1e12:>12,.1f} TFLOP')
-  peak = n_dev * V5E_PEAK_TFLOPS * 1e12
-  mfu = hf['model'] / (ARGS.step_time_s * peak)
-  t40 = hf['model'] / (0.4 * peak)
-  print(f'  MFU at an assumed {ARGS.step_time_s:g} s/step on {n_dev} v5e chips '
-        f'({V5E_PEAK_TFLOPS:g} TFLOP/s bf16 each): {100 * mfu:.1f}%; 40% MFU needs '
-        f'{t40:.1f} s/step (hardware FLOP utilisation there: '
-        f'{100 * 0.4 * hf["hardware"] / hf["model"]:.0f}%)')
+
+  rf = roofline(config, info, hf, mesh)
+  llm = info['cfg'].llm
+  print()
+  print(f'MODELLED step time (a roofline, not a measurement; see `roofline` in this file) on '
+        f'{rf["chips"]} {CHIP} chips: {chip["peak_tflops"]:g} TFLOP/s bf16, {chip["hbm_gbs"]:g} '
+        f'GB/s HBM, {chip["ici_gbps"]:g} Gbit/s ICI per chip (published); attention '
+        f'{llm.attention_impl!r}, {rf["b_local"]} sequence(s) per chip per micro-batch, '
+        f'{rf["passes"]} weight passes per micro-batch (remat {llm.remat!r})')
+  print(f'  compute  {hf["hardware"] / 1e12:>12,.1f} TFLOP (hardware) / ({rf["chips"]} x '
+        f'{chip["peak_tflops"]:g} TFLOP/s)            = {rf["t_compute"]:.4g} s')
+  hb, ic = rf['hbm'], rf['ici']
+  print(f'  HBM      weights {hb["weights"] / 1e9:,.0f} GB + grad accumulator '
+        f'{hb["accumulator"] / 1e9:,.0f} GB + attention scores {hb["scores"] / 1e9:,.0f} GB + '
+        f'Adam {hb["adam"] / 1e9:,.1f} GB per chip / {chip["hbm_gbs"]:g} GB/s = '
+        f'{rf["t_hbm"]:.4g} s')
+  print(f'  ICI      FSDP all-gathers {ic["gather"] / 1e9:,.0f} GB + gradient reduce-scatters '
+        f'{ic["scatter"] / 1e9:,.0f} GB + tensor all-reduces {ic["tensor"] / 1e9:,.0f} GB + '
+        f'data all-reduces {ic["data"] / 1e9:,.0f} GB per chip / {chip["ici_gbps"] / 8:g} GB/s '
+        f'= {rf["t_ici"]:.4g} s')
+  print(f'  MODELLED step: {rf["t_max"]:.4g} s with perfect overlap (max of the terms) -> '
+        f'MODELLED MFU {100 * rf["mfu"]:.1f}%; {rf["t_sum"]:.4g} s with none (their sum) -> '
+        f'{100 * rf["mfu_sum"]:.1f}%')
 
   print()
   print(f'{"layers":>6} {"mesh d/f/t":>11} {"batch":>6} {"accum":>6} {"GiB/device":>11} '
-        f'{"fits 16G":>8} {"lower s":>8} {"compile s":>9} {"TFLOP/step":>11}')
+        f'{"fits":>8} {"lower s":>8} {"compile s":>9} {"TFLOP/step":>11}')
   for x in results:
     m = x['mesh'].shape
     tot = x['mem']['total']
     dft = f'{m["data"]}/{m["fsdp"]}/{m["tensor"]}'
     print(f'{x["layers"]:>6} {dft:>11} '
           f'{x["config"].train.batch_size:>6} {x["config"].train.accum_steps:>6} '
-          f'{gib(tot):>11} {"yes" if tot is not None and tot / GIB <= V5E_HBM_GIB else "no":>8} '
+          f'{gib(tot):>11} {"yes" if tot is not None and tot / GIB <= hbm_gib else "no":>8} '
           f'{x["t_lower"]:>8.1f} {x["t_compile"]:>9.1f} {hf["model"] / 1e12:>11,.1f}')
   if extrap is not None:
     print(f'{full_layers:>6} {"(extrapolated)":>11} {"":>6} {"":>6} {gib(per_device):>11} '
           f'{"yes" if fits else "no":>8}')
   print(f'peak host RSS of this process: {peak_rss_gib():.2f} GiB')
-  print(f'RESULT per_device_gib={per_device / GIB if per_device is not None else float("nan"):.3f}'
-        f' step_tflops={_fmt(hf["model"] / 1e12)}')
+  topo = ARGS.topology if COMPILER == 'tpu' else f'cpu:{len(DEVICES)}'
+  pd = per_device / GIB if per_device is not None else float('nan')
+  print(f'RESULT compiler={COMPILER} topology={topo} per_device_gib={pd:.3f} '
+        f'modelled_mfu={rf["mfu"]:.3f} step_tflops={_fmt(hf["model"] / 1e12)}')
 
 
 def _fmt(x: float) -> str:

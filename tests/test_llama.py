@@ -185,3 +185,82 @@ def test_query_block_attention_equals_whole_attention_with_gradients(params):
   assert not np.allclose(np.asarray(o3)[0, -1], np.asarray(o1)[0, -1])
   with pytest.raises(ValueError, match='attention_chunk=-1'):
     dataclasses.replace(CFG, attention_chunk=-1).validate()
+
+
+def _attention_pair_case(t=128):
+  """A GQA layer's grouped queries [2, t, 2, 2, 8], keys/values [2, t, 2, 8] and a right-padded
+  validity map (row 1 has 3 t / 5 real tokens)."""
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(7), 3)
+  qg = 2.0 * jax.random.normal(kq, (2, t, 2, 2, 8))
+  keys = 2.0 * jax.random.normal(kk, (2, t, 2, 8))
+  values = jax.random.normal(kv, (2, t, 2, 8))
+  slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+  valid = jnp.arange(t)[None] < jnp.array([[t], [3 * t // 5]])
+  return qg, keys, values, slots, valid
+
+
+def test_cudnn_attention_arguments_equal_xla_attention_with_gradients():
+  """The `cudnn` path's call of jax.nn.dot_product_attention (causal, key lengths from the
+  right-padded validity, grouped heads) computes `_attend`, padding queries included; checked
+  with the same call's 'xla' implementation, the one that runs on a CPU."""
+  from panda_jax.models.llama import _attend, cudnn_attention
+  qg, keys, values, slots, valid = _attention_pair_case(t=32)
+  w = jax.random.normal(jax.random.PRNGKey(8), qg.shape)
+  ref = lambda q, k, v: _attend(q, k, v, slots, slots, valid, jnp.float32)
+  dpa = lambda q, k, v: cudnn_attention(q, k, v, valid, jnp.float32, implementation='xla')
+  np.testing.assert_allclose(dpa(qg, keys, values), ref(qg, keys, values), rtol=1e-5,
+                             atol=1e-5)
+  g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(qg, keys, values)
+  g_dpa = jax.grad(lambda *a: jnp.sum(dpa(*a) * w), argnums=(0, 1, 2))(qg, keys, values)
+  for a, b in zip(g_dpa, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # A wrong mask would show: without the key lengths row 1's queries see its padding.
+  loose = jax.nn.dot_product_attention(qg.reshape(2, 32, 4, 8), keys, values, is_causal=True)
+  assert not np.allclose(loose.reshape(qg.shape)[1, 19:], ref(qg, keys, values)[1, 19:],
+                         atol=1e-3)
+
+
+def test_splash_attention_equals_xla_attention_with_gradients_also_sharded():
+  """attention_impl='splash' (the Pallas TPU kernel, run by the Pallas interpreter on the CPU)
+  gives the decoder the logits and parameter gradients of the default attention at every real
+  token, on one device and under a (fsdp 2, tensor 2) mesh, where it runs per shard."""
+  from panda_jax import sharding
+  t = 128
+  cfg = dataclasses.replace(CFG, remat='full')
+  splash = Llama(dataclasses.replace(cfg, attention_impl='splash', attention_interpret=True))
+  xla = Llama(cfg)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, t, CFG.hidden))
+  slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+  valid = jnp.arange(t)[None] < jnp.array([[t], [75]])        # right padding in row 1
+  vmask = np.asarray(valid)
+
+  def loss(p, model):
+    out = model.apply({'params': p}, x, slots, valid)['logits']
+    return jnp.sum(jnp.where(valid[..., None], out, 0.0) ** 2), out
+
+  def run(model):
+    return jax.jit(jax.value_and_grad(lambda p: loss(p, model), has_aux=True))(params_)
+
+  params_ = jax.tree.map(lambda a: a * 3.0, nn.unbox(xla.init(
+      jax.random.PRNGKey(0), x[:, :4], slots[:, :4], valid[:, :4]))['params'])
+  (l_ref, o_ref), g_ref = run(xla)
+  (l_spl, o_spl), g_spl = run(splash)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2}, jax.devices()[:4])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    (l_sh, o_sh), g_sh = run(splash)
+  for o, l, g in ((o_spl, l_spl, g_spl), (o_sh, l_sh, g_sh)):
+    np.testing.assert_allclose(np.asarray(o)[vmask], np.asarray(o_ref)[vmask], rtol=1e-4,
+                               atol=1e-3)
+    np.testing.assert_allclose(l, l_ref, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+      assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-3 * np.abs(np.asarray(b)).max()
+
+
+def test_attention_impl_errors_name_the_bad_value():
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    dataclasses.replace(CFG, attention_impl='flash').validate()
+  model = Llama(dataclasses.replace(CFG, attention_impl='splash', attention_interpret=True))
+  x = jnp.zeros((1, 100, CFG.hidden))
+  slots = jnp.arange(100, dtype=jnp.int32)[None]
+  with pytest.raises(ValueError, match='multiple of 128; got 100'):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), x, slots, jnp.ones((1, 100), bool))

@@ -1,6 +1,7 @@
 """The train step: learning, freezing, exact gradient accumulation, non-finite refusal."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -201,3 +202,61 @@ def test_labels_and_schedule_from_config():
   from panda_jax.train.optimizer import schedule
   s = schedule(optim_config(lr=1.0, warmup_ratio=0.1, end_lr_ratio=0.0), 100)
   assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6 and float(s(100)) < 1e-6
+
+
+def test_chunked_cross_entropy_equals_the_full_computation_and_never_forms_all_logits():
+  """Mean, count, sum and the gradients for hidden states and head kernel, for a chunk that
+  leaves padding, the whole length and one position (float32), and in bfloat16."""
+  from panda_jax.models.panda import chunked_cross_entropy, cross_entropy
+  kh, kw, kl = jax.random.split(jax.random.PRNGKey(5), 3)
+  hidden = jax.random.normal(kh, (2, 37, 16))
+  kernel = 0.5 * jax.random.normal(kw, (16, 50))
+  labels = jax.random.randint(kl, (2, 37), 0, 50)
+  labels = labels.at[0, :9].set(-100).at[1, 30:].set(-100)     # prompt and padding ignored
+
+  def full(h, w, dtype=jnp.float32):
+    logits = jax.lax.dot_general(h.astype(dtype), w.astype(dtype),
+                                 (((2,), (0,)), ((), ()))).astype(jnp.float32)
+    return cross_entropy(logits, labels)
+
+  for dtype, tol, chunks in ((jnp.float32, 1e-5, (8, 37, 1)), (jnp.bfloat16, 1e-2, (8,))):
+    want = full(hidden, kernel, dtype)
+    g_want = jax.grad(lambda h, w: full(h, w, dtype)[0], argnums=(0, 1))(hidden, kernel)
+    for chunk in chunks:
+      got = jax.jit(lambda h, w: chunked_cross_entropy(h, w, labels, chunk, dtype))(hidden,
+                                                                                    kernel)
+      np.testing.assert_allclose(got[0], want[0], rtol=tol)
+      assert int(got[1]) == int(want[1]) == 2 * 36 - 8 - 7
+      np.testing.assert_allclose(got[2], want[2], rtol=tol)
+      g = jax.jit(jax.grad(lambda h, w: chunked_cross_entropy(h, w, labels, chunk, dtype)[0],
+                           argnums=(0, 1)))(hidden, kernel)
+      for a, b in zip(g, g_want):
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max() <= \
+            tol * np.abs(np.asarray(b, np.float32)).max(), (dtype, chunk)
+  # Neither the loss nor its gradient program holds logits for all positions ([2, 37 or 40,
+  # 50]); the full computation does (so the check can see them).
+  whole = re.compile(r'\[2,(37|40),50\]')
+  grad_of = lambda f: jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hidden, kernel)
+  assert whole.search(str(grad_of(lambda h, w: full(h, w)[0])))
+  assert not whole.search(str(grad_of(
+      lambda h, w: chunked_cross_entropy(h, w, labels, 8)[0])))
+  with pytest.raises(ValueError, match='chunk=0'):
+    chunked_cross_entropy(hidden, kernel, labels, 0)
+  with pytest.raises(ValueError, match='loss_chunk=-1'):
+    dataclasses.replace(CFG.llm, loss_chunk=-1).validate()
+
+
+def test_train_step_with_chunked_loss_equals_the_default():
+  """llm.loss_chunk (40 positions: 96 padded to 120) gives the default step's loss, every
+  gradient leaf and the updated parameters."""
+  optim = optim_config(clip_norm=0.0)
+  chunked = dataclasses.replace(NO_DROPOUT,
+                                llm=dataclasses.replace(NO_DROPOUT.llm, loss_chunk=40))
+  a, step_a, batch, _ = setup(NO_DROPOUT, optim, return_grads=True)
+  b, step_b, _, _ = setup(chunked, optim, return_grads=True)
+  a, ma = step_a(a, batch)
+  b, mb = step_b(b, batch)
+  np.testing.assert_allclose(mb['loss'], ma['loss'], rtol=1e-6)
+  np.testing.assert_allclose(mb['ce'], ma['ce'], rtol=1e-6)
+  assert_trees_close(mb['grads'], ma['grads'], 1e-5, 'gradient')
+  assert_trees_close(b.params, a.params, 1e-6, 'parameter', atol=1e-2 * optim.lr)

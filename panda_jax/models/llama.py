@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from panda_jax.models.layers import Dense, partitioned
 
@@ -32,6 +33,9 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+# Attention kernels for the uncached forward (training, scoring); see `Attention`.
+ATTENTION_IMPLS = ('xla', 'splash', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,19 @@ class LlamaConfig:
   # module per layer (`layers_0`, ...), which decodes faster on CPU where scan copies each
   # layer's weights every step; `unstack_layers` / `stack_layers` convert parameters.
   scan_layers: bool = True
+  # Attention of the uncached forward (training), whose slots must be 0..T-1: 'xla' the
+  # einsum attention (`_attend`, in query blocks by attention_chunk; exact, any backend); 'splash' the Pallas TPU splash-attention kernel (TPU; sequence a multiple of
+  # 128); 'cudnn' cuDNN's fused attention through jax.nn.dot_product_attention (NVIDIA GPUs).
+  # Calls with a KV cache (generation) always use 'xla'.
+  attention_impl: str = 'xla'
+  # 'splash' only: run the kernel in the Pallas interpreter (any backend, slow) -- how the
+  # CPU tests check its numbers.
+  attention_interpret: bool = False
+  # Training loss in blocks of this many positions (`panda.chunked_cross_entropy`): the LM
+  # head's float32 logits exist for one block [B, chunk, V] at a time and are recomputed in the
+  # backward pass, never for the whole sequence [B, T, V]; exact. The model then returns no
+  # logits. 0 = the whole sequence at once.
+  loss_chunk: int = 0
 
   def validate(self) -> None:
     if self.heads % self.kv_heads:
@@ -65,6 +82,11 @@ class LlamaConfig:
       raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
     if self.attention_chunk < 0:
       raise ValueError(f'attention_chunk={self.attention_chunk} must be >= 0 (0 = off)')
+    if self.loss_chunk < 0:
+      raise ValueError(f'loss_chunk={self.loss_chunk} must be >= 0 (0 = off)')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of '
+                       f'{list(ATTENTION_IMPLS)}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}')
 
@@ -131,6 +153,75 @@ def chunked_attention(qg, keys, values, q_slots, k_slots, k_valid, dtype, chunk:
   return out.swapaxes(0, 1).reshape(qg.shape[:4] + values.shape[-1:])
 
 
+SPLASH_LANES = 128  # the splash kernel's key blocks are multiples of this
+
+
+def _splash_block(t: int) -> int:
+  """The largest of 512, 256, 128 dividing the sequence length `t`."""
+  for b in (512, 256, 128):
+    if t % b == 0:
+      return b
+  raise ValueError(f'attention_impl=splash needs a sequence length that is a multiple of '
+                   f'{SPLASH_LANES}; got {t} (pad data.max_len, or use attention_impl=xla)')
+
+
+def splash_attention(qg, keys, values, valid, dtype, interpret: bool = False):
+  """Causal attention of qg [B, T, K, G, D] over keys/values [B, T, K, D] by the Pallas TPU
+  splash kernel; the key at slot s is visible to the query at slot t if s <= t and both are
+  valid (segment ids), which equals `_attend` at every valid query when slots are 0..T-1.
+
+  A padding query sees only padding keys here (`_attend` lets it see the valid ones); nothing
+  reads the outputs at padding positions (later layers never attend to them, labels there are
+  IGNORE), so losses and gradients are the same.
+
+  Under a mesh the kernel runs per shard (`shard_map` over batch and heads, with the
+  partitioning the logical-axis rules give `act_batch` and `act_heads`), since XLA cannot
+  partition a Pallas call itself.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b, t, k, g, d = qg.shape
+  blk = _splash_block(t)
+  sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
+                        block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
+                        block_kv_dq=blk)
+  # The kernel takes no scale: fold it into the queries (in float32, then back).
+  q = (qg.astype(jnp.float32) * d ** -0.5).astype(qg.dtype)
+  q = q.reshape(b, t, k * g, d).transpose(0, 2, 1, 3)
+  kt, vt = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)     # [B, K, T, D]
+  seg = valid.astype(jnp.int32)
+
+  def local(q, kt, vt, seg):
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t))] * q.shape[1])
+    kernel = sk.make_splash_mha(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    ids = sk.SegmentIds(q=seg, kv=seg)
+    return jax.vmap(kernel)(q, kt, vt, segment_ids=ids)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    heads = nn.logical_to_mesh_axes(('act_batch', 'act_heads', None, None))
+    rows = PartitionSpec(heads[0], None)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows),
+                          out_specs=heads, check_vma=False)
+  out = local(q, kt, vt, seg)                                       # [B, H, T, D]
+  return out.transpose(0, 2, 1, 3).reshape(b, t, k, g, d).astype(dtype)
+
+
+def cudnn_attention(qg, keys, values, valid, dtype, implementation: str = 'cudnn'):
+  """Causal attention of qg [B, T, K, G, D] over keys/values [B, T, K, D] by
+  `jax.nn.dot_product_attention` (cuDNN's fused kernel; `implementation='xla'` is the same call
+  on any backend, which is how the CPU tests check the arguments). Padding is given as key
+  lengths, so `valid` must be a prefix of each row (the layout `layout_batch` writes); with
+  slots 0..T-1 this equals `_attend` at every query, padding queries included."""
+  b, t, k, g, d = qg.shape
+  lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
+  out = jax.nn.dot_product_attention(
+      qg.reshape(b, t, k * g, d), keys, values, is_causal=True,
+      key_value_seq_lengths=lengths, implementation=implementation)
+  return out.reshape(b, t, k, g, d).astype(dtype)
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
   dtype: Dtype = jnp.float32
@@ -163,7 +254,16 @@ class Attention(nn.Module):
     args = (qg, keys.astype(self.dtype), values.astype(self.dtype), slots, k_slots, k_valid,
             self.dtype)
     c = cfg.attention_chunk
-    out = chunked_attention(*args, chunk=c) if 0 < c < t and t % c == 0 else _attend(*args)
+    impl = 'xla' if cache is not None else cfg.attention_impl
+    if impl == 'splash':
+      out = splash_attention(qg, args[1], args[2], valid, self.dtype,
+                             interpret=cfg.attention_interpret)
+    elif impl == 'cudnn':
+      out = cudnn_attention(qg, args[1], args[2], valid, self.dtype)
+    elif 0 < c < t and t % c == 0:
+      out = chunked_attention(*args, chunk=c)
+    else:
+      out = _attend(*args)
     out = out.reshape(b_, t, h, d)
     y = Dense(cfg.hidden, ('heads', 'kv'), ('embed',), use_bias=False, name='o', **kw)(out)
     return y, (keys, values)
@@ -235,8 +335,12 @@ class Llama(nn.Module):
     """ids [B, T] -> [B, T, E]."""
     return self.embed_tokens(ids)
 
+  def head_kernel(self) -> jax.Array:
+    """The LM head's kernel [E, V] (for a loss that applies it block by block)."""
+    return nn.unbox(self.lm_head.variables['params']['kernel'])
+
   def __call__(self, inputs_embeds, slots, valid, *, cache=None, hidden_gather=None,
-               output_hidden_states=False, logits_gather=None):
+               output_hidden_states=False, logits_gather=None, logits=True):
     """Runs the decoder.
 
     Args:
@@ -250,9 +354,11 @@ class Llama(nn.Module):
         (0 = embeddings, L = after the final norm).
       logits_gather: optional int [B, P]: compute logits only at these positions (prefill
         needs one per sequence, not [B, T, V]).
+      logits: False returns the final-norm output `normed` [B, T, E] instead of logits (a
+        chunked loss applies `head_kernel()` to it block by block).
     Returns:
-      dict with `logits` [B, T or P, V] (float32), `hidden_states` [L + 1, B, T or P, E] when asked,
-      `cache` when given.
+      dict with `logits` [B, T or P, V] (float32) or `normed`, `hidden_states`
+      [L + 1, B, T or P, E] when asked, `cache` when given.
     """
     if self.is_initializing():  # create the embedding table even when given embeddings
       self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
@@ -273,11 +379,16 @@ class Llama(nn.Module):
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
       outs = jnp.stack(out_list)
     normed = self.final_norm(x_last)
-    head_in = normed if logits_gather is None else jnp.take_along_axis(
-        normed, logits_gather[..., None], axis=1)
-    logits = self.lm_head(head_in).astype(jnp.float32)
-    logits = nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
-    result = {'logits': logits}
+    if logits:
+      head_in = normed if logits_gather is None else jnp.take_along_axis(
+          normed, logits_gather[..., None], axis=1)
+      out = self.lm_head(head_in).astype(jnp.float32)
+      result = {'logits': nn.with_logical_constraint(
+          out, ('act_batch', 'act_length', 'act_vocab'))}
+    else:
+      if self.is_initializing():  # create the head's kernel
+        self.lm_head(normed[:, :1])
+      result = {'normed': normed}
     if output_hidden_states:
       pick = (lambda a: a) if gather is None else (
           lambda a: jnp.take_along_axis(a, gather[..., None], axis=1))

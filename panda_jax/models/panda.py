@@ -56,6 +56,48 @@ def cross_entropy(logits: jax.Array, labels: jax.Array):
   return total / jnp.maximum(count, 1), count, total
 
 
+def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, chunk: int,
+                          dtype=jnp.float32):
+  """`cross_entropy(logits, labels)` with `logits = (hidden @ kernel).astype(float32)` (the LM
+  head as `Dense` computes it, in `dtype`), formed `chunk` positions at a time.
+
+  hidden [B, L, E] (the final-norm output), kernel [E, V], labels [B, L]. Each block's logits
+  [B, chunk, V] exist only inside that block and are recomputed for its backward pass, so
+  neither the forward nor the gradient ever holds [B, L, V]. Position t is scored against
+  label t + 1 (the last against nothing); L is padded up to a multiple of `chunk` with
+  positions that count nothing. Each position's log-softmax spans the whole vocabulary, so
+  the result is the full computation's up to float summation order.
+  Returns (mean, token count, sum), as `cross_entropy`.
+  """
+  if chunk <= 0:
+    raise ValueError(f'chunk={chunk} must be positive')
+  b, length, e = hidden.shape
+  # -1 marks the positions that predict nothing (as every negative label does).
+  tgt = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), -1, labels.dtype)], axis=1)
+  count = jnp.sum(tgt >= 0)
+  pad = -length % chunk
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    tgt = jnp.pad(tgt, ((0, 0), (0, pad)), constant_values=-1)
+  n = (length + pad) // chunk
+  blocks = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)          # [n, B, chunk, E]
+  tgts = tgt.reshape(b, n, chunk).swapaxes(0, 1)
+  w = kernel.astype(dtype)
+
+  def block(h, t):
+    logits = jax.lax.dot_general(h.astype(dtype), w, (((2,), (0,)), ((), ())))
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                        ('act_batch', 'act_length', 'act_vocab'))
+    keep = t >= 0
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(keep, t, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(keep, logz - picked, 0.0))
+
+  one = jax.checkpoint(block, prevent_cse=False)
+  total = jnp.sum(jax.lax.map(lambda xs: one(*xs), (blocks, tgts)))
+  return total / jnp.maximum(count, 1), count, total
+
+
 class VideoPanda(nn.Module):
   cfg: PandaConfig
   dtype: Dtype = jnp.float32
@@ -88,7 +130,8 @@ class VideoPanda(nn.Module):
     batch: `layout_batch` arrays plus pixels [B, F, H, W, 3], mask [B, F, H, W] and, for
     distillation, teacher [B, F, S*S, T] (the teacher's full patch grid per frame) and
     teacher_valid bool [B, F] (frames with teacher content).
-    Returns dict: loss, ce, distill, logits [B, L, V], tokens (counted), frame_loss [B, F],
+    Returns dict: loss, ce, distill, logits [B, L, V] (not with `llm.loss_chunk`, whose loss
+    never forms them), tokens (counted), frame_loss [B, F],
     and the sums behind the means (`ce_sum`, `distill_sum`, `distill_frames`), which gradient
     accumulation uses to weight micro-batches exactly like one large batch. With
     `cfg.distill.loss == 'none'` the distillation entries are zeros (no teacher is read).
@@ -106,10 +149,18 @@ class VideoPanda(nn.Module):
     b, length = valid.shape
     slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     f, p = batch['patch_pos'].shape[1:]
+    chunk = self.cfg.llm.loss_chunk
     out = self.llm(embeds, slots, valid, output_hidden_states=with_distill,
-                   hidden_gather=batch['patch_pos'].reshape(b, f * p) if with_distill else None)
-    ce, count, ce_sum = cross_entropy(out['logits'], batch['labels'])
-    result = {'logits': out['logits'], 'ce': ce, 'tokens': count, 'ce_sum': ce_sum}
+                   hidden_gather=batch['patch_pos'].reshape(b, f * p) if with_distill else None,
+                   logits=not chunk)
+    if chunk:
+      ce, count, ce_sum = chunked_cross_entropy(out['normed'], self.llm.head_kernel(),
+                                                batch['labels'], chunk, self.dtype)
+      result = {}
+    else:
+      ce, count, ce_sum = cross_entropy(out['logits'], batch['labels'])
+      result = {'logits': out['logits']}
+    result.update(ce=ce, tokens=count, ce_sum=ce_sum)
     if with_distill:
       hs = out['hidden_states'][jnp.asarray(self.cfg.distill.layers)]   # [K, B, F*P, E]
       student = self.distill(hs.reshape(hs.shape[:2] + (f, p, hs.shape[-1])))
