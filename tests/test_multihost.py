@@ -54,8 +54,9 @@ def test_a_failed_process_stops_the_others():
       if line.startswith('local.sh: process '):
         pids[int(line.split()[2])] = int(line.split('pid ')[1].split(',')[0])
     os.kill(pids[1], signal.SIGKILL)   # process 0 now waits for a peer that will never come
-    proc.wait(timeout=120)
-    err = proc.stderr.read()
+    # communicate() drains both pipes while waiting: a full stderr pipe would block local.sh's
+    # own message (and the processes' prefixed logs) and hang the wait.
+    _, err = proc.communicate(timeout=300)
   finally:
     if proc.poll() is None:
       proc.kill()
