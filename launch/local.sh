@@ -58,18 +58,27 @@ for ((i = 0; i < num; i++)); do
   echo "local.sh: process $i of $num: pid $!, $per devices, coordinator 127.0.0.1:$port"
 done
 
+# Poll instead of `wait -n`: a process that dies before `wait -n` starts (or between two calls) is
+# reaped and reported by bash first, and `wait -n` then ignores it ("no such job") and blocks on
+# the survivors forever. `wait PID` still returns a reaped process's saved status.
 live=("${pids[@]}")
 while [ ${#live[@]} -gt 0 ]; do
-  status=0
-  wait -n -p done_pid "${live[@]}" || status=$?
-  if [ "$status" -ne 0 ]; then
-    echo "local.sh: process ${rank_of[$done_pid]} (pid $done_pid) exited with status $status;" \
-         "stopping the others" >&2
-    stop_all
-    exit "$status"
-  fi
   next=()
-  for pid in "${live[@]}"; do [ "$pid" = "$done_pid" ] || next+=("$pid"); done
+  for pid in "${live[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      next+=("$pid")
+      continue
+    fi
+    status=0
+    wait "$pid" || status=$?
+    if [ "$status" -ne 0 ]; then
+      echo "local.sh: process ${rank_of[$pid]} (pid $pid) exited with status $status;" \
+           "stopping the others" >&2
+      stop_all
+      exit "$status"
+    fi
+  done
   live=("${next[@]+"${next[@]}"}")
+  if [ ${#live[@]} -gt 0 ]; then sleep 0.5; fi
 done
 echo "local.sh: all $num processes finished"

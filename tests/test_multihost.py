@@ -68,6 +68,33 @@ def test_a_failed_process_stops_the_others():
   assert _gone(pids[0]), f'process 0 (pid {pids[0]}) still runs'
 
 
+def test_a_process_that_fails_at_once_stops_the_others(tmp_path):
+  # No JAX: a fake interpreter whose process 1 exits with status 3 at once. A process that dies
+  # before the script starts waiting is reaped and reported by bash first; with `wait -n` the
+  # script then said "no such job" and blocked on process 0 for ever (CI, 2026-11-30).
+  fake = tmp_path / 'python'
+  fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi
+case " $* " in
+  *--process_id=1*) exit 3 ;;
+  *) exec sleep 120 ;;
+esac
+""")
+  fake.chmod(0o755)
+  proc = subprocess.Popen(['bash', LOCAL, '2', '1', '--config=configs/stab.py:tiny'], cwd=ROOT,
+                          env=subprocess_env(PYTHON=str(fake), LOCAL_KILL_GRACE='5'),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    out, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 3, err
+  assert 'process 1 (pid ' in err and 'exited with status 3; stopping the others' in err, err
+  pid0 = int(out.split('process 0 of 2: pid ')[1].split(',')[0])
+  assert _gone(pid0), f'process 0 (pid {pid0}) still runs'
+
+
 @pytest.mark.parametrize('args, message', [
     (['0', '2'], "NUM_PROCESSES='0' must be a positive integer"),
     (['2', 'x'], "DEVICES_PER_PROCESS='x' must be a positive integer"),
