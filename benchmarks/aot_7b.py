@@ -167,16 +167,10 @@ def parse_override(item: str) -> tuple[str, object]:
 def make_config(layers: int | None):
   config = config_lib.train_config(2, 'tiny' if ARGS.tiny else '')
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = ARGS.data, ARGS.fsdp, ARGS.tensor
-  for key, value in map(parse_override, ARGS.set):
-    node, *path = key.split('.')
-    parent = config
-    for name in [node] + path[:-1]:
-      if name not in parent:
-        raise SystemExit(f'--set {key}: the config has no field {name!r}')
-      parent = parent[name]
-    if not path or path[-1] not in parent:
-      raise SystemExit(f'--set {key}: the config has no field {key!r}')
-    parent[path[-1]] = value
+  try:
+    config_lib.apply_overrides(config, dict(map(parse_override, ARGS.set)))
+  except KeyError as e:
+    raise SystemExit(f'--set: {e.args[0]}') from None
   llm = config.model.llm
   if COMPILER != 'tpu' and llm.attention_impl == 'splash' and not llm.attention_interpret:
     raise SystemExit(f'attention_impl=splash is a TPU kernel and needs the TPU compiler: '
@@ -275,7 +269,6 @@ def abstract_inputs(config, mesh):
 
 def stab_forward_flops(cfg, frames: int) -> float | None:
   """FLOPs of one video's STAB + projector forward, from XLA's cost analysis."""
-  from panda_jax.models.stab import VisualTokenizer
   model = VisualTokenizer(cfg.stab)
   s = cfg.stab.image_size
   px = jax.ShapeDtypeStruct((1, frames, s, s, 3), np.float32)
@@ -458,7 +451,7 @@ def main():
         extrap[n] = b[n] + per * (full_layers - lb)
     lin = f'-> {full_layers} (lin.)'
     head += f'{lin:>16}'
-  print(f'per-device memory (GiB, compiled.memory_analysis()):')
+  print('per-device memory (GiB, compiled.memory_analysis()):')
   print(f'  {"":<16}{head}')
   for n in names:
     row = ''.join(f'{gib(x["mem"].get(n)):>14}' for x in results)

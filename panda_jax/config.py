@@ -277,6 +277,21 @@ STAGES = {
 }
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+  """Sets dotted fields (`model.stab.lste=False`) of an unlocked config; a field the config does
+  not have raises KeyError naming it (no new fields are made)."""
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split('.')
+    for p in path:
+      if p not in node:
+        raise KeyError(f'override {key!r}: no field {p!r}')
+      node = node[p]
+    if last not in node:
+      raise KeyError(f'override {key!r}: no field {last!r}')
+    node[last] = value
+
+
 def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
   """The config of one training stage.
 

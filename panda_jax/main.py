@@ -13,7 +13,6 @@ The config's `mode` picks what runs:
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jax

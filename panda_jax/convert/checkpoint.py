@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import sys
 import time
 from typing import Any
 

@@ -95,20 +95,6 @@ def make_data(config, root: str, progress: bool = True) -> dict:
 # ------------------------------------------------------------------------------------------
 # Training stages
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
-  """Sets dotted fields (`model.stab.lste=False`) of an unlocked config; unknown fields fail."""
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split('.')
-    for p in path:
-      if p not in node:
-        raise KeyError(f'override {key!r}: no field {p!r}')
-      node = node[p]
-    if last not in node:
-      raise KeyError(f'override {key!r}: no field {last!r}')
-    node[last] = value
-
-
 def stage_config(config, stage: int, data: Mapping, init_from: str = '',
                  model_overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """The training config of one demo stage: `configs/stageN.py:tiny` with the demo's model,
@@ -116,7 +102,7 @@ def stage_config(config, stage: int, data: Mapping, init_from: str = '',
   c = config_lib.train_config(stage, 'tiny')
   c.seed = config.seed
   c.model = ml_collections.ConfigDict(config.model.to_dict())
-  apply_overrides(c, {f'model.{k}': v for k, v in (model_overrides or {}).items()})
+  config_lib.apply_overrides(c, {f'model.{k}': v for k, v in (model_overrides or {}).items()})
   st = config.stages[f'stage{stage}']
   c.train.steps = st.steps
   c.train.batch_size = st.batch_size

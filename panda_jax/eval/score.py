@@ -53,9 +53,8 @@ import random
 import re
 import string
 import sys
-import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 # ---------------------------------------------------------------------------------------------
 # Judge-free metrics.
