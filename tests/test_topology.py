@@ -114,3 +114,129 @@ def test_skipped_samples_are_replaced_from_the_process_own_slices(ids_batches):
   assert first[0] == [order[1], order[4]]             # its slice of global batch 1 fills in
   assert first[1] == order[2:4]
   assert its[0].skipped == collections.Counter(bad_video=1) and not its[1].skipped
+
+
+# ------------------------------------------------------------------------------------------
+# 1 process x 8 devices and 2 processes x 4 devices (slow)
+
+STEPS, BATCH = 6, 8
+
+
+def _data(root):
+  """12 small clips (64 x 48, 1 s), their caption annotations and a tokenizer: made once,
+  read by both runs."""
+  from panda_jax.data import synthetic, text
+  ds = synthetic.make_dataset(root, 12, seed=0, width=64, height=48, fps=8, duration_s=1.0,
+                              eval_fraction=0)
+  corpus = [m['value'].replace('<video>', '') for e in json.load(open(ds.train_captions))
+            for m in e['conversations']]
+  text.build_tokenizer(os.path.join(root, 'tokenizer'),
+                       (corpus + [text.SYSTEM_PROMPT, 'USER: ASSISTANT:']) * 2)
+  return ds.train_captions
+
+
+def _overrides(root, annotations):
+  # 12 records in batches of 8: the 6 steps run through several epochs, and batches straddle
+  # their ends. A sample is ~250 tokens (4 frames of visual tokens).
+  return {'train.batch_size': BATCH, 'train.steps': STEPS, 'train.log_every': 1,
+          'train.save_every': STEPS, 'data.synthetic_videos': 0, 'data.max_len': 320,
+          'data.annotations': annotations, 'data.video_root': root,
+          'data.tokenizer': os.path.join(root, 'tokenizer')}
+
+
+def _arrays(workdir, step) -> dict:
+  """Every saved array of checkpoint `step`, flat, as host arrays (whatever topology saved
+  it: a restore onto this process's devices would refuse a checkpoint of another)."""
+  import jax
+  import orbax.checkpoint as ocp
+  out = {}
+  for item in ('params', 'batch_stats', 'opt_state', 'meta'):
+    path = os.path.join(workdir, 'checkpoints', str(step), item)
+    ck = ocp.PyTreeCheckpointer()
+    meta = ck.metadata(path)
+    meta = getattr(meta, 'item_metadata', meta)
+    meta = getattr(meta, 'tree', meta)
+    tree = ck.restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
+    for keys, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      out[item + jax.tree_util.keystr(keys)] = np.asarray(v)
+  return out
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_train_the_same(tmp_path):
+  from conftest import subprocess_env
+  from configs import stage2
+  from panda_jax import config as config_lib
+  from panda_jax.train import loop
+  from panda_jax.train.data import build_train_iterator
+
+  root = str(tmp_path / 'data')
+  overrides = _overrides(root, _data(root))
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  # 2 processes x 4 devices through launch/local.sh, in the background ...
+  proc = subprocess.Popen(
+      ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', '4',
+       '--config=configs/stage2.py:tiny', f'--workdir={two}',
+       *(f'--config.{k}={v}' for k, v in overrides.items())],
+      cwd=ROOT, env=subprocess_env(PYTHON=sys.executable, LOCAL_KILL_GRACE='5'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    # ... while this process (8 devices, conftest) runs the same config as 1 process x 8.
+    config = stage2.get_config('tiny')
+    for k, v in overrides.items():
+      section, field = k.split('.')
+      config[section][field] = v
+    config_lib.save_resolved(config, str(one))
+    run = config_lib.resolve(config)
+    import jax
+    assert jax.process_count() == 1 and jax.device_count() == 8
+    iterator = build_train_iterator(config, str(one), run)
+    try:
+      loop.train(config, str(one), iterator, run=run)
+    finally:
+      iterator.close()
+    # communicate() drains both pipes while waiting (a full pipe would block the processes).
+    out, err = proc.communicate(timeout=900)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err[-4000:]
+  assert 'process 1 of 2, 4 local / 8 global devices' in err, err[-4000:]
+  assert 'local.sh: all 2 processes finished' in out
+
+  # The same configuration (the resolved config each run wrote) ...
+  assert json.load(open(one / 'config.json')) == json.load(open(two / 'config.json'))
+  # ... the same loss at every logged step ...
+  m1, m2 = _metrics(one), _metrics(two)
+  assert [m['step'] for m in m1] == [m['step'] for m in m2] == list(range(1, STEPS + 1))
+  for a, b in zip(m1, m2):
+    for k in ('loss', 'ce', 'distill', 'grad_norm'):
+      assert b[k] == pytest.approx(a[k], rel=1e-5), (a['step'], k)
+  # ... the same final state: parameters, BatchNorm statistics, optimizer state, step, rng.
+  # The reductions run in another order (an all-reduce across processes through gloo), and
+  # Adam's division by sqrt(nu) amplifies that in near-zero gradients: up to ~1e-6 apart,
+  # where one other batch moves a parameter by about the learning rate (2e-3).
+  s1, s2 = _arrays(one, STEPS), _arrays(two, STEPS)
+  assert s1.keys() == s2.keys() and len(s1) > 200
+  for k in s1:
+    if s1[k].dtype.kind == 'f':
+      np.testing.assert_allclose(s2[k], s1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    else:
+      np.testing.assert_array_equal(s2[k], s1[k], err_msg=k)
+  # ... and the same summary (written by process 0 of each run).
+  sum1 = json.load(open(one / 'summary.json'))
+  sum2 = json.load(open(two / 'summary.json'))
+  assert sum1.keys() == sum2.keys() == {'step', 'loss', 'ce', 'distill', 'param_norm',
+                                        'samples_seen', 'samples_skipped', 'skipped_total'}
+  exact = ('step', 'samples_seen', 'samples_skipped', 'skipped_total')
+  assert {k: sum2[k] for k in exact} == {k: sum1[k] for k in exact} == {
+      'step': STEPS, 'samples_seen': STEPS * BATCH, 'skipped_total': 0,
+      'samples_skipped': dict.fromkeys(pipeline.SKIP_REASONS, 0)}
+  for k in ('loss', 'ce', 'distill', 'param_norm'):
+    assert sum2[k] == pytest.approx(sum1[k], rel=1e-5), k
+  assert sum1['loss'] == pytest.approx(m1[-1]['loss'])
