@@ -197,8 +197,8 @@ def resolve_steps(config, iterator) -> int:
   """`train.steps`, or one epoch of the iterator's data set when it is -1.
 
   One epoch is counted in annotation records (whole global batches of the data set, the same
-  on every process), before any sample is skipped: with broken videos in the data the run sees that many batches, so
-  some good samples come round a second time. Run `panda_jax.data.check` first and set
+  on every process), before any sample is skipped: with broken videos in the data the run sees
+  that many batches, so some good samples come round a second time. Run `panda_jax.data.check` first and set
   `train.steps` from its good-sample count where that matters.
   """
   if config.train.steps > 0:
