@@ -107,6 +107,32 @@ def uninterrupted(tmp_path_factory):
   return work, last
 
 
+def test_summary_of_the_run(uninterrupted):
+  import json
+  from panda_jax.data.pipeline import SKIP_REASONS
+  work, last = uninterrupted
+  summary = json.load(open(work / 'summary.json'))
+  assert summary['step'] == 4 and summary['samples_seen'] == 4 * _config().train.batch_size
+  assert {k: summary[k] for k in ('loss', 'ce', 'distill')} == \
+      {k: pytest.approx(last[k]) for k in ('loss', 'ce', 'distill')}
+  # An iterator without skip counters (this one) skipped nothing.
+  assert summary['samples_skipped'] == dict.fromkeys(SKIP_REASONS, 0)
+  assert summary['skipped_total'] == 0
+  params = [v for k, v in _checkpoint(work, 4).items() if k.startswith('params/')]
+  norm = np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in params))
+  assert summary['param_norm'] == pytest.approx(norm, rel=1e-5)
+
+
+def test_skip_counts_are_named_and_summed():
+  class It:
+    skipped = {'bad_video': 2, 'too_long': 1}
+  assert loop.skipped_by_reason(It()) == {'bad_conversation': 0, 'bad_video': 2,
+                                          'too_long': 1, 'missing_teacher_features': 0}
+  It.skipped = {'typo': 1}
+  with pytest.raises(ValueError, match='typo'):
+    loop.skipped_by_reason(It())
+
+
 @pytest.mark.slow
 def test_crash_and_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
   # 4 steps, saved every 2: the crash comes after step 3, the resumed run restores step 2 (and
@@ -120,6 +146,9 @@ def test_crash_and_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
   assert resumed['loss'] == full['loss']
   # Parameters, BatchNorm statistics, optimizer state, step and random state, bit for bit.
   _assert_checkpoints_equal(full_dir, tmp_path / 'b', 4)
+  import json
+  assert json.load(open(tmp_path / 'b' / 'summary.json')) == \
+      json.load(open(full_dir / 'summary.json'))
   # TensorBoard event files and a readable config are in the workdir.
   assert list(full_dir.glob('events.out.tfevents*'))
 

@@ -10,6 +10,16 @@ so batch shapes never change. The host then lays the batch out (`layout_batch`).
 The iterator's state (Grain's position plus the skip counters) is saved with every checkpoint;
 restoring it replays exactly the batches an uninterrupted run would have seen.
 
+Several processes (hosts): the global stream is one seeded permutation of all records per
+epoch (Grain's `shuffle` then `repeat`, which reshuffles each epoch), the same whatever the
+topology; global batch k is stream positions [k*B, (k+1)*B) for the global batch size B, and
+process i of N reads positions [k*B + i*B/N, k*B + (i+1)*B/N) of it (`ProcessSlices`). So the
+global batch at step k is the same whether 1 process or N assemble it, and one process sees
+exactly the stream it always did. A skipped sample is replaced from the process's own
+sub-stream (its slice of the next global batch, which shifts everything it reads after by
+one): with skips in the data the global batches of 1 and of N processes then differ (each
+still holds B good samples, and every process still skips and counts honestly).
+
 Teacher targets: by default each sample carries the teacher's frames (`teacher_pixels`) for
 the online teacher in the train step. Given a `teacher_features` directory (written by
 `python -m panda_jax.teacher.extract`), it carries the cached features (`teacher`
@@ -39,6 +49,9 @@ from panda_jax.models.stab import StabConfig, frame_grid, frame_layout
 from panda_jax.data import teacher_features as features_lib
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
+# Why `ProcessSample` (and the packed set's) may skip a sample: the fixed set the skip counters
+# (and their sum over processes in the training summary) are kept for.
+SKIP_REASONS = ('bad_conversation', 'bad_video', 'too_long', 'missing_teacher_features')
 
 
 class AnnotationError(ValueError):
@@ -170,8 +183,59 @@ def collate(samples: Sequence[Mapping], stab: StabConfig, max_len: int) -> dict:
               **{key: np.stack([s[key] for s in samples])})
 
 
+class ProcessSlices(grain.MapDataset):
+  """Process `process_index`'s slices of the global batches of `parent` (the global stream).
+
+  Element j of this process's sub-stream is stream position
+  (j // L) * B + process_index * L + j % L, with B = `global_batch` and L = B / process_count:
+  its L consecutive positions of each global batch, batch after batch. With one process it is
+  the identity.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int = 0,
+               process_count: int = 1):
+    super().__init__(parent)
+    if global_batch % process_count:
+      raise ValueError(f'batch_size={global_batch} is not a multiple of the {process_count} '
+                       'processes')
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index} not in 0..{process_count - 1}')
+    self._batch = global_batch
+    self._local = global_batch // process_count
+    self._offset = process_index * self._local
+    # Whole global batches of the parent, this process's share of each.
+    self._length = len(parent) // global_batch * self._local
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return (f'ProcessSlices(global_batch={self._batch}, local={self._local}, '
+            f'offset={self._offset})')
+
+  def position(self, index: int) -> int:
+    """The global stream position of this process's element `index`."""
+    k, r = divmod(index, self._local)
+    return k * self._batch + self._offset + r
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.position(index)]
+
+  def _getitems(self, indices):
+    return self._parent._getitems([self.position(i) for i in indices])  # pylint: disable=protected-access
+
+
+def global_stream(records: Sequence, seed: int) -> grain.MapDataset:
+  """The records in training order, the same for every topology: one seeded permutation of
+  all of them per epoch (reshuffled each epoch), repeated for ever."""
+  return grain.MapDataset.source(list(records)).shuffle(seed=seed).repeat()
+
+
 class TrainIterator:
-  """Fixed-shape batches from a shuffled, repeated, per-process shard of the annotations."""
+  """Fixed-shape batches: this process's slices (`ProcessSlices`) of the global batches of the
+  shuffled, repeated annotations (see the module docstring)."""
 
   def __init__(self, records: Sequence[Mapping], processor: ProcessSample, batch_size: int,
                seed: int = 0, process_index: int = 0, process_count: int = 1,
@@ -182,9 +246,10 @@ class TrainIterator:
     self.local_batch = batch_size // process_count
     self.processor = processor
     self.max_skips = max_consecutive_skips
-    shard = grain.MapDataset.source(list(records))[process_index::process_count]
-    self.steps_per_epoch = len(shard) // self.local_batch
-    ds = shard.shuffle(seed=seed).repeat().map(processor).to_iter_dataset()
+    # One epoch: the whole global batches of the records (the same on every process).
+    self.steps_per_epoch = len(records) // batch_size
+    ds = ProcessSlices(global_stream(records, seed), batch_size, process_index, process_count)
+    ds = ds.map(processor).to_iter_dataset()
     if num_workers > 0:
       from absl import flags
       if not flags.FLAGS.is_parsed():   # Grain's workers read absl flags (pytest, notebooks)
@@ -201,6 +266,9 @@ class TrainIterator:
     while len(samples) < self.local_batch:
       s = next(self._it)
       if 'skip' in s:
+        if s['skip'] not in SKIP_REASONS:
+          raise ValueError(f'unknown skip reason {s["skip"]!r} for {s["path"]}; expected one '
+                           f'of {SKIP_REASONS}')
         self.skipped[s['skip']] += 1
         skips += 1
         logging.warning('skipped sample (%s): %s: %s', s['skip'], s['path'], s.get('detail'))

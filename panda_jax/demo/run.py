@@ -125,16 +125,18 @@ def stage_config(config, stage: int, data: Mapping, init_from: str = '',
 def run_stage(config, stage: int, workdir: str, data: Mapping, init_from: str = '',
               model_overrides: Mapping[str, Any] | None = None, progress: bool = True) -> dict:
   """Trains one stage in `workdir` (skipped when its summary says it finished); returns the
-  stage summary: steps, seconds, the last logged metrics and the iterator's skip counts."""
+  stage summary: the training loop's `summary.json` (step reached, last loss, parameter norm,
+  samples seen and skipped) extended with the stage, batch, learning rate, trainable groups,
+  the last logged metrics, the iterator's skip counts and the seconds spent over every
+  invocation."""
   from panda_jax.train.data import build_train_iterator
   from panda_jax.train.loop import train
   summary_path = os.path.join(workdir, 'summary.json')
   c = stage_config(config, stage, data, init_from, model_overrides)
-  if os.path.exists(summary_path):
-    summary = _read_json(summary_path)
-    if summary.get('step') == c.train.steps:
-      logging.info('stage %d already trained in %s', stage, workdir)
-      return summary
+  previous = _read_json(summary_path) if os.path.exists(summary_path) else {}
+  if previous.get('step') == c.train.steps and 'stage' in previous:
+    logging.info('stage %d already trained in %s', stage, workdir)
+    return previous
   config_lib.save_resolved(c, workdir)
   t0 = time.perf_counter()
   run = config_lib.resolve(c)
@@ -144,8 +146,9 @@ def run_stage(config, stage: int, workdir: str, data: Mapping, init_from: str = 
     stats = iterator.stats()
   finally:
     iterator.close()
-  previous = _read_json(summary_path) if os.path.exists(summary_path) else {}
-  summary = dict(last, stage=stage, step=c.train.steps, batch_size=c.train.batch_size,
+  # train() has just written summary.json (the step reached, which is less than the stage's
+  # steps when SIGTERM stopped it): extended here, with the seconds read before it ran.
+  summary = dict(last, **_read_json(summary_path), stage=stage, batch_size=c.train.batch_size,
                  lr=c.optim.lr, trainable=list(c.optim.trainable), skipped=stats,
                  seconds=previous.get('seconds', 0.0) + time.perf_counter() - t0)
   _write_json(summary_path, summary)

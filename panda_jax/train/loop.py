@@ -4,6 +4,8 @@
 config describes. The iterator yields host batches (numpy dicts with the global batch on one
 process, or this process's share with several) and has `get_state()` / `set_state()`; its state
 is saved with every checkpoint, so a resumed run sees exactly the batches it would have seen.
+At its end (also when SIGTERM stops it early) process 0 writes `workdir/summary.json`
+(`write_summary`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,65 @@ def _global_batch(host: Mapping[str, np.ndarray], shardings, spec=None) -> dict:
   cast = lambda k, a: a if spec is None else a.astype(spec[k][1], copy=False)
   return {k: jax.make_array_from_process_local_data(s, cast(k, np.asarray(host[k])))
           for k, s in shardings.items()}
+
+
+def _global_norm(tree) -> jax.Array:
+  """The L2 norm of all leaves of `tree` together (in float32)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def skipped_by_reason(iterator) -> dict[str, int]:
+  """The samples every process's iterator skipped, {reason: count} summed over the processes
+  (every process must call this: the sum is a collective). Reads the iterator's `skipped`
+  counter (none: all zero)."""
+  from panda_jax.data.pipeline import SKIP_REASONS
+  counts = getattr(iterator, 'skipped', None) or {}
+  unknown = set(counts) - set(SKIP_REASONS)
+  if unknown:
+    raise ValueError(f'skip reasons {sorted(unknown)} are not in {SKIP_REASONS}')
+  local = np.array([int(counts.get(r, 0)) for r in SKIP_REASONS], np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    local = np.asarray(multihost_utils.process_allgather(local)).reshape(
+        -1, len(SKIP_REASONS)).sum(0)
+  return {r: int(c) for r, c in zip(SKIP_REASONS, local)}
+
+
+def write_summary(workdir: str, step: int, last: Mapping, state, mesh, batch_size: int,
+                  iterator) -> dict:
+  """`workdir/summary.json` (written by process 0; every process must call this): `step`
+  reached, `loss`, `ce`, `distill` of that step (`last`, the loop's last logged metrics; from
+  the previous summary of this step when this invocation ran no step, else null),
+  `param_norm` (the global L2 norm of all parameters, computed on the devices from the
+  sharded state), `samples_seen` (global: step x train.batch_size), `samples_skipped`
+  ({reason: count} summed over all processes) and `skipped_total`. Returns the summary."""
+  import json
+  import os
+  norm = jax.jit(_global_norm, out_shardings=NamedSharding(mesh, PartitionSpec()))(
+      state.params)
+  skipped = skipped_by_reason(iterator)
+  path = os.path.join(workdir, 'summary.json')
+  metrics = {k: last.get(k) for k in ('loss', 'ce', 'distill')}
+  if last.get('step') != step and os.path.exists(path):
+    try:
+      with open(path) as f:
+        previous = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      previous = {}
+    if previous.get('step') == step:
+      metrics = {k: previous.get(k) for k in metrics}
+  summary = dict(step=int(step), **metrics, param_norm=float(norm),
+                 samples_seen=int(step) * int(batch_size), samples_skipped=skipped,
+                 skipped_total=sum(skipped.values()))
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(summary, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+  return summary
 
 
 class _Preemption:
@@ -135,9 +196,9 @@ def create_state(config, run: config_lib.Run, mesh, model, rng):
 def resolve_steps(config, iterator) -> int:
   """`train.steps`, or one epoch of the iterator's data set when it is -1.
 
-  One epoch is counted in annotation records (whole batches of this process's shard), before
-  any sample is skipped: with broken videos in the data the run sees that many batches, so
-  some good samples come round a second time. Run `panda_jax.data.check` first and set
+  One epoch is counted in annotation records (whole global batches of the data set, the same
+  on every process), before any sample is skipped: with broken videos in the data the run sees
+  that many batches, so some good samples come round a second time. Run `panda_jax.data.check` first and set
   `train.steps` from its good-sample count where that matters.
   """
   if config.train.steps > 0:
@@ -152,10 +213,9 @@ def resolve_steps(config, iterator) -> int:
 def global_steps(local: int, gather=None) -> int:
   """One epoch in steps on every process: the smallest of the processes' own counts.
 
-  Each host's shard of the data set may hold a different number of whole batches; every
-  process must run the same number of steps (each is a collective), so all take the minimum
-  (the few samples beyond it on the larger shards are the epoch's remainder, as in a
-  single-process run that drops its last partial batch).
+  Every process must run the same number of steps (each is a collective). The training
+  pipeline counts whole global batches, the same on every process; an iterator whose
+  processes count differently (a per-host shard of its own) gets the minimum.
   """
   if gather is None:
     if jax.process_count() == 1:
@@ -172,6 +232,9 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
           desc: str = 'train', run: config_lib.Run | None = None) -> dict:
   """Runs (or resumes) the configured stage. Returns the last logged metrics (with
   `first_loss`, the loss at this invocation's first logged step).
+
+  At the end (the last step, or the step reached when SIGTERM stopped it) process 0 writes
+  `workdir/summary.json` (`write_summary`); every process takes part in computing it.
 
   Every logged step also appends its scalars to `workdir/metrics.jsonl` (one JSON object per
   line with `step`). `progress` shows a progress bar (`desc`) on process 0; its ETA, like the
@@ -233,10 +296,10 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   bar = tqdm(total=total, initial=start, desc=desc, unit='step', dynamic_ncols=True,
              disable=not (progress and lead), file=sys.stderr)
   metrics_log = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if lead else None
+  step = start
   try:
     with _Preemption() as pre, jax.set_mesh(mesh), \
         nn.logical_axis_rules(run.rules):
-      step = start
       while step < total:
         host = next(iterator)
         state, metrics = step_fn(state, _global_batch(host, batch_sh, spec), teacher_params)
@@ -296,4 +359,5 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
     bar.close()
     if metrics_log is not None:
       metrics_log.close()
+  write_summary(workdir, step, last, state, mesh, config.train.batch_size, iterator)
   return last
