@@ -37,7 +37,7 @@ import collections
 import json
 import logging
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import grain
 import numpy as np
