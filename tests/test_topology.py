@@ -101,6 +101,136 @@ def test_a_process_resumes_its_slices_mid_epoch(ids_batches):
   assert [next(b) for _ in range(6)] == after and b.skipped == a.skipped
 
 
+# ------------------------------------------------------------------------------------------
+# Every process's data state in a checkpoint (processes faked)
+
+def _saved(its):
+  """The data item a checkpoint of these processes' iterators holds (the gather faked), as
+  Orbax's JSON stores it."""
+  from panda_jax.train import checkpoint as ckpt
+  data = ckpt.gather_data_states({}, gather=lambda _: [it.get_state() for it in its])
+  return json.loads(json.dumps(data))
+
+
+def _resume(saved, its):
+  """Each iterator takes its state from `saved` as the training loop does."""
+  from panda_jax.train import checkpoint as ckpt
+  for it in its:
+    it.set_state(ckpt.process_data_state(saved, it.process_index, it.process_count,
+                                         it.state_from))
+
+
+def _run(its, steps):
+  return [[next(it) for _ in range(steps)] for it in its]
+
+
+def test_each_process_resumes_from_its_own_saved_state(ids_batches):
+  n, batch, count = 21, 8, 2
+  proc = _Ids(bad={3, 11, 12})
+  its = _iterators(n, batch, count, proc)
+  _run(its, 3)
+  saved = _saved(its)
+  assert saved['process_count'] == 2
+  a, b = saved['processes']
+  assert a['grain'] != b['grain'] and a['skipped'] != b['skipped']   # the skips differ
+  after = _run(its, 4)
+  new = _iterators(n, batch, count, proc)
+  _resume(saved, new)
+  assert _run(new, 4) == after
+  assert [it.skipped for it in new] == [it.skipped for it in its]
+  # Process 0's state on every process (what checkpoints held before): process 1 resumes at the
+  # wrong place, with the wrong skip counts.
+  wrong = _iterators(n, batch, count, proc)[1]
+  wrong.set_state(a)
+  assert _run([wrong], 4)[0] != after[1] and wrong.skipped != its[1].skipped
+
+
+@pytest.mark.parametrize('before, after', [(2, 1), (1, 2), (2, 4)])
+def test_a_checkpoint_without_skips_resumes_on_another_process_count(ids_batches, before,
+                                                                     after):
+  n, batch = 21, 8
+  (one,) = _iterators(n, batch, 1, _Ids())
+  want = [next(one) for _ in range(7)]
+  its = _iterators(n, batch, before, _Ids())
+  _run(its, 3)
+  new = _iterators(n, batch, after, _Ids())
+  _resume(_saved(its), new)
+  assert [sum((next(it) for it in new), []) for _ in range(4)] == want[3:]
+
+
+def test_skips_at_the_same_place_on_every_process_resume_on_another_count(ids_batches):
+  # 4 processes of 1 sample each; each skips its first: all 4 are at global batch 4 after 3
+  # steps, and 2 processes continue from there with the skips summed on process 0.
+  n, batch = 21, 4
+  order = _stream(n, batch, 1, 0, 1, 1)
+  proc = _Ids(bad=set(order[:4]))
+  its = _iterators(n, batch, 4, proc)
+  _run(its, 3)
+  saved = _saved(its)
+  want = sum((next(it) for it in its), [])
+  new = _iterators(n, batch, 2, proc)
+  _resume(saved, new)
+  assert sum((next(it) for it in new), []) == want
+  assert new[0].skipped == collections.Counter(bad_video=4) and not new[1].skipped
+
+
+def test_a_checkpoint_with_skips_at_different_places_refuses_another_count(ids_batches):
+  from panda_jax.train import checkpoint as ckpt
+  its = _iterators(21, 8, 2, _Ids(bad={3, 11, 12}))
+  _run(its, 3)
+  saved = _saved(its)
+  with pytest.raises(ckpt.DataStateError, match=(
+      r'saved by 2 processes and this run has 1: they stopped at different places in the data '
+      r'\(positions \[\d+, \d+\].*resume on 2 processes')):
+    _resume(saved, _iterators(21, 8, 1, _Ids(bad={3, 11, 12})))
+  # An iterator without a map from other counts: a plain error naming both.
+  with pytest.raises(ckpt.DataStateError, match='saved by 2 processes and this run has 1: '
+                     'this iterator cannot map'):
+    ckpt.process_data_state(saved, 0, 1)
+  assert ckpt.process_data_state(saved, 1, 2) == saved['processes'][1]
+
+
+def _tiny_state():
+  import jax
+  import jax.numpy as jnp
+  from panda_jax.train.step import TrainState
+  state = TrainState(step=jnp.full((), 3, jnp.int32), params={'w': jnp.arange(3.0)},
+                     batch_stats={'m': jnp.ones(2)}, opt_state={'mu': jnp.zeros(3)},
+                     rng=jax.random.PRNGKey(0), refused=jnp.zeros((), jnp.int32))
+  return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def test_checkpoints_hold_every_process_data_state_and_old_ones_restore(tmp_path):
+  import orbax.checkpoint as ocp
+  from panda_jax.train import checkpoint as ckpt
+  state, shardings = _tiny_state()
+  states = [{'grain': {'next_index': 12}, 'skipped': {'bad_video': i}} for i in range(2)]
+  mngr = ckpt.manager(str(tmp_path / 'new'), 1, 2)
+  ckpt.save(mngr, 3, state, states[0], gather=lambda local: [local, states[1]])
+  mngr.wait_until_finished()
+  _, saved = ckpt.restore(mngr, 3, state, shardings)
+  assert saved == {'process_count': 2, 'processes': states}
+  assert [ckpt.process_data_state(saved, i, 2) for i in (0, 1)] == states
+  # One process: a list of one.
+  ckpt.save(mngr, 4, state, states[1])
+  mngr.wait_until_finished()
+  assert ckpt.restore(mngr, 4, state, shardings)[1] == {'process_count': 1,
+                                                        'processes': [states[1]]}
+  # A checkpoint written before (one state at the top level) gives it to every process.
+  old = ckpt.manager(str(tmp_path / 'old'), 1, 2)
+  old.save(3, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state.params),
+      batch_stats=ocp.args.StandardSave(state.batch_stats),
+      opt_state=ocp.args.StandardSave(state.opt_state),
+      meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng,
+                                  'refused': state.refused}),
+      data=ocp.args.JsonSave(states[1])))
+  old.wait_until_finished()
+  restored, saved = ckpt.restore(old, 3, state, shardings)
+  assert int(restored.step) == 3 and saved == states[1]
+  assert [ckpt.process_data_state(saved, i, 2) for i in (0, 1)] == [states[1]] * 2
+
+
 def test_skipped_samples_are_replaced_from_the_process_own_slices(ids_batches):
   # Documented: with skips, each process fills its share from its own sub-stream, so the
   # global batches then differ from one process's (which fills from the next positions).

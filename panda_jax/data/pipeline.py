@@ -7,8 +7,11 @@ A sample that fails any of this is not an error: it comes out as a `skip` record
 reason) that the iterator counts and logs, and the batch is filled with the next good samples,
 so batch shapes never change. The host then lays the batch out (`layout_batch`).
 
-The iterator's state (Grain's position plus the skip counters) is saved with every checkpoint;
-restoring it replays exactly the batches an uninterrupted run would have seen.
+The iterator's state (Grain's position plus the skip counters) is saved with every checkpoint,
+every process's; restoring it replays exactly the batches an uninterrupted run would have seen.
+A checkpoint of N processes resumes on M others (`TrainIterator.state_from`) when every
+process stopped at the same whole global batch (always so without skipped samples); otherwise
+the processes' positions in the stream differ and only N processes can resume it.
 
 Several processes (hosts): the global stream is one seeded permutation of all records per
 epoch (Grain's `shuffle` then `repeat`, which reshuffles each epoch), the same whatever the
@@ -244,6 +247,8 @@ class TrainIterator:
       raise ValueError(f'batch_size={batch_size} is not a multiple of the {process_count} '
                        'processes')
     self.local_batch = batch_size // process_count
+    self.batch_size = batch_size
+    self.process_index, self.process_count = process_index, process_count
     self.processor = processor
     self.max_skips = max_consecutive_skips
     # One epoch: the whole global batches of the records (the same on every process).
@@ -291,6 +296,44 @@ class TrainIterator:
   def set_state(self, state: Mapping) -> None:
     self._it.set_state(state['grain'])
     self.skipped = collections.Counter(state.get('skipped', {}))
+
+  def state_from(self, states: Sequence[Mapping]) -> dict:
+    """This process's state from the states every process of a run saved (`states`, in process
+    order), whatever process count saved them.
+
+    The same count: its own. Another: every saved process must have stopped at the same whole
+    global batch k (the same position k * B / N in its slices: so whenever no sample was
+    skipped); this process then continues at global batch k, so the global batches go on as
+    they would have on N processes. The skip counters, summed, go to process 0 (the summary
+    sums them over the processes). Otherwise a `checkpoint.DataStateError` says why.
+    """
+    from panda_jax.train.checkpoint import DataStateError
+    n = len(states)
+    if n == self.process_count:
+      return dict(states[self.process_index])
+    where = (f'the checkpoint\'s data states were saved by {n} processes and this run has '
+             f'{self.process_count}')
+    if self.batch_size % n:
+      raise DataStateError(f'{where}: batch_size={self.batch_size} is not a multiple of {n}')
+    saved_local = self.batch_size // n
+    grains = [s.get('grain') for s in states]
+    if any(not isinstance(g, Mapping) or set(g) != {'next_index'} for g in grains):
+      raise DataStateError(f'{where}, and their Grain states ({grains[0]}) hold more than a '
+                           f'position (data.num_workers > 0?); resume on {n} processes')
+    positions = [int(g['next_index']) for g in grains]
+    skipped = [dict(s.get('skipped', {})) for s in states]
+    if len(set(positions)) != 1 or positions[0] % saved_local:
+      raise DataStateError(
+          f'{where}: they stopped at different places in the data (positions {positions} in '
+          f'their slices of {saved_local} samples per global batch, after skipping '
+          f'{skipped} samples), which {self.process_count} processes cannot continue in the '
+          f'same order; resume on {n} processes')
+    total = collections.Counter()
+    for s in skipped:
+      total.update(s)
+    k = positions[0] // saved_local
+    return {'grain': {'next_index': k * self.local_batch},
+            'skipped': dict(total) if self.process_index == 0 else {}}
 
   def stats(self) -> dict:
     out = {f'skipped_{k}': v for k, v in self.skipped.items()}

@@ -1,5 +1,12 @@
 """Orbax checkpoints of a training run: one step = params + batch statistics + optimizer state
-+ step/rng + the data iterator's state, saved together and restored together.
++ step/rng + every process's data iterator state, saved together and restored together.
+
+The data item (`data`, one JSON written by process 0) holds the iterator states of all
+processes, gathered at the save: `{"process_count": N, "processes": [state_0, ..., state_N-1]}`.
+On restore each process takes its own (`process_data_state`); on another process count the
+iterator may map the states onto the new processes (`TrainIterator.state_from`) or refuse.
+Checkpoints written before (one state, process 0's, at the top level) still restore: every
+process gets that state, as it did then.
 
 Items are separate so a later stage can take only `params` and `batch_stats` from an earlier
 stage's run (`load_params`), whatever optimizer that run used.
@@ -7,6 +14,7 @@ stage's run (`load_params`), whatever optimizer that run used.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import re
@@ -19,6 +27,57 @@ import orbax.checkpoint as ocp
 from panda_jax.tree import flatten, unflatten
 
 ITEMS = ('params', 'batch_stats', 'opt_state', 'meta', 'data')
+# The keys of the data item: how many processes saved it, and their states in process order.
+PROCESS_COUNT, PROCESSES = 'process_count', 'processes'
+
+
+class DataStateError(ValueError):
+  """A checkpoint's data iterator state cannot be given to this run's processes."""
+
+
+def _allgather_json(obj) -> list:
+  """`obj` (JSON-able) of every process, in process order (a collective: every process calls
+  it)."""
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64)))
+  sizes = sizes.reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:raw.size] = raw
+  every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [json.loads(every[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]
+
+
+def gather_data_states(data_state: Mapping | None, gather=None) -> dict:
+  """The data item of a checkpoint: every process's iterator state (every process must call
+  this; `gather` fakes the processes in tests)."""
+  local = dict(data_state or {})
+  if gather is None:
+    gather = _allgather_json if jax.process_count() > 1 else (lambda x: [x])
+  states = [dict(s) for s in gather(local)]
+  return {PROCESS_COUNT: len(states), PROCESSES: states}
+
+
+def process_data_state(saved: Mapping, index: int, count: int, convert=None) -> dict:
+  """Process `index` of `count`'s iterator state from a checkpoint's data item `saved`.
+
+  Saved by the same number of processes: its own. By another number: `convert(states)` (the
+  iterator's `state_from`, which maps the saved positions onto this process or raises
+  DataStateError), or a DataStateError naming both counts when the iterator has no such map.
+  A checkpoint of before (one state at the top level) gives that state to every process.
+  """
+  saved = dict(saved or {})
+  if PROCESSES not in saved:
+    return saved
+  states = list(saved[PROCESSES])
+  if convert is not None:
+    return dict(convert(states))
+  if len(states) != count:
+    raise DataStateError(
+        f'the checkpoint\'s data iterator states were saved by {len(states)} processes and '
+        f'this run has {count}: this iterator cannot map them onto another process count; '
+        f'resume on {len(states)} processes')
+  return dict(states[index])
 
 
 def manager(workdir, save_every: int, keep: int, async_save: bool = True):
@@ -29,15 +88,18 @@ def manager(workdir, save_every: int, keep: int, async_save: bool = True):
                                options=options, item_names=ITEMS)
 
 
-def save(mngr, step: int, state, data_state: Mapping | None, force: bool = False) -> None:
-  """Saves `state` (a TrainState) and the iterator state as checkpoint `step`."""
+def save(mngr, step: int, state, data_state: Mapping | None, force: bool = False,
+         gather=None) -> None:
+  """Saves `state` (a TrainState) and every process's iterator state (`data_state` is this
+  process's; `gather_data_states`) as checkpoint `step`. Every process must call it."""
+  data = gather_data_states(data_state, gather)
   args = ocp.args.Composite(
       params=ocp.args.StandardSave(state.params),
       batch_stats=ocp.args.StandardSave(state.batch_stats),
       opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng,
                                   'refused': state.refused}),
-      data=ocp.args.JsonSave(dict(data_state or {})))
+      data=ocp.args.JsonSave(data))
   mngr.save(step, args=args, force=force)
 
 
@@ -47,7 +109,8 @@ def _abstract(tree, shardings):
 
 
 def restore(mngr, step: int, state, shardings):
-  """-> (state with restored arrays in their shardings, data iterator state dict)."""
+  """-> (state with restored arrays in their shardings, the data item: every process's iterator
+  state, see `process_data_state`)."""
   args = ocp.args.Composite(
       params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
       batch_stats=ocp.args.StandardRestore(_abstract(state.batch_stats, shardings.batch_stats)),

@@ -3,7 +3,8 @@
 `train(config, workdir, iterator)` runs `config.train.steps` optimizer steps of the stage the
 config describes. The iterator yields host batches (numpy dicts with the global batch on one
 process, or this process's share with several) and has `get_state()` / `set_state()`; its state
-is saved with every checkpoint, so a resumed run sees exactly the batches it would have seen.
+is saved with every checkpoint (every process's), so a resumed run sees exactly the batches it
+would have seen.
 At its end (also when SIGTERM stops it early) process 0 writes `workdir/summary.json`
 (`write_summary`).
 """
@@ -283,8 +284,11 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   mngr = ckpt.manager(workdir, config.train.save_every, config.train.keep)
   start = mngr.latest_step() or 0
   if start:
-    state, data_state = ckpt.restore(mngr, start, state, state_sh)
-    iterator.set_state(data_state)
+    state, saved = ckpt.restore(mngr, start, state, state_sh)
+    # This process's data state; saved by another process count, the iterator maps them
+    # (`TrainIterator.state_from`) or says why not.
+    iterator.set_state(ckpt.process_data_state(saved, jax.process_index(), jax.process_count(),
+                                               getattr(iterator, 'state_from', None)))
     logging.info('resumed from step %d', start)
   writer = metrics_lib.create_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.train.steps
