@@ -4,16 +4,17 @@
 #   launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS [main args...]
 #   launch/local.sh 2 4 --config=configs/stage2.py:tiny --workdir=/tmp/s2
 #
-# Each process runs `python -m panda_jax.main --multihost --coordinator_address=127.0.0.1:PORT
+# Each process runs `python -m MODULE --multihost --coordinator_address=127.0.0.1:PORT
 # --num_processes=N --process_id=I [main args...]` with JAX_PLATFORMS=cpu and
 # XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROCESS (CPU collectives through
 # gloo), PORT a free loopback port. Output lines are prefixed with "[I] ". The script waits for
 # all; when one fails it stops the others (SIGTERM, then SIGKILL after LOCAL_KILL_GRACE seconds,
 # default 10) and exits with the failed process's status. PYTHON picks the interpreter
-# (default: python).
+# (default: python), LOCAL_MODULE the module every process runs (default: panda_jax.main; also
+# panda_jax.eval.videoqa and panda_jax.teacher.extract, which take the same distributed flags).
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
 if [ $# -lt 2 ]; then
@@ -32,6 +33,7 @@ if ! is_count "$per"; then
 fi
 python=${PYTHON:-python}
 grace=${LOCAL_KILL_GRACE:-10}
+module=${LOCAL_MODULE:-panda_jax.main}
 cd "$(dirname "$0")/.."
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
@@ -50,7 +52,7 @@ trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 1
 
 for ((i = 0; i < num; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
-    "$python" -m panda_jax.main --multihost --coordinator_address="127.0.0.1:$port" \
+    "$python" -m "$module" --multihost --coordinator_address="127.0.0.1:$port" \
     --num_processes="$num" --process_id="$i" "$@" \
     > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
   pids+=($!)

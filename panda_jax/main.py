@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from panda_jax import config as config_lib
+from panda_jax import distributed
 from panda_jax import sharding
 from panda_jax.data import frames as frames_lib
 from panda_jax.models.stab import VisualTokenizer
@@ -161,32 +162,6 @@ def _quiet_libraries() -> None:
   std_logging.getLogger('absl').addFilter(_DropLibraryInfo())
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-  """Joins this process to the others through `jax.distributed`: with the three values given
-  (launch/local.sh, a hand-made cluster) or none of them (JAX detects TPU, SLURM, Open MPI)."""
-  given = {'--coordinator_address': coordinator_address, '--num_processes': num_processes,
-           '--process_id': process_id}
-  missing = [k for k, v in given.items() if v is None]
-  if missing and len(missing) < len(given):
-    raise app.UsageError(f'{", ".join(missing)} missing: give all of --coordinator_address, '
-                         '--num_processes and --process_id, or none (detected by JAX)')
-  if not missing:
-    host, _, port = coordinator_address.rpartition(':')
-    if not host or not port.isdigit():
-      raise app.UsageError(f'--coordinator_address={coordinator_address!r}: expected HOST:PORT, '
-                           'e.g. 127.0.0.1:12345')
-    if num_processes < 1:
-      raise app.UsageError(f'--num_processes={num_processes} must be at least 1')
-    if not 0 <= process_id < num_processes:
-      raise app.UsageError(f'--process_id={process_id} must be in 0..{num_processes - 1} '
-                           f'(--num_processes={num_processes})')
-  # Processes on CPU (launch/local.sh, tests) exchange collectives through gloo; the setting
-  # only concerns the CPU client, so it is harmless on TPU and GPU hosts.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
-
-
 def main(argv):
   _quiet_libraries()
   if not _MULTIHOST.value and any(f.present for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
@@ -195,7 +170,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _MULTIHOST.value:
-    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   config = _CONFIG.value

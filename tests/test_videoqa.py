@@ -74,7 +74,8 @@ def first_run(setup):
 def test_every_question_is_answered_in_the_reference_format(setup, first_run):
   out, stats = first_run
   n = len(setup['records'])
-  assert stats == {'questions': n, 'already': 0, 'answered': n - 1, 'failed': 1}
+  assert stats == {'questions': n, 'already': 0, 'answered': n - 1, 'failed': 1,
+                   'complete': True}
   rows = _lines(out)
   want = [r for r in setup['records'] if r['question_id'] != 'q_missing']
   assert sorted(r['id'] for r in rows) == sorted(r['question_id'] for r in want)
@@ -107,7 +108,8 @@ def test_an_interrupted_run_resumes_without_asking_twice(setup, first_run, tmp_p
   stats = videoqa.answer_file(setup['predictor'], setup['records'], setup['video_root'], part,
                               batch_size=BATCH, frames=FRAMES, progress=False)
   n = len(setup['records'])
-  assert stats == {'questions': n, 'already': 2, 'answered': n - 3, 'failed': 1}
+  assert stats == {'questions': n, 'already': 2, 'answered': n - 3, 'failed': 1,
+                   'complete': True}
   again = _lines(part)
   assert len(again) == len({r['id'] for r in again}) == n - 1
   assert {r['id']: r['pred'] for r in again} == {r['id']: r['pred'] for r in _lines(out)}
@@ -272,7 +274,8 @@ def test_a_corrupt_video_is_counted_not_a_crash(setup, tmp_path):
   out = str(tmp_path / 'p.json')
   stats = videoqa.answer_file(FakePredictor(setup['cfg']), records, str(root), out,
                               batch_size=BATCH, frames=FRAMES, progress=False, workers=2)
-  assert stats == {'questions': 5, 'already': 0, 'answered': 2, 'failed': 3}
+  assert stats == {'questions': 5, 'already': 0, 'answered': 2, 'failed': 3,
+                   'complete': True}
   assert [r['id'] for r in _lines(out)] == [0, 4]
   failures = {f['id']: f['reason'] for f in json.load(open(out + '.failures.json'))}
   assert sorted(failures) == [1, 2, 3]
@@ -308,7 +311,8 @@ def test_consistency_pairs_get_both_answers(setup, consistency_file, tmp_path):
   out = str(tmp_path / 'consistency.jsonl')
   stats = videoqa.answer_file(fake, records, setup['video_root'], out, batch_size=3,
                               frames=FRAMES, progress=False)
-  assert stats == {'questions': 5, 'already': 0, 'answered': 4, 'failed': 1}
+  assert stats == {'questions': 5, 'already': 0, 'answered': 4, 'failed': 1,
+                   'complete': True}
   assert fake.batches == [3, 3, 3]                      # 8 questions, the last batch filled
   sums = _clip_sums(setup, {e['video_name'] for e in entries if e['video_name'] != 'not_there'})
   rows = _lines(out)
@@ -372,3 +376,46 @@ def test_benchmark_generic_files_and_format_errors(setup, tmp_path):
     videoqa.load_records(str(generic), None, setup['video_root'], file_format='generic_qa')
   with pytest.raises(ValueError, match='--answers=a.json is for VideoQA question files'):
     videoqa.load_records(str(generic), 'a.json', setup['video_root'])
+
+
+def test_processes_share_the_videos_and_the_last_to_finish_merges(setup, tmp_path):
+  """Process index and count faked (as teacher extraction's test does): each answers the
+  questions of its share of the videos once; the last to finish writes the whole file."""
+  pred = FakePredictor(setup['cfg'])
+  kw = dict(batch_size=BATCH, frames=FRAMES, progress=False, workers=0)
+  records, root = setup['records'], setup['video_root']
+  one = str(tmp_path / 'one.json')
+  alone = videoqa.answer_file(pred, records, root, one, **kw)
+  assert alone['complete'] and json.load(open(one + '.complete.json'))['answered'] == \
+      alone['answered']
+  out = str(tmp_path / 'preds.json')
+  json.dump({'questions': 1, 'of': 99}, open(out + '.done.0-of-2.json', 'w'))   # another file's
+  second = videoqa.answer_file(pred, records, root, out, process=(1, 2), **kw)
+  assert not second['complete'] and not os.path.exists(out)
+  assert not os.path.exists(out + '.complete.json')
+  first = videoqa.answer_file(pred, records, root, out, process=(0, 2), **kw)
+  assert first['complete'] and os.path.exists(out + '.complete.json')
+  n = len(records)
+  assert first['questions'] + second['questions'] == n and first['questions'] and \
+      second['questions']
+  assert first['answered'] + second['answered'] == n - 1
+  assert first['failed'] + second['failed'] == 1
+  parts = [{r['id'] for r in _lines(f'{out}.part{i}-of-2')} for i in (0, 1)]
+  assert not parts[0] & parts[1]
+  # Each video's questions were asked by one process.
+  video_of = {r['question_id']: r['video'] for r in records}
+  assert not {video_of[q] for q in parts[0]} & {video_of[q] for q in parts[1]}
+  rows = _lines(out)
+  assert [r['id'] for r in rows] == [r['question_id'] for r in records
+                                     if r['question_id'] in parts[0] | parts[1]]
+  assert {r['id']: r for r in rows} == {r['id']: r for r in _lines(one)}
+  assert json.load(open(out + '.failures.json')) == json.load(open(one + '.failures.json'))
+  assert json.load(open(out + '.complete.json')) == {'questions': n, 'answered': n - 1,
+                                                     'failed': 1, 'processes': 2}
+  # Run again: nothing is asked twice, and the file is complete again.
+  asked = len(pred.batches)
+  again = [videoqa.answer_file(pred, records, root, out, process=(i, 2), **kw) for i in (0, 1)]
+  assert [a['answered'] for a in again] == [0, 0] and again[1]['complete']
+  assert len(pred.batches) == asked and _lines(out) == rows
+  with pytest.raises(ValueError, match='process index 2 of 2'):
+    videoqa.answer_file(pred, records, root, out, process=(2, 2), **kw)

@@ -46,7 +46,9 @@ def feature_path(root: str, video: str) -> str:
 
 def write_manifest(root: str, manifest: Mapping[str, Any]) -> None:
   os.makedirs(root, exist_ok=True)
-  tmp = os.path.join(root, MANIFEST + '.tmp')
+  # Several processes may write it at once (the last two to finish a shared extraction): each
+  # through its own temporary file.
+  tmp = os.path.join(root, f'{MANIFEST}.tmp{os.getpid()}')
   with open(tmp, 'w') as f:
     json.dump(dict(manifest), f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(root, MANIFEST))

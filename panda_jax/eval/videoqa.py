@@ -24,6 +24,15 @@ id is already in the file are not asked again. Entries whose video is missing or
 decoded get no line; they are counted, logged and listed with the reason in
 `<out>.failures.json`.
 
+Several processes (`--multihost`; on one machine `LOCAL_MODULE=panda_jax.eval.videoqa
+launch/local.sh N K ...`) share the work by video: process i of N answers the questions of
+every N-th video of the file (from the i-th) into `<out>.part<i>-of-<N>` (resumable the same
+way; failures in `<out>.failures.<i>-of-<N>.json`) and then writes `<out>.done.<i>-of-<N>.json`;
+whichever process finds every share done (the last to finish) writes `<out>` (every answered
+entry once, in the file's order) and `<out>.failures.json`. Each process computes on its own
+devices. One process or several, a finished run writes `<out>.complete.json` (the counts);
+a run starting removes it.
+
 Each video is decoded once (its questions share the frames), by `--decode_workers` background
 threads that run ahead of the model (a bounded number of videos), so the accelerator does not
 wait for the host's decoding; lines keep the file's video order. Batches have a fixed size
@@ -139,12 +148,44 @@ def _decode_videos(groups: Sequence, load, workers: int):
         fut.cancel()
 
 
+def _read_ids(path: str) -> dict:
+  """{id: line} of the whole lines of a JSON-lines file (none if it is absent); read only."""
+  rows = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        rows[row['id']] = line if line.endswith('\n') else line + '\n'
+  return rows
+
+
+def _write_atomic(path: str, write) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def _video_key(r: Mapping) -> str:
+  return r['video'] or f'<missing>{r["video_name"]}'
+
+
 def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str,
                 batch_size: int = 8, frames: int = 8, timeout_s: float = 60.0,
-                progress: bool = True, workers: int = 2) -> dict:
+                progress: bool = True, workers: int = 2,
+                process: tuple[int, int] | None = None) -> dict:
   """Answers `records` (from `qa.qa_records` or `qa.benchmark_records`) into `out` (JSON
   lines); returns counts: `questions` (records), `answered` (this call), `already` (found in
-  `out`), `failed` (no usable video).
+  `out`), `failed` (no usable video), and `complete` (every process's share is done and
+  `out` holds them all).
+
+  `process`: (index, count) of this process among those sharing the file (default: JAX's).
+  With several, this process answers its share of the videos (every count-th, from the
+  index-th) into `<out>.part<index>-of-<count>` and the counts are its share's; the last to
+  finish its share merges them into `out` (see the module docstring).
 
   Videos are decoded by `workers` background threads (0: inline) while the model answers the
   questions of the videos before them; lines are written in the order of `records`' videos
@@ -158,16 +199,37 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
     raise ValueError(f'workers={workers} must be 0 (decode inline) or more')
   if frames < 4 or frames % 4:
     raise ValueError(f'frames={frames} must be a positive multiple of 4 (4, 8, 16, 32)')
+  if process is None:
+    import jax
+    process = (jax.process_index(), jax.process_count())
+  index, count = process
+  if not 0 <= index < count:
+    raise ValueError(f'process index {index} of {count} processes')
   stab = predictor.cfg.stab
-  done = _done_ids(out)
+  complete_path = out + '.complete.json'
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  if os.path.exists(complete_path):
+    os.remove(complete_path)
+  all_records = records
+  if count == 1:
+    write_to, failures_path = out, out + '.failures.json'
+    done = _done_ids(out)
+  else:
+    shares = {v: i % count for i, v in enumerate(dict.fromkeys(_video_key(r) for r in records))}
+    records = [r for r in records if shares[_video_key(r)] == index]
+    write_to = f'{out}.part{index}-of-{count}'
+    failures_path = f'{out}.failures.{index}-of-{count}.json'
+    done_path = f'{out}.done.{index}-of-{count}.json'
+    if os.path.exists(done_path):        # this share is not done until it is marked again
+      os.remove(done_path)
+    done = _done_ids(write_to) | set(_read_ids(out))
   todo = [r for r in records if r['question_id'] not in done]
   stats = {'questions': len(records), 'already': len(records) - len(todo), 'answered': 0,
            'failed': 0}
-  failures_path = out + '.failures.json'
   failures = []
   by_video: dict = {}
   for r in todo:
-    by_video.setdefault(r['video'] or f'<missing>{r["video_name"]}', []).append(r)
+    by_video.setdefault(_video_key(r), []).append(r)
   bar = tqdm(total=len(todo), desc='questions', unit='q', disable=not progress, file=sys.stderr)
   pending: list = []          # (record, question index, pixels, mask)
   partial: dict = {}          # question_id -> answers so far, for records of two questions
@@ -203,9 +265,8 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
       stats['answered'] += finished
       bar.update(finished)
 
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   decoded = contextlib.closing(_decode_videos(list(by_video.items()), load, workers))
-  with open(out, 'a') as f_out, decoded as videos:
+  with open(write_to, 'a') as f_out, decoded as videos:
     for (video, rs), clip, reason in videos:
       if reason is not None:
         logging.warning('%d question(s) skipped: %s', len(rs), reason)
@@ -224,7 +285,47 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
   dt = time.perf_counter() - t0
   logging.info('answered %d questions in %.1fs (%.2f/s); %d failed', stats['answered'], dt,
                stats['answered'] / max(dt, 1e-9), stats['failed'])
+  if count == 1:
+    summary = {'questions': len(records), 'answered': len(_read_ids(out)),
+               'failed': len(failures), 'processes': 1}
+  else:
+    _write_atomic(done_path, lambda f: json.dump(
+        {'questions': len(records), 'of': len(all_records)}, f))
+    summary = _merge_shares(all_records, out, count)
+  stats['complete'] = summary is not None
+  if summary is not None:
+    _write_atomic(complete_path, lambda f: json.dump(summary, f, indent=1))
   return stats
+
+
+def _merge_shares(records: Sequence[Mapping], out: str, count: int) -> dict | None:
+  """When every one of the `count` processes' shares of `records` is done: writes `out` (every
+  answered entry once, in the order of `records`, with any lines `out` already held) and
+  `<out>.failures.json` from the shares, and returns the counts; else None. A share's marker
+  counts only for the same file (its question count)."""
+  marks = []
+  for i in range(count):
+    try:
+      with open(f'{out}.done.{i}-of-{count}.json') as f:
+        marks.append(json.load(f))
+    except (FileNotFoundError, json.JSONDecodeError):
+      return None
+  if any(m.get('of') != len(records) for m in marks) or \
+      sum(m['questions'] for m in marks) != len(records):
+    return None
+  rows = _read_ids(out)
+  for i in range(count):
+    rows.update(_read_ids(f'{out}.part{i}-of-{count}'))
+  failures = []
+  for i in range(count):
+    with open(f'{out}.failures.{i}-of-{count}.json') as f:
+      failures += json.load(f)
+  failures = [x for x in failures if x['id'] not in rows]
+  order = [r['question_id'] for r in records]
+  _write_atomic(out, lambda f: f.writelines(rows[q] for q in order if q in rows))
+  _write_atomic(out + '.failures.json', lambda f: json.dump(failures, f, indent=1))
+  return {'questions': len(records), 'answered': sum(q in rows for q in order),
+          'failed': len(failures), 'processes': count}
 
 
 def _questions(r: Mapping) -> list[str]:
@@ -255,8 +356,10 @@ def main(argv):
   from panda_jax.data import text
   from panda_jax.eval.generate import Sampling
   from panda_jax.eval.predict import Predictor
+  from panda_jax import distributed
   del argv
   f = flags.FLAGS
+  distributed.from_flags()
   for name in ('checkpoint', 'tokenizer', 'questions', 'video_root', 'out'):
     if not getattr(f, name):
       raise app.UsageError(f'--{name} is required')
@@ -273,9 +376,14 @@ def main(argv):
   stats = answer_file(predictor, records, f.video_root, f.out, f.batch_size, f.frames,
                       f.timeout_s, workers=f.decode_workers)
   what = 'question pairs' if kind == 'consistency' else 'questions'
-  print(f'{f.out}: {stats["questions"]} {what}, {stats["answered"]} answered now, '
+  import jax
+  index, count = jax.process_index(), jax.process_count()
+  share = f'process {index} of {count}: ' if count > 1 else ''
+  print(f'{f.out}: {share}{stats["questions"]} {what}, {stats["answered"]} answered now, '
         f'{stats["already"]} already there, {stats["failed"]} without a usable video '
-        f'(listed in {f.out}.failures.json)')
+        f'(listed in {f.out}.failures.json)'
+        + ('' if count == 1 else '; complete' if stats['complete'] else
+           '; other processes\' shares not done yet'))
 
 
 if __name__ == '__main__':
@@ -295,4 +403,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('max_new_tokens', 1024, 'Answer length limit (the reference: 1024).')
   flags.DEFINE_float('timeout_s', 60.0, 'Per-video decoding time budget.')
   flags.DEFINE_integer('decode_workers', 4, 'Background video-decoding threads (0: inline).')
+  from panda_jax import distributed
+  distributed.define_flags()
   app.run(main)

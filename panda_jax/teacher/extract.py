@@ -13,8 +13,11 @@ with `--config.train.teacher=cached --config.data.teacher_features=DIR`.
 Resumable: videos whose feature file exists are skipped, so an interrupted run is restarted
 with the same command. Videos that cannot be decoded are counted, listed in `failures.json`
 and skipped (training skips them too). On a multi-host pod every host runs the command and
-extracts its own 1/process_count of the videos on its local devices; the features are marked
-`complete` in the manifest by the last process to finish its share.
+extracts its own 1/process_count of the videos on its local devices (`--multihost`, with
+`--coordinator_address --num_processes --process_id` where JAX cannot detect them; on one
+machine: `LOCAL_MODULE=panda_jax.teacher.extract launch/local.sh N K ...`); each process
+writes `done.<i>-of-<n>.json` when its share is done, and the last to finish marks the
+features `complete` in the manifest.
 """
 
 from __future__ import annotations
@@ -206,9 +209,8 @@ def main(argv):
   if not out:
     raise app.UsageError('say where the features go: --out=DIR or '
                          '--config.data.teacher_features=DIR')
-  if flags.FLAGS.multihost:
-    import jax
-    jax.distributed.initialize()
+  from panda_jax import distributed
+  distributed.from_flags()
   stats = extract(cfg, out, flags.FLAGS.workdir or '', flags.FLAGS.batch_size,
                   flags.FLAGS.dtype)
   print(f'teacher features in {out}: {stats["videos"]} videos, {stats["written"]} written, '
@@ -228,5 +230,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('batch_size', 0, 'Videos per teacher call (default: 8, rounded to the '
                        'local device count).')
   flags.DEFINE_enum('dtype', 'float32', list(features_lib.DTYPES), 'Storage dtype.')
-  flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first.')
+  from panda_jax import distributed
+  distributed.define_flags()
   app.run(main)
