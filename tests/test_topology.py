@@ -1,13 +1,22 @@
 """The same training whatever the topology: each process reads its slice of every global batch,
 so 1 process and N processes see the same global batches (the pipeline alone, fast), and a
 tiny stage-2 run as 1 process x 8 devices and as 2 processes x 4 devices (launch/local.sh)
-logs the same losses, ends with the same parameters and writes the same summary (slow)."""
+logs the same losses, ends with the same parameters and writes the same summary (slow).
+
+Checkpoints hold every process's data state (faked processes, fast). With real processes
+(slow, sharing the data set and the two uninterrupted runs above): both processes write one
+restorable checkpoint; a 2-process run killed after a checkpoint resumes to the uninterrupted
+state; its checkpoint resumes on 1 process to the same state; evaluation and teacher feature
+extraction on 2 processes do every question / video once and mark completion."""
 
 import collections
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import grain
 import numpy as np
@@ -249,7 +258,7 @@ def test_skipped_samples_are_replaced_from_the_process_own_slices(ids_batches):
 # ------------------------------------------------------------------------------------------
 # 1 process x 8 devices and 2 processes x 4 devices (slow)
 
-STEPS, BATCH = 6, 8
+STEPS, BATCH, SAVE_EVERY = 6, 8, 3
 
 
 def _data(root):
@@ -267,9 +276,10 @@ def _data(root):
 
 def _overrides(root, annotations):
   # 12 records in batches of 8: the 6 steps run through several epochs, and batches straddle
-  # their ends. A sample is ~250 tokens (4 frames of visual tokens).
+  # their ends. A sample is ~250 tokens (4 frames of visual tokens). Checkpoints at steps 3 and
+  # 6 (the restart tests start from 3).
   return {'train.batch_size': BATCH, 'train.steps': STEPS, 'train.log_every': 1,
-          'train.save_every': STEPS, 'data.synthetic_videos': 0, 'data.max_len': 320,
+          'train.save_every': SAVE_EVERY, 'data.synthetic_videos': 0, 'data.max_len': 320,
           'data.annotations': annotations, 'data.video_root': root,
           'data.tokenizer': os.path.join(root, 'tokenizer')}
 
@@ -297,44 +307,69 @@ def _metrics(workdir):
   return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
-@pytest.mark.slow
-def test_one_and_two_processes_train_the_same(tmp_path):
+def _local(num, per, *args, python=sys.executable, module=None, **popen):
+  """launch/local.sh NUM PER ARGS in the background (output to pipes unless `popen` says)."""
   from conftest import subprocess_env
+  extra = {'LOCAL_MODULE': module} if module else {}
+  popen.setdefault('stdout', subprocess.PIPE)
+  popen.setdefault('stderr', subprocess.PIPE)
+  return subprocess.Popen(['bash', os.path.join(ROOT, 'launch', 'local.sh'), str(num), str(per),
+                           *args], cwd=ROOT, text=True,
+                          env=subprocess_env(PYTHON=python, LOCAL_KILL_GRACE='5', **extra),
+                          **popen)
+
+
+def _train_args(workdir, overrides):
+  return ['--config=configs/stage2.py:tiny', f'--workdir={workdir}',
+          *(f'--config.{k}={v}' for k, v in overrides.items())]
+
+
+def _train_here(workdir, overrides):
+  """The run as 1 process x 8 devices, in this process (conftest's 8 fake devices)."""
+  import jax
   from configs import stage2
   from panda_jax import config as config_lib
   from panda_jax.train import loop
   from panda_jax.train.data import build_train_iterator
-
-  root = str(tmp_path / 'data')
-  overrides = _overrides(root, _data(root))
-  one, two = tmp_path / 'one', tmp_path / 'two'
-  # 2 processes x 4 devices through launch/local.sh, in the background ...
-  proc = subprocess.Popen(
-      ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', '4',
-       '--config=configs/stage2.py:tiny', f'--workdir={two}',
-       *(f'--config.{k}={v}' for k, v in overrides.items())],
-      cwd=ROOT, env=subprocess_env(PYTHON=sys.executable, LOCAL_KILL_GRACE='5'),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  config = stage2.get_config('tiny')
+  for k, v in overrides.items():
+    section, field = k.split('.')
+    config[section][field] = v
+  config_lib.save_resolved(config, str(workdir))
+  run = config_lib.resolve(config)
+  assert jax.process_count() == 1 and jax.device_count() == 8
+  iterator = build_train_iterator(config, str(workdir), run)
   try:
-    # ... while this process (8 devices, conftest) runs the same config as 1 process x 8.
-    config = stage2.get_config('tiny')
-    for k, v in overrides.items():
-      section, field = k.split('.')
-      config[section][field] = v
-    config_lib.save_resolved(config, str(one))
-    run = config_lib.resolve(config)
-    import jax
-    assert jax.process_count() == 1 and jax.device_count() == 8
-    iterator = build_train_iterator(config, str(one), run)
-    try:
-      loop.train(config, str(one), iterator, run=run)
-    finally:
-      iterator.close()
+    return loop.train(config, str(workdir), iterator, run=run)
+  finally:
+    iterator.close()
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """The data set and the two uninterrupted runs every slow test here compares with: 1 process
+  x 8 devices (`one`) and 2 processes x 4 devices through launch/local.sh (`two`)."""
+  tmp = tmp_path_factory.mktemp('topology')
+  root = str(tmp / 'data')
+  overrides = _overrides(root, _data(root))
+  one, two = tmp / 'one', tmp / 'two'
+  # 2 processes x 4 devices through launch/local.sh, in the background ...
+  proc = _local(2, 4, *_train_args(two, overrides))
+  try:
+    # ... while this process runs the same config as 1 process x 8.
+    _train_here(one, overrides)
     # communicate() drains both pipes while waiting (a full pipe would block the processes).
     out, err = proc.communicate(timeout=900)
   finally:
     if proc.poll() is None:
       proc.kill()
+  return {'root': root, 'overrides': overrides, 'one': one, 'two': two, 'proc': proc,
+          'out': out, 'err': err}
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_train_the_same(runs):
+  one, two, proc, out, err = (runs[k] for k in ('one', 'two', 'proc', 'out', 'err'))
   assert proc.returncode == 0, err[-4000:]
   assert 'process 1 of 2, 4 local / 8 global devices' in err, err[-4000:]
   assert 'local.sh: all 2 processes finished' in out
@@ -370,3 +405,212 @@ def test_one_and_two_processes_train_the_same(tmp_path):
   for k in ('loss', 'ce', 'distill', 'param_norm'):
     assert sum2[k] == pytest.approx(sum1[k], rel=1e-5), k
   assert sum1['loss'] == pytest.approx(m1[-1]['loss'])
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints of 2 processes: written once, resumed after a kill, resumed on 1 process (slow)
+
+def _data_item(workdir, step) -> dict:
+  """The data item of checkpoint `step` (every process's iterator state)."""
+  import orbax.checkpoint as ocp
+  from panda_jax.train import checkpoint as ckpt
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=ckpt.ITEMS)
+  return mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+
+
+def _assert_same_run(ref, other, tol):
+  """`other` logged the same losses and ended in the same state and summary as `ref`, to
+  `tol` (relative and absolute)."""
+  m1, m2 = _metrics(ref), _metrics(other)
+  assert [m['step'] for m in m1] == [m['step'] for m in m2] == list(range(1, STEPS + 1))
+  for a, b in zip(m1, m2):
+    for k in ('loss', 'ce', 'distill', 'grad_norm'):
+      assert b[k] == pytest.approx(a[k], rel=tol, abs=tol), (a['step'], k)
+  s1, s2 = _arrays(ref, STEPS), _arrays(other, STEPS)
+  assert s1.keys() == s2.keys() and len(s1) > 200
+  for k in s1:
+    if s1[k].dtype.kind == 'f':
+      np.testing.assert_allclose(s2[k], s1[k], rtol=tol, atol=tol, err_msg=k)
+    else:
+      np.testing.assert_array_equal(s2[k], s1[k], err_msg=k)
+  sum1 = json.load(open(ref / 'summary.json'))
+  sum2 = json.load(open(other / 'summary.json'))
+  assert sum1.keys() == sum2.keys()
+  for k in sum1:
+    if isinstance(sum1[k], float):
+      assert sum2[k] == pytest.approx(sum1[k], rel=tol, abs=tol), k
+    else:
+      assert sum2[k] == sum1[k], k
+
+
+@pytest.mark.slow
+def test_both_processes_write_one_restorable_checkpoint(runs):
+  import orbax.checkpoint as ocp
+  two, one = runs['two'], runs['one']
+  assert runs['proc'].returncode == 0, runs['err'][-4000:]
+  ckdir = two / 'checkpoints'
+  # One directory per step, each committed (no temporary directory left by either process).
+  assert sorted(os.listdir(ckdir)) == ['3', '6']
+  for step in (3, 6):
+    assert ocp.step.is_checkpoint_finalized(ckdir / str(step))
+    assert {'params', 'batch_stats', 'opt_state', 'meta', 'data'} <= set(
+        os.listdir(ckdir / str(step)))
+    # Both processes' data states: each at its slice of `step` global batches (4 of 8 each).
+    assert _data_item(two, step) == {'process_count': 2, 'processes': [
+        {'grain': {'next_index': step * BATCH // 2}, 'skipped': {}}] * 2}
+    assert _data_item(one, step) == {'process_count': 1, 'processes': [
+        {'grain': {'next_index': step * BATCH}, 'skipped': {}}]}
+  # Every array of the middle one restores, and equals the 1-process run's at that step.
+  s1, s2 = _arrays(one, 3), _arrays(two, 3)
+  assert s1.keys() == s2.keys()
+  for k in s1:
+    np.testing.assert_allclose(s2[k], s1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+# A `python` for launch/local.sh whose processes stop for good once checkpoint HOLD is written
+# (so the test kills them after a checkpoint and before the end, whatever the machine's speed).
+_HOLD_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = -m ]; then shift 2; exec {python} {hook} "$@"; fi
+exec {python} "$@"
+"""
+_HOLD_HOOK = """import os, runpy, sys, time
+sys.path.insert(0, {root!r})
+from panda_jax.train import checkpoint
+save = checkpoint.save
+
+def hold(mngr, step, *args, **kwargs):
+  save(mngr, step, *args, **kwargs)
+  if step == {step}:
+    mngr.wait_until_finished()
+    import jax
+    open(os.path.join({marks!r}, f'held.{{jax.process_index()}}'), 'w').close()
+    time.sleep(900)
+
+checkpoint.save = hold
+sys.argv = ['panda_jax.main'] + sys.argv[1:]
+runpy.run_module('panda_jax.main', run_name='__main__', alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_both_processes_killed_after_a_checkpoint_resume_to_the_uninterrupted_state(
+    runs, tmp_path):
+  work, marks = tmp_path / 'killed', tmp_path / 'marks'
+  marks.mkdir()
+  hook, python = tmp_path / 'hold.py', tmp_path / 'python'
+  hook.write_text(_HOLD_HOOK.format(root=ROOT, step=SAVE_EVERY, marks=str(marks)))
+  python.write_text(_HOLD_PYTHON.format(python=sys.executable, hook=hook))
+  python.chmod(0o755)
+  args = _train_args(work, runs['overrides'])
+  log = open(tmp_path / 'killed.log', 'w+')
+  proc = _local(2, 4, *args, python=str(python), stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 600
+    while len(os.listdir(marks)) < 2 and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    text = open(tmp_path / 'killed.log').read()
+    assert sorted(os.listdir(marks)) == ['held.0', 'held.1'], text[-4000:]
+    pids = [int(text.split(f'process {i} of 2: pid ')[1].split(',')[0]) for i in (0, 1)]
+    for pid in pids:
+      os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.close()
+  assert proc.returncode == 128 + signal.SIGKILL
+  # Killed after checkpoint 3 and before the end.
+  assert sorted(os.listdir(work / 'checkpoints')) == ['3']
+  assert not (work / 'summary.json').exists()
+  assert [m['step'] for m in _metrics(work)] == [1, 2, 3]
+  # The same command again: it resumes from step 3 and ends as the uninterrupted run did.
+  again = _local(2, 4, *args)
+  out, err = again.communicate(timeout=900)
+  assert again.returncode == 0, err[-4000:]
+  for i in (0, 1):
+    assert f'[{i}] ' in err and 'resumed from step 3' in err, err[-4000:]
+  assert err.count('resumed from step 3') == 2
+  # Same topology, same programs: equal to float noise at most.
+  _assert_same_run(runs['two'], work, 1e-6)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path):
+  # The 2 x 4 run's checkpoint 3 (as a kill after it leaves it), resumed as 1 process x 8.
+  work = tmp_path / 'two_to_one'
+  shutil.copytree(runs['two'], work)
+  shutil.rmtree(work / 'checkpoints' / '6')
+  os.remove(work / 'summary.json')
+  lines = open(work / 'metrics.jsonl').readlines()[:3]
+  open(work / 'metrics.jsonl', 'w').writelines(lines)
+  last = _train_here(work, runs['overrides'])
+  assert last['step'] == STEPS and last['first_loss'] == _metrics(work)[3]['loss']
+  # Steps 4-6 on 1 process continue the data order: the same run as the 1 x 8 one (to float
+  # reassociation, as 1 x 8 and 2 x 4 are).
+  _assert_same_run(runs['one'], work, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation and teacher extraction on 2 processes (slow)
+
+@pytest.mark.slow
+def test_videoqa_and_teacher_extraction_on_two_processes_do_everything_once(runs, tmp_path):
+  root = runs['root']
+  videos = sorted({e['video'] for e in json.load(open(runs['overrides']['data.annotations']))})
+  # Questions about 5 of the clips (two about the first), and one whose video is not there.
+  entries = [{'video_name': v, 'question': 'what moves?', 'answer': 'a square',
+              'question_id': f'q{i}'} for i, v in enumerate(videos[:5] + videos[:1])]
+  entries.append({'video_name': 'not_there', 'question': 'what moves?', 'answer': 'x',
+                  'question_id': 'q_missing'})
+  questions, preds = tmp_path / 'q.json', tmp_path / 'preds.json'
+  json.dump(entries, open(questions, 'w'))
+  features = tmp_path / 'features'
+  # Both tools at once, each as 2 processes x 1 device. The model: the 2 x 4 training run's.
+  qa = _local(2, 1, f'--checkpoint={runs["two"]}', f'--tokenizer={root}/tokenizer',
+              f'--questions={questions}', f'--video_root={root}', f'--out={preds}',
+              '--batch_size=2', '--frames=4', '--max_new_tokens=3', '--decode_workers=0',
+              module='panda_jax.eval.videoqa')
+  ex = _local(2, 1, '--config=configs/stage2.py:tiny',
+              f'--config.data.annotations={runs["overrides"]["data.annotations"]}',
+              f'--config.data.video_root={root}', f'--config.data.tokenizer={root}/tokenizer',
+              f'--out={features}', '--batch_size=2', module='panda_jax.teacher.extract')
+  try:
+    qa_out, qa_err = qa.communicate(timeout=900)
+    ex_out, ex_err = ex.communicate(timeout=900)
+  finally:
+    for p in (qa, ex):
+      if p.poll() is None:
+        p.kill()
+  assert qa.returncode == 0, qa_err[-4000:]
+  assert ex.returncode == 0, ex_err[-4000:]
+
+  # VideoQA: each process answered its videos' questions; together every question once.
+  n = len(entries)
+  parts = [[json.loads(l)['id'] for l in open(f'{preds}.part{i}-of-2')] for i in (0, 1)]
+  assert all(parts) and not set(parts[0]) & set(parts[1])
+  assert sorted(parts[0] + parts[1]) == sorted(e['question_id'] for e in entries[:-1])
+  rows = [json.loads(l) for l in open(preds)]
+  assert [r['id'] for r in rows] == [e['question_id'] for e in entries[:-1]]
+  assert all(isinstance(r['pred'], str) for r in rows)
+  assert [f['id'] for f in json.load(open(f'{preds}.failures.json'))] == ['q_missing']
+  assert json.load(open(f'{preds}.complete.json')) == {
+      'questions': n, 'answered': n - 1, 'failed': 1, 'processes': 2}
+  said = [l.split('questions, ')[1].split(' answered now')[0] for l in qa_out.splitlines()
+          if 'answered now' in l]
+  assert sorted(int(x) for x in said) == sorted(len(p) for p in parts), qa_out
+  assert 'complete' in qa_out
+
+  # Teacher features: every video once, both shares marked done, the manifest complete.
+  from panda_jax.data import teacher_features as features_lib
+  shares = [json.load(open(features / f'done.{i}-of-2.json')) for i in (0, 1)]
+  assert [s['videos'] for s in shares] == [6, 6] and {s['of'] for s in shares} == {12}
+  written = [int(l.split('videos, ')[1].split(' written')[0]) for l in ex_out.splitlines()
+             if ' written, ' in l]
+  assert sorted(written) == [6, 6], ex_out
+  for v in videos:
+    assert os.path.exists(features_lib.feature_path(str(features), v)), v
+  manifest = features_lib.read_manifest(str(features))
+  assert manifest['complete'] and manifest['failed'] == 0
+  assert 'complete' in ex_out

@@ -138,12 +138,20 @@ def restore_variables(workdir) -> tuple[int, Any, Any]:
   step = latest_step(workdir)
   if step is None:
     raise FileNotFoundError(f'no checkpoint under {pathlib.Path(workdir) / "checkpoints"}')
-  mngr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints',
-                               options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=ITEMS)
-  r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                 batch_stats=ocp.args.StandardRestore()))
-  return step, r.params, r.batch_stats
+  path = pathlib.Path(workdir).absolute() / 'checkpoints' / str(step)
+  return step, _host_tree(path / 'params'), _host_tree(path / 'batch_stats')
+
+
+def _host_tree(path):
+  """A saved item as numpy arrays, whatever devices and processes saved it (restoring into
+  the saved shardings fails on another topology, e.g. evaluating on 2 processes x 1 device
+  the checkpoint of 2 x 4)."""
+  ck = ocp.PyTreeCheckpointer()
+  meta = ck.metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  meta = getattr(meta, 'tree', meta)
+  return ck.restore(path, restore_args=jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
 
 
 def load_params(source, params, batch_stats, require=(), skip=()):
