@@ -30,8 +30,8 @@ def _main(workdir, data, steps, *extra):
 def test_sigkill_then_restart_equals_uninterrupted(tmp_path, data):
   # Killed once checkpoint 2 of 6 exists: four steps (and two saves) of margin, as many as the
   # kill at 4 of 8 had. The reference runs first and compiles; the victim and its restart read
-  # the compiled programs from the session's compilation cache (run side by side, both
-  # compiled the same programs at once on the same cores).
+  # the compiled programs from the session's compilation cache (started side by side, the
+  # reference and the victim compiled the same programs twice, at once, on the same cores).
   steps = 6
   env = subprocess_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   ref = subprocess.run(_main(tmp_path / 'ref', data, steps), cwd=ROOT, env=env,
