@@ -6,11 +6,11 @@
 #
 # Each process runs `python -m panda_jax.main --multihost --coordinator_address=127.0.0.1:PORT
 # --num_processes=N --process_id=I [main args...]` with JAX_PLATFORMS=cpu and
-# XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROCESS (CPU collectives through
-# gloo), PORT a free loopback port. Output lines are prefixed with "[I] ". The script waits for
-# all; when one fails it stops the others (SIGTERM, then SIGKILL after LOCAL_KILL_GRACE seconds,
-# default 10) and exits with the failed process's status. PYTHON picks the interpreter
-# (default: python).
+# XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROCESS after the caller's
+# XLA_FLAGS (the last count wins), CPU collectives through gloo, PORT a free loopback port.
+# Output lines are prefixed with "[I] ". The script waits for all; when one fails it stops the
+# others (SIGTERM, then SIGKILL after LOCAL_KILL_GRACE seconds, default 10) and exits with the
+# failed process's status. PYTHON picks the interpreter (default: python).
 set -euo pipefail
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; }
@@ -49,7 +49,7 @@ stop_all() {
 trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
 
 for ((i = 0; i < num; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$per" \
     "$python" -m panda_jax.main --multihost --coordinator_address="127.0.0.1:$port" \
     --num_processes="$num" --process_id="$i" "$@" \
     > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
