@@ -125,7 +125,6 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from panda_jax import config as config_lib  # noqa: E402
 from panda_jax import sharding  # noqa: E402
-from panda_jax.models.distill import default_layers  # noqa: E402
 from panda_jax.models.panda import VideoPanda  # noqa: E402
 from panda_jax.models.stab import VisualTokenizer  # noqa: E402
 from panda_jax.models.teacher import VideoTeacher  # noqa: E402
@@ -182,11 +181,7 @@ def make_config(layers: int | None):
   config.train.accum_steps = accum
   config.train.steps = 1000   # only shapes the LR schedule
   if layers:
-    config.model.llm.layers = layers
-    # Every 4th hidden state, as the release; at least two (the head's query and a key).
-    dl = default_layers(layers)
-    config.model.distill.layers = list(dl if len(dl) >= 2 else
-                                       default_layers(layers, step=max(1, layers // 2)))
+    config.model.llm.layers = layers   # distill.layers follows (config.distill_layers)
   return config
 
 

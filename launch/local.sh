@@ -6,15 +6,16 @@
 #
 # Each process runs `python -m MODULE --multihost --coordinator_address=127.0.0.1:PORT
 # --num_processes=N --process_id=I [main args...]` with JAX_PLATFORMS=cpu and
-# XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROCESS (CPU collectives through
-# gloo), PORT a free loopback port. Output lines are prefixed with "[I] ". The script waits for
-# all; when one fails it stops the others (SIGTERM, then SIGKILL after LOCAL_KILL_GRACE seconds,
-# default 10) and exits with the failed process's status. PYTHON picks the interpreter
-# (default: python), LOCAL_MODULE the module every process runs (default: panda_jax.main; also
-# panda_jax.eval.videoqa and panda_jax.teacher.extract, which take the same distributed flags).
+# XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROCESS after the caller's
+# XLA_FLAGS (the last count wins), CPU collectives through gloo, PORT a free loopback port.
+# Output lines are prefixed with "[I] ". The script waits for all; when one fails it stops the
+# others (SIGTERM, then SIGKILL after LOCAL_KILL_GRACE seconds, default 10) and exits with the
+# failed process's status. PYTHON picks the interpreter (default: python), LOCAL_MODULE the
+# module every process runs (default: panda_jax.main; also panda_jax.eval.videoqa and
+# panda_jax.teacher.extract, which take the same distributed flags).
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
 if [ $# -lt 2 ]; then
@@ -51,7 +52,7 @@ stop_all() {
 trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
 
 for ((i = 0; i < num; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$per" \
     "$python" -m "$module" --multihost --coordinator_address="127.0.0.1:$port" \
     --num_processes="$num" --process_id="$i" "$@" \
     > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &

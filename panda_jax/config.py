@@ -62,7 +62,10 @@ def model_config(size: str = '7b') -> ml_collections.ConfigDict:
   llm = dataclasses.asdict(LlamaConfig(**spec['llm']))
   stab = {k: v for k, v in dataclasses.asdict(StabConfig(**spec['stab'])).items()
           if k not in _DERIVED['stab']}
-  distill = dict(heads=8, layers=list(default_layers(llm['layers'])), loss=DistillConfig.loss)
+  # layers None: every 4th LLM hidden state from the last, as released (`distill_layers`), so
+  # overriding `llm.layers` alone keeps the rule; a tuple overrides it.
+  distill = dict(heads=8, layers=ml_collections.config_dict.placeholder(tuple),
+                 loss=DistillConfig.loss)
   teacher = dataclasses.asdict(TeacherConfig(**spec['teacher']))
   return ml_collections.ConfigDict(dict(
       size=size, stab=stab, llm=llm, distill=distill, distill_weight=1.0, teacher=teacher,
@@ -78,6 +81,16 @@ def _section(model, name: str) -> dict:
   return d
 
 
+def distill_layers(num_llm_layers: int) -> tuple[int, ...]:
+  """The LLM hidden states the distillation head reads when `model.distill.layers` is None:
+  every 4th from the last, as released ([32, 28, ..., 0] for 32 layers, [4, 0] for the tiny 4);
+  at least two (the head's query and one key/value layer), so fewer than 4 layers take every
+  `num_llm_layers // 2`-th."""
+  layers = default_layers(num_llm_layers)
+  return layers if len(layers) >= 2 else default_layers(num_llm_layers,
+                                                        step=max(1, num_llm_layers // 2))
+
+
 def panda_config(model: ml_collections.ConfigDict) -> PandaConfig:
   """The whole-model dataclass from `config.model` (validated); the STAB's and the distillation
   head's LLM width and the head's teacher width are the LLM's and the teacher's."""
@@ -86,7 +99,9 @@ def panda_config(model: ml_collections.ConfigDict) -> PandaConfig:
   stab = StabConfig(llm_hidden=llm.hidden, **_section(model, 'stab'))
   d = _section(model, 'distill')
   distill = DistillConfig(llm_hidden=llm.hidden, teacher_hidden=teacher.hidden,
-                          heads=d['heads'], layers=tuple(d['layers']),
+                          heads=d['heads'],
+                          layers=(distill_layers(llm.layers) if d.get('layers') is None
+                                  else tuple(d['layers'])),
                           # Configs saved before the ablation switch existed distilled with cosine.
                           loss=d.get('loss', DistillConfig.loss))
   cfg = PandaConfig(stab=stab, llm=llm, distill=distill, distill_weight=model.distill_weight)

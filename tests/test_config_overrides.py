@@ -1,8 +1,15 @@
 """config.apply_overrides: the one way dotted overrides reach a config (demo variants, aot_7b)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
+from conftest import subprocess_env
 from panda_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sets_nested_fields_and_refuses_unknown_ones():
@@ -15,3 +22,30 @@ def test_sets_nested_fields_and_refuses_unknown_ones():
   with pytest.raises(KeyError, match="override 'modle.stab.lste': no field 'modle'"):
     config_lib.apply_overrides(c, {'modle.stab.lste': True})
   assert c.model.stab.lste is False
+
+
+@pytest.mark.parametrize('llm_layers, expected', [
+    (4, (4, 0)), (8, (8, 4, 0)), (32, tuple(range(32, -1, -4))), (2, (2, 1, 0)), (1, (1, 0))])
+def test_distillation_layers_follow_the_llm_depth_unless_set(llm_layers, expected):
+  c = config_lib.train_config(2, 'tiny')
+  assert c.model.distill.layers is None
+  config_lib.apply_overrides(c, {'model.llm.layers': llm_layers})
+  assert config_lib.panda_config(c.model).distill.layers == expected
+  config_lib.apply_overrides(c, {'model.distill.layers': (1, 0)})
+  assert config_lib.panda_config(c.model).distill.layers == (1, 0)
+
+
+def test_distillation_layers_from_the_command_line():
+  code = ('from absl import app, flags\n'
+          'from ml_collections import config_flags\n'
+          'from panda_jax import config as config_lib\n'
+          'C = config_flags.DEFINE_config_file("config")\n'
+          'app.run(lambda _: print(config_lib.panda_config(C.value.model).distill.layers))\n')
+  out = subprocess.run([sys.executable, '-c', code, '--config=configs/stage2.py:tiny',
+                        '--config.model.llm.layers=8'], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=120)
+  assert out.stdout.strip() == '(8, 4, 0)', out.stderr[-2000:]
+  out = subprocess.run([sys.executable, '-c', code, '--config=configs/stage2.py:tiny',
+                        '--config.model.distill.layers=(4,2,0)'], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=120)
+  assert out.stdout.strip() == '(4, 2, 0)', out.stderr[-2000:]

@@ -54,7 +54,7 @@ def test_bad_config_fields_fail_clearly():
 
 @pytest.mark.slow
 def test_stab_benchmark_prints_table_and_result_line():
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = subprocess_env()
   r = subprocess.run([sys.executable, 'benchmarks/stab.py', '--image_size', '56', '--hidden',
                       '32', '--llm_hidden', '32', '--runs', '1', '--matmul_n', '128'],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -69,7 +69,7 @@ def test_stab_benchmark_prints_table_and_result_line():
 
 @pytest.mark.slow
 def test_generate_benchmark_prints_table_and_result_line():
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = subprocess_env()
   r = subprocess.run([sys.executable, 'benchmarks/generate.py', '--vocab', '256', '--hidden',
                       '64', '--layers', '2', '--heads', '4', '--kv_heads', '2', '--head_dim',
                       '16', '--mlp', '128', '--prompt', '16', '--new', '4', '--runs', '1',

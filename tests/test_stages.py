@@ -1,19 +1,12 @@
-"""End to end: the three stages chained through checkpoints on synthetic videos, and a run
-killed with SIGKILL that resumes to exactly the uninterrupted result."""
+"""End to end: the three stages chained through checkpoints on synthetic videos (a run killed
+with SIGKILL that resumes to exactly the uninterrupted result: test_stages_restart.py)."""
 
-import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import subprocess_env
 from panda_jax import config as config_lib
 from panda_jax.train import checkpoint as ckpt
 from panda_jax.data.sources import synthetic_data
@@ -21,7 +14,6 @@ from panda_jax.train.data import build_train_iterator
 from panda_jax.train.loop import train
 from panda_jax.tree import flatten
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
 
@@ -80,51 +72,3 @@ def test_three_stages_chain_through_checkpoints_and_learn(tmp_path, data):
   # Stage 2 started from stage 1's final weights.
   s2_first = _params(runs[2], 4)
   assert not np.array_equal(s2_first['llm/lm_head/kernel'], p8['llm/lm_head/kernel'])
-
-
-def _main(workdir, data, steps, *extra):
-  c = ['--config=configs/stage2.py:tiny', f'--workdir={workdir}',
-       f'--config.data.annotations={data["root"] / "train_captions.json"}',
-       f'--config.data.video_root={data["root"]}', f'--config.data.tokenizer={data["tokenizer"]}',
-       f'--config.train.steps={steps}', '--config.train.save_every=2',
-       '--config.model.stab.dropout=0.0', *extra]
-  return [sys.executable, '-m', 'panda_jax.main', *c]
-
-
-@pytest.mark.slow
-def test_sigkill_then_restart_equals_uninterrupted(tmp_path, data):
-  # Killed once checkpoint 2 of 6 exists: four steps (and two saves) of margin, as many as the
-  # kill at 4 of 8 had. The reference and the victim run side by side (one waits on imports and
-  # compilation while the other computes); the restart reads their compiled step from the
-  # session's compilation cache.
-  steps = 6
-  env = subprocess_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  with open(tmp_path / 'ref.log', 'w') as log:
-    ref = subprocess.Popen(_main(tmp_path / 'ref', data, steps), cwd=ROOT, env=env,
-                           stdout=log, stderr=subprocess.STDOUT)
-  victim = tmp_path / 'victim'
-  proc = subprocess.Popen(_main(victim, data, steps), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 900
-    while not (victim / 'checkpoints' / '2').exists():
-      assert proc.poll() is None, 'the run ended before it could be killed'
-      assert time.time() < deadline
-      time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ref.wait(timeout=900) == 0, (tmp_path / 'ref.log').read_text()[-3000:]
-  finally:
-    for p in (proc, ref):
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  done = sorted(int(p.name) for p in (victim / 'checkpoints').iterdir() if p.name.isdigit())
-  assert done and done[-1] < steps, done
-  again = subprocess.run(_main(victim, data, steps), cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=900)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert 'resumed from step' in again.stderr
-  a, b = _params(tmp_path / 'ref', steps), _params(victim, steps)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
