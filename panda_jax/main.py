@@ -30,17 +30,7 @@ from panda_jax.models.stab import VisualTokenizer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/X.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where outputs and the resolved config go.')
-_MULTIHOST = flags.DEFINE_bool('multihost', False,
-                               'Call jax.distributed.initialize() first (TPU pods, GPU clusters, '
-                               'launch/local.sh); every process runs the same command.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'With --multihost: HOST:PORT of process 0 (default: found by '
-                                   "JAX's cluster detection: TPU metadata, SLURM, Open MPI).")
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'With --multihost: how many processes (default: detected).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'With --multihost: this process, 0 .. num_processes - 1 '
-                                   '(default: detected).')
+distributed.define_flags()   # --multihost, --coordinator_address, --num_processes, --process_id
 
 
 DEFAULT_DEMO_WORKDIR = 'runs/demo'
@@ -164,13 +154,10 @@ def _quiet_libraries() -> None:
 
 def main(argv):
   _quiet_libraries()
-  if not _MULTIHOST.value and any(f.present for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
-    raise app.UsageError('--coordinator_address, --num_processes and --process_id need '
-                         '--multihost')
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _MULTIHOST.value:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.from_flags()
+  if flags.FLAGS.multihost:
     logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   config = _CONFIG.value
