@@ -96,18 +96,10 @@ def _done_ids(out: str) -> set:
   """Question ids already answered in `out` (a torn last line from a kill is dropped)."""
   if not os.path.exists(out):
     return set()
-  done, keep = set(), []
-  with open(out) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      done.add(row['id'])
-      keep.append(line if line.endswith('\n') else line + '\n')
+  rows = _read_ids(out)
   with open(out, 'w') as f:       # rewrite without a partial line
-    f.writelines(keep)
-  return done
+    f.writelines(rows.values())
+  return set(rows)
 
 
 def _row(r: Mapping, preds: Sequence[str]) -> dict:
