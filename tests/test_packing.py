@@ -238,11 +238,13 @@ s = packing.PackedProcessSample(src, {data['tok']!r}, stab, {FRAMES}, {MAX_LEN})
 assert s['pixels'].shape == ({FRAMES}, stab.image_size, stab.image_size, 3), s.keys()
 list(packing.qa_examples(packing.open_packed({out!r}, 'msvd_qa_4f_png')))
 print('tensorflow imported:', 'tensorflow' in sys.modules)
+print('apache_beam imported:', 'apache_beam' in sys.modules)
 """
   run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=120)
   assert run.returncode == 0, run.stderr[-2000:]
   assert 'tensorflow imported: False' in run.stdout
+  assert 'apache_beam imported: False' in run.stdout    # only the Beam build imports it
 
 
 def test_default_settings_use_the_registered_config(data):
@@ -280,6 +282,8 @@ def test_training_config_reads_packed_shards(data, png):
     build_train_iterator(c, '')
 
 
+# FnApiRunner: the Python direct runner, on two worker processes. ('DirectRunner' in Beam 2.77
+# first tries Prism, a binary it downloads from GitHub, and falls back to this one.)
 BEAM_OPTIONS = '--direct_num_workers=2 --direct_running_mode=multi_processing'
 
 
@@ -289,7 +293,7 @@ def _records(src) -> list[dict]:
 
 def test_beam_build_equals_the_in_process_build(data, monkeypatch):
   """valley (3 broken videos, one video without teacher features) packed in this process and
-  through Beam's DirectRunner on two worker processes: the same records in the same order,
+  through Beam's Python direct runner on two worker processes: the same records in the same order,
   every field equal byte for byte, and the same skip counts and skipped list."""
   monkeypatch.setenv('PYTHONPATH', ROOT)   # the runner's worker processes import panda_jax
   grid, hidden = STAB.lsd_grid, 4
@@ -303,7 +307,7 @@ def test_beam_build_equals_the_in_process_build(data, monkeypatch):
   kwargs = dict(frames=FRAMES, teacher_features=feats)
   local = packing.build(data['manual'], str(data['work'] / 'valley_local'), 'valley', **kwargs)
   beam = packing.build(data['manual'], str(data['work'] / 'valley_beam'), 'valley',
-                       beam_runner='DirectRunner', beam_options=BEAM_OPTIONS, **kwargs)
+                       beam_runner='FnApiRunner', beam_options=BEAM_OPTIONS, **kwargs)
   a, b = local.info.metadata, beam.info.metadata
   assert a['skipped'] == {'bad_video': 3, 'missing_teacher_features': 1}
   for key in ('packed', 'skipped', 'skipped_examples', 'teacher_manifest'):
