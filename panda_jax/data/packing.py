@@ -38,6 +38,26 @@ logged with its path and reason, and counted in the data set's metadata (`skippe
 Build (TensorFlow is not needed; tensorflow-datasets and array_record are):
   python -m panda_jax.data.packing --manual_dir=DIR --data_dir=OUT --config=videochatgpt \\
       [--frames=8] [--frame_format=png] [--quality=95] [--teacher_features=DIR] [--workers=N]
+Build through Apache Beam (e.g. Valley's 702K videos on a cluster), with the same records
+(same keys, same bytes, in annotation order) and the same `packed` / `skipped` /
+`skipped_examples` metadata as the in-process build (tested):
+  python -m panda_jax.data.packing --manual_dir=DIR --data_dir=OUT --config=valley \\
+      --beam_runner=DataflowRunner --beam_options="--project=P --region=R \\
+      --temp_location=gs://B/tmp --max_num_workers=200 --sdk_container_image=IMAGE"
+  --beam_runner=SparkRunner --beam_options="--spark_master_url=spark://HOST:7077"
+  --beam_runner=FlinkRunner --beam_options="--flink_master=HOST:8081"
+  On this machine's cores (Beam's Python direct runner; 'DirectRunner' first tries Prism, a
+  binary it downloads from GitHub):
+      --beam_runner=FnApiRunner \\
+      --beam_options="--direct_num_workers=N --direct_running_mode=multi_processing"
+The driver reads the annotations and writes the sample list into the build's directory; the
+workers read it, decode and encode each video with the in-process build's code (`_Packer`), and
+TFDS's Beam writer shards the records by index. Skips leave the workers as a side output,
+combined into the metadata once the pipeline is done (Beam counters `panda_packed/<reason>`
+show them while it runs). Workers need this repository and requirements.txt (Dataflow: in the
+SDK container image, with `apache-beam[gcp]`), `data_dir` on storage they all write (gs://...),
+and the videos (and teacher features) at the same local paths: the decoder opens files, not
+gs:// URLs, so a shared file system (NFS, Filestore, Lustre, a FUSE mount in the container).
 Read:
   source = packing.open_packed(OUT, 'videochatgpt')   # or tfds.data_source('panda_packed/...')
   proc = packing.PackedProcessSample(source, tokenizer_dir, stab, frames=8, max_len=4096)
