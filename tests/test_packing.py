@@ -238,11 +238,13 @@ s = packing.PackedProcessSample(src, {data['tok']!r}, stab, {FRAMES}, {MAX_LEN})
 assert s['pixels'].shape == ({FRAMES}, stab.image_size, stab.image_size, 3), s.keys()
 list(packing.qa_examples(packing.open_packed({out!r}, 'msvd_qa_4f_png')))
 print('tensorflow imported:', 'tensorflow' in sys.modules)
+print('apache_beam imported:', 'apache_beam' in sys.modules)
 """
   run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=120)
   assert run.returncode == 0, run.stderr[-2000:]
   assert 'tensorflow imported: False' in run.stdout
+  assert 'apache_beam imported: False' in run.stdout    # only the Beam build imports it
 
 
 def test_default_settings_use_the_registered_config(data):
@@ -278,3 +280,51 @@ def test_training_config_reads_packed_shards(data, png):
   c.data.packed_config = ''
   with pytest.raises(ValueError, match='data.packed_config'):
     build_train_iterator(c, '')
+
+
+# FnApiRunner: the Python direct runner, on two worker processes. ('DirectRunner' in Beam 2.77
+# first tries Prism, a binary it downloads from GitHub, and falls back to this one.)
+BEAM_OPTIONS = '--direct_num_workers=2 --direct_running_mode=multi_processing'
+
+
+def _records(src) -> list[dict]:
+  return [src[i] for i in range(len(src))]
+
+
+def test_beam_build_equals_the_in_process_build(data, monkeypatch):
+  """valley (3 broken videos, one video without teacher features) packed in this process and
+  through Beam's Python direct runner on two worker processes: the same records in the same order,
+  every field equal byte for byte, and the same skip counts and skipped list."""
+  monkeypatch.setenv('PYTHONPATH', ROOT)   # the runner's worker processes import panda_jax
+  grid, hidden = STAB.lsd_grid, 4
+  feats = str(data['work'] / 'features_valley')
+  features_lib.write_manifest(feats, {'frames': FRAMES, 'grid': grid, 'hidden': hidden})
+  good = [e['video'] for e in data['valley'] if not e['id'].startswith('broken')]
+  rng = np.random.default_rng(1)
+  for v in good[1:]:          # the first good video has no features
+    features_lib.save(features_lib.feature_path(feats, v),
+                      rng.normal(size=(FRAMES, grid * grid, hidden)), 'float16')
+  kwargs = dict(frames=FRAMES, teacher_features=feats)
+  local = packing.build(data['manual'], str(data['work'] / 'valley_local'), 'valley', **kwargs)
+  beam = packing.build(data['manual'], str(data['work'] / 'valley_beam'), 'valley',
+                       beam_runner='FnApiRunner', beam_options=BEAM_OPTIONS, **kwargs)
+  a, b = local.info.metadata, beam.info.metadata
+  assert a['skipped'] == {'bad_video': 3, 'missing_teacher_features': 1}
+  for key in ('packed', 'skipped', 'skipped_examples', 'teacher_manifest'):
+    assert a[key] == b[key], key
+  assert [e['path'] for e in b['skipped_examples']] == [
+      'broken/not_video.mp4', 'broken/truncated.mp4', 'broken/missing.mp4']
+  ra, rb = _records(local.as_data_source('train')), _records(beam.as_data_source('train'))
+  kept = [i for i, e in enumerate(data['valley']) if not e['id'].startswith('broken')]
+  assert [int(r['index']) for r in ra] == [int(r['index']) for r in rb] == kept
+  for x, y in zip(ra, rb):
+    assert sorted(x) == sorted(y)
+    for key in x:
+      if key == 'frames':
+        assert len(x[key]) == FRAMES and list(x[key]) == list(y[key]), key
+      else:
+        assert np.asarray(x[key]).dtype == np.asarray(y[key]).dtype, key
+        assert np.array_equal(x[key], y[key]), key
+  assert ra[0]['teacher'] == b'' and len(ra[1]['teacher']) > 0
+  # Nothing of the Beam build's own bookkeeping is left in the data set's directory.
+  assert sorted(os.listdir(beam.data_dir)) == sorted(os.listdir(local.data_dir))

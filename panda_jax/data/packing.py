@@ -38,6 +38,26 @@ logged with its path and reason, and counted in the data set's metadata (`skippe
 Build (TensorFlow is not needed; tensorflow-datasets and array_record are):
   python -m panda_jax.data.packing --manual_dir=DIR --data_dir=OUT --config=videochatgpt \\
       [--frames=8] [--frame_format=png] [--quality=95] [--teacher_features=DIR] [--workers=N]
+Build through Apache Beam (e.g. Valley's 702K videos on a cluster), with the same records
+(same keys, same bytes, in annotation order) and the same `packed` / `skipped` /
+`skipped_examples` metadata as the in-process build (tested):
+  python -m panda_jax.data.packing --manual_dir=DIR --data_dir=OUT --config=valley \\
+      --beam_runner=DataflowRunner --beam_options="--project=P --region=R \\
+      --temp_location=gs://B/tmp --max_num_workers=200 --sdk_container_image=IMAGE"
+  --beam_runner=SparkRunner --beam_options="--spark_master_url=spark://HOST:7077"
+  --beam_runner=FlinkRunner --beam_options="--flink_master=HOST:8081"
+  On this machine's cores (Beam's Python direct runner; 'DirectRunner' first tries Prism, a
+  binary it downloads from GitHub):
+      --beam_runner=FnApiRunner \\
+      --beam_options="--direct_num_workers=N --direct_running_mode=multi_processing"
+The driver reads the annotations and writes the sample list into the build's directory; the
+workers read it, decode and encode each video with the in-process build's code (`_Packer`), and
+TFDS's Beam writer shards the records by index. Skips leave the workers as a side output,
+combined into the metadata once the pipeline is done (Beam counters `panda_packed/<reason>`
+show them while it runs). Workers need this repository and requirements.txt (Dataflow: in the
+SDK container image, with `apache-beam[gcp]`), `data_dir` on storage they all write (gs://...),
+and the videos (and teacher features) at the same local paths: the decoder opens files, not
+gs:// URLs, so a shared file system (NFS, Filestore, Lustre, a FUSE mount in the container).
 Read:
   source = packing.open_packed(OUT, 'videochatgpt')   # or tfds.data_source('panda_packed/...')
   proc = packing.PackedProcessSample(source, tokenizer_dir, stab, frames=8, max_len=4096)
@@ -51,16 +71,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import io
 import json
 import logging
 import multiprocessing
 import os
+import shlex
 import time
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from panda_jax.data import pipeline
@@ -169,19 +192,83 @@ def packed_config(data_set: str, frames: int = 8, frame_format: str = 'png',
                       frames=frames, frame_format=frame_format, quality=quality)
 
 
-def _pack_video(args) -> dict:
-  """(path, frames, frame_format, quality, timeout_s) -> encoded frames + sampling info, or
-  {'error': reason}. Module level so that packing workers can run it."""
-  path, frames, frame_format, quality, timeout_s = args
-  if path is None:
-    return {'error': 'missing: no file matches the video name under videos/'}
+@dataclasses.dataclass(frozen=True)
+class _Packer:
+  """One sample of `PandaPacked._samples` -> its record: the per-video work of both builds
+  (in this process or its pool, and the Beam pipeline's workers), so their records are equal.
+
+  Returns (example or None when the video is skipped, the skip reason to count or None, the
+  decoder's error). Picklable, so that packing workers can run it.
+  """
+  kind: str
+  frames: int
+  frame_format: str
+  quality: int
+  timeout_s: float
+  teacher_features: str = ''
+
+  def __call__(self, s: dict) -> tuple[dict | None, str | None, str]:
+    if s['path'] is None:
+      return None, 'bad_video', 'missing: no file matches the video name under videos/'
+    try:
+      decoded, info = decode_frames(s['path'], num=self.frames, timeout_s=self.timeout_s)
+    except VideoDecodeError as e:
+      return None, 'bad_video', e.reason
+    example = {'index': s['index'], 'video': s['video'], **s['fields'],
+               'frames': encode_frames(decoded, self.frame_format, self.quality),
+               'frame_indices': np.asarray(info['indices'], np.int64),
+               'video_frames': int(info['n_frames']), 'fps': float(info['fps'])}
+    if self.kind != 'conversations':
+      return example, None, ''
+    data = _teacher_bytes(self.teacher_features, s['video']) if self.teacher_features else None
+    example['teacher'] = data or b''
+    if self.teacher_features and data is None:
+      return example, 'missing_teacher_features', ''   # packed anyway, without features
+    return example, None, ''
+
+
+def _teacher_bytes(features_dir: str, video: str) -> bytes | None:
   try:
-    decoded, info = decode_frames(path, num=frames, timeout_s=timeout_s)
-  except VideoDecodeError as e:
-    return {'error': e.reason}
-  return {'frames': encode_frames(decoded, frame_format, quality),
-          'frame_indices': np.asarray(info['indices'], np.int64),
-          'video_frames': int(info['n_frames']), 'fps': float(info['fps'])}
+    with open(features_lib.feature_path(features_dir, video), 'rb') as f:
+      return f.read()
+  except (OSError, features_lib.FeatureError):
+    return None
+
+
+def _skipped_entry(s: dict, error: str) -> dict:
+  """The metadata's `skipped_examples` entry of a skipped video (also logged)."""
+  logging.warning('skipped %s (bad_video): %s', s['path'] or s['video'], error)
+  return {'index': s['index'], 'path': s['video'], 'reason': error}
+
+
+def _merge_skips(summaries) -> dict:
+  """Skip summaries ({'counts': {reason: n}, 'listed': [entry]}) -> one, listing the
+  `_MAX_SKIPPED_LISTED` lowest indices (the ones the in-process build lists). Associative and
+  commutative: the Beam build combines partial summaries with it."""
+  counts: collections.Counter = collections.Counter()
+  listed: list[dict] = []
+  for summary in summaries:
+    counts.update(summary['counts'])
+    listed += summary['listed']
+  return {'counts': dict(sorted(counts.items())),
+          'listed': heapq.nsmallest(_MAX_SKIPPED_LISTED, listed, key=lambda e: e['index'])}
+
+
+def _beam_pack(line: str, packer: _Packer):
+  """Beam: one JSON line of samples -> (index, example) and/or a skip summary ('skipped')."""
+  beam = tfds.core.lazy_imports.apache_beam
+  s = json.loads(line)
+  example, reason, error = packer(s)
+  if reason is not None:
+    beam.metrics.Metrics.counter(NAME, reason).inc()    # live on the runner's monitoring page
+    listed = [_skipped_entry(s, error)] if example is None else []
+    yield beam.pvalue.TaggedOutput('skipped', {'counts': {reason: 1}, 'listed': listed})
+  if example is not None:
+    yield s['index'], example
+
+
+def _write_json(value, path: str) -> None:
+  epath.Path(path).write_text(json.dumps(value))
 
 
 class PandaPacked(tfds.core.GeneratorBasedBuilder):
@@ -217,12 +304,19 @@ Symbolic links are fine (e.g. videos -> /data/MSVD/YouTubeClips).
     return None
 
   def __init__(self, *, teacher_features: str = '', workers: int = 1,
-               timeout_s: float = 30.0, **kwargs):
+               timeout_s: float = 30.0, beam: bool = False, **kwargs):
     """`teacher_features`: a cached teacher features directory (training sets only);
-    `workers`: processes decoding videos (1: in this process); `timeout_s`: per video."""
+    `workers`: processes decoding videos (1: in this process); `timeout_s`: per video;
+    `beam`: pack through an Apache Beam pipeline (the runner and its workers are
+    `download_and_prepare`'s `DownloadConfig(beam_runner=..., beam_options=...)`)."""
     self._teacher_features = teacher_features
     self._workers = int(workers)
     self._timeout_s = timeout_s
+    self._beam = bool(beam)
+    self._beam_files: tuple[epath.Path, epath.Path, int] | None = None
+    if self._beam and self._workers > 1:
+      raise PackingError(f'workers={workers} is for the in-process build; with Beam the '
+                         'runner sets the workers (e.g. --direct_num_workers)')
     super().__init__(**kwargs)
     if teacher_features and self.builder_config.kind != 'conversations':
       raise PackingError(f'teacher_features={teacher_features!r} is for training sets; '
@@ -290,74 +384,119 @@ Symbolic links are fine (e.g. videos -> /data/MSVD/YouTubeClips).
       s['fields']['qa'] = json.dumps(s.pop('qa'))
     return samples
 
-  def _teacher_bytes(self, video: str) -> bytes | None:
-    try:
-      with open(features_lib.feature_path(self._teacher_features, video), 'rb') as f:
-        return f.read()
-    except (OSError, features_lib.FeatureError):
-      return None
-
-  def _generate_examples(self, root: str) -> Iterator[tuple[int, dict]]:
+  def _generate_examples(self, root: str):
+    """The examples of `root`: a generator (in-process build) or a Beam PTransform."""
     cfg = self.builder_config
     samples = self._samples(root)
-    meta = self.info.metadata
     if self._teacher_features:
-      meta['teacher_manifest'] = features_lib.read_manifest(self._teacher_features)
+      self.info.metadata['teacher_manifest'] = features_lib.read_manifest(
+          self._teacher_features)
+    packer = _Packer(cfg.kind, cfg.frames, cfg.frame_format, cfg.quality, self._timeout_s,
+                     self._teacher_features)
+    if self._beam:
+      return self._beam_examples(samples, packer)
+    return self._examples(samples, packer)
+
+  def _examples(self, samples: list[dict], packer: _Packer) -> Iterator[tuple[int, dict]]:
+    cfg = self.builder_config
     skipped: collections.Counter = collections.Counter()
     listed: list[dict] = []
-    jobs = [(s['path'], cfg.frames, cfg.frame_format, cfg.quality, self._timeout_s)
-            for s in samples]
     pool = None
     if self._workers > 1:
       pool = multiprocessing.get_context('spawn').Pool(self._workers)
-      results = pool.imap(_pack_video, jobs, chunksize=4)
+      results = pool.imap(packer, samples, chunksize=4)
     else:
-      results = map(_pack_video, jobs)
+      results = map(packer, samples)
     start, done = time.monotonic(), 0
     try:
-      for s, job, r in zip(samples, jobs, results):
+      for s, (example, reason, error) in zip(samples, results):
         done += 1
         if done % 1000 == 0:
           rate = done / (time.monotonic() - start)
           logging.info('%s: %d / %d samples (%.1f/s, ETA %.0f s), %d skipped', cfg.name, done,
                        len(samples), rate, (len(samples) - done) / rate,
                        sum(skipped.values()))
-        if 'error' in r:
-          reason = 'bad_video'
+        if reason is not None:
           skipped[reason] += 1
-          logging.warning('skipped %s (%s): %s', s['path'] or s['video'], reason, r['error'])
+        if example is None:
+          entry = _skipped_entry(s, error)
           if len(listed) < _MAX_SKIPPED_LISTED:
-            listed.append({'index': s['index'], 'path': s['video'], 'reason': r['error']})
+            listed.append(entry)
           continue
-        example = {'index': s['index'], 'video': s['video'], **s['fields'], **r}
-        if cfg.kind == 'conversations':
-          data = self._teacher_bytes(s['video']) if self._teacher_features else None
-          if self._teacher_features and data is None:
-            skipped['missing_teacher_features'] += 1  # packed anyway, without features
-          example['teacher'] = data or b''
         yield s['index'], example
     finally:
       if pool is not None:
         pool.terminate()
-    meta['packed'] = done - skipped['bad_video']
-    meta['skipped'] = dict(skipped)
-    meta['skipped_examples'] = listed
-    logging.info('%s: packed %d of %d samples; skipped %s', cfg.name, meta['packed'],
-                 len(samples), dict(skipped) or 'none')
+    self._record_skips(len(samples), {'counts': dict(sorted(skipped.items())),
+                                      'listed': listed})
+
+  def _beam_examples(self, samples: list[dict], packer: _Packer):
+    """The Beam build: the samples go to a JSON-lines file in the build's directory (on
+    storage every worker reads, like the shards), so the pipeline graph stays small for 702K
+    samples; workers decode and encode them; skips are combined into one summary file that
+    `_process_pipeline_result` reads into the metadata once the pipeline has run."""
+    beam = tfds.core.lazy_imports.apache_beam
+    work = epath.Path(self.data_dir)   # the build's temporary directory at this point
+    samples_path, summary_path = work / '_samples.jsonl', work / '_skipped.json'
+    samples_path.write_text(''.join(json.dumps(s) + '\n' for s in samples))
+    self._beam_files = (samples_path, summary_path, len(samples))
+
+    def expand(pipeline):
+      packed = (pipeline
+                | 'ReadSamples' >> beam.io.ReadFromText(os.fspath(samples_path))
+                | 'Pack' >> beam.FlatMap(_beam_pack, packer=packer).with_outputs(
+                    'skipped', main='examples'))
+      _ = (packed.skipped
+           | 'CombineSkips' >> beam.CombineGlobally(_merge_skips)
+           | 'WriteSkips' >> beam.Map(_write_json, path=os.fspath(summary_path)))
+      return packed.examples
+
+    return beam.ptransform_fn(expand)()
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    del pipeline_result   # the skips come from the summary file (exact under retries)
+    samples_path, summary_path, total = self._beam_files
+    summary = json.loads(summary_path.read_text())
+    summary_path.unlink()
+    samples_path.unlink()
+    self._record_skips(total, summary)
+
+  def _record_skips(self, total: int, summary: dict) -> None:
+    meta = self.info.metadata
+    meta['packed'] = total - summary['counts'].get('bad_video', 0)
+    meta['skipped'] = summary['counts']
+    meta['skipped_examples'] = summary['listed']
+    logging.info('%s: packed %d of %d samples; skipped %s', self.builder_config.name,
+                 meta['packed'], total, summary['counts'] or 'none')
 
 
 def build(manual_dir: str, data_dir: str, data_set: str, frames: int = 8,
           frame_format: str = 'png', quality: int = 95, teacher_features: str = '',
-          workers: int = 1, timeout_s: float = 30.0) -> PandaPacked:
-  """Packs one data set (see the module docstring); returns the prepared builder."""
+          workers: int = 1, timeout_s: float = 30.0, beam_runner: str = '',
+          beam_options: str | Sequence[str] = ()) -> PandaPacked:
+  """Packs one data set (see the module docstring); returns the prepared builder.
+
+  `beam_runner` (e.g. 'DirectRunner', 'DataflowRunner', 'SparkRunner', 'FlinkRunner'): pack
+  through an Apache Beam pipeline on that runner, with `beam_options` its pipeline flags (one
+  string, split like a shell, or a list: '--direct_num_workers=2 ...'); '' packs in this
+  process (`workers` processes decoding). Both builds write the same records and metadata.
+  """
+  if beam_options and not beam_runner:
+    raise PackingError(f'beam_options={beam_options!r} need a beam_runner (e.g. DirectRunner)')
   config = packed_config(data_set, frames, frame_format, quality)
   if config.name in PandaPacked.builder_configs:
     config = config.name  # tfds takes its own configs by name only
   builder = PandaPacked(config=config, data_dir=data_dir, file_format='array_record',
                         teacher_features=teacher_features, workers=workers,
-                        timeout_s=timeout_s)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+                        timeout_s=timeout_s, beam=bool(beam_runner))
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  if beam_runner:
+    beam = tfds.core.lazy_imports.apache_beam
+    flags = shlex.split(beam_options) if isinstance(beam_options, str) else list(beam_options)
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=manual_dir, beam_runner=beam_runner,
+        beam_options=beam.options.pipeline_options.PipelineOptions(flags))
+  builder.download_and_prepare(download_config=download_config)
   return builder
 
 
@@ -488,7 +627,8 @@ def main(argv: Sequence[str]) -> None:
   builder = build(f.manual_dir, f.data_dir, f.config, frames=f.frames,
                   frame_format=f.frame_format, quality=f.quality,
                   teacher_features=f.teacher_features, workers=f.workers,
-                  timeout_s=f.timeout_s)
+                  timeout_s=f.timeout_s, beam_runner=f.beam_runner,
+                  beam_options=f.beam_options)
   meta = builder.info.metadata
   print(f'{builder.data_dir}: packed {meta["packed"]} records in '
         f'{time.monotonic() - t0:.0f} s; skipped {meta["skipped"] or "none"}')
@@ -506,6 +646,11 @@ def _define_flags() -> None:
   flags.DEFINE_string('teacher_features', '', 'Cached teacher features directory to pack.')
   flags.DEFINE_integer('workers', 1, 'Processes decoding videos.')
   flags.DEFINE_float('timeout_s', 30.0, 'Time budget per video.')
+  flags.DEFINE_string('beam_runner', '', 'Pack through Apache Beam on this runner '
+                      '(DirectRunner, DataflowRunner, SparkRunner, FlinkRunner); empty: in '
+                      'this process with --workers.')
+  flags.DEFINE_string('beam_options', '', 'The Beam pipeline flags, one string (e.g. '
+                      '"--direct_num_workers=2 --direct_running_mode=multi_processing").')
 
 
 if __name__ == '__main__':
