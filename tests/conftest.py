@@ -98,9 +98,9 @@ def tiny_apply():
 # go first (xdist would order files by their number of tests, which puts the long end-to-end
 # files with few tests last, where one of them runs alone while the other worker idles).
 # Measured CPU time, heaviest first; files not listed follow in their usual order.
-SLOWEST_FILES = ('test_stages.py', 'test_demo.py', 'test_topology.py', 'test_loop.py',
+SLOWEST_FILES = ('test_demo.py', 'test_topology.py', 'test_loop.py',
                  'test_train_step.py', 'test_teacher_cache.py', 'test_train_sharded.py',
-                 'test_stages_restart.py', 'test_multihost.py', 'test_llama.py',
+                 'test_multihost.py', 'test_llama.py',
                  'test_ablations.py', 'test_stab.py', 'test_aot.py', 'test_metrics_writer.py',
                  'test_golden.py', 'test_videoqa.py', 'test_predict_cli.py', 'test_predict.py',
                  'test_sharding.py')

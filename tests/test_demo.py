@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from panda_jax.eval import score as score_lib
@@ -58,6 +59,44 @@ def test_demo_writes_every_report_file(demo_run):
   assert s1['trainable'] == ['^visual/', '^distill/'] and s3['trainable'] == ['.*']
   assert json.load(open(workdir / 'stage2' / 'config.json'))['init']['from_run'] == \
       str(workdir / 'stage1')
+
+
+def _params(workdir, step) -> dict:
+  """Checkpoint `step`'s parameters, flat ('visual/projector/fc1/kernel': array)."""
+  import pathlib
+  import orbax.checkpoint as ocp
+  from panda_jax.train import checkpoint as ckpt
+  from panda_jax.tree import flatten
+  m = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints', item_names=ckpt.ITEMS,
+                            options=ocp.CheckpointManagerOptions(read_only=True))
+  return flatten(m.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore())).params)
+
+
+@pytest.mark.slow
+def test_demo_stages_chain_through_checkpoints_and_each_learns(demo_run):
+  """The three stages of the demo's run (8 steps each, saved every 4): each one's loss falls,
+  stage 1 trains the visual part and leaves every LLM weight as initialised, stage 2 starts
+  from stage 1's final checkpoint and trains the LLM."""
+  workdir, _ = demo_run
+  for s in (1, 2, 3):
+    metrics = [json.loads(l) for l in open(workdir / f'stage{s}' / 'metrics.jsonl')]
+    assert [m['step'] for m in metrics] == list(range(1, 9)), s
+    first, last = metrics[0]['loss'], metrics[-1]['loss']
+    assert last < 0.8 * first, (s, first, last)
+    assert sorted(int(p.name) for p in (workdir / f'stage{s}' / 'checkpoints').iterdir()
+                  if p.name.isdigit()) == [4, 8]
+  p4, p8 = _params(workdir / 'stage1', 4), _params(workdir / 'stage1', 8)
+  llm = [k for k in p8 if k.startswith('llm/')]
+  assert 'llm/lm_head/kernel' in llm and len(llm) > 10
+  for k in llm:
+    np.testing.assert_array_equal(p4[k], p8[k], err_msg=k)
+  assert not np.array_equal(p4['visual/projector/fc1/kernel'], p8['visual/projector/fc1/kernel'])
+  # Stage 2 restored stage 1's final weights (its log says so) and then trained the LLM.
+  s2 = json.load(open(workdir / 'stage2' / 'config.json'))
+  assert s2['init']['from_run'] == str(workdir / 'stage1')
+  s2_first = _params(workdir / 'stage2', 4)
+  assert not np.array_equal(s2_first['llm/lm_head/kernel'], p8['llm/lm_head/kernel'])
 
 
 @pytest.mark.slow

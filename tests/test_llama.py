@@ -28,15 +28,18 @@ def params():
 
 
 def _uncached_greedy(model, params, prompt, n, eos):
-  """The obviously correct decode: rerun the whole sequence for every new token."""
+  """The obviously correct decode: rerun the whole sequence for every new token (one jitted
+  forward per length; op by op, every length compiled each of its operations alone)."""
+  @jax.jit
+  def last_logits(params, ids):
+    emb = model.apply({'params': params}, ids, method=Llama.embed)
+    pos = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+    return model.apply({'params': params}, emb, pos, jnp.ones_like(ids, bool))['logits'][0, -1]
+
   seq = list(prompt)
   out = []
   for _ in range(n):
-    ids = jnp.asarray([seq])
-    emb = model.apply({'params': params}, ids, method=Llama.embed)
-    pos = jnp.arange(len(seq), dtype=jnp.int32)[None]
-    logits = model.apply({'params': params}, emb, pos, jnp.ones_like(ids, bool))['logits']
-    tok = int(jnp.argmax(logits[0, -1]))
+    tok = int(jnp.argmax(last_logits(params, jnp.asarray([seq]))))
     out.append(tok)
     if tok == eos:
       break

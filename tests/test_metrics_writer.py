@@ -15,8 +15,6 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from panda_jax.train import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The stage-2 run of test_stages_restart.py (6 steps, dropout off): its compiled step is in the
-# session's compilation cache when that file ran first (conftest.SLOWEST_FILES).
 STEPS = 6
 
 
