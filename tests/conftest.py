@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 # Many tests compile the same programs (a probe run and a full run of one stage, stages with the
-# same trainable set): a session-wide persistent cache compiles each once.
+# same trainable set): a session-wide persistent cache compiles each once. Every program is
+# written, however small: the processes the tests start share the small ones too.
 # Under pytest-xdist (`-n 2`) the workers of one run share it (one directory per run id).
 _RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID')
 JAX_CACHE = (os.environ.get('PANDA_TEST_JAX_CACHE') or
@@ -31,7 +32,7 @@ JAX_CACHE = (os.environ.get('PANDA_TEST_JAX_CACHE') or
               tempfile.mkdtemp(prefix='jaxc-')))
 os.makedirs(JAX_CACHE, exist_ok=True)
 jax.config.update('jax_compilation_cache_dir', JAX_CACHE)
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -45,7 +46,7 @@ def subprocess_env(**extra):
   `extra` sets XLA_FLAGS), this session's compiler flags and its compilation cache, so programs
   a subprocess shares with another (or with a run in this process) compile once."""
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   env.update(extra)
   env['XLA_FLAGS'] = f"{env['XLA_FLAGS']} {TEST_XLA_FLAGS}".strip()   # compiled as here
   return env

@@ -15,10 +15,24 @@ from panda_jax.eval import score as score_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# `python -m panda_jax.main ARGS` in a fresh process that says at the end whether TensorFlow
+# was imported (the TensorBoard events are written without it).
+_MAIN = """
+import sys
+from absl import app
+from panda_jax import main
+sys.argv = ['panda_jax.main'] + sys.argv[1:]
+try:
+  app.run(main.main)
+finally:
+  print('tensorflow imported:', 'tensorflow' in sys.modules, flush=True)
+"""
+
+
 def _run(workdir, *args):
   from conftest import subprocess_env
-  env = subprocess_env()
-  return subprocess.run([sys.executable, '-m', 'panda_jax.main', '--config=configs/demo.py:smoke',
+  env = subprocess_env(PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, '-c', _MAIN, '--config=configs/demo.py:smoke',
                          f'--workdir={workdir}', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
 
@@ -97,6 +111,30 @@ def test_demo_stages_chain_through_checkpoints_and_each_learns(demo_run):
   assert s2['init']['from_run'] == str(workdir / 'stage1')
   s2_first = _params(workdir / 'stage2', 4)
   assert not np.array_equal(s2_first['llm/lm_head/kernel'], p8['llm/lm_head/kernel'])
+
+
+@pytest.mark.slow
+def test_demo_events_match_the_log_and_tensorflow_is_never_imported(demo_run):
+  """Each stage's TensorBoard event file (written without TensorFlow, read back with
+  TensorBoard's reader) holds the loss the log printed at every step, and the stage's other
+  scalars at every step."""
+  from test_metrics_writer import _events
+  workdir, r = demo_run
+  assert 'tensorflow imported: False' in r.stdout, r.stdout[-2000:]
+  logged = re.findall(r'step (\d+)/8 loss ([0-9.]+)', r.stderr)
+  assert len(logged) == 24, r.stderr[-3000:]                # 8 steps of each of 3 stages
+  for s in (1, 2, 3):
+    stage = {int(k): float(v) for k, v in logged[8 * (s - 1):8 * s]}
+    assert sorted(stage) == list(range(1, 9))
+    acc = _events(workdir / f'stage{s}')
+    loss = {e.step: e.value for e in acc.Scalars('loss')}
+    assert sorted(loss) == sorted(stage), s
+    for step, value in stage.items():
+      assert round(loss[step], 4) == pytest.approx(value, abs=1e-4), (s, step, loss[step], value)
+    summary = json.load(open(workdir / f'stage{s}' / 'summary.json'))
+    assert loss[8] == pytest.approx(summary['loss'], abs=1e-6)
+    for tag in ('ce', 'distill', 'grad_norm', 'steps_per_s', 'tokens_per_s'):
+      assert [e.step for e in acc.Scalars(tag)] == list(range(1, 9)), (s, tag)
 
 
 @pytest.mark.slow
