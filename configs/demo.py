@@ -76,13 +76,15 @@ def get_config(arg: str = ''):
   elif variant == 'smoke':
     c.data.train_clips = 24
     c.data.eval_clips = 6
-    # Stages 2 and 3 then compile to the same program (the persistent cache serves the second).
+    # One learning rate: stages 2 and 3 then compile to the same program (the schedule's
+    # constants are part of it; the persistent cache serves the second).
     # 8 steps saved every 4: tests/test_demo.py also checks that every stage learns and what
     # each stage trains (stage 1's checkpoints 4 and 8 hold the same LLM weights).
     for s in (c.stages.stage1, c.stages.stage2, c.stages.stage3):
       s.steps = 8
       s.batch_size = 4
       s.warmup_ratio = 0.25
+      s.lr = 5e-3
     c.train.log_every = 1
     c.train.save_every = 4
     c.eval.batch_size = 8
