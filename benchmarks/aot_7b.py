@@ -95,6 +95,9 @@ def parse_args():
   ap.add_argument('--layers', type=str, default='',
                   help='override the LLM layer count; "2,4" compiles both and extrapolates '
                        'the memory linearly to the configured count')
+  ap.add_argument('--state-only', action='store_true',
+                  help='print the state each device holds (from the shardings) and a STATE json '
+                       'line, without lowering or compiling anything')
   ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                   help='config override, e.g. model.llm.loss_chunk=512 (repeatable)')
   return ap.parse_args()
@@ -438,6 +441,21 @@ def main():
   if len(layer_list) > 2:
     raise SystemExit('--layers takes one or two layer counts')
   full_layers = config_lib.train_config(ARGS.stage, 'tiny' if ARGS.tiny else '').model.llm.layers
+
+  if ARGS.state_only:
+    config = make_config(layer_list[0])
+    mesh = sharding.make_mesh(config.mesh.to_dict(), DEVICES)
+    info = abstract_inputs(config, mesh)[-1]
+    print(f'stage {ARGS.stage}: mesh {dict(mesh.shape)}, global batch {config.train.batch_size} '
+          f'in {config.train.accum_steps} accumulation steps; LLM '
+          f'{"trained" if info["n_llm_train"] else "frozen"}; state held per device:')
+    for k, v in info['state_bytes'].items():
+      print(f'  {k:<22} {gib(v):>8} GiB')
+    print('STATE ' + json.dumps(dict(
+        stage=ARGS.stage, batch=config.train.batch_size, accum=config.train.accum_steps,
+        n_params=info['n_params'], n_train=info['n_train'], n_llm_train=info['n_llm_train'],
+        online_teacher=bool(info['online_teacher']), bytes=info['state_bytes']), sort_keys=True))
+    return
 
   chip = CHIPS[CHIP]
   per_chip = max(1, len(DEVICES) // (topology_chips(ARGS.topology)[1] if COMPILER == 'tpu'
