@@ -13,12 +13,13 @@ from panda_jax.config import stage_config
 # benchmarks/sweep_tpu.py measured when it was written (README, "Layout sweep"); the global batch
 # stays the paper's 2048 = micro_batch x (data x fsdp) x accum_steps.
 LAYOUTS = {
-    # UNSWEPT DEFAULT, pending the sweep: stage 2's measured layout (fsdp 32 x tensor 2,
-    # micro-batch 1, accum 64, remat 'full', query blocks of 512: 9.512 GiB per chip for stage
-    # 2, 2026-11-30). No stage-1 row had been compiled when this was written (2026-12-01); with
-    # the LLM frozen (no LLM gradients or Adam moments) stage 1 should need less, which is
-    # expected, not measured. Update it from `python benchmarks/sweep_tpu.py --print`.
-    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=1, remat='full',
+    # Sweep row `s1 v5e:8x8 32x2 mb2 remat=full chunk=512` (2026-12-01, commit 9aefd58, libtpu
+    # 0.0.42.1), the only stage-1 row measured when this was written: fsdp 32 x tensor 2,
+    # micro-batch 2 (accum 32), remat 'full', query blocks of 512: 11.620 GiB per chip by the
+    # TPU compiler, MODELLED MFU 68.6 % with overlap / 36.2 % without (the frozen LLM's model
+    # FLOPs are 4 N per token, the recomputed forward still 2 N). Other stage-1 rows (micro-batch
+    # 4, 64 x 1) were pending; update from `python benchmarks/sweep_tpu.py --print`.
+    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=2, remat='full',
                    attention_chunk=512),
 }
 

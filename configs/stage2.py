@@ -13,13 +13,14 @@ from panda_jax.config import stage_config
 # benchmarks/sweep_tpu.py measured when it was written (README, "Layout sweep"); the global batch
 # stays the paper's 2048 = micro_batch x (data x fsdp) x accum_steps.
 LAYOUTS = {
-    # Sweep row `s2 v5e:8x8 32x2 mb2 remat=full chunk=512` (2026-12-01, commit 9aefd58, libtpu
-    # 0.0.42.1): fsdp 32 x tensor 2, micro-batch 2 (accum 32), remat 'full', query blocks of
-    # 512: 14.469 GiB per chip by the TPU compiler (0.53 GiB under the 15 GiB target), MODELLED
-    # MFU 75.3 % with overlap / 42.9 % without (72.5 s per step; the micro-batch-1 layout,
-    # 9.512 GiB, 2026-11-30: 75.3 % / 40.1 %, 77.5 s). The overlap MFU ties with every
-    # full-remat row so far (the compute term binds); the no-overlap one breaks the tie.
-    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=2, remat='full',
+    # Sweep row `s2 v5e:8x8 32x2 mb1 remat=dots_no_batch chunk=512` (2026-12-01, commit
+    # 9aefd58, libtpu 0.0.42.1): fsdp 32 x tensor 2, micro-batch 1 (accum 64), remat
+    # 'dots_no_batch' (the weight matmuls' outputs saved, no recomputed forward), query blocks
+    # of 512: 14.591 GiB per chip by the TPU compiler (0.41 GiB under the 15 GiB target),
+    # MODELLED MFU 95.6 % with overlap / 52.3 % without (32.5 / 59.5 s per step), against
+    # 75.3 % / 42.9 % for the best full-remat row (32 x 2, micro-batch 2, 14.469 GiB). MODELLED
+    # by the roofline of benchmarks/aot_7b.py, not measured on a TPU.
+    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=1, remat='dots_no_batch',
                    attention_chunk=512),
 }
 

@@ -13,12 +13,14 @@ from panda_jax.config import stage_config
 # benchmarks/sweep_tpu.py measured when it was written (README, "Layout sweep"); the global batch
 # stays the paper's 1024 = micro_batch x (data x fsdp) x accum_steps.
 LAYOUTS = {
-    # UNSWEPT DEFAULT, pending the sweep: stage 2's measured layout (fsdp 32 x tensor 2,
-    # micro-batch 1, remat 'full', query blocks of 512: 9.512 GiB per chip for stage 2,
-    # 2026-11-30), here with accum 32 for the batch of 1024. No stage-3 row had been compiled
-    # when this was written (2026-12-01); its step is stage 2's (everything trained) on half the
-    # batch. Update it from `python benchmarks/sweep_tpu.py --print`.
-    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=1, remat='full',
+    # Sweep row `s3 v5e:8x8 32x2 mb2 remat=full chunk=512` (2026-12-01, commit 9aefd58, libtpu
+    # 0.0.42.1), the only stage-3 row measured when this was written: fsdp 32 x tensor 2,
+    # micro-batch 2 (accum 16), remat 'full', query blocks of 512: 14.001 GiB per chip by the
+    # TPU compiler, MODELLED MFU 75.3 % with overlap / 42.9 % without. Stage 2's better
+    # 'dots_no_batch' layout was not compiled for stage 3 (its step is stage 2's on half the
+    # batch, so it is expected to fit as well; not measured). Update from
+    # `python benchmarks/sweep_tpu.py --print`.
+    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=2, remat='full',
                    attention_chunk=512),
 }
 
