@@ -1,9 +1,12 @@
-"""Ahead-of-time compile of the stage-2 train step at the real 7B size for a TPU pod.
+"""Ahead-of-time compile of a training stage's train step at the real 7B size for a TPU pod.
 
 Lowers and compiles `panda_jax.train.step.make_train_step` exactly as `panda_jax.train.loop.train`
-jits it (same in/out shardings, donated state, online LanguageBind teacher), for the stage-2
-config `train_config(2)` (bf16 compute, float32 master weights, remat 'full', 4096 tokens,
-8 frames x 448 px). Every input is abstract (`jax.ShapeDtypeStruct` with its sharding): the
+jits it (same in/out shardings, donated state, the online LanguageBind teacher where the stage
+distils), for the config `train_config(--stage)` (default 2; bf16 compute, float32 master
+weights, remat 'full', 4096 tokens, 8 frames x 448 px). Stage 1 trains the STAB, projector and
+distillation head with the LLM frozen (no optimizer state or gradients for it); stage 3 trains
+everything on its own batch (1024). The global batch is the stage's paper batch unless
+`--accum` says otherwise. Every input is abstract (`jax.ShapeDtypeStruct` with its sharding): the
 state comes from `jax.eval_shape` of the model init and of the optimizer init, so nothing of
 the 7B model is ever allocated.
 
@@ -31,6 +34,7 @@ footprint. With compiler=tpu they are the TPU compiler's own buffer assignment.
 
 Run from the repo root:
   python benchmarks/aot_7b.py --topology=v5e:8x8       # 7B by the TPU compiler, v5e-64
+  python benchmarks/aot_7b.py --topology=v5e:8x8 --stage 1  # stage 1 (LLM frozen)
   python benchmarks/aot_7b.py --tiny --topology=v5e:2x2  # smoke: tiny config, 4 TPU chips
   python benchmarks/aot_7b.py --tiny                   # smoke: tiny config, 8 CPU devices
   python benchmarks/aot_7b.py                          # 7B, 64 CPU devices, fsdp=64
@@ -39,11 +43,14 @@ Run from the repo root:
   python benchmarks/aot_7b.py --layers 2,4             # compile 2 and 4 LLM layers and
                                                        # extrapolate linearly to 32
 The last line is `RESULT compiler=<tpu|cpu> topology=<name> per_device_gib=<x>
-modelled_mfu=<y> step_tflops=<z>`.
+modelled_mfu=<y> step_tflops=<z>`; the line before it, `DETAIL {json}`, carries the same run's
+stage, mesh, batch, memory parts, modelled step times and compile times for scripts
+(`benchmarks/sweep_tpu.py`).
 """
 
 import argparse
 import ast
+import json
 import os
 import sys
 
@@ -66,7 +73,9 @@ CHIPS = {
 def parse_args():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--tiny', action='store_true',
-                  help="smoke mode: train_config(2, 'tiny') on 8 devices")
+                  help="smoke mode: train_config(stage, 'tiny') on 8 devices")
+  ap.add_argument('--stage', type=int, default=2, choices=(1, 2, 3),
+                  help='training stage whose train step to compile (default 2)')
   ap.add_argument('--topology', type=str, default='',
                   help='TPU slice to compile for with libtpu, e.g. v5e:8x8, v5p:4x4x4 '
                        '(default: simulated CPU devices)')
@@ -80,11 +89,15 @@ def parse_args():
                   help='per-device micro-batch (sequences per data x fsdp shard per '
                        'accumulation step)')
   ap.add_argument('--accum', type=int, default=None,
-                  help='gradient-accumulation steps (default 32: 1 x 64 x 32 = 2048, the '
-                       'paper\'s batch; 2 with --tiny)')
+                  help='gradient-accumulation steps (default: the stage\'s paper batch / '
+                       '(micro-batch x batch shards), e.g. 2048 / (1 x 64) = 32; 2 with '
+                       '--tiny)')
   ap.add_argument('--layers', type=str, default='',
                   help='override the LLM layer count; "2,4" compiles both and extrapolates '
                        'the memory linearly to the configured count')
+  ap.add_argument('--state-only', action='store_true',
+                  help='print the state each device holds (from the shardings) and a STATE json '
+                       'line, without lowering or compiling anything')
   ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                   help='config override, e.g. model.llm.loss_chunk=512 (repeatable)')
   return ap.parse_args()
@@ -164,7 +177,7 @@ def parse_override(item: str) -> tuple[str, object]:
 
 
 def make_config(layers: int | None):
-  config = config_lib.train_config(2, 'tiny' if ARGS.tiny else '')
+  config = config_lib.train_config(ARGS.stage, 'tiny' if ARGS.tiny else '')
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = ARGS.data, ARGS.fsdp, ARGS.tensor
   try:
     config_lib.apply_overrides(config, dict(map(parse_override, ARGS.set)))
@@ -176,7 +189,11 @@ def make_config(layers: int | None):
                      f'{COMPILER_NOTE}')
   shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh.to_dict(), len(DEVICES))))
   shards = int(np.prod([shape[a] for a in sharding.batch_axes(config_lib.rules(config))]))
-  accum = ARGS.accum or (2 if ARGS.tiny else 32)
+  accum = ARGS.accum or (2 if ARGS.tiny else config.train.batch_size // (ARGS.batch * shards))
+  if accum < 1 or (not ARGS.tiny and not ARGS.accum
+                   and ARGS.batch * shards * accum != config.train.batch_size):
+    raise SystemExit(f'the stage-{ARGS.stage} batch {config.train.batch_size} is not a multiple '
+                     f'of --batch {ARGS.batch} x {shards} batch shards; pass --accum')
   config.train.batch_size = ARGS.batch * shards * accum
   config.train.accum_steps = accum
   config.train.steps = 1000   # only shapes the LR schedule
@@ -236,12 +253,15 @@ def abstract_inputs(config, mesh):
   state_sh = TrainState(step=replicated, params=params_sh, batch_stats=stats_sh,
                         opt_state=opt_sh, rng=replicated, refused=replicated)
 
-  # Teacher: as create_teacher.
-  teacher = VideoTeacher(tc, dtype=run.dtype, param_dtype=run.dtype)
-  t_boxed = jax.eval_shape(teacher.init, key, jax.ShapeDtypeStruct((1,) + tp.shape[1:],
-                                                                   np.float32))
-  t_sh = sharding.logical_shardings(t_boxed, mesh, rules)['params']
-  t_params = sds(nn.unbox(t_boxed)['params'], t_sh)
+  # Teacher: as create_teacher, and only where train() makes one (an online teacher).
+  if run.online_teacher:
+    teacher = VideoTeacher(tc, dtype=run.dtype, param_dtype=run.dtype)
+    t_boxed = jax.eval_shape(teacher.init, key, jax.ShapeDtypeStruct((1,) + tp.shape[1:],
+                                                                     np.float32))
+    t_sh = sharding.logical_shardings(t_boxed, mesh, rules)['params']
+    t_params = sds(nn.unbox(t_boxed)['params'], t_sh)
+  else:
+    teacher, t_sh, t_params = None, {}, {}
 
   batch_sh = {k: sharding.batch_sharding(mesh, len(s), rules) for k, (s, _) in spec.items()}
   batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in spec.items()}
@@ -250,7 +270,10 @@ def abstract_inputs(config, mesh):
               teacher=teacher)
   n_train = sum(int(np.prod(v.shape)) for k, v in flatten(params).items()
                 if labels[k] != 'frozen')
+  n_llm_train = sum(int(np.prod(v.shape)) for k, v in flatten(params).items()
+                    if k.startswith('llm/') and labels[k] != 'frozen')
   info = dict(cfg=cfg, tc=tc, n_params=count(params), n_train=n_train,
+              n_llm_train=n_llm_train, online_teacher=run.online_teacher,
               n_teacher=count(t_params), n_visual=count(params['visual']),
               n_distill=count(params['distill']),
               state_bytes={'params (f32 master)': shard_bytes(state.params),
@@ -276,13 +299,34 @@ def stab_forward_flops(cfg, frames: int) -> float | None:
     return None
 
 
+def remat_flops(llm, n_tokens: float, attn: float) -> float:
+  """LLM FLOPs the remat policy recomputes in the backward pass (n_tokens = non-embedding
+  parameters x tokens; attn = the attention's forward + backward, 3 x its forward):
+  'full' (nothing saved) the whole forward, 2 n_tokens + attn / 3; 'dots_no_batch' (the
+  weight matmuls' outputs saved) the attention's batched matmuls, attn / 3; 'dots' (every
+  matmul saved) nothing, except that query-block attention (`attention_chunk` > 0, or the
+  splash kernel) recomputes its blocks' scores anyway, attn / 3; 'none' nothing. Elementwise
+  recomputation is not counted. Query-block attention under 'full' is counted once (its block
+  recompute inside the recomputed layer is not added)."""
+  if llm.remat == 'full':
+    return 2 * n_tokens + attn / 3
+  if llm.remat == 'dots_no_batch':
+    return attn / 3
+  if llm.remat == 'dots':
+    blocked = llm.attention_impl == 'splash' or llm.attention_chunk > 0
+    return attn / 3 if blocked else 0.0
+  return 0.0
+
+
 def hand_flops(config, info) -> dict:
   """Model FLOPs of one optimizer step, counted by hand (forward + backward = 3 x forward).
 
-  LLM: 6 * non-embedding parameters * tokens + 12 * layers * T^2 * hidden per sequence (the
-  causal attention computed in full); teacher: forward only (frozen), its matmuls and both
-  attentions; STAB: 3 x the XLA count of one video's forward; head: its projections.
-  `hardware` adds the recomputed LLM forward of full rematerialisation.
+  LLM: 6 * non-embedding parameters * tokens (4 * when the LLM is frozen, stage 1: forward and
+  the input gradients the STAB needs, no weight gradients) + 12 * layers * T^2 * hidden per
+  sequence (the causal attention computed in full: forward and its backward, which the input
+  gradients need too); teacher: forward only (frozen), its matmuls and both attentions; STAB:
+  3 x the XLA count of one video's forward; head: its projections.
+  `hardware` adds what the LLM's remat policy recomputes (`remat_flops`).
   """
   cfg, tc = info['cfg'], info['tc']
   b, t, f = config.train.batch_size, config.data.max_len, config.data.frames
@@ -290,7 +334,7 @@ def hand_flops(config, info) -> dict:
   n_llm = llm.num_params - llm.vocab_size * llm.hidden           # the lookup costs nothing
   tokens = b * t
   attn = 12 * llm.layers * t * t * llm.hidden * b
-  llm_flops = 6 * n_llm * tokens + attn
+  llm_flops = (6 if info['n_llm_train'] else 4) * n_llm * tokens + attn
   n_tok = 1 + tc.grid ** 2
   t_layers = tc.run_layers
   teacher = 2 * b * f * n_tok * t_layers * (4 * tc.hidden ** 2 * (2 if tc.temporal else 1)
@@ -305,7 +349,7 @@ def hand_flops(config, info) -> dict:
   distill = 3 * 2 * patches * (len(d.layers) * d.llm_hidden * d.teacher_hidden
                                + d.llm_hidden * d.teacher_hidden + d.teacher_hidden ** 2)
   model = llm_flops + teacher + stab + distill
-  remat = (2 * n_llm * tokens + attn / 3) if llm.remat != 'none' else 0.0
+  remat = remat_flops(llm, n_llm * tokens, attn)
   return {'llm': llm_flops, 'tokens': tokens, 'teacher': teacher, 'stab': stab,
           'stab_video': stab_video, 'distill': distill, 'model': model,
           'hardware': model + remat}
@@ -316,14 +360,15 @@ def roofline(config, info, hf, mesh) -> dict:
 
   compute: hardware FLOPs (model + remat recompute) / (chips x bf16 peak).
   HBM: per micro-batch, the gathered bf16 LLM weights read once per pass (forward, remat
-    recompute, backward: 3; 2 without remat) and the f32 gradient accumulator read and written;
+    recompute, backward: 3 with remat 'full'; 2 with none or a 'dots' policy, whose recompute
+    needs no weights) and the f32 gradient accumulator read and written;
     the attention scores of the `xla` attention (f32 scores written and read, bf16
     probabilities written and read: 12 B per score, in the same 3 passes; the splash and cuDNN
     kernels keep them on chip: 0); once per step, Adam (f32 parameter, gradient, two moments:
     read 16 B, write 12 B per parameter) on the chip's shard. Activations, the teacher's and the
     STAB's traffic are not counted (so the HBM term is a lower bound).
   ICI: per micro-batch, FSDP all-gathers of the bf16 LLM weights (forward and backward: 2) and a
-    reduce-scatter of the f32 gradients, each moving (f-1)/f of the chip's tensor-parallel
+    reduce-scatter of the f32 gradients (none for a frozen LLM, stage 1), each moving (f-1)/f of the chip's tensor-parallel
     share; with tensor > 1, the two all-reduces per layer of [tokens, E] bf16 activations in
     each of 3 passes (ring: 2 (t-1)/t of the data); with data > 1, an all-reduce of the f32
     gradient shard per micro-batch. At the chip's whole published ICI bandwidth (optimistic).
@@ -339,7 +384,7 @@ def roofline(config, info, hf, mesh) -> dict:
   t = config.data.max_len
   n_llm = llm.num_params - llm.vocab_size * llm.hidden
   n_shard = info['n_train'] / (f * tp)
-  passes = 3 if llm.remat != 'none' else 2
+  passes = 3 if llm.remat == 'full' else 2
   hbm_weights = accum * passes * 2 * n_llm / tp
   hbm_accum = accum * 8 * n_shard
   scores = llm.layers * (llm.heads / tp) * b_local * t * t
@@ -347,7 +392,7 @@ def roofline(config, info, hf, mesh) -> dict:
   hbm_adam = 28 * n_shard
   hbm = hbm_weights + hbm_accum + hbm_scores + hbm_adam
   ici_gather = accum * 2 * (f - 1) / f * 2 * llm.num_params / tp
-  ici_scatter = accum * (f - 1) / f * 4 * llm.num_params / tp
+  ici_scatter = accum * (f - 1) / f * 4 * llm.num_params / tp if info['n_llm_train'] else 0.0
   ici_tensor = (accum * passes * 2 * llm.layers * 2 * (tp - 1) / tp * b_local * t * llm.hidden
                 * 2)
   ici_data = accum * 2 * (d - 1) / d * 4 * n_shard
@@ -395,7 +440,22 @@ def main():
   layer_list = [int(x) for x in ARGS.layers.split(',') if x] or [None]
   if len(layer_list) > 2:
     raise SystemExit('--layers takes one or two layer counts')
-  full_layers = config_lib.train_config(2, 'tiny' if ARGS.tiny else '').model.llm.layers
+  full_layers = config_lib.train_config(ARGS.stage, 'tiny' if ARGS.tiny else '').model.llm.layers
+
+  if ARGS.state_only:
+    config = make_config(layer_list[0])
+    mesh = sharding.make_mesh(config.mesh.to_dict(), DEVICES)
+    info = abstract_inputs(config, mesh)[-1]
+    print(f'stage {ARGS.stage}: mesh {dict(mesh.shape)}, global batch {config.train.batch_size} '
+          f'in {config.train.accum_steps} accumulation steps; LLM '
+          f'{"trained" if info["n_llm_train"] else "frozen"}; state held per device:')
+    for k, v in info['state_bytes'].items():
+      print(f'  {k:<22} {gib(v):>8} GiB')
+    print('STATE ' + json.dumps(dict(
+        stage=ARGS.stage, batch=config.train.batch_size, accum=config.train.accum_steps,
+        n_params=info['n_params'], n_train=info['n_train'], n_llm_train=info['n_llm_train'],
+        online_teacher=bool(info['online_teacher']), bytes=info['state_bytes']), sort_keys=True))
+    return
 
   chip = CHIPS[CHIP]
   per_chip = max(1, len(DEVICES) // (topology_chips(ARGS.topology)[1] if COMPILER == 'tpu'
@@ -416,10 +476,12 @@ def main():
   config, info, mesh = r['config'], r['info'], r['mesh']
   c = config
   print()
-  print(f'config: stage 2{" (tiny)" if ARGS.tiny else ""}, dtype {c.model.dtype} / params '
+  print(f'config: stage {ARGS.stage}{" (tiny)" if ARGS.tiny else ""}, dtype {c.model.dtype} / params '
         f'{c.model.param_dtype}, remat {c.model.llm.remat!r}, max_len {c.data.max_len}, '
         f'{c.data.frames} frames x {info["cfg"].stab.image_size} px, teacher ViT '
-        f'{info["tc"].hidden}x{info["tc"].layers} at {info["tc"].image_size} px (online)')
+        f'{info["tc"].hidden}x{info["tc"].layers} at {info["tc"].image_size} px '
+        f'({"online" if info["online_teacher"] else "not in the step"}); LLM '
+        f'{"trained" if info["n_llm_train"] else "frozen"}')
   print(f'mesh: {dict(mesh.shape)}; global batch {c.train.batch_size} = {ARGS.batch}/device '
         f'micro-batch x {sharding.batch_shards(mesh, info["rules"])} batch shards x '
         f'{c.train.accum_steps} accumulation steps')
@@ -471,7 +533,8 @@ def main():
   print(f'  XLA cost_analysis      {"-" if xf is None else f"{xf / 1e12:,.1f}"} TFLOP per device'
         f' program (counts each while-loop body -- the {config.train.accum_steps}-step '
         f'accumulation scan and the layer scan -- once; not used)')
-  print(f'  hand: LLM 6*N*tokens + attention   {hf["llm"] / 1e12:>12,.1f} TFLOP  '
+  k = 6 if info['n_llm_train'] else 4
+  print(f'  hand: LLM {k}*N*tokens + attention   {hf["llm"] / 1e12:>12,.1f} TFLOP  '
         f'({hf["tokens"]:,} tokens)')
   print(f'  hand: teacher forward              {hf["teacher"] / 1e12:>12,.1f} TFLOP')
   stab_note = ('' if hf['stab_video'] is None else
@@ -521,6 +584,25 @@ def main():
   print(f'peak host RSS of this process: {peak_rss_gib():.2f} GiB')
   topo = ARGS.topology if COMPILER == 'tpu' else f'cpu:{len(DEVICES)}'
   pd = per_device / GIB if per_device is not None else float('nan')
+  m = mesh.shape
+  mem = extrap if extrap is not None else r['mem']
+  detail = dict(
+      stage=ARGS.stage, tiny=ARGS.tiny, compiler=COMPILER, topology=topo,
+      mesh=dict(data=m['data'], fsdp=m['fsdp'], tensor=m['tensor']), micro_batch=ARGS.batch,
+      accum=c.train.accum_steps, batch=c.train.batch_size, remat=llm.remat,
+      attention_chunk=llm.attention_chunk, attention_impl=llm.attention_impl,
+      overrides=list(ARGS.set), layers=[x['layers'] for x in results],
+      extrapolated=extrap is not None, llm_trained=bool(info['n_llm_train']),
+      online_teacher=bool(info['online_teacher']), per_device_gib=round(pd, 4),
+      hbm_gib=hbm_gib, fits=bool(fits),
+      memory_gib={n: (None if mem.get(n) is None else round(mem[n] / GIB, 4)) for n in names},
+      model_tflops=hf['model'] / 1e12, hardware_tflops=hf['hardware'] / 1e12,
+      modelled_step_s=rf['t_max'], modelled_step_s_no_overlap=rf['t_sum'],
+      modelled_mfu=rf['mfu'], modelled_mfu_no_overlap=rf['mfu_sum'],
+      t_compute=rf['t_compute'], t_hbm=rf['t_hbm'], t_ici=rf['t_ici'],
+      lower_s=sum(x['t_lower'] for x in results), compile_s=sum(x['t_compile'] for x in results),
+      peak_rss_gib=peak_rss_gib(), jax=jax.__version__)
+  print('DETAIL ' + json.dumps(detail, sort_keys=True))
   print(f'RESULT compiler={COMPILER} topology={topo} per_device_gib={pd:.3f} '
         f'modelled_mfu={rf["mfu"]:.3f} step_tflops={_fmt(hf["model"] / 1e12)}')
 

@@ -307,6 +307,44 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     node[last] = value
 
 
+def pod_layout(config: ml_collections.ConfigDict, chips: int, fsdp: int, tensor: int,
+               micro_batch: int, remat: str, attention_chunk: int) -> None:
+  """Lays an (unlocked) 7B training config out for a pod of `chips` devices: mesh data x fsdp x
+  tensor with data = chips / (fsdp x tensor), the LLM's remat policy and attention query block,
+  and the accumulation steps that keep the configured (paper) batch at `micro_batch` sequences
+  per batch shard (data x fsdp) per accumulation step. The named variants (`v5e-64` in
+  configs/stageN.py) use it with the layout a sweep picked (benchmarks/sweep_tpu.py)."""
+  if chips % (fsdp * tensor):
+    raise ValueError(f'fsdp {fsdp} x tensor {tensor} does not divide {chips} chips')
+  data = chips // (fsdp * tensor)
+  per_step = micro_batch * data * fsdp
+  if config.train.batch_size % per_step:
+    raise ValueError(f'batch {config.train.batch_size} is not a multiple of micro-batch '
+                     f'{micro_batch} x {data * fsdp} batch shards')
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
+  config.train.accum_steps = config.train.batch_size // per_step
+  config.model.llm.remat = remat
+  config.model.llm.attention_chunk = attention_chunk
+
+
+def stage_config(stage: int, arg: str, layouts: Mapping[str, Mapping[str, Any]]):
+  """`train_config(stage, arg)` where `arg` may also name one pod layout of `layouts`
+  (configs/stageN.py's LAYOUTS: `pod_layout`'s arguments by name), e.g. `v5e-64` or
+  `v5e-64,teacher=clip`."""
+  options = [o for o in arg.split(',') if o]
+  named = [o for o in options if o in layouts]
+  if len(named) > 1:
+    raise ValueError(f'config argument {arg!r}: more than one pod layout {named}')
+  for o in options:
+    if o not in layouts and o != 'tiny' and not o.startswith('teacher='):
+      raise ValueError(f'config argument {arg!r}: unknown option {o!r}; expected "tiny", '
+                       f'"teacher=NAME" and/or one pod layout of {sorted(layouts)}')
+  config = train_config(stage, ','.join(o for o in options if o not in layouts))
+  if named:
+    pod_layout(config, **layouts[named[0]])
+  return config
+
+
 def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
   """The config of one training stage.
 

@@ -1,6 +1,7 @@
 """The ahead-of-time memory benchmark runs end to end: tiny config on 8 simulated CPU devices,
 and by the TPU compiler (libtpu, pinned in requirements.txt) for a 2x2 v5e slice."""
 
+import json
 import os
 import re
 import subprocess
@@ -58,3 +59,18 @@ def test_tpu_compiler_compiles_the_tiny_step_with_splash_attention_for_a_v5e_sli
   assert kernels >= 3, out
   assert 0.001 < gib < 16 and tflops > 0 and 0 < mfu <= 1
   assert "attention 'splash'" in out
+
+
+def test_stage_1_state_has_a_frozen_llm():
+  """`--stage 1` builds stage 1's state (no compile): the LLM frozen (no optimizer state for it),
+  the STAB, projector and head trained, the online teacher kept; stage 2's would train the LLM."""
+  run = subprocess.run([sys.executable, 'benchmarks/aot_7b.py', '--tiny', '--stage', '1',
+                        '--state-only'], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+  line = run.stdout.strip().splitlines()[-1]
+  assert line.startswith('STATE '), line
+  state = json.loads(line[len('STATE '):])
+  assert state['stage'] == 1 and state['n_llm_train'] == 0 and state['online_teacher']
+  assert 0 < state['n_train'] < state['n_params'] / 2
+  assert 'LLM frozen' in run.stdout

@@ -1,0 +1,97 @@
+"""The pod-layout variants (`configs/stageN.py:v5e-64`) and the layout sweep's bookkeeping
+(benchmarks/sweep_tpu.py), without compiling anything."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from panda_jax import config as config_lib
+from panda_jax import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module(path, name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+sweep = _module('benchmarks/sweep_tpu.py', 'sweep_tpu')
+
+
+@pytest.mark.parametrize('stage', [1, 2, 3])
+def test_v5e64_variant_resolves_at_the_paper_batch(stage):
+  mod = _module(f'configs/stage{stage}.py', f'stage{stage}_config')
+  layout = mod.LAYOUTS['v5e-64']
+  config = mod.get_config('v5e-64')
+  run = config_lib.resolve(config)
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(run.mesh, 64)))
+  shards = shape['data'] * shape['fsdp']
+  batch = config_lib.STAGES[stage]['batch_size']
+  assert config.stage == stage and config.train.batch_size == batch
+  assert (shape['fsdp'], shape['tensor']) == (layout['fsdp'], layout['tensor'])
+  assert layout['micro_batch'] * shards * config.train.accum_steps == batch
+  assert run.batch['labels'][0] == (batch, config.data.max_len)
+  assert config.model.llm.remat == layout['remat']
+  assert config.model.llm.attention_chunk == layout['attention_chunk']
+  # The 7B model, everything else as the plain stage config.
+  plain = mod.get_config('')
+  assert config.model.llm.layers == plain.model.llm.layers == 32
+  assert config.optim.to_dict() == plain.optim.to_dict()
+  # Combines with a teacher; a second layout, an unknown option or the tiny batch are refused.
+  assert mod.get_config('v5e-64,teacher=clip').model.teacher.temporal is False
+  for bad in ('v5e-64,v5e-64', 'v5e-128', 'tiny,v5e-64'):
+    with pytest.raises(ValueError):
+      mod.get_config(bad)
+
+
+def test_sweep_rows_make_each_stages_paper_batch():
+  assert sweep.PAPER_BATCH == {s: v['batch_size'] for s, v in config_lib.STAGES.items()}
+  keys = [sweep.key(r) for r in sweep.ROWS]
+  assert len(set(keys)) == len(keys)
+  assert {r['stage'] for r in sweep.ROWS} == {1, 2, 3}
+  for r in sweep.ROWS:
+    assert r['micro_batch'] * sweep.batch_shards(r) * sweep.accum_steps(r) == \
+        sweep.PAPER_BATCH[r['stage']]
+    cmd = ' '.join(sweep.command(r))
+    assert f'--stage={r["stage"]}' in cmd and f'--accum={sweep.accum_steps(r)}' in cmd
+
+
+def _record(r, **kw):
+  rec = dict(key=sweep.key(r), **r, accum=sweep.accum_steps(r), started='2026-12-01T00:00:00',
+             cpu_s=450.0, returncode=0, log='x.log')
+  rec.update(kw)
+  return rec
+
+
+def test_sweep_resumes_skips_done_rows_and_picks_the_best_fitting_row(tmp_path, monkeypatch,
+                                                                       capsys):
+  a, b, c = sweep.ROWS[:3]
+  path = tmp_path / 'results.jsonl'
+  recs = [_record(a, status='ok', per_device_gib=12.0, modelled_mfu=0.80,
+                  modelled_mfu_no_overlap=0.5, modelled_step_s=40.0,
+                  modelled_step_s_no_overlap=60.0),
+          _record(b, status='ok', per_device_gib=15.5, modelled_mfu=0.90,    # does not fit
+                  modelled_mfu_no_overlap=0.6, modelled_step_s=35.0,
+                  modelled_step_s_no_overlap=50.0),
+          _record(c, status='oom', used_gib=17.2, of_gib=15.75)]
+  path.write_text(''.join(json.dumps(x) + '\n' for x in recs) + '{"cut sho')
+  calls = []
+  monkeypatch.setattr(sweep, 'run_row', lambda r, *_: calls.append(r) or _record(
+      r, status='error', returncode=1))
+  sweep.main(['--results', str(path), '--only', '|'.join(
+      __import__('re').escape(sweep.key(x)) for x in (a, b, c))])
+  assert calls == []                             # all three recorded: nothing recompiles
+  out = capsys.readouterr().out
+  best = sweep.best(sweep.latest(sweep.load(str(path))))
+  assert best[(a['stage'], a['topology'])]['key'] == sweep.key(a)
+  assert '| 12.000 | yes | 80.0 % / 50.0 % | 40.0 / 60.0 | 450 | **best** |' in out
+  assert '| 15.500 | **no** |' in out
+  assert 'used 17.20 of 15.75' in out
+  assert out.count('| pending |') == len(sweep.ROWS) - 3
+  sweep.main(['--results', str(path), '--print'])
+  assert calls == []
