@@ -6,7 +6,7 @@ out for a v5e-64 slice (LAYOUTS).
   python -m panda_jax.main --config=configs/stage2.py:v5e-64 --workdir=DIR   # on a v5e-64
 """
 
-from panda_jax.config import stage_config
+from panda_jax.config import train_config
 
 # Pod layouts by name (`panda_jax.config.pod_layout`'s arguments), each the best row that fits
 # (<= 15 GiB per chip by the TPU compiler) with the best MODELLED MFU among the rows of
@@ -26,6 +26,6 @@ LAYOUTS = {
 
 
 def get_config(arg: str = ''):
-  config = stage_config(2, arg, LAYOUTS)
+  config = train_config(2, arg, LAYOUTS)
   config.lock()
   return config

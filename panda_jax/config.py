@@ -327,41 +327,32 @@ def pod_layout(config: ml_collections.ConfigDict, chips: int, fsdp: int, tensor:
   config.model.llm.attention_chunk = attention_chunk
 
 
-def stage_config(stage: int, arg: str, layouts: Mapping[str, Mapping[str, Any]]):
-  """`train_config(stage, arg)` where `arg` may also name one pod layout of `layouts`
-  (configs/stageN.py's LAYOUTS: `pod_layout`'s arguments by name), e.g. `v5e-64` or
-  `v5e-64,teacher=clip`."""
+def train_config(stage: int, arg: str = '',
+                 layouts: Mapping[str, Mapping[str, Any]] | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The config of one training stage.
+
+  `arg` is a comma-separated list of options: `tiny` (the CPU-sized variant),
+  `teacher=NAME` (a teacher of TEACHERS) and at most one pod layout named in `layouts`
+  (configs/stageN.py's LAYOUTS: `pod_layout`'s arguments by name), e.g.
+  `configs/stage2.py:tiny,teacher=clip` or `configs/stage2.py:v5e-64`.
+  """
+  if stage not in STAGES:
+    raise ValueError(f'stage {stage}; expected 1, 2 or 3')
+  layouts = layouts or {}
   options = [o for o in arg.split(',') if o]
+  tiny = 'tiny' in options
+  teacher = 'languagebind_video'
   named = [o for o in options if o in layouts]
   if len(named) > 1:
     raise ValueError(f'config argument {arg!r}: more than one pod layout {named}')
   for o in options:
-    if o not in layouts and o != 'tiny' and not o.startswith('teacher='):
-      raise ValueError(f'config argument {arg!r}: unknown option {o!r}; expected "tiny", '
-                       f'"teacher=NAME" and/or one pod layout of {sorted(layouts)}')
-  config = train_config(stage, ','.join(o for o in options if o not in layouts))
-  if named:
-    pod_layout(config, **layouts[named[0]])
-  return config
-
-
-def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
-  """The config of one training stage.
-
-  `arg` is a comma-separated list of options: `tiny` (the CPU-sized variant) and
-  `teacher=NAME` (a teacher of TEACHERS), e.g. `configs/stage2.py:tiny,teacher=clip`.
-  """
-  if stage not in STAGES:
-    raise ValueError(f'stage {stage}; expected 1, 2 or 3')
-  options = [o for o in arg.split(',') if o]
-  tiny = 'tiny' in options
-  teacher = 'languagebind_video'
-  for o in options:
     if o.startswith('teacher='):
       teacher = o[len('teacher='):]
-    elif o != 'tiny':
-      raise ValueError(f'config argument {arg!r}: unknown option {o!r}; expected "tiny" '
-                       f'and/or "teacher=NAME" with NAME in {sorted(TEACHERS)}')
+    elif o != 'tiny' and o not in layouts:
+      raise ValueError(f'config argument {arg!r}: unknown option {o!r}; expected "tiny", '
+                       f'"teacher=NAME" with NAME in {sorted(TEACHERS)} and/or one pod layout '
+                       f'of {sorted(layouts)}')
   st = STAGES[stage]
   c = ml_collections.ConfigDict()
   c.mode = 'train'
@@ -408,4 +399,6 @@ def train_config(stage: int, arg: str = '') -> ml_collections.ConfigDict:
   # teacher: a LanguageBind video checkpoint directory (random only for tiny runs).
   c.init = ml_collections.ConfigDict(dict(
       from_run='', converted='', require=[], skip=[], teacher='', teacher_prefix='vision_model.'))
+  if named:
+    pod_layout(c, **layouts[named[0]])
   return c
