@@ -266,6 +266,52 @@ def test_one_epoch_is_the_smallest_process_count():
   assert loop.resolve_steps(c, It()) == 11
 
 
+def test_a_later_run_of_the_same_step_reuses_its_traced_program(uninterrupted, tmp_path,
+                                                                monkeypatch):
+  """train() in one process keeps its jitted step: another run of the same config builds and
+  traces no step (the uninterrupted run's program serves every run here, traced once) and ends
+  as that run did; every input of the step's program is in the key it is kept under."""
+  built = []
+  real = loop.make_train_step
+  monkeypatch.setattr(loop, 'make_train_step', lambda *a, **k: built.append(1) or real(*a, **k))
+  # The step of the uninterrupted run, and of every run since (this module trains one config).
+  fn = next(reversed(loop._STEP_CACHE.values()))
+  loop.train(_config(), str(tmp_path / 'b'), Batches(_config()))
+  assert built == [] and next(reversed(loop._STEP_CACHE.values())) is fn
+  assert fn._cache_size() == 1
+  np.testing.assert_array_equal(_checkpoint(tmp_path / 'b', 4)['params/llm/lm_head/kernel'],
+                                _checkpoint(uninterrupted[0], 4)['params/llm/lm_head/kernel'])
+  # The key: anything the program is built from changes it; the workdir and the loop's own
+  # settings do not.
+  from panda_jax import sharding
+  c = _config()
+  mesh = sharding.make_mesh(c.mesh.to_dict())
+  labels = {'visual/w': 'visual', 'llm/w': 'llm'}
+
+  def key(config, mesh=mesh, labels=labels):
+    return loop._step_key(config, config_lib.resolve(config), mesh, labels, {}, {}, {})
+
+  base = key(c)
+  same = _config()
+  same.train.max_refused_steps, same.train.save_every, same.train.log_every = 0, 1, 3
+  assert key(same) == base
+  for change in ('optim.lr', 'train.steps', 'train.accum_steps', 'model.distill_weight',
+                 'model.llm.layers', 'model.stab.dropout', 'model.dtype'):
+    other = _config()
+    section, *path, field = change.split('.')
+    node = other[section]
+    for p in path:
+      node = node[p]
+    value = node[field]
+    node[field] = {'bfloat16': 'float32', 'float32': 'bfloat16'}.get(value, (
+        value / 2 if field == 'dropout' else value * 2 if value else 1))
+    if change == 'train.accum_steps':
+      other.train.batch_size *= 2
+    assert key(other) != base, change
+  assert key(c, labels={**labels, 'llm/w': 'frozen'}) != base
+  assert key(c, mesh=sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})) != base
+
+
 def test_initial_state_is_placed_by_its_shardings_so_the_step_compiles_once():
   # A leaf placed without the mesh (as the step counter once was) has another type than the
   # step's output: the second step then traced and compiled the whole train step again.

@@ -11,6 +11,7 @@ At its end (also when SIGTERM stops it early) process 0 writes `workdir/summary.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import signal
@@ -194,6 +195,37 @@ def create_state(config, run: config_lib.Run, mesh, model, rng):
   return state, state_sh, labels, tx, schedules
 
 
+# The jitted train steps of this process's recent `train` calls, by everything their program is
+# built from: a later call with the same model, optimizer, schedule, trainable set, teacher and
+# shardings (a notebook rerunning a stage, the test suite, stages that train alike) reuses the
+# step, so it is traced, lowered and compiled once instead of on every call.
+_STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
+STEP_CACHE_SIZE = 2
+
+
+def _step_key(config, run: config_lib.Run, mesh, labels, state_sh, batch_sh, teacher_sh):
+  """Everything `train` builds its jitted step from (a hashable tuple)."""
+  def shardings(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(leaves)
+  return (run.model, run.teacher if run.online_teacher else None, str(run.dtype),
+          str(run.param_dtype), run.rules, mesh, tuple(sorted(labels.items())),
+          config.optim.to_json(sort_keys=True), int(config.train.steps),
+          int(config.train.accum_steps), shardings(state_sh), shardings(batch_sh),
+          shardings(teacher_sh))
+
+
+def _cached_step(key, build):
+  """The step cached under `key`, or `build()` cached (the least recently used dropped)."""
+  fn = _STEP_CACHE.pop(key, None)
+  if fn is None:
+    fn = build()
+  _STEP_CACHE[key] = fn
+  while len(_STEP_CACHE) > STEP_CACHE_SIZE:
+    _STEP_CACHE.popitem(last=False)
+  return fn
+
+
 def resolve_steps(config, iterator) -> int:
   """`train.steps`, or one epoch of the iterator's data set when it is -1.
 
@@ -275,11 +307,13 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
         config.init.teacher_prefix)
   else:
     teacher, teacher_params, teacher_sh = None, {}, {}
-  step_fn = jax.jit(
-      make_train_step(model, labels, tx, schedules, config.train.accum_steps,
-                      run.model.distill_weight, teacher=teacher),
-      in_shardings=(state_sh, batch_sh, teacher_sh), out_shardings=(state_sh, None),
-      donate_argnums=(0,))
+  step_fn = _cached_step(
+      _step_key(config, run, mesh, labels, state_sh, batch_sh, teacher_sh),
+      lambda: jax.jit(
+          make_train_step(model, labels, tx, schedules, config.train.accum_steps,
+                          run.model.distill_weight, teacher=teacher),
+          in_shardings=(state_sh, batch_sh, teacher_sh), out_shardings=(state_sh, None),
+          donate_argnums=(0,)))
 
   mngr = ckpt.manager(workdir, config.train.save_every, config.train.keep)
   start = mngr.latest_step() or 0
