@@ -4,10 +4,12 @@ tiny stage-2 run as 1 process x 8 devices and as 2 processes x 4 devices (launch
 logs the same losses, ends with the same parameters and writes the same summary (slow).
 
 Checkpoints hold every process's data state (faked processes, fast). With real processes
-(slow, sharing the data set and the two uninterrupted runs above): both processes write one
-restorable checkpoint; a 2-process run killed after a checkpoint resumes to the uninterrupted
-state; its checkpoint resumes on 1 process to the same state; evaluation and teacher feature
-extraction on 2 processes do every question / video once and mark completion."""
+(slow, sharing the data set and the two runs above): the 2-process run is killed (both
+processes, SIGKILL) after its first checkpoint and the same command resumes it, so the runs
+compared are 1 x 8 uninterrupted and 2 x 4 killed and resumed; both processes write one
+restorable checkpoint; the 2-process checkpoint resumes on 1 process to the same state;
+evaluation and teacher feature extraction on 2 processes do every question / video once and
+mark completion."""
 
 import collections
 import json
@@ -258,7 +260,7 @@ def test_skipped_samples_are_replaced_from_the_process_own_slices(ids_batches):
 # ------------------------------------------------------------------------------------------
 # 1 process x 8 devices and 2 processes x 4 devices (slow)
 
-STEPS, BATCH, SAVE_EVERY = 6, 8, 3
+STEPS, BATCH, SAVE_EVERY = 4, 8, 2
 
 
 def _data(root):
@@ -275,9 +277,9 @@ def _data(root):
 
 
 def _overrides(root, annotations):
-  # 12 records in batches of 8: the 6 steps run through several epochs, and batches straddle
-  # their ends. A sample is ~250 tokens (4 frames of visual tokens). Checkpoints at steps 3 and
-  # 6 (the restart tests start from 3).
+  # 12 records in batches of 8: the 4 steps run through several epochs, and batches straddle
+  # their ends. A sample is ~250 tokens (4 frames of visual tokens). Checkpoints at steps 2 and
+  # 4 (the restarts start from 2).
   return {'train.batch_size': BATCH, 'train.steps': STEPS, 'train.log_every': 1,
           'train.save_every': SAVE_EVERY, 'data.synthetic_videos': 0, 'data.max_len': 320,
           'data.annotations': annotations, 'data.video_root': root,
@@ -345,26 +347,95 @@ def _train_here(workdir, overrides):
     iterator.close()
 
 
+# A `python` for launch/local.sh whose processes stop for good once checkpoint HOLD is written
+# (so the test kills them after a checkpoint and before the end, whatever the machine's speed).
+_HOLD_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = -m ]; then shift 2; exec {python} {hook} "$@"; fi
+exec {python} "$@"
+"""
+_HOLD_HOOK = """import os, runpy, sys, time
+sys.path.insert(0, {root!r})
+from panda_jax.train import checkpoint
+save = checkpoint.save
+
+def hold(mngr, step, *args, **kwargs):
+  save(mngr, step, *args, **kwargs)
+  if step == {step}:
+    mngr.wait_until_finished()
+    import jax
+    open(os.path.join({marks!r}, f'held.{{jax.process_index()}}'), 'w').close()
+    time.sleep(900)
+
+checkpoint.save = hold
+sys.argv = ['panda_jax.main'] + sys.argv[1:]
+runpy.run_module('panda_jax.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def _hold_python(tmp, marks):
+  """A `python` for launch/local.sh whose `-m` processes stop for good after checkpoint
+  SAVE_EVERY, each writing `marks/held.I` when its save is complete."""
+  hook, python = tmp / 'hold.py', tmp / 'python'
+  hook.write_text(_HOLD_HOOK.format(root=ROOT, step=SAVE_EVERY, marks=str(marks)))
+  python.write_text(_HOLD_PYTHON.format(python=sys.executable, hook=hook))
+  python.chmod(0o755)
+  return python
+
+
+def _kill_after_checkpoint(proc, marks, log_path) -> dict:
+  """Waits until both processes of `proc` hold after checkpoint SAVE_EVERY, kills them
+  (SIGKILL, by the pids launch/local.sh printed) and returns what the kill left."""
+  deadline = time.time() + 600
+  while len(os.listdir(marks)) < 2 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  text = open(log_path).read()
+  held = sorted(os.listdir(marks))
+  if held == ['held.0', 'held.1']:
+    for i in (0, 1):
+      os.kill(int(text.split(f'process {i} of 2: pid ')[1].split(',')[0]), signal.SIGKILL)
+    proc.wait(timeout=60)
+  return {'held': held, 'log': text}
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """The data set and the two uninterrupted runs every slow test here compares with: 1 process
-  x 8 devices (`one`) and 2 processes x 4 devices through launch/local.sh (`two`)."""
+  """The data set and the two runs every slow test here compares: 1 process x 8 devices
+  uninterrupted (`one`), and 2 processes x 4 devices through launch/local.sh (`two`), killed
+  (both processes, SIGKILL) once checkpoint SAVE_EVERY is written and then resumed by the same
+  command (`killed`: what the kill left; `proc`, `out`, `err`: the resumed run's)."""
   tmp = tmp_path_factory.mktemp('topology')
   root = str(tmp / 'data')
   overrides = _overrides(root, _data(root))
-  one, two = tmp / 'one', tmp / 'two'
+  one, two, marks = tmp / 'one', tmp / 'two', tmp / 'marks'
+  marks.mkdir()
+  args = _train_args(two, overrides)
+  log_path = tmp / 'killed.log'
   # 2 processes x 4 devices through launch/local.sh, in the background ...
-  proc = _local(2, 4, *_train_args(two, overrides))
+  with open(log_path, 'w') as log:
+    proc = _local(2, 4, *args, python=str(_hold_python(tmp, marks)), stdout=log,
+                  stderr=subprocess.STDOUT)
+    try:
+      # ... while this process runs the same config as 1 process x 8; then the kill.
+      _train_here(one, overrides)
+      killed = _kill_after_checkpoint(proc, marks, log_path)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  killed.update(returncode=proc.returncode, summary=(two / 'summary.json').exists(),
+                checkpoints=sorted(os.listdir(two / 'checkpoints'))
+                if (two / 'checkpoints').exists() else [],
+                metrics=[m['step'] for m in _metrics(two)]
+                if (two / 'metrics.jsonl').exists() else [])
+  # The same command again: it resumes from the checkpoint. communicate() drains both pipes
+  # while waiting (a full pipe would block the processes).
+  again = _local(2, 4, *args)
   try:
-    # ... while this process runs the same config as 1 process x 8.
-    _train_here(one, overrides)
-    # communicate() drains both pipes while waiting (a full pipe would block the processes).
-    out, err = proc.communicate(timeout=900)
+    out, err = again.communicate(timeout=900)
   finally:
-    if proc.poll() is None:
-      proc.kill()
-  return {'root': root, 'overrides': overrides, 'one': one, 'two': two, 'proc': proc,
-          'out': out, 'err': err}
+    if again.poll() is None:
+      again.kill()
+  return {'root': root, 'overrides': overrides, 'one': one, 'two': two, 'killed': killed,
+          'proc': again, 'out': out, 'err': err}
 
 
 @pytest.mark.slow
@@ -452,8 +523,8 @@ def test_both_processes_write_one_restorable_checkpoint(runs):
   assert runs['proc'].returncode == 0, runs['err'][-4000:]
   ckdir = two / 'checkpoints'
   # One directory per step, each committed (no temporary directory left by either process).
-  assert sorted(os.listdir(ckdir)) == ['3', '6']
-  for step in (3, 6):
+  assert sorted(os.listdir(ckdir)) == [str(SAVE_EVERY), str(STEPS)]
+  for step in (SAVE_EVERY, STEPS):
     assert ocp.step.is_checkpoint_finalized(ckdir / str(step))
     assert {'params', 'batch_stats', 'opt_state', 'meta', 'data'} <= set(
         os.listdir(ckdir / str(step)))
@@ -463,92 +534,44 @@ def test_both_processes_write_one_restorable_checkpoint(runs):
     assert _data_item(one, step) == {'process_count': 1, 'processes': [
         {'grain': {'next_index': step * BATCH}, 'skipped': {}}]}
   # Every array of the middle one restores, and equals the 1-process run's at that step.
-  s1, s2 = _arrays(one, 3), _arrays(two, 3)
+  s1, s2 = _arrays(one, SAVE_EVERY), _arrays(two, SAVE_EVERY)
   assert s1.keys() == s2.keys()
   for k in s1:
     np.testing.assert_allclose(s2[k], s1[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
-# A `python` for launch/local.sh whose processes stop for good once checkpoint HOLD is written
-# (so the test kills them after a checkpoint and before the end, whatever the machine's speed).
-_HOLD_PYTHON = """#!/usr/bin/env bash
-if [ "$1" = -m ]; then shift 2; exec {python} {hook} "$@"; fi
-exec {python} "$@"
-"""
-_HOLD_HOOK = """import os, runpy, sys, time
-sys.path.insert(0, {root!r})
-from panda_jax.train import checkpoint
-save = checkpoint.save
-
-def hold(mngr, step, *args, **kwargs):
-  save(mngr, step, *args, **kwargs)
-  if step == {step}:
-    mngr.wait_until_finished()
-    import jax
-    open(os.path.join({marks!r}, f'held.{{jax.process_index()}}'), 'w').close()
-    time.sleep(900)
-
-checkpoint.save = hold
-sys.argv = ['panda_jax.main'] + sys.argv[1:]
-runpy.run_module('panda_jax.main', run_name='__main__', alter_sys=True)
-"""
-
-
 @pytest.mark.slow
-def test_both_processes_killed_after_a_checkpoint_resume_to_the_uninterrupted_state(
-    runs, tmp_path):
-  work, marks = tmp_path / 'killed', tmp_path / 'marks'
-  marks.mkdir()
-  hook, python = tmp_path / 'hold.py', tmp_path / 'python'
-  hook.write_text(_HOLD_HOOK.format(root=ROOT, step=SAVE_EVERY, marks=str(marks)))
-  python.write_text(_HOLD_PYTHON.format(python=sys.executable, hook=hook))
-  python.chmod(0o755)
-  args = _train_args(work, runs['overrides'])
-  log = open(tmp_path / 'killed.log', 'w+')
-  proc = _local(2, 4, *args, python=str(python), stdout=log, stderr=subprocess.STDOUT)
-  try:
-    deadline = time.time() + 600
-    while len(os.listdir(marks)) < 2 and proc.poll() is None and time.time() < deadline:
-      time.sleep(0.2)
-    text = open(tmp_path / 'killed.log').read()
-    assert sorted(os.listdir(marks)) == ['held.0', 'held.1'], text[-4000:]
-    pids = [int(text.split(f'process {i} of 2: pid ')[1].split(',')[0]) for i in (0, 1)]
-    for pid in pids:
-      os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    log.close()
-  assert proc.returncode == 128 + signal.SIGKILL
-  # Killed after checkpoint 3 and before the end.
-  assert sorted(os.listdir(work / 'checkpoints')) == ['3']
-  assert not (work / 'summary.json').exists()
-  assert [m['step'] for m in _metrics(work)] == [1, 2, 3]
-  # The same command again: it resumes from step 3 and ends as the uninterrupted run did.
-  again = _local(2, 4, *args)
-  out, err = again.communicate(timeout=900)
-  assert again.returncode == 0, err[-4000:]
+def test_both_processes_killed_after_a_checkpoint_resume_to_the_uninterrupted_state(runs):
+  killed = runs['killed']
+  assert killed['held'] == ['held.0', 'held.1'], killed['log'][-4000:]
+  assert killed['returncode'] == 128 + signal.SIGKILL
+  # Killed after checkpoint SAVE_EVERY and before the end.
+  assert killed['checkpoints'] == [str(SAVE_EVERY)]
+  assert not killed['summary']
+  assert killed['metrics'] == list(range(1, SAVE_EVERY + 1))
+  # The same command again resumed from there on both processes and ended as the
+  # uninterrupted run did (1 x 8: to float reassociation, as 1 x 8 and 2 x 4 are).
+  err = runs['err']
+  assert runs['proc'].returncode == 0, err[-4000:]
   for i in (0, 1):
-    assert f'[{i}] ' in err and 'resumed from step 3' in err, err[-4000:]
-  assert err.count('resumed from step 3') == 2
-  # Same topology, same programs: equal to float noise at most.
-  _assert_same_run(runs['two'], work, 1e-6)
+    assert f'[{i}] ' in err and f'resumed from step {SAVE_EVERY}' in err, err[-4000:]
+  assert err.count(f'resumed from step {SAVE_EVERY}') == 2
+  _assert_same_run(runs['one'], runs['two'], 1e-5)
 
 
 @pytest.mark.slow
 def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path):
-  # The 2 x 4 run's checkpoint 3 (as a kill after it leaves it), resumed as 1 process x 8.
+  # The 2 x 4 run's checkpoint SAVE_EVERY (as the kill left it), resumed as 1 process x 8.
   work = tmp_path / 'two_to_one'
   shutil.copytree(runs['two'], work)
-  shutil.rmtree(work / 'checkpoints' / '6')
+  shutil.rmtree(work / 'checkpoints' / str(STEPS))
   os.remove(work / 'summary.json')
-  lines = open(work / 'metrics.jsonl').readlines()[:3]
+  lines = open(work / 'metrics.jsonl').readlines()[:SAVE_EVERY]
   open(work / 'metrics.jsonl', 'w').writelines(lines)
   last = _train_here(work, runs['overrides'])
-  assert last['step'] == STEPS and last['first_loss'] == _metrics(work)[3]['loss']
-  # Steps 4-6 on 1 process continue the data order: the same run as the 1 x 8 one (to float
-  # reassociation, as 1 x 8 and 2 x 4 are).
+  assert last['step'] == STEPS and last['first_loss'] == _metrics(work)[SAVE_EVERY]['loss']
+  # The steps after it on 1 process continue the data order: the same run as the 1 x 8 one
+  # (to float reassociation, as 1 x 8 and 2 x 4 are).
   _assert_same_run(runs['one'], work, 1e-5)
 
 
