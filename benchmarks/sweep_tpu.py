@@ -68,11 +68,17 @@ ROWS = [
     row(2, 16, 4, 2, why='more tensor parallelism, micro-batch 2 (accum 64)'),
     row(1, 32, 2, 4, why='stage 1, micro-batch 4 (accum 16)'),
     row(1, 64, 1, 2, why='stage 1 without tensor parallelism'),
+    # After the first nine: the stage-2 pick (dots_no_batch at micro-batch 1) for stages 3 and
+    # 1, and with the larger attention blocks that saved memory at remat=full.
+    row(3, 32, 2, 1, remat='dots_no_batch', why='stage 3 with stage 2\'s best remat policy'),
+    row(1, 32, 2, 1, remat='dots_no_batch', why='stage 1 with stage 2\'s best remat policy'),
+    row(2, 32, 2, 1, remat='dots_no_batch', chunk=1024,
+        why='the stage-2 pick with larger attention query blocks'),
     row(3, 64, 1, 1, why='stage 3 without tensor parallelism'),
     row(2, 32, 2, 1, why='the known baseline (9.512 GiB, README) re-measured on this code'),
-    row(2, 32, 2, 4, why='micro-batch 4 (accum 16)'),
     row(3, 32, 2, 1, why='stage 3 at the baseline layout (accum 32)'),
     row(1, 32, 2, 1, why='stage 1 at the baseline layout (accum 64)'),
+    row(2, 32, 2, 4, why='micro-batch 4 (accum 16)'),
 ]
 
 # --tiny: the sweep's machinery end to end on the tiny config for a 2x2 v5e slice (~40 s of
