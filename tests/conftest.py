@@ -8,10 +8,13 @@ import sys
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # The suite's time is XLA:CPU compiling tiny programs that then run a few steps in well under a
 # second: LLVM at optimisation level 0 compiles them about twice as fast (the tiny train step:
-# 32 s -> 16 s of CPU) and runs them about as fast. Results differ from an optimised build only
-# in rounding; every exact comparison here is between programs compiled with the same flags
-# (in this process and in its subprocesses: `subprocess_env`).
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+# 32 s -> 16 s of CPU) and runs them about as fast; XLA:CPU's older loop emitters instead of its
+# MLIR fusion emitters (`xla_cpu_use_fusion_emitters=false`) compile them two to three times
+# faster again (the tiny stage-2 step with gradients: 8.8 -> 3.2 s on one device, 10.2 -> 4.7 s
+# on 8; tests/test_train_sharded.py 51 -> 27 s of CPU) and run them as fast. Results differ
+# from the default build only in rounding; every exact comparison here is between programs
+# compiled with the same flags (in this process and in its subprocesses: `subprocess_env`).
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 if TEST_XLA_FLAGS not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] = f"{os.environ['XLA_FLAGS']} {TEST_XLA_FLAGS}".strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
