@@ -35,7 +35,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_RESULTS = '/work/sweep/results.jsonl'
+# Outside the repository's tracked files (runs/ is ignored); the whole output of each row goes
+# to logs/ beside it.
+DEFAULT_RESULTS = os.path.join(ROOT, 'runs', 'sweep', 'results.jsonl')
 FIT_GIB = 15.0            # the issue's per-chip target (a v5e chip has 16 GiB of HBM)
 
 # The stages' paper batches (config.STAGES; spec section 6), written out so that --print and
