@@ -13,13 +13,16 @@ from panda_jax.config import train_config
 # benchmarks/sweep_tpu.py measured when it was written (README, "Layout sweep"); the global batch
 # stays the paper's 2048 = micro_batch x (data x fsdp) x accum_steps.
 LAYOUTS = {
-    # Sweep row `s1 v5e:8x8 32x2 mb2 remat=full chunk=512` (2026-12-01, commit 9aefd58, libtpu
-    # 0.0.42.1), the only stage-1 row measured when this was written: fsdp 32 x tensor 2,
-    # micro-batch 2 (accum 32), remat 'full', query blocks of 512: 11.620 GiB per chip by the
-    # TPU compiler, MODELLED MFU 68.6 % with overlap / 36.2 % without (the frozen LLM's model
-    # FLOPs are 4 N per token, the recomputed forward still 2 N). Other stage-1 rows (micro-batch
-    # 4, 64 x 1) were pending; update from `python benchmarks/sweep_tpu.py --print`.
-    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=2, remat='full',
+    # Sweep row `s1 v5e:8x8 32x2 mb1 remat=dots_no_batch chunk=512` (2026-12-01, commit
+    # deb893d, libtpu 0.0.42.1): fsdp 32 x tensor 2, micro-batch 1 (accum 64), remat
+    # 'dots_no_batch' (stage 2's pick), query blocks of 512: 11.931 GiB per chip by the TPU
+    # compiler, MODELLED MFU 94.0 % with overlap / 48.0 % without (23.7 / 46.4 s per step),
+    # against 68.6 % / 37.4 % for the best full-remat row (64 x 1, micro-batch 2, 13.943 GiB;
+    # 32 x 2 at micro-batch 2: 11.620 GiB, 68.6 % / 36.2 %; micro-batch 4 does not fit,
+    # 18.348 GiB). The frozen LLM's model FLOPs are 4 N per token, so saving its matmul outputs
+    # (no recomputed forward) pays more here than in stage 2. MODELLED by the roofline of
+    # benchmarks/aot_7b.py, not measured on a TPU.
+    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=1, remat='dots_no_batch',
                    attention_chunk=512),
 }
 

@@ -13,14 +13,13 @@ from panda_jax.config import train_config
 # benchmarks/sweep_tpu.py measured when it was written (README, "Layout sweep"); the global batch
 # stays the paper's 1024 = micro_batch x (data x fsdp) x accum_steps.
 LAYOUTS = {
-    # Sweep row `s3 v5e:8x8 32x2 mb2 remat=full chunk=512` (2026-12-01, commit 9aefd58, libtpu
-    # 0.0.42.1), the only stage-3 row measured when this was written: fsdp 32 x tensor 2,
-    # micro-batch 2 (accum 16), remat 'full', query blocks of 512: 14.001 GiB per chip by the
-    # TPU compiler, MODELLED MFU 75.3 % with overlap / 42.9 % without. Stage 2's better
-    # 'dots_no_batch' layout was not compiled for stage 3 (its step is stage 2's on half the
-    # batch, so it is expected to fit as well; not measured). Update from
-    # `python benchmarks/sweep_tpu.py --print`.
-    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=2, remat='full',
+    # Sweep row `s3 v5e:8x8 32x2 mb1 remat=dots_no_batch chunk=512` (2026-12-01, commit
+    # deb893d, libtpu 0.0.42.1): fsdp 32 x tensor 2, micro-batch 1 (accum 32), remat
+    # 'dots_no_batch' (stage 2's pick), query blocks of 512: 14.254 GiB per chip by the TPU
+    # compiler, MODELLED MFU 95.6 % with overlap / 52.3 % without (16.3 / 29.7 s per step),
+    # against 75.3 % / 42.9 % for the best full-remat row (32 x 2, micro-batch 2, 14.001 GiB).
+    # MODELLED by the roofline of benchmarks/aot_7b.py, not measured on a TPU.
+    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=1, remat='dots_no_batch',
                    attention_chunk=512),
 }
 
