@@ -49,6 +49,22 @@ def test_v5e64_variant_resolves_at_the_paper_batch(stage):
       mod.get_config(bad)
 
 
+def test_a_row_fits_by_its_own_chips_hbm():
+  # aot_7b.CHIPS read from its source (importing the benchmark would run it).
+  import ast
+  tree = ast.parse(open(os.path.join(ROOT, 'benchmarks', 'aot_7b.py')).read())
+  (chips,) = [eval(compile(ast.Expression(n.value), 'aot_7b.py', 'eval'),  # noqa: S307
+                   {'__builtins__': {}, 'dict': dict})
+              for n in tree.body if isinstance(n, ast.Assign)
+              and [getattr(t, 'id', None) for t in n.targets] == ['CHIPS']]
+  assert sweep.HBM_GIB == {k: v['hbm_gib'] for k, v in chips.items()}
+  r5e = _record(sweep.row(2, 32, 2, 1), status='ok', per_device_gib=15.0)
+  assert sweep.fits(r5e) and not sweep.fits(dict(r5e, per_device_gib=15.01))
+  r5p = _record(sweep.row(2, 32, 2, 8, topology='v5p:4x4x4'), status='ok', per_device_gib=60.0)
+  assert sweep.fits(r5p) and not sweep.fits(dict(r5p, per_device_gib=94.5))
+  assert not sweep.fits(dict(r5e, status='oom'))
+
+
 def test_sweep_rows_make_each_stages_paper_batch():
   assert sweep.PAPER_BATCH == {s: v['batch_size'] for s, v in config_lib.STAGES.items()}
   keys = [sweep.key(r) for r in sweep.ROWS]
