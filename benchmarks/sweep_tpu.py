@@ -90,6 +90,14 @@ ROWS = [
     row(3, 32, 2, 1, why='stage 3 at the baseline layout (accum 32)'),
     row(1, 32, 2, 1, why='stage 1 at the baseline layout (accum 64)'),
     row(2, 32, 2, 4, why='micro-batch 4 (accum 16)'),
+    # Other 64-chip slices, v5e-64's best layout with the micro-batch their HBM allows (v6e: 32
+    # GiB, v5p: 95 GiB per chip; a larger micro-batch shortens the no-overlap step).
+    row(2, 32, 2, 2, remat='dots_no_batch', topology='v6e:8x8', why='v6e-64: micro-batch 2'),
+    row(2, 32, 2, 8, remat='dots_no_batch', topology='v5p:4x4x4', why='v5p-64: micro-batch 8'),
+    row(1, 32, 2, 2, remat='dots_no_batch', topology='v6e:8x8', why='v6e-64, stage 1'),
+    row(1, 32, 2, 8, remat='dots_no_batch', topology='v5p:4x4x4', why='v5p-64, stage 1'),
+    row(3, 32, 2, 2, remat='dots_no_batch', topology='v6e:8x8', why='v6e-64, stage 3'),
+    row(3, 32, 2, 8, remat='dots_no_batch', topology='v5p:4x4x4', why='v5p-64, stage 3'),
 ]
 
 # --tiny: the sweep's machinery end to end on the tiny config for a 2x2 v5e slice (~40 s of
