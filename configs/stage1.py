@@ -4,6 +4,7 @@ out for a v5e-64 slice (LAYOUTS).
   python -m panda_jax.main --config=configs/stage1.py --workdir=DIR
   python -m panda_jax.main --config=configs/stage1.py:tiny --workdir=DIR
   python -m panda_jax.main --config=configs/stage1.py:v5e-64 --workdir=DIR   # on a v5e-64
+  python -m panda_jax.main --config=configs/stage1.py:v5p-64 --workdir=DIR   # on a v5p-64
 """
 
 from panda_jax.config import train_config
@@ -23,6 +24,13 @@ LAYOUTS = {
     # (no recomputed forward) pays more here than in stage 2. MODELLED by the roofline of
     # benchmarks/aot_7b.py, not measured on a TPU.
     'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=1, remat='dots_no_batch',
+                   attention_chunk=512),
+    # Sweep row `s1 v5p:4x4x4 32x2 mb8 remat=dots_no_batch chunk=512` (2026-12-01, commit 0316b05,
+    # libtpu 0.0.42.1), the only v5p-64 row of this stage: v5e-64's layout with the micro-batch a
+    # v5p chip's 95 GiB allow (accum 8): 76.784 GiB per chip by the TPU compiler, MODELLED MFU 94.0
+    # % with overlap / 61.2 % without (10.2 / 15.6 s per step). Not compared with other v5p-64
+    # layouts; MODELLED, not measured on a TPU.
+    'v5p-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=8, remat='dots_no_batch',
                    attention_chunk=512),
 }
 

@@ -24,12 +24,18 @@ sweep = _module('benchmarks/sweep_tpu.py', 'sweep_tpu')
 
 
 @pytest.mark.parametrize('stage', [1, 2, 3])
-def test_v5e64_variant_resolves_at_the_paper_batch(stage):
+def test_pod_variants_resolve_at_the_paper_batch(stage):
   mod = _module(f'configs/stage{stage}.py', f'stage{stage}_config')
-  layout = mod.LAYOUTS['v5e-64']
-  config = mod.get_config('v5e-64')
+  assert 'v5e-64' in mod.LAYOUTS
+  for name in mod.LAYOUTS:
+    _check_variant(mod, stage, name)
+
+
+def _check_variant(mod, stage, name):
+  layout = mod.LAYOUTS[name]
+  config = mod.get_config(name)
   run = config_lib.resolve(config)
-  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(run.mesh, 64)))
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(run.mesh, layout['chips'])))
   shards = shape['data'] * shape['fsdp']
   batch = config_lib.STAGES[stage]['batch_size']
   assert config.stage == stage and config.train.batch_size == batch
@@ -43,8 +49,8 @@ def test_v5e64_variant_resolves_at_the_paper_batch(stage):
   assert config.model.llm.layers == plain.model.llm.layers == 32
   assert config.optim.to_dict() == plain.optim.to_dict()
   # Combines with a teacher; a second layout, an unknown option or the tiny batch are refused.
-  assert mod.get_config('v5e-64,teacher=clip').model.teacher.temporal is False
-  for bad in ('v5e-64,v5e-64', 'v5e-128', 'tiny,v5e-64'):
+  assert mod.get_config(f'{name},teacher=clip').model.teacher.temporal is False
+  for bad in (f'{name},{name}', 'v5e-128', f'tiny,{name}'):
     with pytest.raises(ValueError):
       mod.get_config(bad)
 
