@@ -5,6 +5,7 @@ out for a v5e-64 slice (LAYOUTS).
   python -m panda_jax.main --config=configs/stage3.py:tiny --workdir=DIR
   python -m panda_jax.main --config=configs/stage3.py:v5e-64 --workdir=DIR   # on a v5e-64
   python -m panda_jax.main --config=configs/stage3.py:v5p-64 --workdir=DIR   # on a v5p-64
+  python -m panda_jax.main --config=configs/stage3.py:v6e-64 --workdir=DIR   # on a v6e-64
 """
 
 from panda_jax.config import train_config
@@ -28,6 +29,13 @@ LAYOUTS = {
     # % with overlap / 68.2 % without (7.0 / 9.8 s per step). Not compared with other v5p-64
     # layouts; MODELLED, not measured on a TPU.
     'v5p-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=8, remat='dots_no_batch',
+                   attention_chunk=512),
+    # Sweep row `s3 v6e:8x8 32x2 mb2 remat=dots_no_batch chunk=512` (2026-12-01, commit afce191,
+    # libtpu 0.0.42.1), the only v6e-64 row of this stage: v5e-64's layout with the micro-batch a
+    # v6e chip's 32 GiB allow (accum 16): 23.978 GiB per chip by the TPU compiler, MODELLED MFU 80.1
+    # % with overlap / 37.5 % without (4.2 / 8.9 s per step). Not compared with other v6e-64
+    # layouts; MODELLED, not measured on a TPU.
+    'v6e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=2, remat='dots_no_batch',
                    attention_chunk=512),
 }
 
