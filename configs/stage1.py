@@ -1,5 +1,5 @@
-"""Stage 1 of Video-Panda training (paper Table 6); `:tiny` for a CPU-sized run; `:v5e-64` laid
-out for a v5e-64 slice (LAYOUTS).
+"""Stage 1 of Video-Panda training (paper Table 6); `:tiny` for a CPU-sized run;
+`:v5e-64`, `:v5p-64`, `:v6e-64` laid out for those slices (LAYOUTS).
 
   python -m panda_jax.main --config=configs/stage1.py --workdir=DIR
   python -m panda_jax.main --config=configs/stage1.py:tiny --workdir=DIR
@@ -8,39 +8,10 @@ out for a v5e-64 slice (LAYOUTS).
   python -m panda_jax.main --config=configs/stage1.py:v6e-64 --workdir=DIR   # on a v6e-64
 """
 
-from panda_jax.config import train_config
+from panda_jax.config import POD_LAYOUTS, train_config
 
-# Pod layouts by name (`panda_jax.config.pod_layout`'s arguments), each the best row that fits
-# (<= 15 GiB per chip by the TPU compiler) with the best MODELLED MFU among the rows of
-# benchmarks/sweep_tpu.py measured when it was written (README, "Layout sweep"); the global batch
-# stays the paper's 2048 = micro_batch x (data x fsdp) x accum_steps.
-LAYOUTS = {
-    # Sweep row `s1 v5e:8x8 32x2 mb1 remat=dots_no_batch chunk=512` (2026-12-01, commit
-    # deb893d, libtpu 0.0.42.1): fsdp 32 x tensor 2, micro-batch 1 (accum 64), remat
-    # 'dots_no_batch' (stage 2's pick), query blocks of 512: 11.931 GiB per chip by the TPU
-    # compiler, MODELLED MFU 94.0 % with overlap / 48.0 % without (23.7 / 46.4 s per step),
-    # against 68.6 % / 37.4 % for the best full-remat row (64 x 1, micro-batch 2, 13.943 GiB;
-    # 32 x 2 at micro-batch 2: 11.620 GiB, 68.6 % / 36.2 %; micro-batch 4 does not fit,
-    # 18.348 GiB). The frozen LLM's model FLOPs are 4 N per token, so saving its matmul outputs
-    # (no recomputed forward) pays more here than in stage 2. MODELLED by the roofline of
-    # benchmarks/aot_7b.py, not measured on a TPU.
-    'v5e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=1, remat='dots_no_batch',
-                   attention_chunk=512),
-    # Sweep row `s1 v5p:4x4x4 32x2 mb8 remat=dots_no_batch chunk=512` (2026-12-01, commit 0316b05,
-    # libtpu 0.0.42.1), the only v5p-64 row of this stage: v5e-64's layout with the micro-batch a
-    # v5p chip's 95 GiB allow (accum 8): 76.784 GiB per chip by the TPU compiler, MODELLED MFU 94.0
-    # % with overlap / 61.2 % without (10.2 / 15.6 s per step). Not compared with other v5p-64
-    # layouts; MODELLED, not measured on a TPU.
-    'v5p-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=8, remat='dots_no_batch',
-                   attention_chunk=512),
-    # Sweep row `s1 v6e:8x8 32x2 mb2 remat=dots_no_batch chunk=512` (2026-12-01, commit afce191,
-    # libtpu 0.0.42.1), the only v6e-64 row of this stage: v5e-64's layout with the micro-batch a
-    # v6e chip's 32 GiB allow (accum 32): 21.359 GiB per chip by the TPU compiler, MODELLED MFU 57.6
-    # % with overlap / 32.0 % without (8.3 / 14.9 s per step). Not compared with other v6e-64
-    # layouts; MODELLED, not measured on a TPU.
-    'v6e-64': dict(chips=64, fsdp=32, tensor=2, micro_batch=2, remat='dots_no_batch',
-                   attention_chunk=512),
-}
+# Pod layouts by name (panda_jax/config.py says where each came from).
+LAYOUTS = POD_LAYOUTS
 
 
 def get_config(arg: str = ''):
