@@ -98,6 +98,17 @@ ROWS = [
     row(1, 32, 2, 8, remat='dots_no_batch', topology='v5p:4x4x4', why='v5p-64, stage 1'),
     row(3, 32, 2, 2, remat='dots_no_batch', topology='v6e:8x8', why='v6e-64, stage 3'),
     row(3, 32, 2, 8, remat='dots_no_batch', topology='v5p:4x4x4', why='v5p-64, stage 3'),
+    # Around those picks on v6e-64 and v5p-64: the layouts, micro-batches and remat policy that
+    # were second best on v5e-64, so each topology's named variant is the best of a sweep.
+    row(2, 64, 1, 2, remat='dots_no_batch', topology='v6e:8x8',
+        why='v6e-64 without tensor parallelism'),
+    row(1, 32, 2, 4, remat='dots_no_batch', topology='v6e:8x8',
+        why='v6e-64 stage 1 (no LLM optimizer state): micro-batch 4'),
+    row(2, 32, 2, 4, topology='v6e:8x8', why='v6e-64: micro-batch 4 with full remat'),
+    row(2, 64, 1, 8, remat='dots_no_batch', topology='v5p:4x4x4',
+        why='v5p-64 without tensor parallelism'),
+    row(2, 32, 2, 4, remat='dots_no_batch', topology='v5p:4x4x4', why='v5p-64: micro-batch 4'),
+    row(2, 32, 2, 16, topology='v5p:4x4x4', why='v5p-64: micro-batch 16 with full remat'),
 ]
 
 # --tiny: the sweep's machinery end to end on the tiny config for a 2x2 v5e slice (~40 s of

@@ -313,10 +313,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 # benchmarks/results/sweep_tpu.jsonl (libtpu 0.0.42.1, 2026-12-01).
 #  v5e-64: the best of 18 v5e:8x8 rows for each stage: 11.9 / 14.6 / 14.3 GiB of 16 for stages
 #          1 / 2 / 3, MODELLED MFU 94.0 / 95.6 / 95.6 % (full remat at best 68.6 / 75.3 / 75.3 %).
-#  v5p-64: v5e-64's layout at the micro-batch a v5p chip's 95 GiB allow, one row per stage, not
-#          swept: 76.8 / 78.4 / 77.9 GiB, 94.0 / 95.6 / 95.6 %.
-#  v6e-64: the same at micro-batch 2 for a v6e chip's 32 GiB, one row per stage, not swept:
-#          21.4 / 24.4 / 24.0 GiB, 57.6 / 80.2 / 80.1 % (the compute term no longer binds).
+#  v5p-64: v5e-64's layout at the micro-batch a v5p chip's 95 GiB allow: 76.8 / 78.4 / 77.9 GiB,
+#          94.0 / 95.6 / 95.6 %; best of 4 stage-2 rows (micro-batch 4 ties with overlap and
+#          loses without, 16 fits only with full remat, 64 x 1 does not fit).
+#  v6e-64: the same at micro-batch 2 for a v6e chip's 32 GiB: 21.4 / 24.4 / 24.0 GiB,
+#          57.6 / 80.2 / 80.1 % (the compute term no longer binds); best of 4 rows (64 x 1 ties
+#          at 33.4 GiB, over HBM - 1; micro-batch 4 fits only with full remat, 54.4 %).
 # All MFU figures are MODELLED (benchmarks/aot_7b.py's roofline), not measured on a TPU.
 POD_LAYOUTS = {
     name: dict(chips=64, fsdp=32, tensor=2, micro_batch=mb, remat='dots_no_batch',
