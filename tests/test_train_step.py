@@ -204,6 +204,36 @@ def test_labels_and_schedule_from_config():
   assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6 and float(s(100)) < 1e-6
 
 
+def test_weight_decay_skips_biases_and_norm_scales_as_the_hf_trainer():
+  """With zero gradients AdamW's update is the decay alone: every decayed parameter shrinks by
+  lr x weight_decay per step, within each learning-rate group; biases, norm scales (and frozen
+  parameters) do not move."""
+  from panda_jax.train.optimizer import decays
+  params = {'llm': {'embed_tokens': {'embedding': jnp.full((3, 2), 2.0)},
+                    'layers': {'attn_norm': {'scale': jnp.ones(2)},
+                               'attn': {'q': {'kernel': jnp.full((2, 2), 4.0)}}}},
+            'visual': {'ln': {'scale': jnp.ones(2), 'bias': jnp.ones(2)},
+                       'proj': {'kernel': jnp.ones((2, 2)), 'bias': jnp.full(2, 3.0)}},
+            'distill': {'kernel': jnp.ones(2)}}
+  optim = optim_config(lr=0.1, weight_decay=0.5, clip_norm=0.0, frozen=['^distill/'],
+                       lr_scale=[['^visual/', 2.0]])
+  paths = flatten(params).keys()
+  labels = param_labels(paths, optim)
+  tx, _ = make_optimizer(labels, optim, total_steps=10)
+  train = {k: v for k, v in flatten(params).items() if labels[k] != 'frozen'}
+  from panda_jax.tree import unflatten
+  train = unflatten(train)
+  st = tx.init(train)
+  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, train), st, train)
+  new = flatten(optax.apply_updates(train, upd))
+  for k, v in flatten(train).items():
+    rate = 0.1 * (2.0 if k.startswith('visual/') else 1.0)
+    want = v * (1 - rate * 0.5) if decays(k) else v
+    np.testing.assert_allclose(new[k], want, rtol=1e-6, err_msg=k)
+  assert {k for k in paths if not decays(k)} == {
+      'llm/layers/attn_norm/scale', 'visual/ln/scale', 'visual/ln/bias', 'visual/proj/bias'}
+
+
 def test_chunked_cross_entropy_equals_the_full_computation_and_never_forms_all_logits():
   """Mean, count, sum and the gradients for hidden states and head kernel, for a chunk that
   leaves padding, the whole length and one position (float32), and in bfloat16."""

@@ -6,7 +6,8 @@ these patterns and numbers, never in code.
 
 config.optim fields:
   lr, warmup_ratio, end_lr_ratio: AdamW peak rate, warm-up share of the steps, final rate.
-  b1, b2, eps, weight_decay: AdamW.
+  b1, b2, eps, weight_decay: AdamW. As the Hugging Face Trainer the reference trains with,
+    weight decay skips biases and normalisation scales (`decays`); 0 in every released stage.
   clip_norm: global-norm clipping of the trainable gradients (0 = off).
   trainable: regexes; a parameter trains when one matches (`re.search`).
   frozen: regexes that override `trainable`.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -63,6 +65,22 @@ def schedule(optim, total_steps: int, multiplier: float = 1.0):
       end_value=peak * optim.end_lr_ratio)
 
 
+NO_DECAY = re.compile(r'(^|/)(bias|scale)$')
+
+
+def decays(path: str) -> bool:
+  """Whether AdamW's weight decay applies to the parameter at `path`: not to biases nor to the
+  scales of LayerNorm, RMSNorm and BatchNorm (flax names them `bias` and `scale`), as the
+  Hugging Face Trainer leaves out biases and its layer-norm classes."""
+  return not NO_DECAY.search(path)
+
+
+def _decay_mask(params):
+  """The AdamW mask of a (possibly `multi_transform`-masked) parameter tree."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: decays('/'.join(str(getattr(k, 'key', k)) for k in p)), params)
+
+
 def make_optimizer(labels: Mapping[str, str], optim, total_steps: int):
   """AdamW per learning-rate group over the trainable parameters only (a nested tree; `labels`
   maps every flat path to its group or FROZEN).
@@ -73,7 +91,7 @@ def make_optimizer(labels: Mapping[str, str], optim, total_steps: int):
   schedules = {g: schedule(optim, total_steps, float(g[len('lr_x'):])) for g in groups}
   transforms = {
       g: optax.adamw(schedules[g], b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                     weight_decay=optim.weight_decay)
+                     weight_decay=optim.weight_decay, mask=_decay_mask)
       for g in groups}
   trainable = {k: v for k, v in labels.items() if v != FROZEN}
   tx = optax.multi_transform(transforms, unflatten(trainable))
