@@ -267,3 +267,44 @@ def test_attention_impl_errors_name_the_bad_value():
   slots = jnp.arange(100, dtype=jnp.int32)[None]
   with pytest.raises(ValueError, match='multiple of 128; got 100'):
     jax.eval_shape(model.init, jax.random.PRNGKey(0), x, slots, jnp.ones((1, 100), bool))
+
+
+def test_qk_norm_bounds_the_attention_logits_and_is_off_by_default():
+  """`qk_norm`: per-head RMSNorm of queries and keys. The released default adds no parameter;
+  with it on, the parameter count is `num_params`, scaling the query and key kernels by 100
+  changes nothing (the logits no longer grow with them), while without it the same scaling
+  changes the output; and cached decoding still equals the uncached forward."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 6, CFG.hidden))
+  pos = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6))
+  valid = jnp.ones((2, 6), bool)
+
+  def run(cfg, scale):
+    model = Llama(cfg)
+    p = nn.unbox(model.init(jax.random.PRNGKey(0), x, pos, valid))['params']
+    p = jax.tree.map(lambda a: a * 3.0, p)
+    count = sum(a.size for a in jax.tree.leaves(p))
+    for n in ('q', 'k'):
+      p['layers']['attn'][n]['kernel'] = p['layers']['attn'][n]['kernel'] * scale
+    return model.apply({'params': p}, x, pos, valid)['logits'], count, p
+
+  base, count, p_off = run(CFG, 1.0)
+  assert not any('norm' in k for k in p_off['layers']['attn'])
+  assert count == CFG.num_params
+  assert float(jnp.max(jnp.abs(run(CFG, 100.0)[0] - base))) > 1e-2
+  on = dataclasses.replace(CFG, qk_norm=True)
+  base_on, count_on, p_on = run(on, 1.0)
+  assert set(p_on['layers']['attn']) == {'q', 'k', 'v', 'o', 'q_norm', 'k_norm'}
+  assert count_on == on.num_params == count + 2 * CFG.layers * CFG.head_dim
+  np.testing.assert_allclose(run(on, 100.0)[0], base_on, atol=1e-4, rtol=1e-4)
+  assert float(jnp.max(jnp.abs(base_on - base))) > 1e-2
+  # The KV-cache path applies the same norms: a one-token-at-a-time decode of the prompt's
+  # last position equals the uncached logits there.
+  from panda_jax.models.llama import init_cache, step_cache, unstack_layers
+  dec_cfg = dataclasses.replace(on, scan_layers=False)
+  dec = Llama(dec_cfg)
+  dp = unstack_layers(p_on, on.layers)
+  cache = step_cache(init_cache(dec_cfg, 2, 6), pos[:, :5], valid[:, :5])
+  out = dec.apply({'params': dp}, x[:, :5], pos[:, :5], valid[:, :5], cache=cache)
+  cache = step_cache(out['cache'], pos[:, 5:], valid[:, 5:])
+  last = dec.apply({'params': dp}, x[:, 5:], pos[:, 5:], valid[:, 5:], cache=cache)['logits']
+  np.testing.assert_allclose(last[:, 0], base_on[:, 5], atol=1e-4, rtol=1e-4)

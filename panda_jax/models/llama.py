@@ -74,6 +74,12 @@ class LlamaConfig:
   # backward pass, never for the whole sequence [B, T, V]; exact. The model then returns no
   # logits. 0 = the whole sequence at once.
   loss_chunk: int = 0
+  # RMS-normalise each head's queries and keys (learned scale per channel) before the rotary
+  # embedding, as OLMo 2 and Qwen 3 do: bounds the attention logits, whose growth saturates
+  # the softmax of a small decoder trained from scratch at a high learning rate (README, "What
+  # kept the first tries from learning"). Not in Llama / Vicuna: False for every released
+  # model and converted checkpoint.
+  qk_norm: bool = False
 
   def validate(self) -> None:
     if self.heads % self.kv_heads:
@@ -93,7 +99,8 @@ class LlamaConfig:
   @property
   def num_params(self) -> int:
     e, m, d = self.hidden, self.mlp, self.head_dim
-    per_layer = e * d * (2 * self.heads + 2 * self.kv_heads) + 3 * e * m + 2 * e
+    per_layer = (e * d * (2 * self.heads + 2 * self.kv_heads) + 3 * e * m + 2 * e
+                 + (2 * d if self.qk_norm else 0))
     return self.layers * per_layer + 2 * self.vocab_size * e + e
 
 
@@ -101,11 +108,12 @@ class RMSNorm(nn.Module):
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  axis_name: str = 'embed'   # the logical axis of the normalised (last) dimension
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', partitioned(nn.initializers.ones, ('embed',)), (x.shape[-1],),
-                       self.param_dtype)
+    scale = self.param('scale', partitioned(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
     # As Hugging Face: normalise in float32, cast back, then scale.
@@ -238,6 +246,9 @@ class Attention(nn.Module):
     q = Dense((h, d), ('embed',), ('heads', 'kv'), use_bias=False, name='q', **kw)(x)
     kk = Dense((k, d), ('embed',), ('kv_heads', 'kv'), use_bias=False, name='k', **kw)(x)
     vv = Dense((k, d), ('embed',), ('kv_heads', 'kv'), use_bias=False, name='v', **kw)(x)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_eps, axis_name='kv', name='q_norm', **kw)(q)
+      kk = RMSNorm(cfg.rms_eps, axis_name='kv', name='k_norm', **kw)(kk)
     q = rotary(q, slots, cfg.rope_theta)
     kk = rotary(kk, slots, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', None))
