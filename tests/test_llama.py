@@ -308,3 +308,26 @@ def test_qk_norm_bounds_the_attention_logits_and_is_off_by_default():
   cache = step_cache(out['cache'], pos[:, 5:], valid[:, 5:])
   last = dec.apply({'params': dp}, x[:, 5:], pos[:, 5:], valid[:, 5:], cache=cache)['logits']
   np.testing.assert_allclose(last[:, 0], base_on[:, 5], atol=1e-4, rtol=1e-4)
+
+
+def test_tied_embeddings_use_the_embedding_as_the_head():
+  """`tie_embeddings`: no `lm_head` parameter, the logits are the final-norm output times the
+  embedding's transpose (also what `head_kernel` gives the chunked loss), and a gradient
+  reaches the embedding from the head."""
+  cfg = dataclasses.replace(CFG, tie_embeddings=True)
+  model = Llama(cfg)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, CFG.hidden))
+  pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+  valid = jnp.ones((2, 5), bool)
+  p = nn.unbox(model.init(jax.random.PRNGKey(0), x, pos, valid))['params']
+  assert 'lm_head' not in p
+  assert sum(a.size for a in jax.tree.leaves(p)) == cfg.num_params == (
+      CFG.num_params - CFG.vocab_size * CFG.hidden)
+  out = model.apply({'params': p}, x, pos, valid, output_hidden_states=True)
+  emb = p['embed_tokens']['embedding']
+  np.testing.assert_allclose(out['logits'], out['hidden_states'][-1] @ emb.T, atol=1e-5)
+  kernel = model.apply({'params': p}, method=Llama.head_kernel)
+  np.testing.assert_array_equal(kernel, emb.T)
+  # Inputs are embeddings here, so the embedding table's gradient comes from the head alone.
+  g = jax.grad(lambda p: model.apply({'params': p}, x, pos, valid)['logits'][:, -1, 3].sum())(p)
+  assert float(jnp.abs(g['embed_tokens']['embedding'][3]).sum()) > 0

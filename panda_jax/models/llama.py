@@ -80,6 +80,9 @@ class LlamaConfig:
   # kept the first tries from learning"). Not in Llama / Vicuna: False for every released
   # model and converted checkpoint.
   qk_norm: bool = False
+  # The LM head is the token embedding's transpose (no `lm_head` parameter), as in GPT-2 and
+  # Gemma. Llama-2 / Vicuna keep them apart: False for every released model.
+  tie_embeddings: bool = False
 
   def validate(self) -> None:
     if self.heads % self.kv_heads:
@@ -101,7 +104,8 @@ class LlamaConfig:
     e, m, d = self.hidden, self.mlp, self.head_dim
     per_layer = (e * d * (2 * self.heads + 2 * self.kv_heads) + 3 * e * m + 2 * e
                  + (2 * d if self.qk_norm else 0))
-    return self.layers * per_layer + 2 * self.vocab_size * e + e
+    heads = 1 if self.tie_embeddings else 2
+    return self.layers * per_layer + heads * self.vocab_size * e + e
 
 
 class RMSNorm(nn.Module):
@@ -340,7 +344,8 @@ class Llama(nn.Module):
     else:
       self.layer_list = [layer(cfg, name=f'layers_{i}', **kw) for i in range(cfg.layers)]
     self.final_norm = RMSNorm(cfg.rms_eps, **kw)
-    self.lm_head = Dense(cfg.vocab_size, ('embed',), ('vocab',), use_bias=False, **kw)
+    if not cfg.tie_embeddings:
+      self.lm_head = Dense(cfg.vocab_size, ('embed',), ('vocab',), use_bias=False, **kw)
 
   def embed(self, ids: jax.Array) -> jax.Array:
     """ids [B, T] -> [B, T, E]."""
@@ -348,7 +353,14 @@ class Llama(nn.Module):
 
   def head_kernel(self) -> jax.Array:
     """The LM head's kernel [E, V] (for a loss that applies it block by block)."""
+    if self.cfg.tie_embeddings:
+      return nn.unbox(self.embed_tokens.variables['params']['embedding']).T
     return nn.unbox(self.lm_head.variables['params']['kernel'])
+
+  def _head(self, x: jax.Array) -> jax.Array:
+    if self.cfg.tie_embeddings:
+      return self.embed_tokens.attend(x)
+    return self.lm_head(x)
 
   def __call__(self, inputs_embeds, slots, valid, *, cache=None, hidden_gather=None,
                output_hidden_states=False, logits_gather=None, logits=True):
@@ -393,11 +405,11 @@ class Llama(nn.Module):
     if logits:
       head_in = normed if logits_gather is None else jnp.take_along_axis(
           normed, logits_gather[..., None], axis=1)
-      out = self.lm_head(head_in).astype(jnp.float32)
+      out = self._head(head_in).astype(jnp.float32)
       result = {'logits': nn.with_logical_constraint(
           out, ('act_batch', 'act_length', 'act_vocab'))}
     else:
-      if self.is_initializing():  # create the head's kernel
+      if self.is_initializing() and not self.cfg.tie_embeddings:  # create the head's kernel
         self.lm_head(normed[:, :1])
       result = {'normed': normed}
     if output_hidden_states:
