@@ -166,6 +166,64 @@ def test_short_answer_turns_and_eval_instruction(tmp_path):
   assert {q['video_name'] for q in qa} <= set(scenes)
 
 
+@pytest.mark.parametrize('after', [False, True])
+def test_video_after_question_puts_the_question_before_the_frames(tmp_path, after):
+  """`video_after_question`: a short-form first question and every held-out question read
+  "Q\n<video>\n<instruction>", so in the built prompt the question's words come before the
+  first frame marker; sentence-form first turns, later turns and the default keep the video
+  first."""
+  from panda_jax.data import text
+  p = synthetic.SHORT_ANSWER_PROMPT
+  ds = synthetic.make_dataset(str(tmp_path), 12, seed=1, turns=3, short_fraction=0.5,
+                              eval_instruction=p, video_after_question=after, **SMALL)
+  convs = [e['conversations'] for e in json.load(open(ds.train_instruct))]
+  firsts = [c[0]['value'] for c in convs]
+  short = [q for q in firsts if q.endswith(p)]
+  long = [q for q in firsts if not q.endswith(p)]
+  assert short and long
+  assert all(q.startswith('<video>\n') and q.count('\n') == 1 for q in long)
+  assert all('<video>' not in m['value'] for c in convs for m in c[2:])
+  asked = []
+  for q in short:  # training: a first turn of the short form
+    question = q.split('\n')[0 if after else 1]
+    assert q == (f'{question}\n<video>\n{p}' if after else f'<video>\n{question}\n{p}')
+    asked.append((question, q))
+  qa = json.load(open(ds.eval_qa))
+  for e in qa:  # held out: no placeholder by default (the video is put first when decoding)
+    question = e['question'].split('\n')[0]
+    assert e['question'] == (f'{question}\n<video>\n{p}' if after else f'{question}\n{p}')
+    asked.append((question, e['question']))
+  for question, q in asked:
+    assert question.endswith('?') and '<' not in question
+    prompt = text.build_prompt(text.expand_placeholders([(q, None)], 4, insert_missing=True))
+    assert prompt.count('<image>') == 4
+    assert (prompt.index(question) < prompt.index('<image>')) == after, prompt
+
+
+def test_pair_shapes_asks_the_same_question_about_the_other_shape_next(tmp_path):
+  """`pair_shapes`: on a two-shape clip, a first turn about one shape's direction, end position
+  or presence at the start is followed by the same question about the other shape."""
+  ds = synthetic.make_dataset(str(tmp_path), 40, seed=2, turns=3, short_fraction=1.0,
+                              pair_shapes=True, **SMALL)
+  scenes = json.load(open(ds.scenes))
+  kinds = {'In which direction': 'direction', 'At the end': 'end_position',
+           'Is the': 'at_start', 'Which appears': 'order'}
+  kind = lambda q: next(v for k, v in kinds.items() if k in q)  # noqa: E731
+  paired = 0
+  for e in json.load(open(ds.train_instruct)):
+    shapes = scenes[e['id']]['shapes']
+    names = [f"{s['colour']} {s['kind']}" for s in shapes]
+    qs = [m['value'].replace('<video>\n', '') for m in e['conversations'][::2]]
+    assert len(qs) == min(3, 3 * len(shapes) + (len(shapes) > 1))
+    if len(shapes) < 2 or kind(qs[0]) == 'order':
+      continue
+    assert kind(qs[1]) == kind(qs[0])
+    named = [[n for n in names if f'the {n} ' in q] for q in qs[:2]]
+    assert len(named[0]) == len(named[1]) == 1 and named[0] != named[1]
+    paired += 1
+  assert paired >= 5
+
+
 def test_size_sets_the_radius_and_nothing_else():
   kw = dict(width=112, height=84, fps=1, duration_s=4.0, num_shapes=2)
   small = synthetic.random_scene(np.random.default_rng(5), **kw)

@@ -413,6 +413,33 @@ def _balanced_order(qs: list[dict], n: int, rng: np.random.Generator) -> list[in
   return chosen
 
 
+PER_SHAPE_TYPES = ('direction', 'end_position', 'at_start')   # `questions`' order per shape
+
+
+def _paired_order(qs: list[dict], n: int, num_shapes: int, rng: np.random.Generator) -> list[int]:
+  """As `_balanced_order`, but a per-shape question drawn on a clip of several shapes is
+  followed (while turns are left) by the same question about another of its shapes, so the
+  two turns differ only in the shape named and, mostly, in the answer."""
+  per = len(PER_SHAPE_TYPES)
+  left = list(range(len(qs)))
+  chosen = []
+  while len(chosen) < n and left:
+    types = sorted({qs[k]['type'] for k in left})
+    t = types[int(rng.integers(len(types)))]
+    of_type = [k for k in left if qs[k]['type'] == t]
+    k = of_type[int(rng.integers(len(of_type)))]
+    chosen.append(k)
+    left.remove(k)
+    if t in PER_SHAPE_TYPES and num_shapes >= 2 and len(chosen) < n:
+      others = [s * per + k % per for s in range(num_shapes) if s != k // per]
+      others = [o for o in others if o in left]
+      if others:
+        o = others[int(rng.integers(len(others)))]
+        chosen.append(o)
+        left.remove(o)
+  return chosen
+
+
 def _rel(root: str, path: str) -> str:
   return os.path.relpath(path, root).replace(os.sep, '/')
 
@@ -435,7 +462,9 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  eval_instruction: str = '', progress: bool = False,
                  travel: float = 1.0, balance_types: bool = False,
                  size: float = 0.1, min_shapes: int = 1,
-                 late_start: float = 0.0) -> SyntheticDataset:
+                 late_start: float = 0.0,
+                 video_after_question: bool = False,
+                 pair_shapes: bool = False) -> SyntheticDataset:
   """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
 
   The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
@@ -448,7 +477,14 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   `random_scene`'s. `balance_types`: a training turn first
   draws a question type uniformly among the clip's types, then a question of that type (else
   every question of the clip is equally likely, so a two-shape clip asks "which appears first"
-  once in seven). `progress` shows a progress bar.
+  once in seven). `video_after_question`: the held-out questions and a training
+  conversation's first question, when it is asked in the short form, put the video between the
+  question and the answer-format instruction ("Q\\n<video>\\nAnswer with ..."), so the
+  decoder reads the question before the visual tokens (a sentence-form first turn keeps the video
+  first: the reference moves a trailing placeholder to the front). `pair_shapes` (draws by type
+  as `balance_types`): on a clip of two or more shapes, a turn asking about one shape's
+  direction, end position or presence at the start is followed by the same question about
+  another shape. `progress` shows a progress bar.
   """
   if not 0.0 <= short_fraction <= 1.0:
     raise ValueError(f'short_fraction={short_fraction} must be in [0, 1]')
@@ -485,7 +521,10 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
       captions.append({'id': name, 'video': rel, 'conversations': [
           {'from': 'human', 'value': f'<video>\n{prompt}'},
           {'from': 'gpt', 'value': caption(scene)}]})
-      if balance_types:
+      if pair_shapes:
+        order = _paired_order(qs, min(turns, len(qs)), len(scene.shapes),
+                              np.random.default_rng([seed, i, 3]))
+      elif balance_types:
         order = _balanced_order(qs, min(turns, len(qs)),
                                 np.random.default_rng([seed, i, 2]))
       else:
@@ -495,16 +534,20 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                if short_fraction > 0 else np.zeros(len(order), bool))
       conv = []
       for t, q in enumerate(qs[int(k)] for k in order):
-        ask = ('<video>\n' if t == 0 else '') + q['question']
-        if short[t]:
-          ask += '\n' + SHORT_ANSWER_PROMPT
+        if t == 0 and short[t] and video_after_question:
+          ask = q['question'] + '\n<video>\n' + SHORT_ANSWER_PROMPT
+        else:
+          ask = ('<video>\n' if t == 0 else '') + q['question']
+          if short[t]:
+            ask += '\n' + SHORT_ANSWER_PROMPT
         conv.append({'from': 'human', 'value': ask})
         conv.append({'from': 'gpt', 'value': q['answer'] if short[t] else q['sentence']})
       instruct.append({'id': name, 'video': rel, 'conversations': conv})
     else:
       eval_paths.append(path)
       for k, q in enumerate(qs):
-        ask = q['question'] + ('\n' + eval_instruction if eval_instruction else '')
+        ask = q['question'] + ('\n<video>' if video_after_question else '') + (
+            '\n' + eval_instruction if eval_instruction else '')
         eval_qa.append({'video_name': name, 'question': ask,
                         'question_id': f'{name}_{k}', 'answer': q['answer'],
                         'type': q['type']})

@@ -226,7 +226,10 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
       f'({", ".join(f"{k} {v}" for k, v in sorted(d["eval_by_type"].items()))}); '
       f'tokenizer of {d["tokenizer_vocab"]} tokens; {_minutes(d["seconds"])}.',
       f'* Model: STAB hidden {m.stab.hidden} at {m.stab.image_size} px, Llama {m.llm.layers} '
-      f'layers x {m.llm.hidden} ({m.llm.heads} heads), vocabulary {m.llm.vocab_size}.',
+      f'layers x {m.llm.hidden} ({m.llm.heads} heads'
+      + (', queries and keys RMS-normalised per head' if m.llm.get('qk_norm') else '')
+      + (', tied input/output embeddings' if m.llm.get('tie_embeddings') else '')
+      + f'), vocabulary {m.llm.vocab_size}.',
       f'* Teacher: {config.report.teacher_note}',
   ]
   for s in sorted(main['stages'], key=int):
