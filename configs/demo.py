@@ -50,8 +50,9 @@ def get_config(arg: str = ''):
   # training question by type first (balance_types), so "which appears first" is not one
   # question in seven, and asks three of a clip's questions per conversation (turns=3: three
   # times the answer tokens that need the video for about the cost of one; 176 positions hold
-  # the longest). travel, min_shapes, late_start, split_punctuation and video_after_question
-  # are the options we tried that did not help (kept at their no-op values; see the README).
+  # the longest). travel, min_shapes, late_start, split_punctuation, video_after_question and
+  # pair_shapes are the options we tried that did not help (kept at their no-op values; see
+  # the README).
   c.data = ml_collections.ConfigDict(dict(
       train_clips=4000, eval_clips=100, width=112, height=84, fps=1, duration_s=4.0,
       max_shapes=2, frames=4, turns=3, short_fraction=0.75, tokenizer_vocab=1000,
