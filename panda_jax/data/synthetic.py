@@ -402,15 +402,18 @@ def _balanced_order(qs: list[dict], n: int, rng: np.random.Generator) -> list[in
   """`n` distinct question indices, each drawn by a uniform type, then a uniform question of
   that type among those not yet drawn."""
   left = list(range(len(qs)))
-  chosen = []
-  for _ in range(n):
-    types = sorted({qs[k]['type'] for k in left})
-    t = types[int(rng.integers(len(types)))]
-    of_type = [k for k in left if qs[k]['type'] == t]
-    k = of_type[int(rng.integers(len(of_type)))]
-    chosen.append(k)
-    left.remove(k)
-  return chosen
+  return [_draw_by_type(qs, left, rng) for _ in range(n)]
+
+
+def _draw_by_type(qs: list[dict], left: list[int], rng: np.random.Generator) -> int:
+  """Removes from `left` and returns a question index drawn by a uniform type among those
+  left, then uniformly among that type's questions."""
+  types = sorted({qs[k]['type'] for k in left})
+  t = types[int(rng.integers(len(types)))]
+  of_type = [k for k in left if qs[k]['type'] == t]
+  k = of_type[int(rng.integers(len(of_type)))]
+  left.remove(k)
+  return k
 
 
 PER_SHAPE_TYPES = ('direction', 'end_position', 'at_start')   # `questions`' order per shape
@@ -424,13 +427,9 @@ def _paired_order(qs: list[dict], n: int, num_shapes: int, rng: np.random.Genera
   left = list(range(len(qs)))
   chosen = []
   while len(chosen) < n and left:
-    types = sorted({qs[k]['type'] for k in left})
-    t = types[int(rng.integers(len(types)))]
-    of_type = [k for k in left if qs[k]['type'] == t]
-    k = of_type[int(rng.integers(len(of_type)))]
+    k = _draw_by_type(qs, left, rng)
     chosen.append(k)
-    left.remove(k)
-    if t in PER_SHAPE_TYPES and num_shapes >= 2 and len(chosen) < n:
+    if qs[k]['type'] in PER_SHAPE_TYPES and num_shapes >= 2 and len(chosen) < n:
       others = [s * per + k % per for s in range(num_shapes) if s != k // per]
       others = [o for o in others if o in left]
       if others:
