@@ -227,8 +227,8 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
       f'tokenizer of {d["tokenizer_vocab"]} tokens; {_minutes(d["seconds"])}.',
       f'* Model: STAB hidden {m.stab.hidden} at {m.stab.image_size} px, Llama {m.llm.layers} '
       f'layers x {m.llm.hidden} ({m.llm.heads} heads'
-      + (', queries and keys RMS-normalised per head' if m.llm.get('qk_norm') else '')
-      + (', tied input/output embeddings' if m.llm.get('tie_embeddings') else '')
+      + (', queries and keys RMS-normalised per head' if m.llm.qk_norm else '')
+      + (', tied input/output embeddings' if m.llm.tie_embeddings else '')
       + f'), vocabulary {m.llm.vocab_size}.',
       f'* Teacher: {config.report.teacher_note}',
   ]

@@ -66,8 +66,7 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       eval_instruction=synthetic.SHORT_ANSWER_PROMPT, progress=progress,
       travel=d.travel, balance_types=d.balance_types, size=d.shape_size,
       min_shapes=d.min_shapes, late_start=d.late_start,
-      video_after_question=d.get('video_after_question', False),
-      pair_shapes=d.get('pair_shapes', False))
+      video_after_question=d.video_after_question, pair_shapes=d.pair_shapes)
   # The tokenizer learns the training text only (held-out questions use the same templates).
   corpus = []
   for path in (ds.train_captions, ds.train_instruct):
@@ -112,7 +111,7 @@ def stage_config(config, stage: int, data: Mapping, init_from: str = '',
   c.train.save_every = config.train.save_every
   c.optim.lr = st.lr
   c.optim.warmup_ratio = st.warmup_ratio
-  c.optim.weight_decay = st.get('weight_decay', 0.0)
+  c.optim.weight_decay = st.weight_decay
   c.data.annotations = data['train_instruct'] if stage == 3 else data['train_captions']
   c.data.video_root = data['root']
   c.data.tokenizer = data['tokenizer']

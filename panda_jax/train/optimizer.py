@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -75,12 +74,6 @@ def decays(path: str) -> bool:
   return not NO_DECAY.search(path)
 
 
-def _decay_mask(params):
-  """The AdamW mask of a (possibly `multi_transform`-masked) parameter tree."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: decays('/'.join(str(getattr(k, 'key', k)) for k in p)), params)
-
-
 def make_optimizer(labels: Mapping[str, str], optim, total_steps: int):
   """AdamW per learning-rate group over the trainable parameters only (a nested tree; `labels`
   maps every flat path to its group or FROZEN).
@@ -89,11 +82,13 @@ def make_optimizer(labels: Mapping[str, str], optim, total_steps: int):
   """
   groups = sorted({v for v in labels.values() if v != FROZEN})
   schedules = {g: schedule(optim, total_steps, float(g[len('lr_x'):])) for g in groups}
+  trainable = {k: v for k, v in labels.items() if v != FROZEN}
+  # Which trainable parameters decay, by the same flat paths as `labels` (none when it is 0).
+  mask = unflatten({k: decays(k) for k in trainable}) if optim.weight_decay else None
   transforms = {
       g: optax.adamw(schedules[g], b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                     weight_decay=optim.weight_decay, mask=_decay_mask)
+                     weight_decay=optim.weight_decay, mask=mask)
       for g in groups}
-  trainable = {k: v for k, v in labels.items() if v != FROZEN}
   tx = optax.multi_transform(transforms, unflatten(trainable))
   if optim.clip_norm and optim.clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
