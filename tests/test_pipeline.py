@@ -127,6 +127,23 @@ def test_same_seed_same_batches_other_seed_other_batches(mixed):
   assert not all(_equal(x, y) for x, y in zip(ba, bc))
 
 
+def test_reader_threads_change_no_batch(mixed):
+  """`read_threads` only sets how many Grain threads read ahead: none, one or three give the
+  default's batches, skips included; -1 means one per core (at most 16), and a bad count is
+  refused with its value."""
+  ref = _iterator(mixed)
+  want = [next(ref) for _ in range(3)]
+  for threads in (0, 1, 3):
+    it = pipeline.TrainIterator(mixed['records'], mixed['proc'], BATCH, seed=SEED,
+                                read_threads=threads)
+    assert all(_equal(next(it), w) for w in want), threads
+    assert dict(it.skipped) == dict(ref.skipped)
+  assert pipeline.read_options(-1).num_threads == min(16, os.cpu_count())
+  assert pipeline.read_options(5).num_threads == 5
+  with pytest.raises(ValueError, match='read_threads=-2'):
+    pipeline.read_options(-2)
+
+
 def test_restore_replays_the_batches_and_skip_counters(mixed):
   k, m = 3, 5   # the m batches cross into the second epoch
   a = _iterator(mixed)

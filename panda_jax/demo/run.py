@@ -119,6 +119,7 @@ def stage_config(config, stage: int, data: Mapping, init_from: str = '',
   c.data.frames = config.data.frames
   c.data.max_len = config.data.max_len
   c.data.num_workers = config.data.num_workers
+  c.data.read_threads = config.data.read_threads
   c.init.from_run = init_from
   c.lock()
   return c

@@ -74,4 +74,5 @@ def build_train_iterator(config, workdir: str,
   return pipeline.TrainIterator(records, processor, config.train.batch_size,
                                 seed=d.shuffle_seed, process_index=jax.process_index(),
                                 process_count=jax.process_count(),
-                                num_workers=d.num_workers)
+                                num_workers=d.num_workers,
+                                read_threads=d.read_threads)
