@@ -1,0 +1,132 @@
+"""Training steps per second on a CPU host: Grain's reader threads and glibc's malloc.
+
+The demo's stage 3 (`configs/demo.py`: the tiny model, batch 8, 4 frames of 112 x 84 clips,
+three-question conversations, the online teacher) trained by `panda_jax.demo.run.run_stage`
+(the real training loop and Grain pipeline) for --steps steps from a fresh initialisation, in a
+fresh process per setting (malloc settings are per process), settings interleaved, --repeats
+times:
+
+  before   data.read_threads=16 (Grain's default), glibc malloc as it comes
+  threads  data.read_threads=-1 (one per core, at most 16), malloc as it comes
+  malloc   16 reader threads, `panda_jax.host.keep_freed_memory()` (what `panda_jax.main` does)
+  now      both (what `python -m panda_jax.main` runs today)
+
+The rate is the training loop's own `steps_per_s`, counted from the end of the first
+(compiling) step; each run also reports its minor page faults per second and the share of its
+CPU time spent in the kernel, both over the whole run (compilation included, which faults
+most: in steady training `keep_freed_memory` took the demo from ~100,000 faults a second to
+~170, measured from /proc on a whole demo run). The data set (--clips clips, made once under --workdir) is
+the demo generator's with the demo's settings.
+
+  python benchmarks/cpu_train.py                    # 120 steps, 1 repeat: about 6 minutes
+  python benchmarks/cpu_train.py --steps 200 --repeats 2
+
+Run it with nothing else on the machine. The last line is `RESULT host_cores=<n>
+steps_per_s_before=<x> steps_per_s_now=<y> speedup=<y/x>`.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SETTINGS = {'before': (16, False), 'threads': (-1, False), 'malloc': (16, True),
+            'now': (-1, True)}
+
+
+def _config(clips: int, **overrides):
+  from configs import demo as demo_config
+  c = demo_config.get_config()
+  c.unlock()
+  c.data.train_clips, c.data.eval_clips = clips, 4
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+def one(args) -> None:
+  """One setting in this process: prints a JSON line with its rate, faults and kernel share."""
+  threads, keep = SETTINGS[args.one]
+  if keep:
+    from panda_jax import host
+    host.keep_freed_memory()
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  from panda_jax.demo import run as demo_run
+  data = demo_run.make_data(_config(args.clips), os.path.join(args.workdir, 'data'),
+                            progress=False)
+  c = _config(args.clips, **{'data.read_threads': threads, 'stages.stage3.steps': args.steps,
+                             'train.save_every': 10 ** 6, 'train.log_every': args.steps})
+  wd = os.path.join(args.workdir, f'run_{args.one}')
+  shutil.rmtree(wd, ignore_errors=True)
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
+  t0 = time.perf_counter()
+  demo_run.run_stage(c, 3, wd, data, progress=False)
+  wall = time.perf_counter() - t0
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  with open(os.path.join(wd, 'metrics.jsonl')) as f:
+    last = [json.loads(line) for line in f][-1]
+  shutil.rmtree(wd, ignore_errors=True)
+  cpu_sys, cpu_user = r1.ru_stime - r0.ru_stime, r1.ru_utime - r0.ru_utime
+  print(json.dumps({'steps_per_s': last['steps_per_s'],
+                    'faults_per_s': (r1.ru_minflt - r0.ru_minflt) / wall,
+                    'kernel_share': cpu_sys / max(cpu_sys + cpu_user, 1e-9)}))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--workdir', default='/tmp/panda_cpu_train')
+  p.add_argument('--clips', type=int, default=400)
+  p.add_argument('--steps', type=int, default=120)
+  p.add_argument('--repeats', type=int, default=1)
+  p.add_argument('--one', choices=sorted(SETTINGS), help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.one:
+    return one(args)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  runs = {name: [] for name in SETTINGS}
+  for rep in range(args.repeats):
+    for name in SETTINGS:
+      out = subprocess.run(
+          [sys.executable, os.path.abspath(__file__), '--one', name, '--workdir', args.workdir,
+           '--clips', str(args.clips), '--steps', str(args.steps)],
+          check=True, capture_output=True, text=True, env=env, cwd=ROOT)
+      r = json.loads(out.stdout.strip().splitlines()[-1])
+      runs[name].append(r)
+      print(f'repeat {rep}: {name}: {r["steps_per_s"]:.3f} steps/s, '
+            f'{r["faults_per_s"]:.0f} page faults/s, kernel {100 * r["kernel_share"]:.0f} %',
+            flush=True)
+  med = lambda name, k: statistics.median(r[k] for r in runs[name])  # noqa: E731
+  cores = os.cpu_count()
+  print(f'\nthe demo\'s stage 3, {args.steps} steps per run, median of {args.repeats}, '
+        f'{cores} CPU cores\n')
+  print('| setting | reader threads | malloc keeps freed memory | steps/s | page faults/s (whole '
+        'run) | kernel share of CPU (whole run) | vs before |')
+  print('|---|---:|---|---:|---:|---:|---:|')
+  from panda_jax.data import pipeline
+  ref = med('before', 'steps_per_s')
+  for name, (threads, keep) in SETTINGS.items():
+    s = med(name, 'steps_per_s')
+    print(f'| {name} | {pipeline.read_options(threads).num_threads} | {"yes" if keep else "no"} '
+          f'| {s:.3f} | {med(name, "faults_per_s"):,.0f} | '
+          f'{100 * med(name, "kernel_share"):.0f} % | {s / ref:.2f}x |')
+  now = med('now', 'steps_per_s')
+  print(f'\nRESULT host_cores={cores} steps_per_s_before={ref:.3f} steps_per_s_now={now:.3f} '
+        f'speedup={now / ref:.3f}')
+
+
+if __name__ == '__main__':
+  main()
