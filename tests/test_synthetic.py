@@ -224,43 +224,6 @@ def test_pair_shapes_asks_the_same_question_about_the_other_shape_next(tmp_path)
   assert paired >= 5
 
 
-def test_shuffled_captions_name_each_shape_once_with_its_start_and_motion(tmp_path):
-  """`shuffled_captions`: that fraction of the caption conversations describes the shapes in a
-  random order, each once with whether it is there from the start and where it moves; the other
-  files (and every caption at 0) are the default's."""
-  kw = dict(seed=3, turns=2, **SMALL)
-  ref = synthetic.make_dataset(str(tmp_path / 'ref'), 30, **kw)
-  ds = synthetic.make_dataset(str(tmp_path / 'shuf'), 30, shuffled_captions=0.5, **kw)
-  for key in ('train_instruct', 'eval_qa', 'scenes'):
-    assert open(getattr(ds, key)).read() == open(getattr(ref, key)).read()
-  scenes = json.load(open(ds.scenes))
-  phrase = {'left': 'moves to the left', 'right': 'moves to the right', 'up': 'moves upward',
-            'down': 'moves downward'}
-  shuffled = reversed_order = 0
-  for a, b in zip(json.load(open(ref.train_captions)), json.load(open(ds.train_captions))):
-    cap, shapes = b['conversations'][1]['value'], scenes[b['id']]['shapes']
-    if cap == a['conversations'][1]['value']:
-      continue
-    shuffled += 1
-    sentences = cap.split('. ')
-    assert len(sentences) == len(shapes) + 1
-    said = {}
-    for sentence in sentences[:-1]:
-      name = next(f"{s['colour']} {s['kind']}" for s in shapes
-                  if sentence.startswith(f"A {s['colour']} {s['kind']} "))
-      said[name] = sentence
-    assert len(said) == len(shapes)
-    for s in shapes:
-      sentence = said[f"{s['colour']} {s['kind']}"]
-      when = 'is there from the start' if s['appear'] == 0 else 'appears later'
-      assert when in sentence and phrase[s['direction']] in sentence, (sentence, s)
-    reversed_order += sentences[0].startswith(f"A {shapes[-1]['colour']} {shapes[-1]['kind']} ") \
-        and len(shapes) > 1
-  assert 5 <= shuffled <= 20 and reversed_order >= 1
-  with pytest.raises(ValueError, match='shuffled_captions=2'):
-    synthetic.make_dataset(str(tmp_path / 'bad'), 2, shuffled_captions=2, **kw)
-
-
 def test_size_sets_the_radius_and_nothing_else():
   kw = dict(width=112, height=84, fps=1, duration_s=4.0, num_shapes=2)
   small = synthetic.random_scene(np.random.default_rng(5), **kw)

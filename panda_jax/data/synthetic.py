@@ -347,27 +347,8 @@ def caption(scene: Scene) -> str:
     lead = 'Then' if i == 0 else 'After that,'
     parts.append(f'{lead} a {sh.name} appears and {_DIRECTION_PHRASE[sh.direction]}.')
   n = len(s)
-  parts.append(_total(n))
-  return ' '.join(parts)
-
-
-def _total(n: int) -> str:
-  return (f'In total {_NUMBER_WORD.get(n, str(n))} shape{"s" if n > 1 else ""} '
-          f'appear{"" if n > 1 else "s"}.')
-
-
-def shuffled_caption(scene: Scene, rng: np.random.Generator) -> str:
-  """The clip's shapes in a random order, each with when it appears and where it moves:
-  'A blue circle appears later and moves upward. A red square is there from the start and
-  moves to the left. In total two shapes appear.' Unlike `caption`, whose order tells which
-  shape came first, the words after a shape's name here can only be predicted by finding that
-  shape in the video."""
-  parts = []
-  for k in rng.permutation(len(scene.shapes)):
-    sh = scene.shapes[int(k)]
-    when = 'is there from the start' if sh.appear == 0 else 'appears later'
-    parts.append(f'A {sh.name} {when} and {_DIRECTION_PHRASE[sh.direction]}.')
-  parts.append(_total(len(scene.shapes)))
+  parts.append(f'In total {_NUMBER_WORD.get(n, str(n))} shape{"s" if n > 1 else ""} '
+               f'appear{"" if n > 1 else "s"}.')
   return ' '.join(parts)
 
 
@@ -482,8 +463,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  size: float = 0.1, min_shapes: int = 1,
                  late_start: float = 0.0,
                  video_after_question: bool = False,
-                 pair_shapes: bool = False,
-                 shuffled_captions: float = 0.0) -> SyntheticDataset:
+                 pair_shapes: bool = False) -> SyntheticDataset:
   """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
 
   The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
@@ -503,16 +483,12 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   first: the reference moves a trailing placeholder to the front). `pair_shapes` (draws by type
   as `balance_types`): on a clip of two or more shapes, a turn asking about one shape's
   direction, end position or presence at the start is followed by the same question about
-  another shape. `shuffled_captions`: the fraction of training clips whose stage 1-2 caption is
-  `shuffled_caption` instead of `caption` (0 draws nothing, so it changes no other file).
-  `progress` shows a progress bar.
+  another shape. `progress` shows a progress bar.
   """
   if not 0.0 <= short_fraction <= 1.0:
     raise ValueError(f'short_fraction={short_fraction} must be in [0, 1]')
   if turns < 1:
     raise ValueError(f'turns={turns} must be >= 1')
-  if not 0.0 <= shuffled_captions <= 1.0:
-    raise ValueError(f'shuffled_captions={shuffled_captions} must be in [0, 1]')
   if num_videos < 1:
     raise ValueError('num_videos must be >= 1')
   root = os.path.abspath(root)
@@ -541,14 +517,9 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
     if i < n_train:
       train_paths.append(path)
       prompt = _CAPTION_PROMPTS[int(rng.integers(len(_CAPTION_PROMPTS)))]
-      cap = caption(scene)
-      if shuffled_captions > 0:
-        cap_rng = np.random.default_rng([seed, i, 4])
-        if cap_rng.random() < shuffled_captions:
-          cap = shuffled_caption(scene, cap_rng)
       captions.append({'id': name, 'video': rel, 'conversations': [
           {'from': 'human', 'value': f'<video>\n{prompt}'},
-          {'from': 'gpt', 'value': cap}]})
+          {'from': 'gpt', 'value': caption(scene)}]})
       if pair_shapes:
         order = _paired_order(qs, min(turns, len(qs)), len(scene.shapes),
                               np.random.default_rng([seed, i, 3]))
