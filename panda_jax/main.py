@@ -23,7 +23,6 @@ from ml_collections import config_flags
 
 from panda_jax import config as config_lib
 from panda_jax import distributed
-from panda_jax import host
 from panda_jax import sharding
 from panda_jax.data import frames as frames_lib
 from panda_jax.models.stab import VisualTokenizer
@@ -31,10 +30,6 @@ from panda_jax.models.stab import VisualTokenizer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/X.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where outputs and the resolved config go.')
-_KEEP_FREED = flags.DEFINE_boolean(
-    'keep_freed_memory', True, 'Let glibc malloc keep freed memory instead of unmapping it on '
-    'every free (panda_jax.host: on a 2-core CPU host it removed 30 %% of kernel time from a '
-    'training step); --nokeep_freed_memory leaves malloc as it is.')
 distributed.define_flags()   # --multihost, --coordinator_address, --num_processes, --process_id
 
 
@@ -161,8 +156,6 @@ def main(argv):
   _quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _KEEP_FREED.value:
-    host.keep_freed_memory()
   distributed.from_flags()
   if flags.FLAGS.multihost:
     logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
