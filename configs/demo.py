@@ -56,8 +56,8 @@ def get_config(arg: str = ''):
   c.data = ml_collections.ConfigDict(dict(
       train_clips=4000, eval_clips=100, width=112, height=84, fps=1, duration_s=4.0,
       max_shapes=2, frames=4, turns=3, short_fraction=0.75, tokenizer_vocab=1000,
-      max_len=176, num_workers=0, read_threads=-1, travel=1.0, balance_types=True, shape_size=0.2,
-      min_shapes=1, split_punctuation=False, late_start=0.0,
+      max_len=176, num_workers=0, read_threads=16, travel=1.0, balance_types=True,
+      shape_size=0.2, min_shapes=1, split_punctuation=False, late_start=0.0,
       video_after_question=False, pair_shapes=False))
   stage = lambda steps, lr, batch, warmup, wd=0.0: ml_collections.ConfigDict(  # noqa: E731
       dict(steps=steps, lr=lr, batch_size=batch, warmup_ratio=warmup, weight_decay=wd))

@@ -405,9 +405,9 @@ def train_config(stage: int, arg: str = '',
   c.data = ml_collections.ConfigDict(dict(
       annotations='', video_root='', frames=4 if tiny else 8,
       max_len=512 if tiny else 4096, tokenizer='', num_workers=0 if tiny else 8,
-      # Grain reader threads (per worker process when num_workers > 0): -1 one per CPU core,
-      # at most Grain's default 16 (panda_jax.data.pipeline.read_options).
-      read_threads=-1,
+      # Grain reader threads (per worker process when num_workers > 0); -1: one per CPU core,
+      # at most 16 (panda_jax.data.pipeline.read_options). 16 is Grain's default.
+      read_threads=16,
       shuffle_seed=0, synthetic_videos=24 if tiny else 0, description=st['data'],
       teacher_features='',
       # Packed ArrayRecord shards (panda_jax.data.packing) instead of annotations + videos:

@@ -239,11 +239,10 @@ def global_stream(records: Sequence, seed: int) -> grain.MapDataset:
 GRAIN_READ_THREADS = 16   # Grain's default number of reader threads (grain.ReadOptions)
 
 
-def read_options(read_threads: int = -1) -> grain.ReadOptions:
+def read_options(read_threads: int = GRAIN_READ_THREADS) -> grain.ReadOptions:
   """Grain's reader options for `read_threads` threads; -1: one per CPU core of this host, at
-  most Grain's default 16 (a TPU VM's host keeps 16; on a 2-core machine 16 threads decoding
-  and tokenising fight the training step for the cores: 2 gave 12 % more steps per second
-  in the demo's stage 3). 0 reads in the consuming thread (no read-ahead)."""
+  most Grain's default 16; 0 reads in the consuming thread (no read-ahead). On a 2-core host 2
+  threads trained the demo as fast as 16 (`benchmarks/cpu_train.py`)."""
   if read_threads == -1:
     read_threads = min(GRAIN_READ_THREADS, os.cpu_count() or 1)
   if read_threads < 0:
@@ -261,7 +260,7 @@ class TrainIterator:
   def __init__(self, records: Sequence[Mapping], processor: ProcessSample, batch_size: int,
                seed: int = 0, process_index: int = 0, process_count: int = 1,
                num_workers: int = 0, max_consecutive_skips: int = 1000,
-               read_threads: int = -1):
+               read_threads: int = GRAIN_READ_THREADS):
     if batch_size % process_count:
       raise ValueError(f'batch_size={batch_size} is not a multiple of the {process_count} '
                        'processes')
