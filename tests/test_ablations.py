@@ -143,7 +143,7 @@ def combined(names) -> PandaConfig:
 
 
 @pytest.mark.parametrize('names', COMBOS, ids=['+'.join(c) for c in COMBOS])
-def test_forward_and_train_step_run(names, default_shapes):
+def test_forward_and_train_step_run(names, default_shapes, tmp_path):
   cfg = combined(names)
   model = VideoPanda(cfg)
   batch = jax.tree.map(jnp.asarray, make_batch(cfg))
@@ -168,6 +168,22 @@ def test_forward_and_train_step_run(names, default_shapes):
   still = [k for k in before if np.array_equal(before[k], after[k])
            and not k.endswith('gstra/k_bias')]
   assert not still, f'parameters without a gradient: {still}'
+  # The trained state checkpoints and restores (without LSTE there are no BatchNorm
+  # statistics: the demo's `no_lste` run once failed at its first save, "Found empty item").
+  from panda_jax.train import checkpoint as ckpt
+  mngr = ckpt.manager(tmp_path, 1, 2, async_save=False)
+  ckpt.save(mngr, 1, new, {'next_index': 3})
+  mngr.wait_until_finished()
+  shardings = jax.tree.map(lambda x: x.sharding, new)
+  back, data = ckpt.restore(mngr, 1, state, shardings)
+  assert data[ckpt.PROCESSES] == [{'next_index': 3}], data
+  for got, want in ((back.params, new.params), (back.batch_stats, new.batch_stats),
+                    (back.opt_state, new.opt_state)):
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert int(back.step) == int(new.step) == 1
+  step, params, stats = ckpt.restore_variables(tmp_path)
+  assert step == 1 and bool(stats) == ('lste_off' not in names)
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(new.params))
 
 
 @pytest.fixture(scope='module')

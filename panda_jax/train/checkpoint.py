@@ -102,16 +102,23 @@ def manager(workdir, save_every: int, keep: int, async_save: bool = True):
 def save(mngr, step: int, state, data_state: Mapping | None, force: bool = False,
          gather=None) -> None:
   """Saves `state` (a TrainState) and every process's iterator state (`data_state` is this
-  process's; `gather_data_states`) as checkpoint `step`. Every process must call it."""
+  process's; `gather_data_states`) as checkpoint `step`. Every process must call it.
+  A model without BatchNorm statistics (`model.stab.lste=False`) saves no `batch_stats` item:
+  Orbax refuses an empty tree."""
   data = gather_data_states(data_state, gather)
-  args = ocp.args.Composite(
+  items = dict(
       params=ocp.args.StandardSave(state.params),
-      batch_stats=ocp.args.StandardSave(state.batch_stats),
       opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng,
                                   'refused': state.refused}),
       data=ocp.args.JsonSave(data))
-  mngr.save(step, args=args, force=force)
+  if _has_leaves(state.batch_stats):
+    items['batch_stats'] = ocp.args.StandardSave(state.batch_stats)
+  mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def _has_leaves(tree) -> bool:
+  return bool(jax.tree.leaves(tree))
 
 
 def _abstract(tree, shardings):
@@ -122,17 +129,21 @@ def _abstract(tree, shardings):
 def restore(mngr, step: int, state, shardings):
   """-> (state with restored arrays in their shardings, the data item: every process's iterator
   state, see `process_data_state`)."""
-  args = ocp.args.Composite(
+  items = dict(
       params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
-      batch_stats=ocp.args.StandardRestore(_abstract(state.batch_stats, shardings.batch_stats)),
       opt_state=ocp.args.StandardRestore(_abstract(state.opt_state, shardings.opt_state)),
       meta=ocp.args.StandardRestore(_abstract(
           {'step': state.step, 'rng': state.rng, 'refused': state.refused},
           {'step': shardings.step, 'rng': shardings.rng, 'refused': shardings.refused})),
       data=ocp.args.JsonRestore())
-  r = mngr.restore(step, args=args)
-  new = state.replace(params=r.params, batch_stats=r.batch_stats, opt_state=r.opt_state,
-                      step=r.meta['step'], rng=r.meta['rng'], refused=r.meta['refused'])
+  stats = _has_leaves(state.batch_stats)
+  if stats:
+    items['batch_stats'] = ocp.args.StandardRestore(
+        _abstract(state.batch_stats, shardings.batch_stats))
+  r = mngr.restore(step, args=ocp.args.Composite(**items))
+  new = state.replace(params=r.params, batch_stats=r.batch_stats if stats else state.batch_stats,
+                      opt_state=r.opt_state, step=r.meta['step'], rng=r.meta['rng'],
+                      refused=r.meta['refused'])
   return new, dict(r.data or {})
 
 
@@ -150,7 +161,9 @@ def restore_variables(workdir) -> tuple[int, Any, Any]:
   if step is None:
     raise FileNotFoundError(f'no checkpoint under {pathlib.Path(workdir) / "checkpoints"}')
   path = pathlib.Path(workdir).absolute() / 'checkpoints' / str(step)
-  return step, _host_tree(path / 'params'), _host_tree(path / 'batch_stats')
+  # No item for a model without BatchNorm statistics (see `save`).
+  stats = _host_tree(path / 'batch_stats') if (path / 'batch_stats').exists() else {}
+  return step, _host_tree(path / 'params'), stats
 
 
 def _host_tree(path):
