@@ -201,12 +201,40 @@ def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
   assert short and sentences
   assert all(len(a.split()) <= 3 for a in short)
   assert all(a.endswith('.') for a in sentences)
+  # Every caption conversation fits the caption stages' length (one that did not would be
+  # skipped and counted, not cut), and every instruction conversation stage 3's.
+  from panda_jax import config as config_lib
+  from panda_jax.data.pipeline import ProcessSample
+  for stage, key in ((2, 'train_captions'), (3, 'train_instruct')):
+    c = demo_run.stage_config(config, stage, data)
+    process = ProcessSample(data['root'], data['tokenizer'], config_lib.resolve(c).model.stab,
+                            c.data.frames, c.data.max_len)
+    skipped = [r for r in map(process, json.load(open(data[key]))) if 'skip' in r]
+    assert not skipped, (stage, c.data.max_len, skipped[:2])
   # Held-out clips are in no training file.
   train_videos = {e['video'] for e in conv} | {e['video'] for e in
                                                json.load(open(data['train_captions']))}
   assert not {f'videos/{q["video_name"]}.mp4' for q in qs} & train_videos
   # Made once: a second call reads the summary.
   assert demo_run.make_data(config, str(tmp_path / 'data'), progress=False) == data
+
+
+def test_caption_stages_use_their_own_sequence_length():
+  from configs import demo as demo_config
+  from panda_jax.demo import run as demo_run
+  data = {'train_instruct': 'x', 'train_captions': 'y', 'root': 'r', 'tokenizer': 't'}
+  config = demo_config.get_config()
+  assert 0 < config.data.caption_max_len < config.data.max_len
+  lengths = [demo_run.stage_config(config, s, data).data.max_len for s in (1, 2, 3)]
+  assert lengths == [config.data.caption_max_len] * 2 + [config.data.max_len]
+  # 0: every stage max_len (the smoke run's stages 2 and 3 share one program).
+  smoke = demo_config.get_config('smoke')
+  assert [demo_run.stage_config(smoke, s, data).data.max_len for s in (1, 2, 3)] == \
+      [smoke.data.max_len] * 3
+  with config.unlocked():
+    config.data.caption_max_len = -1
+  with pytest.raises(ValueError, match='caption_max_len=-1'):
+    demo_run.stage_config(config, 1, data)
 
 
 def test_every_ablation_names_valid_model_fields():

@@ -99,7 +99,8 @@ def make_data(config, root: str, progress: bool = True) -> dict:
 def stage_config(config, stage: int, data: Mapping, init_from: str = '',
                  model_overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """The training config of one demo stage: `configs/stageN.py:tiny` with the demo's model,
-  data, steps, batch and learning rate."""
+  data, steps, batch and learning rate; stages 1-2 (captions) lay their sequences out in
+  `data.caption_max_len` positions when it is set, stage 3 in `data.max_len`."""
   c = config_lib.train_config(stage, 'tiny')
   c.seed = config.seed
   c.model = ml_collections.ConfigDict(config.model.to_dict())
@@ -118,6 +119,12 @@ def stage_config(config, stage: int, data: Mapping, init_from: str = '',
   c.data.synthetic_videos = 0
   c.data.frames = config.data.frames
   c.data.max_len = config.data.max_len
+  caption_len = config.data.get('caption_max_len', 0)
+  if caption_len < 0:
+    raise ValueError(f'data.caption_max_len={caption_len}: expected a positive length, or 0 '
+                     'for data.max_len')
+  if stage < 3 and caption_len:
+    c.data.max_len = caption_len
   c.data.num_workers = config.data.num_workers
   c.data.read_threads = config.data.read_threads
   c.init.from_run = init_from
