@@ -3,6 +3,8 @@
   python -m panda_jax.main --config=configs/demo.py                 # 12-25 min on 2 CPU cores
   python -m panda_jax.main --config=configs/demo.py:full            # longer, learns more
   python -m panda_jax.main --config=configs/demo.py:ablations       # + the paper's ablations
+  python -m panda_jax.main --config=configs/demo.py:ablations \
+      --config.ablations="('no_lste', 'avgpool')"                  # a chosen set
   python -m panda_jax.main --config=configs/demo.py:smoke           # a minute (tests)
 
 Synthetic clips of moving shapes (train and held-out), stages 1 -> 2 -> 3 with the real
@@ -70,7 +72,9 @@ def get_config(arg: str = ''):
       stage3=stage(2000, 2e-3, 8, 0.01)))
   c.train = ml_collections.ConfigDict(dict(log_every=25, save_every=250))
   c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8))
-  c.ablations = []
+  # A tuple, so the command line can choose: --config.ablations="('no_lste', 'no_distill')"
+  # (ml_collections cannot override a list field).
+  c.ablations = ()
   c.report = ml_collections.ConfigDict(dict(
       teacher_note='a randomly initialised tiny LanguageBind-style video teacher (3 layers, '
                    '56 px): no pretrained teacher can be downloaded here, so distillation '
@@ -82,7 +86,7 @@ def get_config(arg: str = ''):
     c.stages.stage2.steps = 1000
     c.stages.stage3.steps = 2000
   elif variant == 'ablations':
-    c.ablations = list(DEFAULT_ABLATIONS)
+    c.ablations = DEFAULT_ABLATIONS
   elif variant == 'smoke':
     c.data.train_clips = 24
     c.data.eval_clips = 6

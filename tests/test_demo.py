@@ -252,8 +252,25 @@ def test_every_ablation_names_valid_model_fields():
     assert cfg != base, name
   with pytest.raises(ValueError, match='no_such'):
     with config.unlocked():
-      config.ablations = ['no_such']
+      config.ablations = ('no_such',)
     demo_run.ablation_overrides(config)
+
+
+def test_ablations_are_chosen_on_the_command_line():
+  # A tuple field: ml_collections refuses to override a list from the command line.
+  from conftest import subprocess_env
+  code = ('from absl import app\n'
+          'from ml_collections import config_flags\n'
+          'C = config_flags.DEFINE_config_file("config")\n'
+          'app.run(lambda _: print(list(C.value.ablations)))\n')
+  run = lambda *flags: subprocess.run(  # noqa: E731
+      [sys.executable, '-c', code, '--config=configs/demo.py:ablations', *flags], cwd=ROOT,
+      env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  out = run("--config.ablations=('no_lste', 'avgpool')")
+  assert out.stdout.strip() == "['no_lste', 'avgpool']", out.stderr[-2000:]
+  out = run()
+  from configs import demo as demo_config
+  assert out.stdout.strip() == str(list(demo_config.DEFAULT_ABLATIONS)), out.stderr[-2000:]
 
 
 @pytest.mark.slow
