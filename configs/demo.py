@@ -62,7 +62,7 @@ def get_config(arg: str = ''):
       max_shapes=2, frames=4, turns=3, short_fraction=0.75, tokenizer_vocab=1000,
       max_len=176, num_workers=0, read_threads=16, travel=1.0, balance_types=True,
       shape_size=0.2, min_shapes=1, split_punctuation=False, late_start=0.0,
-      video_after_question=False, pair_shapes=False, caption_max_len=128))
+      video_after_question=False, pair_shapes=False, caption_max_len=128, name_first=False))
   stage = lambda steps, lr, batch, warmup, wd=0.0: ml_collections.ConfigDict(  # noqa: E731
       dict(steps=steps, lr=lr, batch_size=batch, warmup_ratio=warmup, weight_decay=wd))
   c.stages = ml_collections.ConfigDict(dict(

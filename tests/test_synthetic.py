@@ -224,6 +224,35 @@ def test_pair_shapes_asks_the_same_question_about_the_other_shape_next(tmp_path)
   assert paired >= 5
 
 
+def test_name_first_sentences_put_the_deciding_word_right_after_the_name():
+  """`name_first`: the at-start and end-position sentence answers begin with the named shape
+  and the word that differs between the answers follows the name at once; short answers,
+  questions and the other sentences are unchanged."""
+  scene = synthetic.random_scene(np.random.default_rng(3), width=112, height=84, fps=1,
+                                 duration_s=4.0, num_shapes=2)
+  plain = synthetic.questions(scene, np.random.default_rng(0))
+  first = synthetic.questions(scene, np.random.default_rng(0), name_first=True)
+  assert [{k: v for k, v in q.items() if k != 'sentence'} for q in plain] == [
+      {k: v for k, v in q.items() if k != 'sentence'} for q in first]
+  by_type = collections.defaultdict(list)
+  for p, f in zip(plain, first):
+    by_type[p['type']].append((p, f))
+  assert {t: len(v) for t, v in by_type.items()} == {
+      'direction': 2, 'end_position': 2, 'at_start': 2, 'order': 1}
+  for p, f in by_type['direction'] + by_type['order']:
+    assert f['sentence'] == p['sentence']
+  starts = []
+  for sh, (p, f) in zip(scene.shapes, by_type['at_start']):
+    assert f['sentence'].startswith(f'The {sh.name} ') and sh.name not in p['sentence']
+    after = f['sentence'][len(f'The {sh.name} '):].split()[0]
+    starts.append((p['answer'], after))
+  # The first shape is there from frame 0, the second enters later: opposite answers, and the
+  # word after the name tells them apart.
+  assert starts == [('yes', 'is'), ('no', 'only')]
+  for sh, (p, f) in zip(scene.shapes, by_type['end_position']):
+    assert f['sentence'] == f"The {sh.name} ends near the {p['answer']} edge."
+
+
 def test_size_sets_the_radius_and_nothing_else():
   kw = dict(width=112, height=84, fps=1, duration_s=4.0, num_shapes=2)
   small = synthetic.random_scene(np.random.default_rng(5), **kw)

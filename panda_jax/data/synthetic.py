@@ -356,8 +356,17 @@ def _end_side(sh: Shape) -> str:
   return {'left': 'left', 'right': 'right', 'up': 'top', 'down': 'bottom'}[sh.direction]
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
-  """Temporal questions with a short answer (eval) and a sentence answer (training)."""
+def questions(scene: Scene, rng: np.random.Generator, name_first: bool = False) -> list[dict]:
+  """Temporal questions with a short answer (eval) and a sentence answer (training).
+
+  `name_first`: the sentence answers to "is the X visible at the start" and "which edge is
+  the X nearest at the end" begin with the shape's name, and the word that decides the answer
+  follows the name at once ("The red circle is there from the first frame." / "The red circle
+  only appears later in the video."; "The red circle ends near the left edge."): the decision
+  is then made at the name, where the decoder can look the shape up in the video in one step,
+  instead of at a template token that must first fetch the name from the question (the
+  direction sentence has this form already). Short answers and questions do not change.
+  """
   qs = []
   for sh in scene.shapes:
     qs.append({'type': 'direction',
@@ -368,13 +377,16 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
                'question': f'At the end of the video, is the {sh.name} nearer the left, right, '
                            f'top or bottom edge?',
                'answer': _end_side(sh),
-               'sentence': f'By the end it is near the {_end_side(sh)} edge.'})
+               'sentence': (f'The {sh.name} ends near the {_end_side(sh)} edge.' if name_first
+                            else f'By the end it is near the {_end_side(sh)} edge.')})
     present = sh.appear == 0
     qs.append({'type': 'at_start',
                'question': f'Is the {sh.name} visible at the start of the video?',
                'answer': 'yes' if present else 'no',
-               'sentence': ('Yes, it is there from the first frame.' if present else
-                            'No, it only appears later in the video.')})
+               'sentence': ((f'The {sh.name} is there from the first frame.' if present else
+                             f'The {sh.name} only appears later in the video.') if name_first
+                            else ('Yes, it is there from the first frame.' if present else
+                                  'No, it only appears later in the video.'))})
   if len(scene.shapes) >= 2:
     i, j = sorted(rng.choice(len(scene.shapes), size=2, replace=False))
     a, b = scene.shapes[i], scene.shapes[j]
@@ -463,7 +475,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  size: float = 0.1, min_shapes: int = 1,
                  late_start: float = 0.0,
                  video_after_question: bool = False,
-                 pair_shapes: bool = False) -> SyntheticDataset:
+                 pair_shapes: bool = False, name_first: bool = False) -> SyntheticDataset:
   """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
 
   The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
@@ -483,7 +495,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   first: the reference moves a trailing placeholder to the front). `pair_shapes` (draws by type
   as `balance_types`): on a clip of two or more shapes, a turn asking about one shape's
   direction, end position or presence at the start is followed by the same question about
-  another shape. `progress` shows a progress bar.
+  another shape. `name_first`: see `questions`. `progress` shows a progress bar.
   """
   if not 0.0 <= short_fraction <= 1.0:
     raise ValueError(f'short_fraction={short_fraction} must be in [0, 1]')
@@ -513,7 +525,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
     write_scene_video(path, scene, codec=codec, gop=gop, preset=preset)
     scenes[name] = scene.to_json()
     rel = _rel(root, path)
-    qs = questions(scene, rng)
+    qs = questions(scene, rng, name_first=name_first)
     if i < n_train:
       train_paths.append(path)
       prompt = _CAPTION_PROMPTS[int(rng.integers(len(_CAPTION_PROMPTS)))]

@@ -66,7 +66,8 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       eval_instruction=synthetic.SHORT_ANSWER_PROMPT, progress=progress,
       travel=d.travel, balance_types=d.balance_types, size=d.shape_size,
       min_shapes=d.min_shapes, late_start=d.late_start,
-      video_after_question=d.video_after_question, pair_shapes=d.pair_shapes)
+      video_after_question=d.video_after_question, pair_shapes=d.pair_shapes,
+      name_first=d.get('name_first', False))
   # The tokenizer learns the training text only (held-out questions use the same templates).
   corpus = []
   for path in (ds.train_captions, ds.train_instruct):
