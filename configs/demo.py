@@ -57,12 +57,17 @@ def get_config(arg: str = ''):
   # the README). Stages 1-2 lay their captions out in caption_max_len positions (the longest
   # caption conversation with its 64 visual tokens takes 125; a batch is padded to the
   # length, so 176 there would compute 38 % more positions than 128 for nothing); 0: max_len.
+  # name_first: the sentence answers about a shape's presence at the start and its end position
+  # begin with the shape's name, the deciding word right after it (as the direction sentence
+  # does): on the same clips, the answers to two-shape clips' questions then depend on the shape
+  # asked in 6 / 9 / 17 of 54 clips (direction / end / at start) instead of 0 / 0 / 3, and every
+  # type scored higher (README).
   c.data = ml_collections.ConfigDict(dict(
       train_clips=4000, eval_clips=100, width=112, height=84, fps=1, duration_s=4.0,
       max_shapes=2, frames=4, turns=3, short_fraction=0.75, tokenizer_vocab=1000,
       max_len=176, num_workers=0, read_threads=16, travel=1.0, balance_types=True,
       shape_size=0.2, min_shapes=1, split_punctuation=False, late_start=0.0,
-      video_after_question=False, pair_shapes=False, caption_max_len=128, name_first=False))
+      video_after_question=False, pair_shapes=False, caption_max_len=128, name_first=True))
   stage = lambda steps, lr, batch, warmup, wd=0.0: ml_collections.ConfigDict(  # noqa: E731
       dict(steps=steps, lr=lr, batch_size=batch, warmup_ratio=warmup, weight_decay=wd))
   c.stages = ml_collections.ConfigDict(dict(
