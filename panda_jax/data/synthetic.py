@@ -363,9 +363,10 @@ def questions(scene: Scene, rng: np.random.Generator, name_first: bool = False) 
   the X nearest at the end" begin with the shape's name, and the word that decides the answer
   follows the name at once ("The red circle is there from the first frame." / "The red circle
   only appears later in the video."; "The red circle ends near the left edge."): the decision
-  is then made at the name, where the decoder can look the shape up in the video in one step,
-  instead of at a template token that must first fetch the name from the question (the
-  direction sentence has this form already). Short answers and questions do not change.
+  is then made right after the name instead of at a template token far from it (the direction
+  sentence has this form already; README: the decision is still one fetch away from the colour
+  word, which is what the demo's decoder finds hard). Short answers and questions do not
+  change.
   """
   qs = []
   for sh in scene.shapes:
