@@ -381,13 +381,12 @@ def questions(scene: Scene, rng: np.random.Generator, name_first: bool = False) 
                'sentence': (f'The {sh.name} ends near the {_end_side(sh)} edge.' if name_first
                             else f'By the end it is near the {_end_side(sh)} edge.')})
     present = sh.appear == 0
+    lead = f'The {sh.name}' if name_first else ('Yes, it' if present else 'No, it')
     qs.append({'type': 'at_start',
                'question': f'Is the {sh.name} visible at the start of the video?',
                'answer': 'yes' if present else 'no',
-               'sentence': ((f'The {sh.name} is there from the first frame.' if present else
-                             f'The {sh.name} only appears later in the video.') if name_first
-                            else ('Yes, it is there from the first frame.' if present else
-                                  'No, it only appears later in the video.'))})
+               'sentence': (f'{lead} is there from the first frame.' if present else
+                            f'{lead} only appears later in the video.')})
   if len(scene.shapes) >= 2:
     i, j = sorted(rng.choice(len(scene.shapes), size=2, replace=False))
     a, b = scene.shapes[i], scene.shapes[j]
