@@ -330,3 +330,47 @@ def test_late_start_opens_some_clips_empty_and_at_start_says_no():
       synthetic.random_scene(np.random.default_rng(7), **kw)
   with pytest.raises(ValueError, match='late_start=2'):
     synthetic.random_scene(np.random.default_rng(7), late_start=2, **kw)
+
+
+def test_focus_types_add_one_single_question_per_two_shape_clip_and_change_nothing_else(tmp_path):
+  """`focus_types`: every training clip of two shapes gets one more conversation per focus
+  type, a single short-form question about one of its shapes with the scene's answer; the
+  other conversations, the captions, the held-out questions and the scenes stay as they were."""
+  kw = dict(width=32, height=24, fps=1, duration_s=4.0, max_shapes=2, turns=3,
+            short_fraction=0.75, balance_types=True, name_first=True, eval_fraction=0.1)
+  plain = synthetic.make_dataset(str(tmp_path / 'plain'), 40, seed=5, **kw)
+  focus = synthetic.make_dataset(str(tmp_path / 'focus'), 40, seed=5,
+                                 focus_types=('at_start', 'direction'), **kw)
+  for key in ('train_captions', 'eval_qa', 'scenes'):
+    assert _read(getattr(plain, key)) == _read(getattr(focus, key)), key
+  scenes = json.load(open(focus.scenes))
+  base = json.load(open(plain.train_instruct))
+  entries = json.load(open(focus.train_instruct))
+  assert [e for e in entries if e['id'] in scenes] == base
+  extra = [e for e in entries if e['id'] not in scenes]
+  two = [e['id'] for e in base if len(scenes[e['id']]['shapes']) == 2]
+  assert 5 <= len(two) < len(base)
+  assert sorted(e['id'] for e in extra) == sorted(f'{c}_{t}' for c in two
+                                                  for t in ('at_start', 'direction'))
+  named = collections.Counter()
+  for e in extra:
+    clip, kind = e['id'][:len('vid_00000')], e['id'][len('vid_00000_'):]
+    (human, gpt) = e['conversations']
+    assert e['video'] == f'videos/{clip}.mp4'
+    question = human['value']
+    assert question.startswith('<video>\n') and question.endswith(
+        '?\n' + synthetic.SHORT_ANSWER_PROMPT)
+    shapes = [s for s in scenes[clip]['shapes'] if f"the {s['colour']} {s['kind']} " in question]
+    assert len(shapes) == 1
+    (s,) = shapes
+    named[s['appear'] == 0] += 1
+    if kind == 'at_start':
+      assert 'visible at the start' in question
+      assert gpt['value'] == ('yes' if s['appear'] == 0 else 'no')
+    else:
+      assert question.startswith('<video>\nIn which direction')
+      assert gpt['value'] == s['direction']
+  assert named[True] > 0 and named[False] > 0          # both shapes get asked about
+  assert json.load(open(focus.train_focus)) == extra and plain.train_focus == ''
+  with pytest.raises(ValueError, match='focus type'):
+    synthetic.make_dataset(str(tmp_path / 'bad'), 4, focus_types=('colour',), **kw)

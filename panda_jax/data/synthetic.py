@@ -429,6 +429,7 @@ def _draw_by_type(qs: list[dict], left: list[int], rng: np.random.Generator) -> 
 
 
 PER_SHAPE_TYPES = ('direction', 'end_position', 'at_start')   # `questions`' order per shape
+TYPES = PER_SHAPE_TYPES + ('order',)
 
 
 def _paired_order(qs: list[dict], n: int, num_shapes: int, rng: np.random.Generator) -> list[int]:
@@ -464,6 +465,7 @@ class SyntheticDataset:
   train_instruct: str               # stage 3 conversations
   eval_qa: str                      # Video-ChatGPT style held-out questions
   scenes: str                       # ground truth per clip
+  train_focus: str = ''             # `focus_types`' conversations alone ('' without them)
 
 
 def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float = 0.25,
@@ -475,7 +477,8 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  size: float = 0.1, min_shapes: int = 1,
                  late_start: float = 0.0,
                  video_after_question: bool = False,
-                 pair_shapes: bool = False, name_first: bool = False) -> SyntheticDataset:
+                 pair_shapes: bool = False, name_first: bool = False,
+                 focus_types: Sequence[str] = ()) -> SyntheticDataset:
   """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
 
   The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
@@ -495,8 +498,16 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   first: the reference moves a trailing placeholder to the front). `pair_shapes` (draws by type
   as `balance_types`): on a clip of two or more shapes, a turn asking about one shape's
   direction, end position or presence at the start is followed by the same question about
-  another shape. `name_first`: see `questions`. `progress` shows a progress bar.
+  another shape. `name_first`: see `questions`. `focus_types` (of `TYPES`): besides its
+  conversation, every training clip of two or more shapes gets, per focus type, a single-turn
+  short-form conversation about one of its shapes drawn at random (its own id
+  `<clip>_<type>`): a question whose answer depends on which shape is named, asked alone.
+  They are added to `train_instruct.json` and also written alone to `train_focus.json`.
+  `progress` shows a progress bar.
   """
+  for t in focus_types:
+    if t not in TYPES:
+      raise ValueError(f'focus type {t!r}; expected one of {TYPES}')
   if not 0.0 <= short_fraction <= 1.0:
     raise ValueError(f'short_fraction={short_fraction} must be in [0, 1]')
   if turns < 1:
@@ -512,7 +523,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   n_eval = min(n_eval, num_videos - 1) if num_videos >= 2 else 0
   n_train = num_videos - n_eval
 
-  captions, instruct, eval_qa, scenes = [], [], [], {}
+  captions, instruct, eval_qa, scenes, focus = [], [], [], {}, []
   train_paths, eval_paths = [], []
   from tqdm import tqdm
   for i in tqdm(range(num_videos), desc='synthetic clips', unit='clip', disable=not progress):
@@ -554,6 +565,15 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
         conv.append({'from': 'human', 'value': ask})
         conv.append({'from': 'gpt', 'value': q['answer'] if short[t] else q['sentence']})
       instruct.append({'id': name, 'video': rel, 'conversations': conv})
+      if focus_types and len(scene.shapes) >= 2:
+        focus_rng = np.random.default_rng([seed, i, 4])    # leaves the other draws as they were
+        for t in focus_types:
+          of_type = [q for q in qs if q['type'] == t]
+          q = of_type[int(focus_rng.integers(len(of_type)))]
+          focus.append({'id': f'{name}_{t}', 'video': rel, 'conversations': [
+              {'from': 'human', 'value': f'<video>\n{q["question"]}\n{SHORT_ANSWER_PROMPT}'},
+              {'from': 'gpt', 'value': q['answer']}]})
+          instruct.append(focus[-1])
     else:
       eval_paths.append(path)
       for k, q in enumerate(qs):
@@ -564,8 +584,9 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                         'type': q['type']})
 
   files = {}
-  for key, data in (('train_captions', captions), ('train_instruct', instruct),
-                    ('eval_qa', eval_qa), ('scenes', scenes)):
+  written = [('train_captions', captions), ('train_instruct', instruct), ('eval_qa', eval_qa),
+             ('scenes', scenes)] + ([('train_focus', focus)] if focus_types else [])
+  for key, data in written:
     files[key] = os.path.join(root, key + '.json')
     with open(files[key], 'w') as f:
       json.dump(data, f, indent=1, sort_keys=True)
