@@ -13,6 +13,9 @@ import pytest
 from panda_jax.eval import score as score_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The smoke demo's training phases, each in workdir/stage<phase>: stage 3a is stage 3's focus
+# phase (configs/demo.py: data.focus_types).
+PHASES = ('1', '2', '3a', '3')
 
 
 # `python -m panda_jax.main ARGS` in a fresh process that says at the end whether TensorFlow
@@ -61,7 +64,7 @@ def test_demo_writes_every_report_file(demo_run):
   workdir, r = demo_run
   for rel in ('report.md', 'scores.json', 'eval/predictions.jsonl', 'figures/loss.png',
               'figures/accuracy.png', 'figures/example.png', 'data/DONE.json', 'config.json',
-              *(f'stage{s}/{f}' for s in (1, 2, 3) for f in ('summary.json', 'metrics.jsonl'))):
+              *(f'stage{s}/{f}' for s in PHASES for f in ('summary.json', 'metrics.jsonl'))):
     path = workdir / rel
     assert path.exists() and path.stat().st_size > 0, rel
   for fig in ('loss', 'accuracy', 'example'):
@@ -71,8 +74,14 @@ def test_demo_writes_every_report_file(demo_run):
   s1 = json.load(open(workdir / 'stage1' / 'summary.json'))
   s3 = json.load(open(workdir / 'stage3' / 'summary.json'))
   assert s1['trainable'] == ['^visual/', '^distill/'] and s3['trainable'] == ['.*']
-  assert json.load(open(workdir / 'stage2' / 'config.json'))['init']['from_run'] == \
-      str(workdir / 'stage1')
+  for s, before in (('2', '1'), ('3a', '2'), ('3', '3a')):
+    assert json.load(open(workdir / f'stage{s}' / 'config.json'))['init']['from_run'] == \
+        str(workdir / f'stage{before}'), s
+  # Stage 3a trains on the focus questions alone, stage 3 on the conversations with them.
+  assert json.load(open(workdir / 'stage3a' / 'config.json'))['data']['annotations'] == \
+      str(workdir / 'data' / 'train_focus.json')
+  assert json.load(open(workdir / 'stage3' / 'config.json'))['data']['annotations'] == \
+      str(workdir / 'data' / 'train_instruct.json')
 
 
 def _params(workdir, step) -> dict:
@@ -89,11 +98,11 @@ def _params(workdir, step) -> dict:
 
 @pytest.mark.slow
 def test_demo_stages_chain_through_checkpoints_and_each_learns(demo_run):
-  """The three stages of the demo's run (8 steps each, saved every 4): each one's loss falls,
+  """The stages of the demo's run (8 steps each, saved every 4): each one's loss falls,
   stage 1 trains the visual part and leaves every LLM weight as initialised, stage 2 starts
   from stage 1's final checkpoint and trains the LLM."""
   workdir, _ = demo_run
-  for s in (1, 2, 3):
+  for s in PHASES:
     metrics = [json.loads(l) for l in open(workdir / f'stage{s}' / 'metrics.jsonl')]
     assert [m['step'] for m in metrics] == list(range(1, 9)), s
     first, last = metrics[0]['loss'], metrics[-1]['loss']
@@ -122,9 +131,9 @@ def test_demo_events_match_the_log_and_tensorflow_is_never_imported(demo_run):
   workdir, r = demo_run
   assert 'tensorflow imported: False' in r.stdout, r.stdout[-2000:]
   logged = re.findall(r'step (\d+)/8 loss ([0-9.]+)', r.stderr)
-  assert len(logged) == 24, r.stderr[-3000:]                # 8 steps of each of 3 stages
-  for s in (1, 2, 3):
-    stage = {int(k): float(v) for k, v in logged[8 * (s - 1):8 * s]}
+  assert len(logged) == 8 * len(PHASES), r.stderr[-3000:]   # 8 steps of each stage
+  for i, s in enumerate(PHASES):
+    stage = {int(k): float(v) for k, v in logged[8 * i:8 * (i + 1)]}
     assert sorted(stage) == list(range(1, 9))
     acc = _events(workdir / f'stage{s}')
     loss = {e.step: e.value for e in acc.Scalars('loss')}
@@ -166,12 +175,12 @@ def test_demo_rerun_resumes_instead_of_redoing(demo_run):
   lines = pred.read_text().splitlines()
   # A kill during evaluation: the last answers (and a torn line) are lost.
   pred.write_text('\n'.join(lines[:-3]) + '\n' + lines[-3][:10])
-  stamps = {s: os.path.getmtime(workdir / f'stage{s}' / 'summary.json') for s in (1, 2, 3)}
+  stamps = {s: os.path.getmtime(workdir / f'stage{s}' / 'summary.json') for s in PHASES}
   r = _run(workdir)
   assert r.returncode == 0, r.stderr[-4000:]
-  assert r.stderr.count('already trained') == 3
+  assert r.stderr.count('already trained') == len(PHASES)
   assert {s: os.path.getmtime(workdir / f'stage{s}' / 'summary.json')
-          for s in (1, 2, 3)} == stamps
+          for s in PHASES} == stamps
   again = pred.read_text().splitlines()
   assert len(again) == len(lines)
   assert again[:-3] == lines[:-3]
@@ -201,11 +210,19 @@ def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
   assert short and sentences
   assert all(len(a.split()) <= 3 for a in short)
   assert all(a.endswith('.') for a in sentences)
+  # data.focus_types: one more conversation per two-shape training clip, a single short
+  # "visible at the start" question.
+  scenes = json.load(open(data['scenes']))
+  two = [e['id'] for e in conv if e['id'] in scenes and len(scenes[e['id']]['shapes']) == 2]
+  focus = [e for e in conv if e['id'] not in scenes]
+  assert sorted(e['id'] for e in focus) == sorted(f'{c}_at_start' for c in two) and two
+  assert all(len(e['conversations']) == 2 and 'visible at the start' in
+             e['conversations'][0]['value'] for e in focus)
   # Every caption conversation fits the caption stages' length (one that did not would be
   # skipped and counted, not cut), and every instruction conversation stage 3's.
   from panda_jax import config as config_lib
   from panda_jax.data.pipeline import ProcessSample
-  for stage, key in ((2, 'train_captions'), (3, 'train_instruct')):
+  for stage, key in ((2, 'train_captions'), ('3a', 'train_focus'), (3, 'train_instruct')):
     c = demo_run.stage_config(config, stage, data)
     process = ProcessSample(data['root'], data['tokenizer'], config_lib.resolve(c).model.stab,
                             c.data.frames, c.data.max_len)
@@ -222,15 +239,29 @@ def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
 def test_caption_stages_use_their_own_sequence_length():
   from configs import demo as demo_config
   from panda_jax.demo import run as demo_run
-  data = {'train_instruct': 'x', 'train_captions': 'y', 'root': 'r', 'tokenizer': 't'}
+  data = {'train_instruct': 'x', 'train_captions': 'y', 'root': 'r', 'tokenizer': 't',
+          'train_focus': 'z'}
   config = demo_config.get_config()
   assert 0 < config.data.caption_max_len < config.data.max_len
-  lengths = [demo_run.stage_config(config, s, data).data.max_len for s in (1, 2, 3)]
-  assert lengths == [config.data.caption_max_len] * 2 + [config.data.max_len]
-  # 0: every stage max_len (the smoke run's stages 2 and 3 share one program).
+  assert 0 < config.data.focus_max_len < config.data.max_len
+  lengths = [demo_run.stage_config(config, s, data).data.max_len for s in (1, 2, '3a', 3)]
+  assert lengths == [config.data.caption_max_len] * 2 + [config.data.focus_max_len,
+                                                         config.data.max_len]
+  # 0: every stage max_len (the smoke run's stages 2, 3a and 3 share one program).
   smoke = demo_config.get_config('smoke')
-  assert [demo_run.stage_config(smoke, s, data).data.max_len for s in (1, 2, 3)] == \
-      [smoke.data.max_len] * 3
+  assert [demo_run.stage_config(smoke, s, data).data.max_len for s in (1, 2, '3a', 3)] == \
+      [smoke.data.max_len] * 4
+  # Stage 3a: the focus conversations with stage 3a's own steps; none without them.
+  c = demo_run.stage_config(config, '3a', data)
+  assert (c.data.annotations, c.train.steps) == ('z', config.stages.focus.steps)
+  assert demo_run.phases(config) == ('1', '2', '3a', '3')
+  with config.unlocked():
+    config.stages.focus.steps = 0
+  assert demo_run.phases(config) == ('1', '2', '3')
+  with pytest.raises(ValueError, match='focus conversations'):
+    demo_run.stage_config(config, '3a', dict(data, train_focus=''))
+  with pytest.raises(ValueError, match='3a or 3'):
+    demo_run.stage_config(config, '4', data)
   with config.unlocked():
     config.data.caption_max_len = -1
   with pytest.raises(ValueError, match='caption_max_len=-1'):
@@ -298,3 +329,43 @@ def test_report_puts_ablated_variants_side_by_side(demo_run, tmp_path):
   assert '| full | released model |' in text
   assert '| no_row_token | `stab.row_token=False` |' in text
   assert open(paths['ablations'], 'rb').read()[:4] == b'\x89PNG'
+
+
+@pytest.mark.slow
+def test_binding_sandbox_reads_the_tokens_the_demo_decoder_reads(demo_run):
+  """`demo.binding.real_tokens` on the smoke demo's workdir: each clip's frozen visual tokens
+  are exactly what the trained model splices into its decoder input for that clip (same
+  values, same order), its shapes are the scene's, the result is cached, and the sandbox trains
+  on them."""
+  import jax
+  from panda_jax.data.assembly import IMAGE_TOKEN, layout_batch
+  from panda_jax.demo import binding as bd
+  from panda_jax.eval.videoqa import load_clip, load_model
+  from panda_jax.models.panda import VideoPanda
+  workdir, _ = demo_run
+  data = bd.real_tokens(str(workdir), 'stage3', clips=12, batch=8, log=lambda s: None)
+  tokens = data['tokens']
+  assert tokens.shape[0] == 12 and tokens.shape[2] == 128
+  cfg, variables = load_model(str(workdir / 'stage3'))
+  clip = load_clip(str(workdir / 'data' / 'videos' / 'vid_00003.mp4'), cfg.stab, 4)
+  ids = np.array([[1, 7, IMAGE_TOKEN, IMAGE_TOKEN, 9, IMAGE_TOKEN, IMAGE_TOKEN, 11]])
+  lay = layout_batch(ids, None, np.ones_like(ids), clip['mask'][None], cfg.stab, max_len=96)
+  batch = dict(lay, pixels=clip['pixels'][None], mask=clip['mask'][None])
+  embeds, _ = jax.jit(lambda v, b: VideoPanda(cfg).apply(
+      v, b, method=VideoPanda.embed_inputs))(variables, batch)
+  spliced = np.asarray(embeds)[0][lay['visual_index'][0] >= 0]
+  assert spliced.shape == tokens.shape[1:]
+  np.testing.assert_allclose(tokens[3], spliced, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(tokens[3], tokens[4], atol=1e-3)
+  scenes = json.load(open(workdir / 'data' / 'scenes.json'))
+  for i in range(12):
+    shapes = scenes[f'vid_{i:05d}']['shapes']
+    assert [bd.REAL_COLOURS[c] for c in data['colour'][i] if c >= 0] == \
+        [s['colour'] for s in shapes]
+    assert data['appear'][i].tolist()[:len(shapes)] == [s['appear'] for s in shapes]
+  # Cached: a second call reads the file (no model is loaded: a wrong stage would fail).
+  again = bd.real_tokens(str(workdir), 'stage3', clips=12, log=lambda s: None)
+  np.testing.assert_array_equal(again['tokens'], tokens)
+  rows = bd.run('last', steps=4, batch=4, eval_every=2, tokens=data, inputs='raw', held_out=4,
+                log=lambda s: None)
+  assert [r[0] for r in rows] == [2, 4] and all(0.0 <= r[2] <= 1.0 for r in rows)

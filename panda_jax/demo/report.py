@@ -40,16 +40,20 @@ def read_metrics(stage_dir: str) -> list[dict]:
 
 
 def loss_figure(variant_dir: str, path: str) -> None:
-  """Cross-entropy and distillation loss against the step, one panel per stage."""
+  """Cross-entropy and distillation loss against the step, one panel per stage (and stage 3's
+  focus phase 3a when it ran)."""
   plt = _matplotlib()
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=False)
-  for ax, s in zip(axes, (1, 2, 3)):
+  stages = [s for s in ('1', '2', '3a', '3')
+            if s != '3a' or os.path.exists(os.path.join(variant_dir, 'stage3a', 'metrics.jsonl'))]
+  fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages), 3.6), sharey=False)
+  for ax, s in zip(axes, stages):
     rows = read_metrics(os.path.join(variant_dir, f'stage{s}'))
     steps = [r['step'] for r in rows]
     ax.plot(steps, [r['ce'] for r in rows], label='cross-entropy', color='tab:blue')
     ax.plot(steps, [r['distill'] for r in rows], label='distillation (1 - cos)',
             color='tab:orange')
-    ax.set_title(f'stage {s}' + (' (visual + head only)' if s == 1 else ''))
+    ax.set_title(f'stage {s}' + {'1': ' (visual + head only)', '3a': ' (focus questions)'}.get(
+        s, ''))
     ax.set_xlabel('step')
     ax.set_yscale('log')
     ax.grid(alpha=0.3)
@@ -216,7 +220,8 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
   lines = [
       '# Video-Panda demo report', '',
       'A tiny Video-Panda trained from scratch on synthetic clips of moving shapes through '
-      'stages 1 -> 2 -> 3 with the project\'s training loop, then asked every held-out '
+      f'stages {" -> ".join(str(s) for s in main["stages"])} with the project\'s training '
+      'loop, then asked every held-out '
       'question with `panda_jax.eval.videoqa`. Every number below was computed by the run that '
       'wrote this file.', '',
       '## What ran', '',
@@ -232,9 +237,10 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
       + f'), vocabulary {m.llm.vocab_size}.',
       f'* Teacher: {config.report.teacher_note}',
   ]
-  for s in sorted(main['stages'], key=int):
-    st = main['stages'][s]
-    lines.append(f'* Stage {s}: {st["step"]} steps of batch {st["batch_size"]}, lr '
+  for s, st in main['stages'].items():          # in the order they ran
+    what = (f' (stage 3\'s first phase: the single questions of data.focus_types '
+            f'{tuple(config.data.focus_types)} alone)' if str(s) == '3a' else '')
+    lines.append(f'* Stage {s}{what}: {st["step"]} steps of batch {st["batch_size"]}, lr '
                  f'{st["lr"]:g}, trains {", ".join(st["trainable"])}; final loss '
                  f'{st.get("loss", float("nan")):.3f} (ce {st.get("ce", float("nan")):.3f}, '
                  f'distill {st.get("distill", float("nan")):.3f}); {_minutes(st["seconds"])}.')

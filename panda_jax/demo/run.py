@@ -30,6 +30,16 @@ from panda_jax.data import synthetic, text
 STAGES = (1, 2, 3)
 
 
+def phases(config) -> tuple[str, ...]:
+  """The demo's training phases in order, each trained in `stage<phase>/`: '1', '2', then
+  '3a' (stage 3's focus phase: `data.focus_types`' single questions alone, for
+  `stages.focus.steps` steps; only when both are set) and '3' (stage 3 proper, which mixes them
+  into its conversations)."""
+  focus = bool(config.data.get('focus_types', ())) and config.stages.get(
+      'focus', {'steps': 0})['steps'] > 0
+  return ('1', '2') + (('3a',) if focus else ()) + ('3',)
+
+
 def _write_json(path: str, obj: Any) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -67,7 +77,7 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       travel=d.travel, balance_types=d.balance_types, size=d.shape_size,
       min_shapes=d.min_shapes, late_start=d.late_start,
       video_after_question=d.video_after_question, pair_shapes=d.pair_shapes,
-      name_first=d.get('name_first', False))
+      name_first=d.get('name_first', False), focus_types=tuple(d.get('focus_types', ())))
   # The tokenizer learns the training text only (held-out questions use the same templates).
   corpus = []
   for path in (ds.train_captions, ds.train_instruct):
@@ -85,7 +95,7 @@ def make_data(config, root: str, progress: bool = True) -> dict:
   summary = {
       'root': root, 'videos': os.path.join(root, 'videos'), 'tokenizer': tok_dir,
       'train_captions': ds.train_captions, 'train_instruct': ds.train_instruct,
-      'eval_qa': ds.eval_qa, 'scenes': ds.scenes,
+      'eval_qa': ds.eval_qa, 'scenes': ds.scenes, 'train_focus': ds.train_focus,
       'train_clips': len(ds.train_videos), 'eval_clips': len(ds.eval_videos),
       'eval_questions': len(questions),
       'eval_by_type': dict(collections.Counter(q['type'] for q in questions)),
@@ -97,16 +107,22 @@ def make_data(config, root: str, progress: bool = True) -> dict:
 # ------------------------------------------------------------------------------------------
 # Training stages
 
-def stage_config(config, stage: int, data: Mapping, init_from: str = '',
+def stage_config(config, stage: int | str, data: Mapping, init_from: str = '',
                  model_overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """The training config of one demo stage: `configs/stageN.py:tiny` with the demo's model,
-  data, steps, batch and learning rate; stages 1-2 (captions) lay their sequences out in
-  `data.caption_max_len` positions when it is set, stage 3 in `data.max_len`."""
+  """The training config of one demo phase (see `phases`): `configs/stageN.py:tiny` with the
+  demo's model, data, steps, batch and learning rate; stages 1-2 (captions) lay their sequences
+  out in `data.caption_max_len` positions when it is set, stage 3 in `data.max_len`, its focus
+  phase '3a' (stage 3's settings, `stages.focus`' steps and rates, the focus conversations) in
+  `data.focus_max_len` (0: `data.max_len`)."""
+  phase = str(stage)
+  if phase not in ('1', '2', '3a', '3'):
+    raise ValueError(f'stage {stage!r}; expected 1, 2, 3a or 3')
+  stage = int(phase[0])
   c = config_lib.train_config(stage, 'tiny')
   c.seed = config.seed
   c.model = ml_collections.ConfigDict(config.model.to_dict())
   config_lib.apply_overrides(c, {f'model.{k}': v for k, v in (model_overrides or {}).items()})
-  st = config.stages[f'stage{stage}']
+  st = config.stages.focus if phase == '3a' else config.stages[f'stage{stage}']
   c.train.steps = st.steps
   c.train.batch_size = st.batch_size
   c.train.log_every = config.train.log_every
@@ -115,6 +131,11 @@ def stage_config(config, stage: int, data: Mapping, init_from: str = '',
   c.optim.warmup_ratio = st.warmup_ratio
   c.optim.weight_decay = st.weight_decay
   c.data.annotations = data['train_instruct'] if stage == 3 else data['train_captions']
+  if phase == '3a':
+    if not data.get('train_focus'):
+      raise ValueError('stage 3a trains on the focus conversations, but the data set has none '
+                       '(data.focus_types is empty, or the data was made without it)')
+    c.data.annotations = data['train_focus']
   c.data.video_root = data['root']
   c.data.tokenizer = data['tokenizer']
   c.data.synthetic_videos = 0
@@ -126,6 +147,8 @@ def stage_config(config, stage: int, data: Mapping, init_from: str = '',
                      'for data.max_len')
   if stage < 3 and caption_len:
     c.data.max_len = caption_len
+  if phase == '3a' and config.data.get('focus_max_len', 0):
+    c.data.max_len = config.data.focus_max_len
   c.data.num_workers = config.data.num_workers
   c.data.read_threads = config.data.read_threads
   c.init.from_run = init_from
@@ -133,7 +156,7 @@ def stage_config(config, stage: int, data: Mapping, init_from: str = '',
   return c
 
 
-def run_stage(config, stage: int, workdir: str, data: Mapping, init_from: str = '',
+def run_stage(config, stage: int | str, workdir: str, data: Mapping, init_from: str = '',
               model_overrides: Mapping[str, Any] | None = None, progress: bool = True) -> dict:
   """Trains one stage in `workdir` (skipped when its summary says it finished); returns the
   stage summary: the training loop's `summary.json` (step reached, last loss, parameter norm,
@@ -146,7 +169,7 @@ def run_stage(config, stage: int, workdir: str, data: Mapping, init_from: str = 
   c = stage_config(config, stage, data, init_from, model_overrides)
   previous = _read_json(summary_path) if os.path.exists(summary_path) else {}
   if previous.get('step') == c.train.steps and 'stage' in previous:
-    logging.info('stage %d already trained in %s', stage, workdir)
+    logging.info('stage %s already trained in %s', stage, workdir)
     return previous
   config_lib.save_resolved(c, workdir)
   t0 = time.perf_counter()
@@ -203,12 +226,13 @@ def evaluate(config, model_dir: str, data: Mapping, out: str, progress: bool = T
 
 def run_variant(config, workdir: str, data: Mapping, model_overrides=None,
                 progress: bool = True, name: str = 'full') -> dict:
-  """Stages 1 -> 2 -> 3 (each from the previous) and the held-out evaluation of one model."""
+  """Stages 1 -> 2 -> (3a ->) 3 (each from the previous) and the held-out evaluation of one
+  model."""
   stages, previous = {}, ''
-  for s in STAGES:
+  for s in phases(config):
     wd = os.path.join(workdir, f'stage{s}')
     if progress:
-      logging.info('[%s] stage %d', name, s)
+      logging.info('[%s] stage %s', name, s)
     stages[s] = run_stage(config, s, wd, data, init_from=previous,
                           model_overrides=model_overrides, progress=progress)
     previous = wd
