@@ -19,11 +19,20 @@ std stays at "yes" with seed 0 (0.742) while its loss falls to the per-clip leve
 on one-shape clips, 50/50 on two-shape ones) and with seed 1 learns the check only after step
 1,000 (0.881 at 2,000); last reaches 0.914 by step 1,000, prev 0.88, and std and prev half
 and half, scored on std, 0.850: answers made at the name are learned sooner from clean tokens,
-and a mix carries the check to the short form. A fresh decoder on the demo's own trained STAB
-tokens (frozen) learns it too (README), so what the demo model lacks is in the joint training,
-not in the decoder's size or in the tokens.
+and a mix carries the check to the short form.
+
+`--tokens_from=WORKDIR` trains on the frozen visual tokens a demo workdir's trained STAB and
+projector make of its training clips instead (`--stage`, `--clips`, the last `--held_out`
+scored on every shape; cached in WORKDIR/binding/), fed as the decoder receives them
+(`--inputs=raw`) or RMS-normalised through a new linear layer (`rms`). On the tokens of the
+default's stage 2 (2,000 steps; always "yes" 0.654): last 0.917 (two-shape clips 0.881) raw,
+so the tokens' large norm is not in the way; std 0.651 at step 1,000 and 0.756 at 2,000
+(two-shape 0.648), the same plateau as above; std on two-shape clips only 0.767 at 1,000 and
+0.943 at 2,000. The check needs several thousand answers before it starts, which is what the
+demo's stage 3a gives the whole model (README: "What made 'visible at the start' learn").
 
   python -m panda_jax.demo.binding --fmt=prev --steps=2000
+  python -m panda_jax.demo.binding --tokens_from=runs/demo --stage=stage2 --inputs=raw --fmt=std
 """
 
 from __future__ import annotations
