@@ -195,7 +195,6 @@ def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
   config = demo_config.get_config()
   with config.unlocked():
     config.data.train_clips = 40
-    config.data.focus_types = ('at_start',)     # configs/demo.py:focus (stage 3a's data)
   data = demo_run.make_data(config, str(tmp_path / 'data'), progress=False)
   # The default held-out set: at least 200 questions, at least 40 of every type.
   assert data['eval_questions'] >= 200, data
@@ -255,12 +254,11 @@ def test_caption_stages_use_their_own_sequence_length():
   # Stage 3a: the focus conversations with stage 3a's own steps; none without them.
   c = demo_run.stage_config(config, '3a', data)
   assert (c.data.annotations, c.train.steps) == ('z', config.stages.focus.steps)
-  assert demo_run.phases(config) == ('1', '2', '3')        # no focus types by default
-  focus = demo_config.get_config('focus')
-  assert demo_run.phases(focus) == ('1', '2', '3a', '3')
-  with focus.unlocked():
-    focus.stages.focus.steps = 0
-  assert demo_run.phases(focus) == ('1', '2', '3')
+  assert demo_run.phases(config) == ('1', '2', '3a', '3')
+  assert demo_run.phases(demo_config.get_config('nofocus')) == ('1', '2', '3')
+  with config.unlocked():
+    config.stages.focus.steps = 0
+  assert demo_run.phases(config) == ('1', '2', '3')
   with pytest.raises(ValueError, match='focus conversations'):
     demo_run.stage_config(config, '3a', dict(data, train_focus=''))
   with pytest.raises(ValueError, match='3a or 3'):
