@@ -29,7 +29,7 @@ default's stage 2 (2,000 steps; always "yes" 0.654): last 0.917 (two-shape clips
 so the tokens' large norm is not in the way; std 0.651 at step 1,000 and 0.756 at 2,000
 (two-shape 0.648), the same plateau as above; std on two-shape clips only 0.767 at 1,000 and
 0.943 at 2,000. The check needs several thousand answers before it starts, which is what the
-demo's stage 3a gives the whole model (README: "What made 'visible at the start' learn").
+demo's stage 3a gives the whole model (README: "Stage 3a").
 
   python -m panda_jax.demo.binding --fmt=prev --steps=2000
   python -m panda_jax.demo.binding --tokens_from=runs/demo --stage=stage2 --inputs=raw --fmt=std
@@ -242,7 +242,8 @@ def run(fmt: str = 'std', eval_fmt: str = '', steps: int = 2000, batch: int = 8,
     train_batch = lambda: make_batch(rng, batch, fmts)[:3]  # noqa: E731
     evis, etxt, etgt = make_batch(np.random.default_rng(10_000 + seed), eval_size,
                                   [eval_fmt or fmts[0]])
-    # The second shape of a clip is drawn on frames 1-3 only: two shapes on the last frame.
+    # The second shape of a clip is drawn on frames 1-3 only: two shapes on the last frame (a
+    # clip whose shapes share that frame's cell counts as one-shape here; an approximation).
     etwo = np.array([len(set(v[-CELLS:, 0][v[-CELLS:, 0] > 0])) == 2 for v in evis])
   else:
     n = len(tokens['tokens'])
