@@ -43,7 +43,8 @@ def loss_figure(variant_dir: str, path: str) -> None:
   """Cross-entropy and distillation loss against the step, one panel per stage (and stage 3's
   focus phase 3a when it ran)."""
   plt = _matplotlib()
-  stages = [s for s in ('1', '2', '3a', '3')
+  from panda_jax.demo.run import PHASES
+  stages = [s for s in PHASES
             if s != '3a' or os.path.exists(os.path.join(variant_dir, 'stage3a', 'metrics.jsonl'))]
   fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages), 3.6), sharey=False)
   for ax, s in zip(axes, stages):

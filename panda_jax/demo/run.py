@@ -27,7 +27,8 @@ import ml_collections
 from panda_jax import config as config_lib
 from panda_jax.data import synthetic, text
 
-STAGES = (1, 2, 3)
+# Every training phase the demo knows, in order: stage 3a is stage 3's focus phase.
+PHASES = ('1', '2', '3a', '3')
 
 
 def phases(config) -> tuple[str, ...]:
@@ -115,7 +116,7 @@ def stage_config(config, stage: int | str, data: Mapping, init_from: str = '',
   phase '3a' (stage 3's settings, `stages.focus`' steps and rates, the focus conversations) in
   `data.focus_max_len` (0: `data.max_len`)."""
   phase = str(stage)
-  if phase not in ('1', '2', '3a', '3'):
+  if phase not in PHASES:
     raise ValueError(f'stage {stage!r}; expected 1, 2, 3a or 3')
   stage = int(phase[0])
   c = config_lib.train_config(stage, 'tiny')
