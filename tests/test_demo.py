@@ -166,6 +166,21 @@ def test_demo_report_table_equals_scores_recomputed_from_predictions(demo_run):
     assert maj == pytest.approx(base[t]['accuracy'], abs=5e-4)
   saved = json.load(open(workdir / 'scores.json'))
   assert saved['exact_match'] == pytest.approx(scores['exact_match'])
+  # The shape-dependence table: every per-shape type asked about both shapes of some clip,
+  # its counts recomputed here from the predictions and the questions' clips.
+  from panda_jax.data.synthetic import PER_SHAPE_TYPES
+  report = open(workdir / 'report.md').read()
+  video = {q['question_id']: q['video_name'] for q in questions}
+  for t in PER_SHAPE_TYPES:
+    by_clip = {}
+    for r in rows:
+      if r['type'] == t:
+        by_clip.setdefault(video[r['id']], []).append(r)
+    pairs = [g for g in by_clip.values() if len(g) == 2]
+    same = lambda k: sum(score_lib.normalize_answer(a[k]) == score_lib.normalize_answer(b[k])  # noqa: E731
+                         for a, b in pairs)
+    if pairs:
+      assert f'| {t} | {len(pairs)} | {same("pred")} | {same("answer")} |' in report
 
 
 @pytest.mark.slow
@@ -370,3 +385,27 @@ def test_binding_sandbox_reads_the_tokens_the_demo_decoder_reads(demo_run):
   rows = bd.run('last', steps=4, batch=4, eval_every=2, tokens=data, inputs='raw', held_out=4,
                 log=lambda s: None)
   assert [r[0] for r in rows] == [2, 4] and all(0.0 <= r[2] <= 1.0 for r in rows)
+
+
+def test_shape_dependence_counts_clips_answered_alike_for_both_shapes():
+  from panda_jax.demo.report import shape_dependence
+  qs = [{'question_id': i, 'video_name': v, 'question': 'q', 'answer': 'a'} for i, v in
+        [('a0', 'A'), ('a1', 'A'), ('b0', 'B'), ('b1', 'B'), ('c0', 'C'), ('o', 'A')]]
+  rec = lambda i, t, pred, ans: {'id': i, 'type': t, 'pred': pred, 'answer': ans}  # noqa: E731
+  preds = [
+      # Clip A: at start asked about both shapes, the model says "Yes." to both (normalised
+      # equal), the truth differs; direction asked about both, model differs, truth the same.
+      rec('a0', 'at_start', 'Yes.', 'yes'), rec('a1', 'at_start', 'yes', 'no'),
+      # Clip B: at start, model differs, truth differs.
+      rec('b0', 'at_start', 'yes', 'yes'), rec('b1', 'at_start', 'no', 'no'),
+      # Clip C: asked about one shape only: not counted.
+      rec('c0', 'at_start', 'yes', 'yes'),
+      # Not a per-shape type: ignored.
+      rec('o', 'order', 'the red circle', 'the red circle')]
+  preds += [rec('b0', 'direction', 'left', 'up'), rec('b1', 'direction', 'the right', 'up')]
+  got = shape_dependence(preds, qs)
+  assert got['at_start'] == {'clips': 2, 'same_pred': 1, 'same_truth': 0}
+  assert got['direction'] == {'clips': 1, 'same_pred': 0, 'same_truth': 1}
+  assert got['end_position'] == {'clips': 0, 'same_pred': 0, 'same_truth': 0}
+  with pytest.raises(ValueError, match="'zz'"):
+    shape_dependence([rec('zz', 'at_start', 'yes', 'yes')], qs)

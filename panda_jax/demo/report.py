@@ -16,6 +16,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 
+# A question type is reported as not learned when its exact match is less than this over
+# its majority answer.
+WEAK_MARGIN = 0.05
+
+
 def _matplotlib():
   import matplotlib
   matplotlib.use('Agg')
@@ -190,6 +195,30 @@ def accuracy_table(scores: Mapping) -> list[str]:
   return rows
 
 
+def shape_dependence(predictions: Sequence[Mapping], questions: Sequence[Mapping]) -> dict:
+  """Whether the answers depend on the shape a question names: for each question type asked
+  once per shape, over the held-out clips where it is asked about two shapes, in how many the
+  model gives both the same answer (`same_pred`) against how many the truth does
+  (`same_truth`), answers normalised as the scorer does. A model that reads the named shape in
+  the clip is near the truth; one that answers from the clip alone is near `clips`.
+  `questions`: the VideoQA question records (`question_id`, `video_name`)."""
+  from panda_jax.data.synthetic import PER_SHAPE_TYPES
+  video = {str(q['question_id']): q['video_name'] for q in questions}
+  groups: dict = {}
+  for r in predictions:
+    if r.get('type') in PER_SHAPE_TYPES:
+      if str(r['id']) not in video:
+        raise ValueError(f'prediction {r["id"]!r} is not one of the {len(video)} questions')
+      groups.setdefault((r['type'], video[str(r['id'])]), []).append(r)
+  out = {}
+  for t in PER_SHAPE_TYPES:
+    pairs = [g for (ty, _), g in groups.items() if ty == t and len(g) == 2]
+    out[t] = {'clips': len(pairs),
+              'same_pred': sum(_norm(a['pred']) == _norm(b['pred']) for a, b in pairs),
+              'same_truth': sum(_norm(a['answer']) == _norm(b['answer']) for a, b in pairs)}
+  return out
+
+
 def _minutes(s: float) -> str:
   return f'{s / 60:.1f} min'
 
@@ -206,6 +235,7 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
            'example': os.path.join(fig_dir, 'example.png')}
   loss_figure(workdir, paths['loss'])
   accuracy_figure(main['scores'], paths['accuracy'])
+  from panda_jax.data import qa as qa_lib
   from panda_jax.eval.score import read_predictions
   preds = read_predictions(main['predictions'])
   clip = example_figure(config, data, preds, paths['example'])
@@ -216,6 +246,14 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
   direction = main['scores']['by_type'].get('direction', {})
   dir_preds = sorted({_norm(r['pred']) for r in preds if r.get('type') == 'direction'})
   m, d = config.model, data
+  dependence = shape_dependence(preds, qa_lib.load_qa(data['eval_qa']))
+  weak = [t for t, v in sorted(main['scores']['by_type'].items())
+          if v['exact_match'] - main['scores']['baseline'][t]['accuracy'] < WEAK_MARGIN]
+  weak_types = ([f'Not learned in this run (less than {WEAK_MARGIN:.2f} over the majority '
+                 f'answer): {", ".join(weak)}.' + (
+                     ' "visible at the start" is learned in stage 3a, which can end on a '
+                     'plateau (README: "Stage 3a").' if 'at_start' in weak else ''), '']
+                if weak else [])
   stage_secs = sum(main['stages'][s]['seconds'] for s in main['stages'])
   total = d['seconds'] + stage_secs + main['scores']['seconds']
   lines = [
@@ -257,7 +295,16 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
       *accuracy_table(main['scores']), '',
       f'Motion direction: {direction.get("exact_match", float("nan")):.3f} '
       f'(chance 0.25); answers given: {", ".join(dir_preds)}.', '',
-      '![accuracy](figures/accuracy.png)', '',
+      *weak_types, '![accuracy](figures/accuracy.png)', '',
+      '## Does the answer depend on the shape asked?', '',
+      'On held-out clips of two shapes, each question type that is asked about every shape: in '
+      'how many clips the model gives both shapes the same answer, against the truth. A model '
+      'that finds the named shape in the video is near the truth; one that answers from the '
+      'clip alone, whatever shape is named, is near the number of clips (README: "Stage 3a").',
+      '', '| question type | clips asked about two shapes | same answer for both: model | '
+      'same answer for both: truth |', '|---|---:|---:|---:|',
+      *[f'| {t} | {v["clips"]} | {v["same_pred"]} | {v["same_truth"]} |'
+        for t, v in dependence.items() if v['clips']], '',
       '## Training', '', '![loss](figures/loss.png)', '',
       f'## One held-out clip ({clip})', '',
       'Each frame as the STAB receives it: the padded square (padding darkened), the rectangle '
