@@ -372,5 +372,17 @@ def test_focus_types_add_one_single_question_per_two_shape_clip_and_change_nothi
       assert gpt['value'] == s['direction']
   assert named[True] > 0 and named[False] > 0          # both shapes get asked about
   assert json.load(open(focus.train_focus)) == extra and plain.train_focus == ''
+  # With video_after_question the focus questions put the question before the video, as the
+  # held-out questions do; nothing else about them changes.
+  after = synthetic.make_dataset(str(tmp_path / 'after'), 40, seed=5, video_after_question=True,
+                                 focus_types=('at_start', 'direction'), **kw)
+  moved = json.load(open(after.train_focus))
+  assert [e['id'] for e in moved] == [e['id'] for e in extra]
+  for e, m in zip(extra, moved):
+    question = e['conversations'][0]['value'].split('\n')[1]
+    assert m['conversations'][0]['value'] == (
+        f'{question}\n<video>\n{synthetic.SHORT_ANSWER_PROMPT}')
+    assert m['conversations'][1] == e['conversations'][1]
+  assert all(q['question'].split('\n')[1] == '<video>' for q in json.load(open(after.eval_qa)))
   with pytest.raises(ValueError, match='focus type'):
     synthetic.make_dataset(str(tmp_path / 'bad'), 4, focus_types=('colour',), **kw)

@@ -501,7 +501,8 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
   another shape. `name_first`: see `questions`. `focus_types` (of `TYPES`): besides its
   conversation, every training clip of two or more shapes gets, per focus type, a single-turn
   short-form conversation about one of its shapes drawn at random (its own id
-  `<clip>_<type>`): a question whose answer depends on which shape is named, asked alone.
+  `<clip>_<type>`): a question whose answer depends on which shape is named, asked alone
+  (with `video_after_question`, in that layout).
   They are added to `train_instruct.json` and also written alone to `train_focus.json`.
   `progress` shows a progress bar.
   """
@@ -570,8 +571,10 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
         for t in focus_types:
           of_type = [q for q in qs if q['type'] == t]
           q = of_type[int(focus_rng.integers(len(of_type)))]
+          ask = (f'{q["question"]}\n<video>\n{SHORT_ANSWER_PROMPT}' if video_after_question
+                 else f'<video>\n{q["question"]}\n{SHORT_ANSWER_PROMPT}')
           focus.append({'id': f'{name}_{t}', 'video': rel, 'conversations': [
-              {'from': 'human', 'value': f'<video>\n{q["question"]}\n{SHORT_ANSWER_PROMPT}'},
+              {'from': 'human', 'value': ask},
               {'from': 'gpt', 'value': q['answer']}]})
           instruct.append(focus[-1])
     else:
