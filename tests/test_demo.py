@@ -166,10 +166,18 @@ def test_demo_report_table_equals_scores_recomputed_from_predictions(demo_run):
     assert maj == pytest.approx(base[t]['accuracy'], abs=5e-4)
   saved = json.load(open(workdir / 'scores.json'))
   assert saved['exact_match'] == pytest.approx(scores['exact_match'])
+  # The types named as not learned: exactly those under WEAK_MARGIN over their majority answer.
+  from panda_jax.demo.report import WEAK_MARGIN
+  report = open(workdir / 'report.md').read()
+  weak = [t for t in sorted(scores['by_type'])
+          if scores['by_type'][t]['exact_match'] - base[t]['accuracy'] < WEAK_MARGIN]
+  if weak:
+    assert f'majority answer): {", ".join(weak)}.' in report
+  else:
+    assert 'Not learned in this run' not in report
   # The shape-dependence table: every per-shape type asked about both shapes of some clip,
   # its counts recomputed here from the predictions and the questions' clips.
   from panda_jax.data.synthetic import PER_SHAPE_TYPES
-  report = open(workdir / 'report.md').read()
   video = {q['question_id']: q['video_name'] for q in questions}
   for t in PER_SHAPE_TYPES:
     by_clip = {}
