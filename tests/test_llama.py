@@ -251,9 +251,13 @@ def test_splash_attention_equals_xla_attention_with_gradients_also_sharded():
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2}, jax.devices()[:4])
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     (l_sh, o_sh), g_sh = run(splash)
+  ref = np.asarray(o_ref)[vmask]
   for o, l, g in ((o_spl, l_spl, g_spl), (o_sh, l_sh, g_sh)):
-    np.testing.assert_allclose(np.asarray(o)[vmask], np.asarray(o_ref)[vmask], rtol=1e-4,
-                               atol=1e-3)
+    # Bounded against the logits' scale (35 with these weights): float32 sums in another order
+    # differ by up to 5e-5 of it on an Intel host's CPU kernels (1.7e-3, over the absolute
+    # 1e-3 this test used to allow), less on AMD hosts; a masking or scaling error moves them
+    # by a whole part of it.
+    assert np.abs(np.asarray(o)[vmask] - ref).max() <= 1e-4 * np.abs(ref).max()
     np.testing.assert_allclose(l, l_ref, rtol=1e-4)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
       assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-3 * np.abs(np.asarray(b)).max()
