@@ -452,6 +452,14 @@ def _paired_order(qs: list[dict], n: int, num_shapes: int, rng: np.random.Genera
   return chosen
 
 
+def _short_first_turn(question: str, video_after_question: bool) -> str:
+  """A conversation's first question asked in the short form: the video first, or (with
+  `video_after_question`) between the question and the answer-format instruction."""
+  if video_after_question:
+    return f'{question}\n<video>\n{SHORT_ANSWER_PROMPT}'
+  return f'<video>\n{question}\n{SHORT_ANSWER_PROMPT}'
+
+
 def _rel(root: str, path: str) -> str:
   return os.path.relpath(path, root).replace(os.sep, '/')
 
@@ -557,8 +565,8 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                if short_fraction > 0 else np.zeros(len(order), bool))
       conv = []
       for t, q in enumerate(qs[int(k)] for k in order):
-        if t == 0 and short[t] and video_after_question:
-          ask = q['question'] + '\n<video>\n' + SHORT_ANSWER_PROMPT
+        if t == 0 and short[t]:
+          ask = _short_first_turn(q['question'], video_after_question)
         else:
           ask = ('<video>\n' if t == 0 else '') + q['question']
           if short[t]:
@@ -571,10 +579,8 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
         for t in focus_types:
           of_type = [q for q in qs if q['type'] == t]
           q = of_type[int(focus_rng.integers(len(of_type)))]
-          ask = (f'{q["question"]}\n<video>\n{SHORT_ANSWER_PROMPT}' if video_after_question
-                 else f'<video>\n{q["question"]}\n{SHORT_ANSWER_PROMPT}')
           focus.append({'id': f'{name}_{t}', 'video': rel, 'conversations': [
-              {'from': 'human', 'value': ask},
+              {'from': 'human', 'value': _short_first_turn(q['question'], video_after_question)},
               {'from': 'gpt', 'value': q['answer']}]})
           instruct.append(focus[-1])
     else:
