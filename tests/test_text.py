@@ -399,3 +399,28 @@ def test_split_punctuation_keeps_words_whole_and_apart_from_punctuation(tmp_path
   assert split(s)['input_ids'].count(tri) == 1
   assert tri in split('The blue triangle moves left.')['input_ids']
   assert split.decode(split(s)['input_ids'][1:]) == s
+
+
+def test_memo_tokenizer_gives_the_tokenizers_ids(tok):
+  import pickle
+  memo = text.MemoTokenizer(tok, size=3)
+  turns = [(Q0 + '\n<video>', A0), (Q1, A1), (Q2, A2)]
+  want = text.tokenize_conversation(tok, turns, num_frames=4)
+  for _ in range(2):                       # the second time from what it remembered
+    got = text.tokenize_conversation(memo, turns, num_frames=4)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w)
+  assert len(memo._ids) == 3               # no more strings kept than asked
+  for s in ('a b', Q0, Q0 + ' ' + A0, ''):
+    assert memo(s).input_ids == list(tok(s).input_ids)
+  ids = memo(Q0).input_ids
+  ids.append(-1)                           # a caller's list is its own
+  assert memo(Q0).input_ids == list(tok(Q0).input_ids)
+  # Options and batches go to the tokenizer itself; attributes are the tokenizer's.
+  assert memo(Q0, add_special_tokens=False).input_ids == list(
+      tok(Q0, add_special_tokens=False).input_ids)
+  assert memo([Q0, Q1]).input_ids == tok([Q0, Q1]).input_ids
+  assert (memo.bos_token_id, memo.pad_token_id, len(memo)) == (
+      tok.bos_token_id, tok.pad_token_id, len(tok))
+  again = pickle.loads(pickle.dumps(memo))  # Grain's worker processes
+  assert again(Q1).input_ids == list(tok(Q1).input_ids)

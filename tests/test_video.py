@@ -143,6 +143,22 @@ def test_seek_equals_decode_all(gop12):
       np.testing.assert_array_equal(frames, everything[idx])
 
 
+def test_kept_rgb_converter_across_sizes_and_threads(gop12, tmp_path_factory):
+  # Each reader thread keeps one converter (video._to_rgb); clips of other sizes, decoded in
+  # turn and from several threads at once, still come out as a fresh conversion makes them.
+  import concurrent.futures
+  small = _clip(tmp_path_factory, 'small', 112, 84, 1, 4.0, gop=4, seed=3)
+  want = {p: _all_frames(p) for p in (gop12, small)}
+  for p in (gop12, small, gop12, small):
+    frames, info = decode_frames(p, num=4)
+    np.testing.assert_array_equal(frames, want[p][info['indices']])
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    jobs = [(p, pool.submit(decode_frames, p, 4)) for p in (gop12, small) * 6]
+    for p, job in jobs:
+      frames, info = job.result()
+      np.testing.assert_array_equal(frames, want[p][info['indices']])
+
+
 def test_fallback_counts_by_decoding(gop12, monkeypatch):
   everything = _all_frames(gop12)
   # A container without usable timestamps: the index only gives a packet count.

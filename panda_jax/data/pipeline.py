@@ -111,7 +111,10 @@ class ProcessSample:
     # Loaded here, once: a tokenizer that cannot load is a configuration error that must stop
     # the run at start (not a per-sample skip), and loading inside Grain's reader threads
     # races on transformers' lazy imports.
-    self.tokenizer = text.load_tokenizer(tokenizer_dir, model_max_length=10 ** 6)
+    # Its calls on one string are remembered (`text.MemoTokenizer`: most pieces of a
+    # conversation repeat from sample to sample).
+    self.tokenizer = text.MemoTokenizer(
+        text.load_tokenizer(tokenizer_dir, model_max_length=10 ** 6))
     if system_prompt not in text.SYSTEM_PROMPTS:
       raise ValueError(f'system prompt {system_prompt!r}; expected one of '
                        f'{sorted(text.SYSTEM_PROMPTS)}')

@@ -145,6 +145,50 @@ def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
   return tok
 
 
+class _Ids:
+  """What a tokenizer call returns, as far as this module reads it (`input_ids`)."""
+  __slots__ = ('input_ids',)
+
+  def __init__(self, ids):
+    self.input_ids = ids
+
+
+class MemoTokenizer:
+  """A loaded tokenizer whose calls on one string are remembered (up to `size` strings).
+
+  The training pipeline tokenizes every conversation piece by piece, and the reference's label
+  offsets tokenize each round twice more: 16 calls for a three-turn demo conversation, most of
+  them on text every sample repeats (the system prompt, the template, the questions of a
+  synthetic set). For a tokenizer nobody changes after loading (the pipeline's own) the ids
+  are the same every time, so they are kept. Everything else (attributes, calls with options)
+  goes to the wrapped tokenizer. Picklable (Grain workers); the dict is safe across reader
+  threads under the GIL (two threads may tokenize the same string once each).
+  """
+
+  def __init__(self, tokenizer: Any, size: int = 1 << 16):
+    self._tokenizer = tokenizer
+    self._size = size
+    self._ids: dict[str, tuple[int, ...]] = {}
+
+  def __call__(self, text: Any, **kwargs):
+    if kwargs or not isinstance(text, str):
+      return self._tokenizer(text, **kwargs)
+    ids = self._ids.get(text)
+    if ids is None:
+      ids = tuple(self._tokenizer(text).input_ids)
+      if len(self._ids) < self._size:
+        self._ids[text] = ids
+    return _Ids(list(ids))
+
+  def __getattr__(self, name: str):
+    if name.startswith('_'):      # unpickling looks these up before __init__ has run
+      raise AttributeError(name)
+    return getattr(self._tokenizer, name)
+
+  def __len__(self) -> int:
+    return len(self._tokenizer)
+
+
 def check_tokenizer(tokenizer: Any, where: str = 'tokenizer') -> None:
   """Raise ValueError unless `tokenizer` adds one BOS, no EOS, and has BOS/EOS/pad ids."""
   for name in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
