@@ -417,3 +417,30 @@ def test_shape_dependence_counts_clips_answered_alike_for_both_shapes():
   assert got['end_position'] == {'clips': 0, 'same_pred': 0, 'same_truth': 0}
   with pytest.raises(ValueError, match="'zz'"):
     shape_dependence([rec('zz', 'at_start', 'yes', 'yes')], qs)
+
+
+def test_demo_keeps_compiled_programs_in_its_workdir_unless_a_cache_is_set(tmp_path):
+  # run.compile_cache: JAX's persistent cache in workdir/cache/jax, where a program compiled by
+  # one stage (the model's and the teacher's initialisation) is loaded by the next.
+  from conftest import subprocess_env
+  code = ('import sys, jax, jax.numpy as jnp\n'
+          'from panda_jax.demo import run\n'
+          'print(run.compile_cache(sys.argv[1]))\n'
+          'jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n')
+  env = subprocess_env(PYTHONPATH=ROOT)
+  env.pop('JAX_COMPILATION_CACHE_DIR')
+  work = tmp_path / 'work'
+  r = subprocess.run([sys.executable, '-c', code, str(work)], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == str(work / 'cache' / 'jax')
+  assert [e.name for e in os.scandir(work / 'cache' / 'jax')
+          if e.name.startswith('jit_')], 'nothing compiled into the workdir\'s cache'
+  # A cache the user (or the test suite) set is kept.
+  other = tmp_path / 'other'
+  env['JAX_COMPILATION_CACHE_DIR'] = str(other)
+  r = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'work2')], env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == str(other)
+  assert not (tmp_path / 'work2').exists() and any(os.scandir(other))
