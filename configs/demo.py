@@ -1,6 +1,6 @@
 """The main job: a tiny Video-Panda learns video QA on this CPU, end to end, with a report.
 
-  python -m panda_jax.main --config=configs/demo.py                 # 18-25 min on 2 CPU cores
+  python -m panda_jax.main --config=configs/demo.py                 # 16-25 min on 2 CPU cores (host)
   python -m panda_jax.main --config=configs/demo.py:full            # longer, learns more
   python -m panda_jax.main --config=configs/demo.py:ablations       # + the paper's ablations
   python -m panda_jax.main --config=configs/demo.py:ablations \
