@@ -70,11 +70,10 @@ def get_config(arg: str = ''):
   # focus_types: one single-turn short question "is the X visible at the start" per two-shape
   # training clip (about 2,000), trained alone first (stage 3a, `stages.focus`) and then mixed
   # into stage 3's three-turn conversations. Checking a named shape against the video sits on a
-  # plateau until a few thousand such answers have come in a row (at lr 2e-3 it left it between
-  # steps 800 and 1,900 of stage 3a, or never; at 1e-3 sooner: `stages.focus` below); inside the
-  # mix it never left it, and a stage 3 without them unlearned it (README: "Stage 3a").
-  # configs/demo.py:nofocus is the default before stage 3a (no stage 3a, 2,000 stage-3 steps,
-  # the video first).
+  # plateau until a few thousand such answers have come in a row (it left it between steps 800
+  # and 1,900 of stage 3a in the runs we made, so 2,000); inside the mix it never left it, and
+  # a stage 3 without them unlearned it (README: "Stage 3a"). configs/demo.py:nofocus is the
+  # default before stage 3a (no stage 3a, 2,000 stage-3 steps, the video first).
   c.data = ml_collections.ConfigDict(dict(
       train_clips=4000, eval_clips=100, width=112, height=84, fps=1, duration_s=4.0,
       max_shapes=2, frames=4, turns=3, short_fraction=0.75, tokenizer_vocab=1000,
@@ -90,12 +89,11 @@ def get_config(arg: str = ''):
       # the video altogether (README).
       stage3=stage(800, 2e-3, 8, 0.01),
       # Stage 3a: stage 3's first phase, the focus questions alone, when data.focus_types is set
-      # (0 steps: none). Their single turns fit focus_max_len positions. At lr 1e-3 for 1,000
-      # steps: at 2e-3 it left its plateau late (steps 1,150-1,850 of 2,000 with seeds 0, 1 and
-      # 3) or never (seed 2), at 4e-3 never (seeds 0 and 2); at 1e-3 seed 2 left it between
-      # steps 400 and 700 (README: "Stage 3a"). Stage 3 after it gets 800 steps: with 500, seed
-      # 1 answered direction 0.439 (0.662 with 800).
-      focus=stage(1000, 1e-3, 8, 0.01)))
+      # (0 steps: none). Their single turns fit focus_max_len positions. Stage 3 after it gets
+      # 800 steps: with 500, seed 1 answered direction 0.439 (0.662 with 800); the run then
+      # takes 16.6 minutes on this 2-core host instead of 15 (README). With seed 2 stage 3a
+      # stayed on its plateau for all 2,000 steps (README: the table of four seeds).
+      focus=stage(2000, 2e-3, 8, 0.01)))
   c.train = ml_collections.ConfigDict(dict(log_every=25, save_every=250))
   c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8))
   # A tuple, so the command line can choose: --config.ablations="('no_lste', 'no_distill')"
