@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from panda_jax.data.frames import (CLIP_MEAN, CLIP_STD, PAD_RGB, FrameGeometry, frame_geometry,
-                                   moving_square, pad_and_normalise)
+                                   moving_square, normalise, pad_and_normalise)
 
 
 @pytest.mark.parametrize('h,w,want', [
@@ -44,3 +44,20 @@ def test_padding_colour_mask_and_normalisation():
   assert tuple(PAD_RGB) == (122, 116, 104)
   with pytest.raises(ValueError, match='frames are 10x10'):
     pad_and_normalise(np.zeros((1, 10, 10, 3), np.uint8), g)
+
+
+def test_normalise_gives_the_bits_of_the_per_pixel_arithmetic():
+  """`normalise` looks values up; they must be exactly what `(x / 255 - mean) / std` in float32
+  gives for every 8-bit value of every channel, on a canvas of any layout (a channel-last view
+  with strides, as `pad` makes)."""
+  v = np.arange(256)
+  every = np.stack([v, v[::-1], np.roll(v, 7)], -1).astype(np.uint8).reshape(4, 8, 8, 3)
+  want = (every.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+  got = normalise(every)
+  assert got.dtype == np.float32 and got.shape == every.shape
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+  view = np.random.default_rng(0).integers(0, 256, (2, 30, 40, 3)).astype(np.uint8)[:, ::3, ::-5]
+  np.testing.assert_array_equal(normalise(view), (view.astype(np.float32) / 255.0 - CLIP_MEAN)
+                                / CLIP_STD)
+  with pytest.raises(ValueError, match='expected uint8'):
+    normalise(every.astype(np.float32))

@@ -43,9 +43,10 @@ Decoding (`decode_frames`)
 Preprocessing (`load_video`)
   Each decoded frame is resized with PIL's bicubic filter (the reference's `Image.resize`
   default) straight from the decoded frame to the student size and, separately, to the teacher
-  size, from `frames.frame_geometry`; then `frames.pad_and_normalise` pads with the mean
-  colour, builds the mask and normalises. Videos with fewer than `num` frames get all-zero
-  frames (pixels 0 after normalisation, mask 0), as the reference.
+  size, from `frames.frame_geometry`, and padded with the mean colour in 8 bits (`pad_frames`,
+  what `pipeline.VideoCache` keeps); then `finish_frames` normalises and builds the mask.
+  Videos with fewer than `num` frames get all-zero frames (pixels 0 after normalisation, mask
+  0), as the reference.
 
   Random flip: the reference's LanguageBind video processors end with
   `RandomHorizontalFlipVideo(p=0.5)`, so the student clip (and, independently, the teacher
@@ -60,6 +61,7 @@ Preprocessing (`load_video`)
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import os
 import threading
@@ -70,7 +72,8 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
-from panda_jax.data.frames import frame_geometry, pad_and_normalise
+from panda_jax.data.frames import (FrameGeometry, content_mask, frame_geometry, normalise,
+                                   pad)
 
 REFERENCE_NUM_FRAMES = 8
 
@@ -394,20 +397,47 @@ def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
                    for f in frames])
 
 
-def preprocess_frames(frames: np.ndarray, num: int = 8, size: int = 448,
-                      teacher_size: int = 224, patch: int = 14, flip_prob: float = 0.0,
-                      rng: np.random.Generator | None = None) -> dict:
-  """uint8 [k, H, W, 3] decoded frames (k <= num) -> padded, masked, normalised arrays."""
+@dataclasses.dataclass(frozen=True)
+class PaddedFrames:
+  """A clip's frames resized and padded in 8-bit colour, before normalisation: what
+  `preprocess_frames` makes of decoded frames up to its last, cheap step (`finish_frames`).
+  About a sixth of the finished arrays' bytes (`pipeline.VideoCache` keeps these)."""
+  canvas: np.ndarray            # uint8 [k, size, size, 3] (the student's)
+  geometry: FrameGeometry
+  teacher_canvas: np.ndarray    # uint8 [k, teacher_size, teacher_size, 3]
+  teacher_geometry: FrameGeometry
+
+  @property
+  def nbytes(self) -> int:
+    return self.canvas.nbytes + self.teacher_canvas.nbytes
+
+
+def pad_frames(frames: np.ndarray, num: int = 8, size: int = 448, teacher_size: int = 224,
+               patch: int = 14) -> PaddedFrames:
+  """uint8 [k, H, W, 3] decoded frames (k <= num) -> `PaddedFrames` for the student (`size`)
+  and the teacher (`teacher_size`)."""
   k, h, w, _ = frames.shape
   if not 1 <= k <= num:
     raise ValueError(f'{k} frames for num={num}')
-  out = {}
-  for key, s in (('', size), ('teacher_', teacher_size)):
+  out = []
+  for s in (size, teacher_size):
     g = frame_geometry(h, w, size=s, teacher_size=teacher_size, patch=patch)
-    px, m = pad_and_normalise(_resize(frames, g.height, g.width), g)
-    pixels = np.zeros((num, s, s, 3), np.float32)
-    mask = np.zeros((num, s, s), np.float32)
-    pixels[:k], mask[:k] = px, m
+    out += [pad(_resize(frames, g.height, g.width), g), g]
+  return PaddedFrames(*out)
+
+
+def finish_frames(padded: PaddedFrames, num: int = 8, flip_prob: float = 0.0,
+                  rng: np.random.Generator | None = None) -> dict:
+  """`PaddedFrames` -> `preprocess_frames`' arrays (normalised, masked, `num` frames)."""
+  k = len(padded.canvas)
+  if not 1 <= k <= num:
+    raise ValueError(f'{k} frames for num={num}')
+  out = {}
+  for key, canvas, g in (('', padded.canvas, padded.geometry),
+                         ('teacher_', padded.teacher_canvas, padded.teacher_geometry)):
+    pixels = np.zeros((num, g.size, g.size, 3), np.float32)
+    mask = np.zeros((num, g.size, g.size), np.float32)
+    pixels[:k], mask[:k] = normalise(canvas), content_mask(g, k)
     out[key + 'pixels'], out[key + 'mask'] = pixels, mask
   out['flipped'] = False
   if flip_prob > 0:
@@ -416,6 +446,13 @@ def preprocess_frames(frames: np.ndarray, num: int = 8, size: int = 448,
       out['pixels'][:k] = out['pixels'][:k, :, ::-1]
       out['flipped'] = True
   return out
+
+
+def preprocess_frames(frames: np.ndarray, num: int = 8, size: int = 448,
+                      teacher_size: int = 224, patch: int = 14, flip_prob: float = 0.0,
+                      rng: np.random.Generator | None = None) -> dict:
+  """uint8 [k, H, W, 3] decoded frames (k <= num) -> padded, masked, normalised arrays."""
+  return finish_frames(pad_frames(frames, num, size, teacher_size, patch), num, flip_prob, rng)
 
 
 def load_video(path, num: int = 8, size: int = 448, teacher_size: int = 224, patch: int = 14,
