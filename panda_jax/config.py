@@ -408,6 +408,9 @@ def train_config(stage: int, arg: str = '',
       # Grain reader threads (per worker process when num_workers > 0); -1: one per CPU core,
       # at most 16 (panda_jax.data.pipeline.read_options). 16 is Grain's default.
       read_threads=16,
+      # Decoded, padded clips kept in memory, MiB per process (0: none; see
+      # panda_jax.data.pipeline.VideoCache): for clips that come back within its reach.
+      video_cache_mb=0,
       shuffle_seed=0, synthetic_videos=24 if tiny else 0, description=st['data'],
       teacher_features='',
       # Packed ArrayRecord shards (panda_jax.data.packing) instead of annotations + videos:

@@ -207,3 +207,91 @@ def test_system_prompt_is_configurable(mixed):
   with pytest.raises(ValueError, match="system prompt 'chatml'"):
     pipeline.ProcessSample(mixed['root'], mixed['proc'].tokenizer_dir, STAB, FRAMES, MAX_LEN,
                            system_prompt='chatml')
+
+
+class _Counting(pipeline.ProcessSample):
+  """Counts decodes per video path (what the cache saves)."""
+
+  def __init__(self, *a, **k):
+    super().__init__(*a, **k)
+    self.decodes, self.asked = collections.Counter(), collections.Counter()
+
+  def padded_frames(self, record, path):
+    self.asked[os.path.relpath(path, self.video_root)] += 1
+    return super().padded_frames(record, path)
+
+  def decode(self, record, path):
+    self.decodes[os.path.relpath(path, self.video_root)] += 1
+    return super().decode(record, path)
+
+
+def test_video_cache_gives_the_same_batches_and_decodes_a_good_clip_once(mixed, monkeypatch):
+  """`video_cache_mb`: two epochs give bit for bit the batches and skip counts of the uncached
+  processor; each good clip is decoded once (a broken file every time it comes: it never
+  enters the cache), a rewritten file again; hits are read-only."""
+  monkeypatch.setattr(pipeline, 'VIDEO_CACHE', pipeline.VideoCache())
+  root, tok = mixed['root'], mixed['proc'].tokenizer_dir
+  plain = _Counting(root, tok, STAB, FRAMES, MAX_LEN)
+  cached = _Counting(root, tok, STAB, FRAMES, MAX_LEN, video_cache_mb=64)
+  assert pipeline.VIDEO_CACHE.capacity_mb == 64
+  n = 2 * len(mixed['good']) // BATCH
+  a = pipeline.TrainIterator(mixed['records'], plain, BATCH, seed=SEED)
+  b = pipeline.TrainIterator(mixed['records'], cached, BATCH, seed=SEED)
+  for _ in range(n):
+    x, y = next(a), next(b)
+    assert x.keys() == y.keys()
+    for k in x:
+      assert x[k].dtype == y[k].dtype
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  assert a.skipped == b.skipped and sum(b.skipped.values()) == 2 * 11
+  good = {e['video'] for e in mixed['good']}
+  assert {v: cached.decodes[v] for v in good} == {v: 1 for v in good}
+  assert all(plain.decodes[v] > 1 for v in good)       # every clip comes back in this file
+  # A file that fails to decode never enters the cache: decoded every time it comes.
+  broken = set(plain.decodes) - good - {'videos/missing.mp4'}
+  assert broken and all(cached.decodes[v] >= 2 for v in broken)
+  stats = pipeline.VIDEO_CACHE.stats()
+  assert stats['clips'] == len(good) and stats['evictions'] == 0
+  assert stats['misses'] == len(good) + sum(cached.decodes[v] for v in broken)
+  asked = sum(n for v, n in cached.asked.items() if v != 'videos/missing.mp4')
+  assert stats['hits'] == asked - stats['misses'] > 2 * len(good)
+  # The cache is the processor's only memory: another processor of this process shares it.
+  record = next(r for r in mixed['records'] if r.get('id') == mixed['good'][0]['id'])
+  other = _Counting(root, tok, STAB, FRAMES, MAX_LEN, video_cache_mb=64)
+  other(record)
+  assert not other.decodes
+  hit = pipeline.VIDEO_CACHE.get(other.cache_key(record, os.path.join(root, record['video'])))
+  assert not hit.canvas.flags.writeable and not hit.teacher_canvas.flags.writeable
+  # A file rewritten in place (another modification time) is decoded again.
+  path = os.path.join(root, record['video'])
+  st = os.stat(path)
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+  other(record)
+  assert other.decodes[record['video']] == 1
+  # Unpickled in a Grain worker, whose module-level cache starts empty and unsized.
+  monkeypatch.setattr(pipeline, 'VIDEO_CACHE', pipeline.VideoCache())
+  import pickle
+  worker = pickle.loads(pickle.dumps(cached))
+  worker(record)
+  assert pipeline.VIDEO_CACHE.capacity_mb == 64 and len(pipeline.VIDEO_CACHE) == 1
+
+
+def test_video_cache_keeps_its_size_and_refuses_a_bad_one():
+  """Least recently used out past the capacity; an item larger than the whole cache is not
+  kept; a negative size is refused naming the field."""
+  from panda_jax.data import video
+  frames = np.zeros((2, 12, 16, 3), np.uint8)
+  item = video.pad_frames(frames, num=2, size=56, teacher_size=28, patch=14)
+  cache = pipeline.VideoCache(capacity_mb=2.5 * item.nbytes / 2 ** 20)
+  for k in 'abc':
+    cache.put(k, video.pad_frames(frames, num=2, size=56, teacher_size=28, patch=14))
+  assert cache.get('a') is None and cache.get('b') is not None   # 'b' is now the most recent
+  cache.put('d', item)
+  assert cache.get('c') is None and cache.get('b') is not None and cache.get('d') is item
+  assert len(cache) == 2 and cache.nbytes == 2 * item.nbytes
+  assert cache.stats()['evictions'] == 2
+  small = pipeline.VideoCache(capacity_mb=0.5 * item.nbytes / 2 ** 20)
+  small.put('a', item)
+  assert len(small) == 0
+  with pytest.raises(ValueError, match='video_cache_mb=-1'):
+    pipeline.VideoCache(-1)

@@ -40,6 +40,7 @@ import collections
 import json
 import logging
 import os
+import threading
 from typing import Mapping, Sequence
 
 import grain
@@ -47,7 +48,8 @@ import numpy as np
 
 from panda_jax.data import text
 from panda_jax.data.assembly import layout_batch
-from panda_jax.data.video import VideoDecodeError, decode_frames, preprocess_frames
+from panda_jax.data.video import (PaddedFrames, VideoDecodeError, decode_frames, finish_frames,
+                                  pad_frames)
 from panda_jax.models.stab import StabConfig, frame_grid, frame_layout
 from panda_jax.data import teacher_features as features_lib
 
@@ -96,12 +98,124 @@ def load_annotations(path: str) -> list[dict]:
   return data
 
 
+class _Pending:
+  """A clip one reader thread is making for `VideoCache.get_or_make`."""
+
+  def __init__(self):
+    self.done = threading.Event()
+    self.item = None
+
+
+class VideoCache:
+  """Clips already decoded and padded (`video.PaddedFrames`, 8-bit), by file, least recently
+  used first out once they hold more than `capacity_mb`; safe across Grain's reader threads.
+
+  A file is known by its path, size and modification time, and the preprocessing by its sizes,
+  so a file rewritten under the same name is decoded again. What a hit returns was made by the
+  same code from the same bytes as a miss, so training sees the same arrays either way.
+  """
+
+  def __init__(self, capacity_mb: float = 0.0):
+    self._lock = threading.Lock()
+    self._items: collections.OrderedDict = collections.OrderedDict()
+    self._pending: dict = {}
+    self.nbytes = 0
+    self.hits = self.misses = self.evictions = 0
+    self.capacity_mb = 0.0
+    self.resize(capacity_mb)
+
+  def resize(self, capacity_mb: float) -> None:
+    if not capacity_mb >= 0:
+      raise ValueError(f'data.video_cache_mb={capacity_mb}: expected a size in MiB >= 0 '
+                       '(0: no cache)')
+    with self._lock:
+      self.capacity_mb = float(capacity_mb)
+      self._evict()
+
+  def _evict(self) -> None:
+    while self._items and self.nbytes > self.capacity_mb * 2 ** 20:
+      _, old = self._items.popitem(last=False)
+      self.nbytes -= old.nbytes
+      self.evictions += 1
+
+  def get(self, key) -> PaddedFrames | None:
+    with self._lock:
+      item = self._items.get(key)
+      if item is None:
+        self.misses += 1
+        return None
+      self._items.move_to_end(key)
+      self.hits += 1
+      return item
+
+  def get_or_make(self, key, make) -> PaddedFrames:
+    """The item of `key`, or `make()`'s, kept. Threads asking for a key that another thread is
+    making wait for it, so a clip is decoded once however many readers want it at the same
+    time. If `make` raises, the error goes to its caller, and each waiting thread makes the
+    item itself (and meets its own error, as without a cache)."""
+    with self._lock:
+      item = self._items.get(key)
+      if item is not None:
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+      pending = self._pending.get(key)
+      owner = pending is None
+      if owner:
+        pending = self._pending[key] = _Pending()
+        self.misses += 1
+    if not owner:
+      pending.done.wait()
+      if pending.item is None:
+        with self._lock:
+          self.misses += 1
+        return make()
+      with self._lock:
+        self.hits += 1
+      return pending.item
+    try:
+      item = make()
+      self.put(key, item)
+      pending.item = item
+      return item
+    finally:
+      with self._lock:
+        del self._pending[key]
+      pending.done.set()
+
+  def put(self, key, item: PaddedFrames) -> None:
+    if item.nbytes > self.capacity_mb * 2 ** 20:
+      return
+    item.canvas.setflags(write=False)          # shared by every later hit
+    item.teacher_canvas.setflags(write=False)
+    with self._lock:
+      if key in self._items:
+        return
+      self._items[key] = item
+      self.nbytes += item.nbytes
+      self._evict()
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def stats(self) -> dict:
+    with self._lock:
+      return {'clips': len(self._items), 'mib': self.nbytes / 2 ** 20, 'hits': self.hits,
+              'misses': self.misses, 'evictions': self.evictions}
+
+
+# One per process: every `ProcessSample` of this process with a `video_cache_mb` shares it, so
+# a later training stage (the demo's stages run in one process) finds the clips an earlier one
+# decoded. Grain worker processes (data.num_workers > 0) each have their own.
+VIDEO_CACHE = VideoCache()
+
+
 class ProcessSample:
   """Record -> arrays for one sample, or {'skip': reason, 'path': ...}. Picklable (workers)."""
 
   def __init__(self, video_root: str, tokenizer_dir: str, stab: StabConfig, frames: int,
                max_len: int, timeout_s: float = 30.0, teacher_features: str = '',
-               system_prompt: str = 'videopanda_v1'):
+               system_prompt: str = 'videopanda_v1', video_cache_mb: float = 0.0):
     self.video_root = video_root
     self.tokenizer_dir = tokenizer_dir
     self.stab = stab
@@ -120,6 +234,13 @@ class ProcessSample:
                        f'{sorted(text.SYSTEM_PROMPTS)}')
     self.system = text.SYSTEM_PROMPTS[system_prompt]
     self.teacher_features = teacher_features
+    # `VIDEO_CACHE`'s size in MiB (0: every sample decodes its video). A clip's entry takes
+    # `frames` x (size^2 + (size / 2)^2) x 3 bytes: 188 KiB at the demo's 4 x 112 px, 5.6 MiB at
+    # the paper's 8 x 448 px. Worth it when clips repeat within the cache's reach: several
+    # epochs of a small set, or stages of one process over the same videos.
+    self.video_cache_mb = float(video_cache_mb)
+    if self.video_cache_mb:
+      VIDEO_CACHE.resize(max(VIDEO_CACHE.capacity_mb, self.video_cache_mb))
     self.teacher_shape = None
     if teacher_features:
       self.teacher_shape = features_lib.feature_shape(
@@ -134,6 +255,30 @@ class ProcessSample:
     del record
     return decode_frames(path, num=self.frames, timeout_s=self.timeout_s)[0]
 
+  def cache_key(self, record: Mapping, path: str):
+    """`VIDEO_CACHE`'s key for the record's clip, or None to decode it every time (a file
+    that cannot be read is left to `decode` to report)."""
+    del record
+    try:
+      st = os.stat(path)
+    except OSError:
+      return None
+    s = self.stab
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns, self.frames, s.image_size,
+            s.patch_size)
+
+  def padded_frames(self, record: Mapping, path: str) -> PaddedFrames:
+    """The record's frames decoded and padded: from `VIDEO_CACHE` when it has them."""
+    key = self.cache_key(record, path) if self.video_cache_mb else None
+    make = lambda: pad_frames(  # noqa: E731
+        self.decode(record, path), num=self.frames, size=self.stab.image_size,
+        teacher_size=self.stab.image_size // 2, patch=self.stab.patch_size)
+    if key is None:
+      return make()
+    if VIDEO_CACHE.capacity_mb < self.video_cache_mb:   # unpickled in a Grain worker
+      VIDEO_CACHE.resize(self.video_cache_mb)
+    return VIDEO_CACHE.get_or_make(key, make)
+
   def __call__(self, record: Mapping) -> dict:
     path = os.path.join(self.video_root, record['video'])
     try:
@@ -143,9 +288,7 @@ class ProcessSample:
     except (ValueError, text.TokenizationMismatchError) as e:
       return {'skip': 'bad_conversation', 'path': path, 'detail': str(e)[:200]}
     try:
-      frames = self.decode(record, path)
-      v = preprocess_frames(frames, num=self.frames, size=self.stab.image_size,
-                            teacher_size=self.stab.image_size // 2, patch=self.stab.patch_size)
+      v = finish_frames(self.padded_frames(record, path), num=self.frames)
     except VideoDecodeError as e:
       return {'skip': 'bad_video', 'path': path, 'detail': e.reason[:200]}
     except (ValueError, OSError) as e:   # frames the decoder returned but we cannot use
@@ -307,6 +450,8 @@ class TrainIterator:
 
   def close(self) -> None:
     """Stops Grain's worker processes (if any)."""
+    if getattr(self.processor, 'video_cache_mb', 0):
+      logging.info('video cache (this process): %s', VIDEO_CACHE.stats())
     close = getattr(self._it, 'close', None)
     if close is not None:
       close()

@@ -152,6 +152,7 @@ def stage_config(config, stage: int | str, data: Mapping, init_from: str = '',
     c.data.max_len = config.data.focus_max_len
   c.data.num_workers = config.data.num_workers
   c.data.read_threads = config.data.read_threads
+  c.data.video_cache_mb = config.data.get('video_cache_mb', 0)
   c.init.from_run = init_from
   c.lock()
   return c

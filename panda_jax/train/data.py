@@ -51,6 +51,10 @@ def build_train_iterator(config, workdir: str,
   stab = run.model.stab
   if d.packed:
     from panda_jax.data import packing
+    if d.get('video_cache_mb', 0):
+      raise ValueError(f'data.video_cache_mb={d.video_cache_mb}: the cache keeps clips decoded '
+                       'from video files; a packed set (data.packed) reads its frames from '
+                       'shards. Set data.video_cache_mb=0.')
     if not d.packed_config or not d.tokenizer:
       raise ValueError('data.packed is set: data.packed_config (the packed set\'s name, e.g. '
                        '"valley") and data.tokenizer are needed too')
@@ -66,7 +70,8 @@ def build_train_iterator(config, workdir: str,
     where = teacher_features_dir(config, run, workdir)
     records = pipeline.load_annotations(annotations)
     processor = pipeline.ProcessSample(video_root, tok, stab, d.frames, d.max_len,
-                                       teacher_features=where, system_prompt=d.system_prompt)
+                                       teacher_features=where, system_prompt=d.system_prompt,
+                                       video_cache_mb=d.get('video_cache_mb', 0))
   if processor.teacher_shape and processor.teacher_shape[-1] != run.teacher.hidden:
     raise ValueError(f'teacher features in {where} have width '
                      f'{processor.teacher_shape[-1]}; model.teacher.hidden is '
