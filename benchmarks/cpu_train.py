@@ -1,4 +1,5 @@
-"""Training steps per second on a CPU host: Grain's reader threads and glibc's malloc.
+"""Training steps per second on a CPU host: Grain's reader threads, glibc's malloc, and the
+clip cache.
 
 The demo's stage 3 (`configs/demo.py`: the tiny model, batch 8, 4 frames of 112 x 84 clips,
 three-question conversations, the online teacher) trained by `panda_jax.demo.run.run_stage`
@@ -11,8 +12,12 @@ times:
   malloc   16 reader threads, glibc asked (mallopt) to serve requests up to 32 MiB from its
            heap and not to give freed memory back to the kernel
   both     2 reader threads and that malloc setting
+  cache    as before, with data.video_cache_mb=1024 (`pipeline.VideoCache`: a clip decoded and
+           padded once; here every clip comes back about every 50 steps, as in the demo's
+           stage 3a)
 
-Neither is the default: in steady training neither changed the steps per second (README).
+Neither threads nor malloc is the default: in steady training neither changed the steps per
+second (README). The cache is the demo's (configs/demo.py).
 
 The rate is taken from the training loop's own logged `steps_per_s` (counted from the end of
 the first, compiling, step) between step --warmup and the last step: Grain's readers fill their
@@ -24,11 +29,13 @@ that malloc setting took a demo run from ~100,000 faults a second to ~170, read 
 The data set (--clips clips, made once under --workdir) is the demo generator's with the demo's
 settings.
 
-  python benchmarks/cpu_train.py                    # steps 80 -> 240, 1 repeat: ~11 minutes
+  python benchmarks/cpu_train.py                    # steps 80 -> 240, 1 repeat: ~14 minutes
   python benchmarks/cpu_train.py --warmup 100 --steps 400 --repeats 2
+  python benchmarks/cpu_train.py --settings before,cache
 
 Run it with nothing else on the machine. The last line is `RESULT host_cores=<n>
-steps_per_s_before=<x> steps_per_s_both=<y> ratio=<y/x>`.
+steps_per_s_before=<x> steps_per_s_both=<y> ratio=<y/x> steps_per_s_cache=<z>
+ratio_cache=<z/x>` (a setting not run: nan).
 """
 
 import argparse
@@ -44,8 +51,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SETTINGS = {'before': (16, False), 'threads': (-1, False), 'malloc': (16, True),
-            'both': (-1, True)}
+# name: (reader threads, malloc keeps freed memory, data.video_cache_mb)
+SETTINGS = {'before': (16, False, 0), 'threads': (-1, False, 0), 'malloc': (16, True, 0),
+            'both': (-1, True, 0), 'cache': (16, False, 1024)}
 
 
 def _keep_freed_memory() -> None:
@@ -75,7 +83,7 @@ def _config(clips: int, **overrides):
 
 def one(args) -> None:
   """One setting in this process: prints a JSON line with its rate, faults and kernel share."""
-  threads, keep = SETTINGS[args.one]
+  threads, keep, cache_mb = SETTINGS[args.one]
   if keep:
     _keep_freed_memory()
   from absl import logging
@@ -86,7 +94,8 @@ def one(args) -> None:
   if args.steps % 20 or args.warmup % 20 or not 0 < args.warmup < args.steps:
     raise ValueError(f'--warmup={args.warmup} and --steps={args.steps} must be multiples of 20 '
                      'with 0 < warmup < steps')
-  c = _config(args.clips, **{'data.read_threads': threads, 'stages.stage3.steps': args.steps,
+  c = _config(args.clips, **{'data.read_threads': threads, 'data.video_cache_mb': cache_mb,
+                             'stages.stage3.steps': args.steps,
                              'train.save_every': 10 ** 6, 'train.log_every': 20})
   wd = os.path.join(args.workdir, f'run_{args.one}')
   shutil.rmtree(wd, ignore_errors=True)
@@ -114,14 +123,20 @@ def main():
   p.add_argument('--steps', type=int, default=240)
   p.add_argument('--warmup', type=int, default=80)
   p.add_argument('--repeats', type=int, default=1)
+  p.add_argument('--settings', default=','.join(SETTINGS),
+                 help=f'comma-separated, of {", ".join(SETTINGS)} (before always runs)')
   p.add_argument('--one', choices=sorted(SETTINGS), help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.one:
     return one(args)
+  chosen = ['before'] + [n for n in args.settings.split(',') if n and n != 'before']
+  unknown = sorted(set(chosen) - set(SETTINGS))
+  if unknown:
+    raise SystemExit(f'--settings: unknown {unknown}; expected some of {list(SETTINGS)}')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  runs = {name: [] for name in SETTINGS}
+  runs = {name: [] for name in chosen}
   for rep in range(args.repeats):
-    for name in SETTINGS:
+    for name in chosen:
       out = subprocess.run(
           [sys.executable, os.path.abspath(__file__), '--one', name, '--workdir', args.workdir,
            '--clips', str(args.clips), '--steps', str(args.steps),
@@ -136,19 +151,21 @@ def main():
   cores = os.cpu_count()
   print(f'\nthe demo\'s stage 3, steps {args.warmup} -> {args.steps} of each run, median of '
         f'{args.repeats}, {cores} CPU cores\n')
-  print('| setting | reader threads | malloc keeps freed memory | steps/s | page faults/s (whole '
-        'run) | kernel share of CPU (whole run) | vs before |')
-  print('|---|---:|---|---:|---:|---:|---:|')
+  print('| setting | reader threads | malloc keeps freed memory | clip cache MiB | steps/s | '
+        'page faults/s (whole run) | kernel share of CPU (whole run) | vs before |')
+  print('|---|---:|---|---:|---:|---:|---:|---:|')
   from panda_jax.data import pipeline
   ref = med('before', 'steps_per_s')
-  for name, (threads, keep) in SETTINGS.items():
+  for name in chosen:
+    threads, keep, cache_mb = SETTINGS[name]
     s = med(name, 'steps_per_s')
     print(f'| {name} | {pipeline.read_options(threads).num_threads} | {"yes" if keep else "no"} '
-          f'| {s:.3f} | {med(name, "faults_per_s"):,.0f} | '
+          f'| {cache_mb} | {s:.3f} | {med(name, "faults_per_s"):,.0f} | '
           f'{100 * med(name, "kernel_share"):.0f} % | {s / ref:.2f}x |')
-  both = med('both', 'steps_per_s')
+  rate = lambda name: med(name, 'steps_per_s') if name in runs else float('nan')  # noqa: E731
+  both, cache = rate('both'), rate('cache')
   print(f'\nRESULT host_cores={cores} steps_per_s_before={ref:.3f} steps_per_s_both={both:.3f} '
-        f'ratio={both / ref:.3f}')
+        f'ratio={both / ref:.3f} steps_per_s_cache={cache:.3f} ratio_cache={cache / ref:.3f}')
 
 
 if __name__ == '__main__':
