@@ -82,6 +82,33 @@ def test_demo_writes_every_report_file(demo_run):
       str(workdir / 'data' / 'train_focus.json')
   assert json.load(open(workdir / 'stage3' / 'config.json'))['data']['annotations'] == \
       str(workdir / 'data' / 'train_instruct.json')
+  # Every stage keeps its clips in the process's video cache (the next stage finds them).
+  for s in PHASES:
+    assert json.load(open(workdir / f'stage{s}' / 'config.json'))['data']['video_cache_mb'] \
+        == 1024, s
+  # The time line says how much of the host's CPU the hypervisor took meanwhile (Linux).
+  total = next(l for l in (workdir / 'report.md').read_text().splitlines()
+               if l.startswith('* Total of the phases'))
+  if os.path.exists('/proc/stat'):
+    assert re.search(r'the hypervisor gave \d+ % of this host', total), total
+
+
+def test_steal_share_reads_the_hosts_cpu_counters(tmp_path):
+  """The steal share between two /proc/stat readings: steal over all CPU time (guest time is
+  inside user time, so it is not added); None without the file or without time passing."""
+  from panda_jax.demo import run as demo_run
+  stat = tmp_path / 'stat'
+  stat.write_text('cpu  100 0 50 800 10 0 0 40 7 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n')
+  a = demo_run.host_cpu_times(str(stat))
+  assert a == [100, 0, 50, 800, 10, 0, 0, 40, 7, 0]
+  stat.write_text('cpu  160 0 70 900 10 0 0 100 30 0\n')
+  b = demo_run.host_cpu_times(str(stat))
+  assert demo_run.steal_share(a, b) == pytest.approx(60 / (60 + 20 + 100 + 60))
+  assert demo_run.steal_share(a, a) is None
+  assert demo_run.host_cpu_times(str(tmp_path / 'missing')) is None
+  assert demo_run.steal_share(None, b) is None
+  stat.write_text('intr 1 2 3\n')
+  assert demo_run.host_cpu_times(str(stat)) is None
 
 
 def _params(workdir, step) -> dict:

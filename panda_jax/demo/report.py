@@ -21,6 +21,15 @@ import numpy as np
 WEAK_MARGIN = 0.05
 
 
+
+def _steal(share) -> str:
+  if share is None:
+    return ''
+  return (f'; the hypervisor gave {100 * share:.0f} % of this host\'s CPU time to other '
+          'machines meanwhile ("steal" in /proc/stat): on a host of its own, the run keeping '
+          f'its cores busy, the same work would take about {100 * (1 - share):.0f} % of these '
+          'minutes')
+
 def _matplotlib():
   import matplotlib
   matplotlib.use('Agg')
@@ -288,7 +297,7 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
       f'{config.eval.max_new_tokens} new tokens; {_minutes(main["scores"]["seconds"])} in the '
       'run that made them.',
       f'* Total of the phases above: {_minutes(total)} (this invocation: '
-      f'{_minutes(result["seconds_this_run"])}).', '',
+      f'{_minutes(result["seconds_this_run"])}{_steal(result.get("steal_share"))}).', '',
       '## Held-out accuracy', '',
       'Normalised exact match (case, punctuation, articles, number words) by question type, '
       'against always giving the type\'s most frequent answer:', '',

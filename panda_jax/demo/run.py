@@ -275,10 +275,34 @@ def compile_cache(workdir: str) -> str:
   return path
 
 
+def host_cpu_times(path: str = '/proc/stat') -> list[int] | None:
+  """This host's CPU time counters since boot (the `cpu` line of /proc/stat: user, nice,
+  system, idle, iowait, irq, softirq, steal, ...), or None where there is no such file."""
+  try:
+    with open(path) as f:
+      fields = f.readline().split()
+  except OSError:
+    return None
+  if len(fields) < 9 or fields[0] != 'cpu':
+    return None
+  return [int(v) for v in fields[1:]]
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+  """The share of the host's CPU time between two `host_cpu_times` readings that the
+  hypervisor gave to other machines ("steal"): on a shared virtual machine the demo's minutes
+  grow with it, at the same work. None when unknown."""
+  if before is None or after is None:
+    return None
+  d = [b - a for a, b in zip(before, after)]
+  total = sum(d[:8])        # guest time is counted inside user time already
+  return d[7] / total if total > 0 else None
+
+
 def run(config, workdir: str, progress: bool = True) -> dict:
   """The whole demo in `workdir`; returns what the report shows."""
   from panda_jax.demo import report
-  t_start = time.perf_counter()
+  t_start, cpu_start = time.perf_counter(), host_cpu_times()
   os.makedirs(workdir, exist_ok=True)
   logging.info('compiled programs kept in %s', compile_cache(workdir))
   data = make_data(config, os.path.join(workdir, 'data'), progress=progress)
@@ -291,7 +315,8 @@ def run(config, workdir: str, progress: bool = True) -> dict:
     variants.append(run_variant(config, os.path.join(workdir, 'ablations', name), data,
                                 overrides, progress=progress, name=name))
   result = {'data': data, 'variants': variants,
-            'seconds_this_run': time.perf_counter() - t_start}
+            'seconds_this_run': time.perf_counter() - t_start,
+            'steal_share': steal_share(cpu_start, host_cpu_times())}
   paths = report.write_report(config, workdir, result)
   result['report'] = paths
   return result
