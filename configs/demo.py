@@ -1,6 +1,6 @@
 """The main job: a tiny Video-Panda learns video QA on this CPU, end to end, with a report.
 
-  python -m panda_jax.main --config=configs/demo.py                 # 16-25 min on 2 CPU cores (host)
+  python -m panda_jax.main --config=configs/demo.py                 # 14 min on 2 CPU cores of its own
   python -m panda_jax.main --config=configs/demo.py:full            # longer, learns more
   python -m panda_jax.main --config=configs/demo.py:ablations       # + the paper's ablations
   python -m panda_jax.main --config=configs/demo.py:ablations \
@@ -95,9 +95,10 @@ def get_config(arg: str = ''):
       stage3=stage(800, 2e-3, 8, 0.01),
       # Stage 3a: stage 3's first phase, the focus questions alone, when data.focus_types is set
       # (0 steps: none). Their single turns fit focus_max_len positions. Stage 3 after it gets
-      # 800 steps: with 500, seed 1 answered direction 0.439 (0.662 with 800); the run then
-      # takes 16.6 minutes on this 2-core host instead of 15 (README). With seed 2 stage 3a
-      # stayed on its plateau for all 2,000 steps (README: the table of four seeds).
+      # 800 steps: with 500, seed 1 answered direction 0.439 (0.662 with 800); the whole run
+      # takes 14.0 minutes on this 2-core host when no other machine takes its CPU (README:
+      # "Time"). With seed 2 stage 3a stayed on its plateau for all 2,000 steps, and at lr 1e-3
+      # seed 1 did (README: the table of four seeds, "Stage 3a").
       focus=stage(2000, 2e-3, 8, 0.01)))
   c.train = ml_collections.ConfigDict(dict(log_every=25, save_every=250))
   c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8))
