@@ -74,7 +74,7 @@ def get_config(arg: str = ''):
   # and 1,900 of stage 3a in the runs we made, so 2,000); inside the mix it never left it, and
   # a stage 3 without them unlearned it (README: "Stage 3a"). configs/demo.py:nofocus is the
   # default before stage 3a (no stage 3a, 2,000 stage-3 steps, the video first).
-  # video_cache_mb: the clips decoded and padded once, kept in memory (188 KiB each, 735 MiB
+  # video_cache_mb: the clips decoded and padded once, kept in memory (184 KiB each, 718 MiB
   # for all 4,000), and every later sample of a clip (stage 3a's eight passes over its ~2,000,
   # stage 3 after stages 2 and 3a) starts from them: the same arrays, a fifth of the host work
   # per sample (README: "Time").

@@ -235,7 +235,7 @@ class ProcessSample:
     self.system = text.SYSTEM_PROMPTS[system_prompt]
     self.teacher_features = teacher_features
     # `VIDEO_CACHE`'s size in MiB (0: every sample decodes its video). A clip's entry takes
-    # `frames` x (size^2 + (size / 2)^2) x 3 bytes: 188 KiB at the demo's 4 x 112 px, 5.6 MiB at
+    # `frames` x (size^2 + (size / 2)^2) x 3 bytes: 184 KiB at the demo's 4 x 112 px, 5.7 MiB at
     # the paper's 8 x 448 px. Worth it when clips repeat within the cache's reach: several
     # epochs of a small set, or stages of one process over the same videos.
     self.video_cache_mb = float(video_cache_mb)
