@@ -138,14 +138,19 @@ class VideoCache:
       self.nbytes -= old.nbytes
       self.evictions += 1
 
-  def get(self, key) -> PaddedFrames | None:
-    with self._lock:
-      item = self._items.get(key)
-      if item is None:
-        self.misses += 1
-        return None
+  def _hit(self, key) -> PaddedFrames | None:
+    """The kept item of `key`, counted and made the most recent (the lock held), or None."""
+    item = self._items.get(key)
+    if item is not None:
       self._items.move_to_end(key)
       self.hits += 1
+    return item
+
+  def get(self, key) -> PaddedFrames | None:
+    with self._lock:
+      item = self._hit(key)
+      if item is None:
+        self.misses += 1
       return item
 
   def get_or_make(self, key, make) -> PaddedFrames:
@@ -154,10 +159,8 @@ class VideoCache:
     time. If `make` raises, the error goes to its caller, and each waiting thread makes the
     item itself (and meets its own error, as without a cache)."""
     with self._lock:
-      item = self._items.get(key)
+      item = self._hit(key)
       if item is not None:
-        self._items.move_to_end(key)
-        self.hits += 1
         return item
       pending = self._pending.get(key)
       owner = pending is None
@@ -239,8 +242,7 @@ class ProcessSample:
     # the paper's 8 x 448 px. Worth it when clips repeat within the cache's reach: several
     # epochs of a small set, or stages of one process over the same videos.
     self.video_cache_mb = float(video_cache_mb)
-    if self.video_cache_mb:
-      VIDEO_CACHE.resize(max(VIDEO_CACHE.capacity_mb, self.video_cache_mb))
+    self._size_cache()
     self.teacher_shape = None
     if teacher_features:
       self.teacher_shape = features_lib.feature_shape(
@@ -267,6 +269,12 @@ class ProcessSample:
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns, self.frames, s.image_size,
             s.patch_size)
 
+  def _size_cache(self) -> None:
+    """Grows `VIDEO_CACHE` to `video_cache_mb` (here, and in a Grain worker, where this object
+    arrives unpickled and the worker's own cache starts unsized)."""
+    if VIDEO_CACHE.capacity_mb < self.video_cache_mb:
+      VIDEO_CACHE.resize(self.video_cache_mb)
+
   def padded_frames(self, record: Mapping, path: str) -> PaddedFrames:
     """The record's frames decoded and padded: from `VIDEO_CACHE` when it has them."""
     key = self.cache_key(record, path) if self.video_cache_mb else None
@@ -275,8 +283,7 @@ class ProcessSample:
         teacher_size=self.stab.image_size // 2, patch=self.stab.patch_size)
     if key is None:
       return make()
-    if VIDEO_CACHE.capacity_mb < self.video_cache_mb:   # unpickled in a Grain worker
-      VIDEO_CACHE.resize(self.video_cache_mb)
+    self._size_cache()
     return VIDEO_CACHE.get_or_make(key, make)
 
   def __call__(self, record: Mapping) -> dict:
