@@ -422,5 +422,10 @@ def test_memo_tokenizer_gives_the_tokenizers_ids(tok):
   assert memo([Q0, Q1]).input_ids == tok([Q0, Q1]).input_ids
   assert (memo.bos_token_id, memo.pad_token_id, len(memo)) == (
       tok.bos_token_id, tok.pad_token_id, len(tok))
+  # Underscore names too (transformers' own helpers read some from a tokenizer).
+  import types
+  assert text.MemoTokenizer(types.SimpleNamespace(_private=3))._private == 3
+  with pytest.raises(AttributeError):
+    memo._no_such_attribute
   again = pickle.loads(pickle.dumps(memo))  # Grain's worker processes
   assert again(Q1).input_ids == list(tok(Q1).input_ids)

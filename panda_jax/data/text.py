@@ -181,9 +181,12 @@ class MemoTokenizer:
     return _Ids(list(ids))
 
   def __getattr__(self, name: str):
-    if name.startswith('_'):      # unpickling looks these up before __init__ has run
+    # Only reached for names this object lacks. Unpickling looks some up before __init__ has
+    # run, when there is no wrapped tokenizer to ask yet (and `self._tokenizer` would recurse).
+    tokenizer = self.__dict__.get('_tokenizer')
+    if tokenizer is None:
       raise AttributeError(name)
-    return getattr(self._tokenizer, name)
+    return getattr(tokenizer, name)
 
   def __len__(self) -> int:
     return len(self._tokenizer)
