@@ -53,13 +53,11 @@ def read_metrics(stage_dir: str) -> list[dict]:
   return [by_step[k] for k in sorted(by_step)]
 
 
-def loss_figure(variant_dir: str, path: str) -> None:
-  """Cross-entropy and distillation loss against the step, one panel per stage (and stage 3's
-  focus phase 3a when it ran)."""
+def loss_figure(variant_dir: str, path: str, phases: Sequence[str]) -> None:
+  """Cross-entropy and distillation loss against the step, one panel for each of the variant's
+  training `phases` (`demo.run.phases`: '1', '2', '3a' when stage 3 has a focus phase, '3')."""
   plt = _matplotlib()
-  from panda_jax.demo.run import PHASES
-  stages = [s for s in PHASES
-            if s != '3a' or os.path.exists(os.path.join(variant_dir, 'stage3a', 'metrics.jsonl'))]
+  stages = [str(s) for s in phases]
   fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages), 3.6), sharey=False)
   for ax, s in zip(axes, stages):
     rows = read_metrics(os.path.join(variant_dir, f'stage{s}'))
@@ -242,7 +240,7 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
            'loss': os.path.join(fig_dir, 'loss.png'),
            'accuracy': os.path.join(fig_dir, 'accuracy.png'),
            'example': os.path.join(fig_dir, 'example.png')}
-  loss_figure(workdir, paths['loss'])
+  loss_figure(workdir, paths['loss'], list(main['stages']))
   accuracy_figure(main['scores'], paths['accuracy'])
   from panda_jax.data import qa as qa_lib
   from panda_jax.eval.score import read_predictions
