@@ -21,7 +21,6 @@ import numpy as np
 WEAK_MARGIN = 0.05
 
 
-
 def _steal(share) -> str:
   if share is None:
     return ''
@@ -29,6 +28,7 @@ def _steal(share) -> str:
           'machines meanwhile ("steal" in /proc/stat): on a host of its own, the run keeping '
           f'its cores busy, the same work would take about {100 * (1 - share):.0f} % of these '
           'minutes')
+
 
 def _matplotlib():
   import matplotlib
