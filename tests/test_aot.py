@@ -1,5 +1,6 @@
 """The ahead-of-time memory benchmark runs end to end: tiny config on 8 simulated CPU devices,
-and by the TPU compiler (libtpu, pinned in requirements.txt) for a 2x2 v5e slice."""
+and by the TPU compiler (libtpu, pinned in requirements-tpu.txt, which requirements-test.txt
+includes) for a 2x2 v5e slice."""
 
 import json
 import os
@@ -42,15 +43,27 @@ def test_aot_benchmark_reports_memory_and_flops():
   assert 'MODELLED step' in out
 
 
+def _require_libtpu():
+  """Imports libtpu; without it, skips outside CI (CI=true: the error stands)."""
+  try:
+    import libtpu  # noqa: F401
+  except ImportError as e:
+    if e.name != 'libtpu' or os.environ.get('CI'):
+      raise
+    pytest.skip('libtpu is not installed: pip install -r requirements-tpu.txt '
+                '(requirements-test.txt includes it)')
+
+
 @pytest.mark.slow
 def test_tpu_compiler_compiles_the_tiny_step_with_splash_attention_for_a_v5e_slice():
   """The TPU compiler of libtpu, on this CPU host, compiles the tiny stage-2 step for 4 v5e
   chips with the splash-attention kernel (run per shard) and the chunked loss; the compiled
   program holds the Pallas kernels (forward, and the backward's dq and dkv kernels)."""
+  _require_libtpu()
   out, compiler, topology, gib, mfu, tflops = run_benchmark(
       '--topology=v5e:2x2', '--set', 'model.llm.attention_impl=splash', '--set',
       'model.llm.loss_chunk=128', cache=False)
-  assert compiler == 'tpu', ('no TPU compiler: install the libtpu of requirements.txt\n' +
+  assert compiler == 'tpu', ('no TPU compiler: install the libtpu of requirements-tpu.txt\n' +
                              out[:2000])
   assert topology == 'v5e:2x2'
   assert '4 devices (TPU v5 lite)' in out
