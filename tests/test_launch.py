@@ -261,3 +261,26 @@ def test_slurm_dry_run_installs_the_cuda_set_and_runs_each_readme_stage_chained(
   assert '--config.data.annotations=/shared/valley_702k.json' in lines[1]
   r = _run(['bash', 'launch/slurm_gpu.sbatch'], DRY_RUN='1')
   assert r.returncode == 2 and 'needs panda_jax.main arguments' in r.stderr
+
+
+def test_ci_runs_the_readme_test_set_up_and_command_and_the_default_set_is_cpu_only():
+  """.ci/run installs what the README's test line installs and runs its pytest command; the
+  default set holds neither libtpu nor Beam (their own sets do)."""
+  [line] = [l for l in open(os.path.join(ROOT, 'README.md')).read().splitlines()
+            if l.startswith('python3 -m venv') and 'pytest' in l]
+  steps = [shlex.split(s) for s in line.split('&&')]
+  [install] = [s for s in steps if s[:2] == ['pip', 'install']]
+  [pytest_cmd] = [s for s in steps if s[:3] == ['python', '-m', 'pytest']]
+  ci = [shlex.split(l) for l in open(os.path.join(ROOT, '.ci', 'run')).read().splitlines()
+        if l and not l.startswith('#')]
+  assert ['python', '-m', 'pip', 'install', '-q', *install[2:]] in ci
+  assert pytest_cmd in ci
+  assert install[2:] == ['-r', 'requirements.txt', '-r', 'requirements-test.txt']
+  pins = {}
+  for f in ('requirements.txt', 'requirements-tpu.txt', 'requirements-beam.txt'):
+    pins[f] = {re.split(r'[=\[;]', l)[0].strip() for l in open(os.path.join(ROOT, f))
+               if l.strip() and not l.startswith('#')}
+  assert not pins['requirements.txt'] & {'libtpu', 'apache-beam'}
+  assert 'libtpu' in pins['requirements-tpu.txt'] and 'apache-beam' in pins['requirements-beam.txt']
+  test_set = open(os.path.join(ROOT, 'requirements-test.txt')).read().splitlines()
+  assert {'-r requirements-tpu.txt', '-r requirements-beam.txt'} <= set(test_set)
