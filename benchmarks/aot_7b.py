@@ -23,10 +23,15 @@ count (the MFU uses the hand count: XLA counts each while-loop body, i.e. the la
 the accumulation scan, once); the compile time; the number of Pallas TPU kernels in the
 compiled program (splash attention).
 
-The step time and MFU are MODELLED, never measured: a roofline from the hand-counted FLOPs
-and stated byte counts (HBM traffic of the gathered weights, the optimizer update and the
-attention scores; FSDP collectives over ICI) against the chip's published peak and bandwidths,
-every term printed (`roofline`).
+Two step-time figures, both MODELLED from the compiled program and the chip's published peaks,
+never measured on a TPU:
+  no-overlap bound: compute + HBM + ICI time, as if none of them overlapped, each from what the
+    compiled program does per device (`hlo_cost.program_cost`: its matmul FLOPs, HBM bytes and
+    collective bytes, every loop body counted as often as it runs) at the chip's peak FLOP/s,
+    HBM and ICI bandwidth; MFU = model FLOPs / (that step time x peak). Layouts are ranked by it.
+  ceiling: the step time if compute, HBM and ICI overlapped perfectly, the max of the three terms
+    of `roofline` (hand-counted FLOPs incl. remat, stated HBM and ICI bytes); on a compute-bound
+    layout it is one minus the remat overhead, an upper bound no layout choice can beat.
 
 Caveats: with compiler=cpu the memory figures are those of the XLA:CPU compiler, whose
 scheduling, fusion and bf16 handling differ from XLA:TPU's; they are an estimate of the TPU
@@ -43,9 +48,9 @@ Run from the repo root:
   python benchmarks/aot_7b.py --layers 2,4             # compile 2 and 4 LLM layers and
                                                        # extrapolate linearly to 32
 The last line is `RESULT compiler=<tpu|cpu> topology=<name> per_device_gib=<x>
-modelled_mfu=<y> step_tflops=<z>`; the line before it, `DETAIL {json}`, carries the same run's
-stage, mesh, batch, memory parts, modelled step times and compile times for scripts
-(`benchmarks/sweep_tpu.py`).
+no_overlap_mfu=<y> ceiling_mfu=<c> step_tflops=<z>`; the line before it, `DETAIL {json}`,
+carries the same run's stage, mesh, batch, memory parts, both bounds' terms, the compiled
+program's counts and compile times for scripts (`benchmarks/sweep_tpu.py`).
 """
 
 import argparse
@@ -58,16 +63,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-GIB = 1024 ** 3
+from hlo_cost import CHIPS, no_overlap_bound, program_cost  # noqa: E402  (published chip peaks)
 
-# Published per-chip figures (Cloud TPU system-architecture pages): bf16 peak TFLOP/s, HBM GiB,
-# HBM GB/s, ICI Gbit/s (all links of a chip together).
-CHIPS = {
-    'v4': dict(peak_tflops=275.0, hbm_gib=32.0, hbm_gbs=1200.0, ici_gbps=2400.0),
-    'v5e': dict(peak_tflops=197.0, hbm_gib=16.0, hbm_gbs=819.0, ici_gbps=1600.0),
-    'v5p': dict(peak_tflops=459.0, hbm_gib=95.0, hbm_gbs=2765.0, ici_gbps=4800.0),
-    'v6e': dict(peak_tflops=918.0, hbm_gib=32.0, hbm_gbs=1640.0, ici_gbps=3584.0),
-}
+GIB = 1024 ** 3
 
 
 def parse_args():
@@ -372,7 +370,8 @@ def roofline(config, info, hf, mesh) -> dict:
     share; with tensor > 1, the two all-reduces per layer of [tokens, E] bf16 activations in
     each of 3 passes (ring: 2 (t-1)/t of the data); with data > 1, an all-reduce of the f32
     gradient shard per micro-batch. At the chip's whole published ICI bandwidth (optimistic).
-  Step time: max of the three (perfect overlap; the MFU upper bound) and their sum (no overlap).
+  Step time: max of the three (perfect overlap: the ceiling) and their sum (no overlap, from
+  these hand-counted terms; the ranked no-overlap bound uses the compiled program's counts).
   """
   chip = CHIPS[CHIP]
   cfg = info['cfg']
@@ -426,10 +425,12 @@ def compile_once(layers: int | None) -> dict:
   with jax.set_mesh(mesh):
     t_compile, compiled = timed(lowered.compile)
   # Pallas kernels (splash attention) compiled for a TPU appear as Mosaic custom calls.
-  kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  hlo = compiled.as_text()
+  kernels = hlo.count('custom_call_target="tpu_custom_call"')
+  t_cost, cost = timed(lambda: program_cost(hlo, len(DEVICES)))
   return dict(config=config, mesh=mesh, info=info, mem=compiled_memory(compiled), kernels=kernels,
               xla_flops=compiled_flops(compiled), t_lower=t_lower, t_compile=t_compile,
-              layers=config.model.llm.layers)
+              layers=config.model.llm.layers, cost=cost, t_cost=t_cost)
 
 
 def gib(x):
@@ -546,26 +547,42 @@ def main():
 
   rf = roofline(config, info, hf, mesh)
   llm = info['cfg'].llm
+  pc = r['cost']
+  nb = no_overlap_bound(pc['flops'], pc['hbm_bytes'], pc['ici_bytes'], chip,
+                        hf['model'] / rf['chips'])
+  print(f'  (XLA cost_analysis, loop bodies once: {(xf or 0) / 1e12:,.2f} TFLOP per device; this '
+        f'count with loop bodies once: {pc["flops_once"] / 1e12:,.2f})')
   print()
-  print(f'MODELLED step time (a roofline, not a measurement; see `roofline` in this file) on '
-        f'{rf["chips"]} {CHIP} chips: {chip["peak_tflops"]:g} TFLOP/s bf16, {chip["hbm_gbs"]:g} '
-        f'GB/s HBM, {chip["ici_gbps"]:g} Gbit/s ICI per chip (published); attention '
+  print(f'MODELLED step time (not a measurement) on {rf["chips"]} {CHIP} chips: '
+        f'{chip["peak_tflops"]:g} TFLOP/s bf16, {chip["hbm_gbs"]:g} GB/s HBM, '
+        f'{chip["ici_gbps"]:g} Gbit/s ICI per chip (published; hlo_cost.CHIPS)')
+  loops = ', '.join(f'{n if n is not None else "?"}' for _, n in pc['loops'])
+  print(f'  the compiled program, per device (hlo_cost.program_cost, {r["t_cost"]:.0f} s; loop '
+        f'trip counts {loops or "none"}): {pc["flops"] / 1e12:,.1f} TFLOP of matmuls, '
+        f'{pc["hbm_bytes"] / 1e9:,.0f} GB of HBM traffic, {pc["ici_bytes"] / 1e9:,.0f} GB sent '
+        f'over ICI ({", ".join(f"{k} x{v:g}" for k, v in sorted(pc["collectives"].items()))})')
+  print(f'  NO-OVERLAP BOUND: compute {nb["t_compute"]:.4g} s + HBM {nb["t_hbm"]:.4g} s + ICI '
+        f'{nb["t_ici"]:.4g} s = {nb["step_s"]:.4g} s per step -> MFU {100 * nb["mfu"]:.1f}% '
+        f'(model {hf["model"] / 1e12:,.1f} TFLOP / ({rf["chips"]} x peak x step))')
+  print(f'  CEILING (the same three terms overlapping perfectly: their max; compute-bound when '
+        f'the compute term is the largest, i.e. one minus the remat overhead): '
+        f'{nb["ceiling_s"]:.4g} s per step -> MFU {100 * nb["ceiling_mfu"]:.1f}%')
+  print(f'  cross-check, `roofline` (hand-counted terms; attention '
         f'{llm.attention_impl!r}, {rf["b_local"]} sequence(s) per chip per micro-batch, '
-        f'{rf["passes"]} weight passes per micro-batch (remat {llm.remat!r})')
-  print(f'  compute  {hf["hardware"] / 1e12:>12,.1f} TFLOP (hardware) / ({rf["chips"]} x '
+        f'{rf["passes"]} weight passes per micro-batch, remat {llm.remat!r}):')
+  print(f'    compute  {hf["hardware"] / 1e12:>12,.1f} TFLOP (hardware) / ({rf["chips"]} x '
         f'{chip["peak_tflops"]:g} TFLOP/s)            = {rf["t_compute"]:.4g} s')
   hb, ic = rf['hbm'], rf['ici']
-  print(f'  HBM      weights {hb["weights"] / 1e9:,.0f} GB + grad accumulator '
+  print(f'    HBM      weights {hb["weights"] / 1e9:,.0f} GB + grad accumulator '
         f'{hb["accumulator"] / 1e9:,.0f} GB + attention scores {hb["scores"] / 1e9:,.0f} GB + '
         f'Adam {hb["adam"] / 1e9:,.1f} GB per chip / {chip["hbm_gbs"]:g} GB/s = '
         f'{rf["t_hbm"]:.4g} s')
-  print(f'  ICI      FSDP all-gathers {ic["gather"] / 1e9:,.0f} GB + gradient reduce-scatters '
+  print(f'    ICI      FSDP all-gathers {ic["gather"] / 1e9:,.0f} GB + gradient reduce-scatters '
         f'{ic["scatter"] / 1e9:,.0f} GB + tensor all-reduces {ic["tensor"] / 1e9:,.0f} GB + '
         f'data all-reduces {ic["data"] / 1e9:,.0f} GB per chip / {chip["ici_gbps"] / 8:g} GB/s '
         f'= {rf["t_ici"]:.4g} s')
-  print(f'  MODELLED step: {rf["t_max"]:.4g} s with perfect overlap (max of the terms) -> '
-        f'MODELLED MFU {100 * rf["mfu"]:.1f}%; {rf["t_sum"]:.4g} s with none (their sum) -> '
-        f'{100 * rf["mfu_sum"]:.1f}%')
+  print(f'    max of the terms {rf["t_max"]:.4g} s per step -> MFU {100 * rf["mfu"]:.1f}%; '
+        f'their sum {rf["t_sum"]:.4g} s -> {100 * rf["mfu_sum"]:.1f}%')
 
   print()
   print(f'{"layers":>6} {"mesh d/f/t":>11} {"batch":>6} {"accum":>6} {"GiB/device":>11} '
@@ -597,14 +614,21 @@ def main():
       hbm_gib=hbm_gib, fits=bool(fits),
       memory_gib={n: (None if mem.get(n) is None else round(mem[n] / GIB, 4)) for n in names},
       model_tflops=hf['model'] / 1e12, hardware_tflops=hf['hardware'] / 1e12,
-      modelled_step_s=rf['t_max'], modelled_step_s_no_overlap=rf['t_sum'],
-      modelled_mfu=rf['mfu'], modelled_mfu_no_overlap=rf['mfu_sum'],
+      no_overlap_step_s=nb['step_s'], no_overlap_mfu=nb['mfu'],
+      no_overlap_terms=dict(t_compute=nb['t_compute'], t_hbm=nb['t_hbm'], t_ici=nb['t_ici']),
+      program=dict(tflops=pc['flops'] / 1e12, hbm_gb=pc['hbm_bytes'] / 1e9,
+                   ici_gb=pc['ici_bytes'] / 1e9, loops=[n for _, n in pc['loops']],
+                   collectives=pc['collectives']),
+      ceiling_step_s=nb['ceiling_s'], ceiling_mfu=nb['ceiling_mfu'],
+      hand_ceiling_step_s=rf['t_max'], hand_ceiling_mfu=rf['mfu'],
+      hand_no_overlap_step_s=rf['t_sum'], hand_no_overlap_mfu=rf['mfu_sum'],
       t_compute=rf['t_compute'], t_hbm=rf['t_hbm'], t_ici=rf['t_ici'],
       lower_s=sum(x['t_lower'] for x in results), compile_s=sum(x['t_compile'] for x in results),
       peak_rss_gib=peak_rss_gib(), jax=jax.__version__)
   print('DETAIL ' + json.dumps(detail, sort_keys=True))
   print(f'RESULT compiler={COMPILER} topology={topo} per_device_gib={pd:.3f} '
-        f'modelled_mfu={rf["mfu"]:.3f} step_tflops={_fmt(hf["model"] / 1e12)}')
+        f'no_overlap_mfu={nb["mfu"]:.3f} ceiling_mfu={nb["ceiling_mfu"]:.3f} '
+        f'step_tflops={_fmt(hf["model"] / 1e12)}')
 
 
 def _fmt(x: float) -> str:

@@ -6,9 +6,9 @@ Each row runs `benchmarks/aot_7b.py` as its own subprocess (one at a time: a 7B 
 ~7.5 minutes of one core and ~5.5 GiB of host memory) with the gradient-accumulation steps
 derived so that micro-batch x batch shards x accum = the stage's paper batch (2048, 2048,
 1024). As soon as a row finishes, its parsed result is appended to a JSON-lines file (one object
-per row: the row, the per-chip GiB of the TPU compiler, the MODELLED step time and MFU of the
-roofline in aot_7b.py, the compile's CPU seconds, its status); rows already in the file are
-skipped, so rerunning the same command resumes the sweep. Each row's full output is kept in
+per row: the row, the per-chip GiB of the TPU compiler, the no-overlap bound and the ceiling
+of aot_7b.py, the compile's CPU seconds, the host and date, its status); rows already in the
+file are skipped, so rerunning the same command resumes the sweep. Each row's full output is kept in
 `<results dir>/logs/`. A row the TPU compiler refuses for lack of HBM is recorded as
 status 'oom' (it does not fit), with the compiler's figure where it gives one.
 
@@ -18,8 +18,13 @@ status 'oom' (it does not fit), with the compiler's figure where it gives one.
   python benchmarks/sweep_tpu.py --only 's2 '          # rows whose key matches a regex
   python benchmarks/sweep_tpu.py --retry-failed        # rerun rows recorded as 'error'
 
-The step time and MFU are MODELLED (a roofline of stated terms, see `roofline` in aot_7b.py),
-never measured; the memory is the TPU compiler's own buffer assignment (`memory_analysis()`).
+The step times and MFUs are MODELLED, never measured: the no-overlap bound (compute + HBM + ICI
+time of what the compiled program does, none of them overlapping; the rows are ranked by it) and
+beside it the ceiling (the same terms overlapping perfectly). Records written before the bound
+existed (2026-12-01) hold only `roofline`'s hand-counted terms; for them both figures come from
+those terms (`bounds`), and a stage and topology whose fitting rows are not all of one kind are
+ranked by the hand-counted figures, which every row has. The memory is the TPU compiler's own
+buffer assignment (`memory_analysis()`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -66,7 +72,8 @@ def row(stage, fsdp, tensor, mb, remat=DEFAULT_REMAT, chunk=DEFAULT_CHUNK, topol
 
 # Most informative first: each 7B compile costs ~7.5 min of a full core (an hour or more of wall
 # time at nice 19 on a shared 2-core machine). Known before the sweep (README, 2026-11-30):
-# stage 2, 32 x 2, micro-batch 1 (accum 64) = 9.512 GiB per chip, MODELLED MFU 75.3 %.
+# stage 2, 32 x 2, micro-batch 1 (accum 64) = 9.512 GiB per chip, ceiling (then "MODELLED MFU")
+# 75.3 %.
 ROWS = [
     row(2, 32, 2, 2, why='the item\'s question: spend the room on a larger micro-batch (accum 32)'),
     row(2, 64, 1, 1, why='no tensor parallelism: no per-layer all-reduces'),
@@ -81,8 +88,8 @@ ROWS = [
     row(1, 64, 1, 2, why='stage 1 without tensor parallelism'),
     # After the first nine: the stage-2 pick (dots_no_batch at micro-batch 1) for stages 3 and
     # 1, and with the larger attention blocks that saved memory at remat=full.
-    row(3, 32, 2, 1, remat='dots_no_batch', why='stage 3 with stage 2\'s best remat policy'),
-    row(1, 32, 2, 1, remat='dots_no_batch', why='stage 1 with stage 2\'s best remat policy'),
+    row(3, 32, 2, 1, remat='dots_no_batch', why='stage 3 with stage 2\'s top remat policy'),
+    row(1, 32, 2, 1, remat='dots_no_batch', why='stage 1 with stage 2\'s top remat policy'),
     row(2, 32, 2, 1, remat='dots_no_batch', chunk=1024,
         why='the stage-2 pick with larger attention query blocks'),
     row(3, 64, 1, 1, why='stage 3 without tensor parallelism'),
@@ -90,7 +97,7 @@ ROWS = [
     row(3, 32, 2, 1, why='stage 3 at the baseline layout (accum 32)'),
     row(1, 32, 2, 1, why='stage 1 at the baseline layout (accum 64)'),
     row(2, 32, 2, 4, why='micro-batch 4 (accum 16)'),
-    # Other 64-chip slices, v5e-64's best layout with the micro-batch their HBM allows (v6e: 32
+    # Other 64-chip slices, v5e-64's top layout with the micro-batch their HBM allows (v6e: 32
     # GiB, v5p: 95 GiB per chip; a larger micro-batch shortens the no-overlap step).
     row(2, 32, 2, 2, remat='dots_no_batch', topology='v6e:8x8', why='v6e-64: micro-batch 2'),
     row(2, 32, 2, 8, remat='dots_no_batch', topology='v5p:4x4x4', why='v5p-64: micro-batch 8'),
@@ -99,7 +106,7 @@ ROWS = [
     row(3, 32, 2, 2, remat='dots_no_batch', topology='v6e:8x8', why='v6e-64, stage 3'),
     row(3, 32, 2, 8, remat='dots_no_batch', topology='v5p:4x4x4', why='v5p-64, stage 3'),
     # Around those picks on v6e-64 and v5p-64: the layouts, micro-batches and remat policy that
-    # were second best on v5e-64, so each topology's named variant is the best of a sweep.
+    # were runners-up on v5e-64, so each topology's named variant is the top row of a sweep.
     row(2, 64, 1, 2, remat='dots_no_batch', topology='v6e:8x8',
         why='v6e-64 without tensor parallelism'),
     row(1, 32, 2, 4, remat='dots_no_batch', topology='v6e:8x8',
@@ -155,7 +162,8 @@ def command(r) -> list[str]:
 
 
 RESULT = re.compile(r'RESULT compiler=(\w+) topology=(\S+) per_device_gib=([0-9.naninf]+) '
-                    r'modelled_mfu=([0-9.naninf]+) step_tflops=(\S+)')
+                    r'no_overlap_mfu=([0-9.naninf]+) ceiling_mfu=([0-9.naninf]+) '
+                    r'step_tflops=(\S+)')
 # XLA:TPU's refusal, e.g. "RESOURCE_EXHAUSTED: ... Ran out of memory in memory space hbm. Used
 # 17.23G of 15.75G hbm."
 OOM = re.compile(r'RESOURCE_EXHAUSTED|Ran out of memory|out of memory', re.I)
@@ -172,8 +180,8 @@ def parse(out: str) -> dict:
     m = RESULT.fullmatch(line.strip())
     if m:
       got.update(compiler=m.group(1), result_topology=m.group(2),
-                 per_device_gib=float(m.group(3)), modelled_mfu=float(m.group(4)),
-                 step_tflops=float(m.group(5)))
+                 per_device_gib=float(m.group(3)), no_overlap_mfu=float(m.group(4)),
+                 ceiling_mfu=float(m.group(5)), step_tflops=float(m.group(6)))
   return got
 
 
@@ -218,14 +226,18 @@ def run_row(r, log_dir: str, timeout: float) -> dict:
   rec = dict(key=key(r), **r, accum=accum_steps(r), batch=PAPER_BATCH[r['stage']],
              started=started, wall_s=round(time.time() - t0, 1), cpu_s=round(cpu_s, 1),
              max_rss_gib=round(after.ru_maxrss / 1024 ** 2, 2), returncode=rc,
-             libtpu=libtpu_version(), commit=git_commit(), log=log, command=' '.join(cmd[1:]))
+             libtpu=libtpu_version(), commit=git_commit(), host=socket.gethostname(),
+             cpus=os.cpu_count(), log=log, command=' '.join(cmd[1:]))
   if rc == 0 and 'per_device_gib' in got:
     d = got.get('detail', {})
     rec.update(status='ok', compiler=got['compiler'], per_device_gib=got['per_device_gib'],
-               modelled_mfu=got['modelled_mfu'], step_tflops=got['step_tflops'],
-               modelled_step_s=d.get('modelled_step_s'),
-               modelled_step_s_no_overlap=d.get('modelled_step_s_no_overlap'),
-               modelled_mfu_no_overlap=d.get('modelled_mfu_no_overlap'),
+               no_overlap_mfu=got['no_overlap_mfu'], ceiling_mfu=got['ceiling_mfu'],
+               step_tflops=got['step_tflops'], no_overlap_step_s=d.get('no_overlap_step_s'),
+               no_overlap_terms=d.get('no_overlap_terms'), ceiling_step_s=d.get('ceiling_step_s'),
+               program=d.get('program'), hand_ceiling_mfu=d.get('hand_ceiling_mfu'),
+               hand_no_overlap_mfu=d.get('hand_no_overlap_mfu'),
+               hand_ceiling_step_s=d.get('hand_ceiling_step_s'),
+               hand_no_overlap_step_s=d.get('hand_no_overlap_step_s'),
                compile_s=d.get('compile_s'), memory_gib=d.get('memory_gib'),
                t_compute=d.get('t_compute'), t_hbm=d.get('t_hbm'), t_ici=d.get('t_ici'))
   elif OOM.search(out):
@@ -263,53 +275,87 @@ def fits(rec) -> bool:
   return rec.get('status') == 'ok' and rec['per_device_gib'] <= fit_gib(rec['topology'])
 
 
-def best(done: dict[str, dict]) -> dict[tuple, dict]:
-  """(stage, topology) -> the fitting row with the best MODELLED MFU (overlap), ties broken by
-  the no-overlap MFU, then by less memory."""
-  out = {}
+def bounds(rec, source: str | None = None) -> dict:
+  """A record's figures: {'source': 'program' | 'hand', 'no_overlap_mfu', 'no_overlap_step_s',
+  'ceiling_mfu', 'ceiling_step_s'}. 'program' = the compiled program's counts (aot_7b.py since
+  the no-overlap bound); 'hand' = `roofline`'s hand-counted terms, the only ones in records
+  written before it (then named modelled_mfu = the ceiling, modelled_mfu_no_overlap = the
+  no-overlap sum). source: ask for one kind (None = the program's where the record has it)."""
+  has_program = rec.get('no_overlap_mfu') is not None
+  if source == 'program' or (source is None and has_program):
+    if not has_program:
+      raise ValueError(f'{rec.get("key")}: no compiled-program figures (recorded '
+                       f'{rec.get("started", "?")[:10]}); only the hand-counted ones')
+    return dict(source='program', no_overlap_mfu=rec['no_overlap_mfu'],
+                no_overlap_step_s=rec.get('no_overlap_step_s'),
+                ceiling_mfu=rec['ceiling_mfu'], ceiling_step_s=rec.get('ceiling_step_s'))
+  old = 'hand_ceiling_mfu' not in rec
+  get = lambda new, before: rec.get(before if old else new)
+  return dict(source='hand', no_overlap_mfu=get('hand_no_overlap_mfu', 'modelled_mfu_no_overlap'),
+              no_overlap_step_s=get('hand_no_overlap_step_s', 'modelled_step_s_no_overlap'),
+              ceiling_mfu=get('hand_ceiling_mfu', 'modelled_mfu'),
+              ceiling_step_s=get('hand_ceiling_step_s', 'modelled_step_s'))
+
+
+def ranked(done: dict[str, dict]) -> dict[tuple, list[dict]]:
+  """(stage, topology) -> its fitting rows, highest no-overlap-bound MFU first (ties: the higher
+  ceiling, then less memory). A group is ranked on the compiled program's bound when every
+  fitting row has it, else on the hand-counted one (`bounds`), never on a mix."""
+  groups = {}
   for rec in done.values():
-    if not fits(rec):
-      continue
-    k = (rec['stage'], rec['topology'])
-    score = (round(rec['modelled_mfu'], 3), rec.get('modelled_mfu_no_overlap') or 0.0,
-             -rec['per_device_gib'])
-    if k not in out or score > out[k][0]:
-      out[k] = (score, rec)
-  return {k: v[1] for k, v in out.items()}
+    if fits(rec):
+      groups.setdefault((rec['stage'], rec['topology']), []).append(rec)
+  out = {}
+  for k, recs in groups.items():
+    source = 'program' if all(r.get('no_overlap_mfu') is not None for r in recs) else 'hand'
+
+    def score(r):
+      b = bounds(r, source)
+      return (-(b['no_overlap_mfu'] or 0.0), -(b['ceiling_mfu'] or 0.0), r['per_device_gib'])
+    out[k] = sorted(recs, key=score)
+  return out
+
+
+def best(done: dict[str, dict]) -> dict[tuple, dict]:
+  """(stage, topology) -> its top fitting row by the no-overlap bound (`ranked`)."""
+  return {k: v[0] for k, v in ranked(done).items()}
 
 
 def table(rows: list[dict], done: dict[str, dict]) -> str:
   """A markdown table of every row (the sweep's, then any others in the file), pending where
-  not measured yet."""
-  winners = {id(v) for v in best(done).values()}
+  not measured yet; 'rank' is the row's place among its stage and topology's fitting rows by
+  the no-overlap bound, from the figures ('program' or 'hand') its group is ranked on."""
+  order = {id(r): (n + 1, bounds(r, 'program' if all(x.get('no_overlap_mfu') is not None
+                                                      for x in rs) else 'hand'))
+           for rs in ranked(done).values() for n, r in enumerate(rs)}
   keys = [key(r) for r in rows]
   extra = [v for k, v in done.items() if k not in keys and bool(v.get('tiny')) == bool(
       rows and rows[0].get('tiny'))]
   lines = ['| stage | topology | fsdp x tensor | micro-batch | accum | remat | attn chunk | '
-           'GiB/chip (TPU compiler) | fits (HBM - 1 GiB) | MODELLED MFU (overlap / none) | '
-           'MODELLED step s (overlap / none) | compile CPU s | best |',
-           '|---:|---|---|---:|---:|---|---:|---:|---|---|---|---:|---|']
+           'GiB/chip (TPU compiler) | fits (HBM - 1 GiB) | no-overlap bound: MFU, s/step | '
+           'ceiling (perfect overlap): MFU, s/step | terms | compile CPU s | rank |',
+           '|---:|---|---|---:|---:|---|---:|---:|---|---|---|---|---:|---:|']
+  pct = lambda x: '-' if x is None else f'{100 * x:.1f} %'
+  sec = lambda x: '-' if x is None else f'{x:.1f}'
   for r in list(rows) + extra:
     rec = done.get(key(r))
     acc = accum_steps(r) if r['topology'] in CHIPS else rec.get('accum', '?')
     head = (f'| {r["stage"]} | {r["topology"]} | {r["fsdp"]} x {r["tensor"]} | '
             f'{r["micro_batch"]} | {acc} | {r["remat"]} | {r["attention_chunk"]} | ')
     if rec is None:
-      lines.append(head + 'pending | | | | | |')
+      lines.append(head + 'pending | | | | | | |')
     elif rec['status'] == 'ok':
-      nm = rec.get('modelled_mfu_no_overlap')
-      so, sn = rec.get('modelled_step_s'), rec.get('modelled_step_s_no_overlap')
+      rank, b = order.get(id(rec), (None, bounds(rec)))
       lines.append(head + f'{rec["per_device_gib"]:.3f} | {"yes" if fits(rec) else "**no**"} | '
-                   f'{100 * rec["modelled_mfu"]:.1f} % / '
-                   f'{"-" if nm is None else f"{100 * nm:.1f} %"} | '
-                   f'{"-" if so is None else f"{so:.1f}"} / {"-" if sn is None else f"{sn:.1f}"}'
-                   f' | {rec["cpu_s"]:.0f} | {"**best**" if id(rec) in winners else ""} |')
+                   f'{pct(b["no_overlap_mfu"])}, {sec(b["no_overlap_step_s"])} | '
+                   f'{pct(b["ceiling_mfu"])}, {sec(b["ceiling_step_s"])} | {b["source"]} | '
+                   f'{rec["cpu_s"]:.0f} | {"" if rank is None else rank} |')
     elif rec['status'] == 'oom':
       used = (f'> HBM (compiler: used {rec["used_gib"]:.2f} of {rec["of_gib"]:.2f})'
               if 'used_gib' in rec else '> HBM (compiler refused)')
-      lines.append(head + f'{used} | **no** | | | {rec["cpu_s"]:.0f} | |')
+      lines.append(head + f'{used} | **no** | | | | {rec["cpu_s"]:.0f} | |')
     else:
-      lines.append(head + f'error (rc {rec["returncode"]}, see {rec["log"]}) | | | | '
+      lines.append(head + f'error (rc {rec["returncode"]}, see {rec["log"]}) | | | | | '
                    f'{rec["cpu_s"]:.0f} | |')
   return '\n'.join(lines)
 
@@ -351,16 +397,21 @@ def main(argv=None):
       with open(args.results, 'a') as f:
         f.write(json.dumps(rec, sort_keys=True) + '\n')
       done[rec['key']] = rec
-      fig = (f'{rec["per_device_gib"]:.3f} GiB, MODELLED MFU {100 * rec["modelled_mfu"]:.1f} %'
+      fig = (f'{rec["per_device_gib"]:.3f} GiB, no-overlap bound MFU '
+             f'{100 * rec["no_overlap_mfu"]:.1f} %, ceiling {100 * rec["ceiling_mfu"]:.1f} %'
              if rec['status'] == 'ok' else rec['status'])
       print(f'    -> {fig}; {rec["cpu_s"]:.0f} CPU s, {rec["wall_s"]:.0f} s wall', flush=True)
   print()
   print(table(every, done))
   print()
-  for (stage, topo), rec in sorted(best(done).items()):
-    print(f'best fitting row, stage {stage} on {topo}: {rec["key"]} '
-          f'({rec["per_device_gib"]:.3f} GiB, MODELLED MFU {100 * rec["modelled_mfu"]:.1f} %, '
-          f'{rec["started"][:10]})')
+  for (stage, topo), recs in sorted(ranked(done).items()):
+    rec = recs[0]
+    b = bounds(rec, 'program' if all(r.get('no_overlap_mfu') is not None for r in recs)
+               else 'hand')
+    print(f'top fitting row by the no-overlap bound, stage {stage} on {topo}: {rec["key"]} '
+          f'({rec["per_device_gib"]:.3f} GiB, no-overlap bound MFU '
+          f'{100 * b["no_overlap_mfu"]:.1f} %, ceiling {100 * b["ceiling_mfu"]:.1f} %, '
+          f'{b["source"]} terms, {rec["started"][:10]})')
 
 
 if __name__ == '__main__':

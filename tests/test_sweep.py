@@ -56,13 +56,7 @@ def _check_variant(mod, stage, name):
 
 
 def test_a_row_fits_by_its_own_chips_hbm():
-  # aot_7b.CHIPS read from its source (importing the benchmark would run it).
-  import ast
-  tree = ast.parse(open(os.path.join(ROOT, 'benchmarks', 'aot_7b.py')).read())
-  (chips,) = [eval(compile(ast.Expression(n.value), 'aot_7b.py', 'eval'),  # noqa: S307
-                   {'__builtins__': {}, 'dict': dict})
-              for n in tree.body if isinstance(n, ast.Assign)
-              and [getattr(t, 'id', None) for t in n.targets] == ['CHIPS']]
+  chips = _module('benchmarks/hlo_cost.py', 'hlo_cost').CHIPS     # aot_7b.py's chip figures
   assert sweep.HBM_GIB == {k: v['hbm_gib'] for k, v in chips.items()}
   r5e = _record(sweep.row(2, 32, 2, 1), status='ok', per_device_gib=15.0)
   assert sweep.fits(r5e) and not sweep.fits(dict(r5e, per_device_gib=15.01))
@@ -90,16 +84,51 @@ def _record(r, **kw):
   return rec
 
 
-def test_sweep_resumes_skips_done_rows_and_picks_the_best_fitting_row(tmp_path, monkeypatch,
-                                                                       capsys):
+def _program(rec_row, no_overlap, ceiling, gib, **kw):
+  """An 'ok' record as aot_7b.py writes it since the no-overlap bound."""
+  return _record(rec_row, status='ok', per_device_gib=gib, no_overlap_mfu=no_overlap,
+                 no_overlap_step_s=30 / no_overlap, ceiling_mfu=ceiling,
+                 ceiling_step_s=30 / ceiling, hand_ceiling_mfu=0.5, hand_no_overlap_mfu=0.4,
+                 **kw)
+
+
+def test_rows_are_ranked_by_the_no_overlap_bound_not_the_ceiling():
+  v5e = [r for r in sweep.ROWS if r['stage'] == 2 and r['topology'] == 'v5e:8x8']
+  hi_ceiling = _program(v5e[0], no_overlap=0.40, ceiling=0.95, gib=12.0)
+  hi_bound = _program(v5e[1], no_overlap=0.55, ceiling=0.75, gib=14.0)
+  too_big = _program(v5e[2], no_overlap=0.70, ceiling=0.99, gib=15.5)   # over 15 GiB
+  done = sweep.latest([hi_ceiling, hi_bound, too_big])
+  order = sweep.ranked(done)[(2, 'v5e:8x8')]
+  assert [r['key'] for r in order] == [hi_bound['key'], hi_ceiling['key']]
+  assert sweep.best(done)[(2, 'v5e:8x8')] is hi_bound
+  out = sweep.table(sweep.ROWS, done)
+  assert f'| 14.000 | yes | 55.0 %, 54.5 | 75.0 %, 40.0 | program | 450 | 1 |' in out
+  assert f'| 12.000 | yes | 40.0 %, 75.0 | 95.0 %, 31.6 | program | 450 | 2 |' in out
+  # A record from before the bound (2026-12-01) has only the hand-counted terms; a group with
+  # one is ranked on those for every row, never on a mix.
+  old = _record(v5e[3], status='ok', per_device_gib=10.0, modelled_mfu=0.75,
+                modelled_mfu_no_overlap=0.45, modelled_step_s=41.3,
+                modelled_step_s_no_overlap=70.0)
+  assert sweep.bounds(old) == dict(source='hand', no_overlap_mfu=0.45, no_overlap_step_s=70.0,
+                                   ceiling_mfu=0.75, ceiling_step_s=41.3)
+  with pytest.raises(ValueError, match='no compiled-program figures'):
+    sweep.bounds(old, 'program')
+  got = sweep.parse('DETAIL {"no_overlap_step_s": 57.1}\nRESULT compiler=tpu topology=v5e:8x8 '
+                    'per_device_gib=14.591 no_overlap_mfu=0.420 ceiling_mfu=0.956 '
+                    'step_tflops=391887.9\n')
+  assert (got['no_overlap_mfu'], got['ceiling_mfu'], got['detail']) == \
+      (0.42, 0.956, {'no_overlap_step_s': 57.1})
+  mixed = sweep.ranked(sweep.latest([hi_ceiling, hi_bound, old]))[(2, 'v5e:8x8')]
+  assert mixed[0] is old and {r['key'] for r in mixed[1:]} == {hi_ceiling['key'],
+                                                              hi_bound['key']}
+
+
+def test_sweep_resumes_skips_done_rows_and_ranks_the_fitting_rows(tmp_path, monkeypatch,
+                                                                 capsys):
   a, b, c = sweep.ROWS[:3]
   path = tmp_path / 'results.jsonl'
-  recs = [_record(a, status='ok', per_device_gib=12.0, modelled_mfu=0.80,
-                  modelled_mfu_no_overlap=0.5, modelled_step_s=40.0,
-                  modelled_step_s_no_overlap=60.0),
-          _record(b, status='ok', per_device_gib=15.5, modelled_mfu=0.90,    # does not fit
-                  modelled_mfu_no_overlap=0.6, modelled_step_s=35.0,
-                  modelled_step_s_no_overlap=50.0),
+  recs = [_program(a, no_overlap=0.5, ceiling=0.8, gib=12.0),
+          _program(b, no_overlap=0.6, ceiling=0.9, gib=15.5),                  # does not fit
           _record(c, status='oom', used_gib=17.2, of_gib=15.75)]
   path.write_text(''.join(json.dumps(x) + '\n' for x in recs) + '{"cut sho')
   calls = []
@@ -111,7 +140,7 @@ def test_sweep_resumes_skips_done_rows_and_picks_the_best_fitting_row(tmp_path, 
   out = capsys.readouterr().out
   best = sweep.best(sweep.latest(sweep.load(str(path))))
   assert best[(a['stage'], a['topology'])]['key'] == sweep.key(a)
-  assert '| 12.000 | yes | 80.0 % / 50.0 % | 40.0 / 60.0 | 450 | **best** |' in out
+  assert '| 12.000 | yes | 50.0 %, 60.0 | 80.0 %, 37.5 | program | 450 | 1 |' in out
   assert '| 15.500 | **no** |' in out
   assert 'used 17.20 of 15.75' in out
   assert out.count('| pending |') == len(sweep.ROWS) - 3
