@@ -9,8 +9,6 @@ overridden on the command line (`--config.model.stab.hidden=256`); unknown field
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from panda_jax import storage
 from panda_jax.models.distill import DistillConfig, default_layers
 from panda_jax.models.llama import LlamaConfig
 from panda_jax.models.panda import PandaConfig
@@ -274,10 +273,8 @@ def resolve(config) -> Run:
 
 def save_resolved(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config to `workdir/config.json` and returns the path."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  with open(path, 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+  path = storage.join(workdir, 'config.json')
+  storage.write_json(path, config.to_dict(), indent=2, sort_keys=True, default=str)
   return path
 
 

@@ -26,6 +26,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 
+from panda_jax import storage
 from panda_jax.data.pipeline import VIDEO_EXTENSIONS
 
 FRAME_CHOICES = (4, 8, 16, 32)
@@ -57,12 +58,12 @@ def resolve_tokenizer(checkpoint: str, tokenizer: str | None) -> str:
   tokenizer files, else a training workdir's `data.tokenizer`."""
   if tokenizer:
     return tokenizer
-  if any(os.path.isfile(os.path.join(checkpoint, f)) for f in ('tokenizer.json',
+  if any(storage.isfile(storage.join(checkpoint, f)) for f in ('tokenizer.json',
                                                                 'tokenizer.model')):
     return checkpoint
   try:
-    with open(os.path.join(checkpoint, 'config.json')) as f:
-      found = json.load(f).get('data', {}).get('tokenizer')
+    found = storage.read_json(storage.join(checkpoint, 'config.json')).get(
+        'data', {}).get('tokenizer')
   except (OSError, ValueError, AttributeError):
     found = None
   if found:

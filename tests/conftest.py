@@ -118,3 +118,76 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files stay whole
+
+
+# ------------------------------------------------------------------------------------------
+# A Cloud Storage server on loopback for the gs:// tests.
+
+# What the clients consult, set while a `gcs_bucket` fixture is up (and so inherited by the
+# subprocesses the tests start): gcsfs and google-cloud-storage follow STORAGE_EMULATOR_HOST,
+# TensorStore (Orbax's arrays) TENSORSTORE_GCS_HTTP_URL, google-cloud-cpp (ArrayRecord's
+# reader) CLOUD_STORAGE_EMULATOR_ENDPOINT. The metadata server is pointed at a closed loopback
+# port and gcsfs asks for no credentials (fsspec's FSSPEC_GCS_TOKEN) nor for the bucket's
+# layout over gRPC, so no request leaves 127.0.0.1.
+def _closed_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def gcs_bucket():
+  """A bucket on a `gcp-storage-emulator` server on 127.0.0.1 (in memory, this module's
+  only): yields 'gs://NAME', with the environment pointing every storage client at it."""
+  import shutil
+  import socket
+  import subprocess
+  import time
+  exe = shutil.which('gcp-storage-emulator', path=os.path.dirname(sys.executable)) or \
+      shutil.which('gcp-storage-emulator')
+  if exe is None:
+    raise RuntimeError('gcp-storage-emulator is not installed: pip install -r '
+                       'requirements-test.txt')
+  port, closed, name = _closed_port(), _closed_port(), 'panda-test'
+  url = f'http://127.0.0.1:{port}'
+  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+         'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,
+         'GCE_METADATA_ROOT': f'127.0.0.1:{closed}', 'GCE_METADATA_HOST': f'127.0.0.1:{closed}',
+         'GCE_METADATA_IP': f'127.0.0.1:{closed}', 'NO_GCE_CHECK': 'True',
+         'GOOGLE_CLOUD_PROJECT': 'test', 'FSSPEC_GCS_TOKEN': 'anon',
+         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  server = subprocess.Popen([exe, 'start', '--host=127.0.0.1', f'--port={port}', '--in-memory',
+                             f'--default-bucket={name}', '--quiet'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while True:
+    try:
+      socket.create_connection(('127.0.0.1', port), timeout=1).close()
+      break
+    except OSError:
+      if server.poll() is not None or time.time() > deadline:
+        server.kill()
+        raise RuntimeError(f'the storage emulator did not start: {server.stderr.read()}')
+      time.sleep(0.1)
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  # fsspec read its FSSPEC_* variables when it was imported: this process gets the setting
+  # directly (the subprocesses through the environment).
+  import fsspec.config
+  saved_conf = dict(fsspec.config.conf.get('gcs', {}))
+  fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'
+  try:
+    yield f'gs://{name}'
+  finally:
+    fsspec.config.conf['gcs'] = saved_conf
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    server.terminate()
+    try:
+      server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      server.kill()

@@ -7,16 +7,13 @@ DIR holds `config.json` and safetensors (single, or sharded with an index) or Py
 shards (read with a restricted unpickler, as `torch.load(weights_only=True)` would; anything
 else is refused). Tensors stream shard by shard into preallocated arrays, so a 7B checkpoint
 converts within the host's memory. The output directory gets the Orbax checkpoint under
-`variables/` and our model config as `panda_config.json`; `load_converted` reads both back,
+`variables/` and our model config as `panda_config.json` (DST may be `gs://...`); `load_converted` reads both back,
 optionally straight into sharded device arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import pathlib
 import time
 from typing import Any
 
@@ -26,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
+from panda_jax import storage
 from panda_jax.convert import hf_io
 from panda_jax.convert.llama import config_from_hf, convert_llama
 from panda_jax.convert.panda import convert_panda, panda_config_from_hf
@@ -100,8 +98,8 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
   if llm_dtype not in DTYPES:
     raise ValueError(f'llm_dtype={llm_dtype!r}; expected one of {sorted(DTYPES)}')
   hf = hf_io.read_config(src)
-  dst = pathlib.Path(dst).absolute()
-  if (dst / 'variables').exists():
+  dst = storage.path(dst)
+  if storage.exists(dst / 'variables'):
     raise FileExistsError(f'{dst / "variables"} already exists; choose an empty --dst')
   if model == 'llama':
     cfg = config_from_hf(hf)
@@ -112,21 +110,19 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
     variables = convert_panda(_progress(src), cfg, llm_dtype=DTYPES[llm_dtype])
   else:
     raise ValueError(f'model={model!r}; expected llama or video_panda')
-  os.makedirs(dst, exist_ok=True)
+  storage.makedirs(dst)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(dst / 'variables', variables)
   ckptr.wait_until_finished()
-  with open(dst / CONFIG_FILE, 'w') as f:
-    json.dump(config_to_json(model, cfg), f, indent=2)
+  storage.write_json(dst / CONFIG_FILE, config_to_json(model, cfg), indent=2)
   return cfg
 
 
 def load_converted(dst, shardings=None):
   """-> (model name, config, variables). With `shardings` (a tree matching the variables),
   each array is restored directly into its sharded layout."""
-  dst = pathlib.Path(dst).absolute()
-  with open(dst / CONFIG_FILE) as f:
-    model, cfg = config_from_json(json.load(f))
+  dst = storage.path(dst)
+  model, cfg = config_from_json(storage.read_json(dst / CONFIG_FILE))
   ckptr = ocp.StandardCheckpointer()
   if shardings is None:
     variables = ckptr.restore(dst / 'variables')

@@ -86,6 +86,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from panda_jax import storage
 from panda_jax.data import pipeline
 from panda_jax.data.video import VideoDecodeError, decode_frames
 from panda_jax.models.stab import StabConfig
@@ -506,14 +507,20 @@ def build(manual_dir: str, data_dir: str, data_set: str, frames: int = 8,
 
 def dataset_dir(data_dir: str, config: str) -> str:
   """The directory of the newest packed version of `config` under `data_dir`."""
-  root = os.path.join(data_dir, NAME, config)
-  versions = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else [])
-                     if os.path.exists(os.path.join(root, d, 'dataset_info.json'))),
+  root = storage.join(data_dir, NAME, config)
+  versions = sorted((d for d in (storage.listdir(root) if storage.isdir(root) else [])
+                     if _is_version(d) and storage.exists(storage.join(root, d,
+                                                                        'dataset_info.json'))),
                     key=lambda v: tuple(int(x) for x in v.split('.')))
   if not versions:
     raise PackingError(f'no packed data set {config!r} under {data_dir} (looked in {root}); '
                        'build it with python -m panda_jax.data.packing')
-  return os.path.join(root, versions[-1])
+  return storage.join(root, versions[-1])
+
+
+def _is_version(name: str) -> bool:
+  """Whether a directory name is a data set version (1.0.0), not tfds' scratch folders."""
+  return all(x.isdigit() for x in name.split('.'))
 
 
 def open_packed(data_dir: str, config: str, split: str | None = None):

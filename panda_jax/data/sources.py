@@ -7,16 +7,18 @@ import json
 import logging
 import os
 
+from panda_jax import storage
 from panda_jax.data import text
 
 
 def synthetic_data(config, workdir: str) -> tuple[str, str, str]:
-  """Generates (once) the synthetic videos, annotations and a tokenizer under the workdir.
+  """Generates (once) the synthetic videos, annotations and a tokenizer under the workdir
+  (`storage.scratch_dir`: on this host when the workdir is a URI).
 
   Returns (annotation file, video root, tokenizer directory).
   """
   from panda_jax.data import synthetic
-  root = os.path.join(workdir, 'cache', 'synthetic')
+  root = storage.scratch_dir(workdir, 'synthetic')
   done = os.path.join(root, 'DONE')
   if not os.path.exists(done):
     logging.info('generating %d synthetic videos under %s', config.data.synthetic_videos, root)

@@ -20,11 +20,13 @@ only (no JAX, no TensorFlow), so Grain workers load features cheaply.
 
 from __future__ import annotations
 
-import json
+import io
 import os
 from typing import Any, Mapping
 
 import numpy as np
+
+from panda_jax import storage
 
 MANIFEST = 'features.json'
 FAILURES = 'failures.json'
@@ -45,24 +47,19 @@ def feature_path(root: str, video: str) -> str:
 
 
 def write_manifest(root: str, manifest: Mapping[str, Any]) -> None:
-  os.makedirs(root, exist_ok=True)
   # Several processes may write it at once (the last two to finish a shared extraction): each
-  # through its own temporary file.
-  tmp = os.path.join(root, f'{MANIFEST}.tmp{os.getpid()}')
-  with open(tmp, 'w') as f:
-    json.dump(dict(manifest), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(root, MANIFEST))
+  # write is atomic (storage.write_json).
+  storage.write_json(storage.join(root, MANIFEST), dict(manifest), indent=2, sort_keys=True)
 
 
 def read_manifest(root: str) -> dict:
-  path = os.path.join(root, MANIFEST)
+  path = storage.join(root, MANIFEST)
   try:
-    with open(path) as f:
-      return json.load(f)
+    return storage.read_json(path)
   except FileNotFoundError:
     raise FeatureError(f'{root} holds no teacher features ({MANIFEST} is missing); write them '
                        'with python -m panda_jax.teacher.extract') from None
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, ValueError) as e:
     raise FeatureError(f'{path}: unreadable manifest: {e}') from None
 
 
@@ -88,11 +85,9 @@ def save(path: str, features: np.ndarray, dtype: str = 'float32') -> None:
   """Writes one video's features atomically (temporary file + rename)."""
   if dtype not in DTYPES:
     raise FeatureError(f'feature dtype {dtype!r}; expected one of {DTYPES}')
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  tmp = path + f'.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    np.save(f, np.asarray(features, dtype))
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(features, dtype))
+  storage.write_bytes(path, buf.getvalue())
 
 
 def load(source, shape: tuple[int, ...], where: str = '') -> np.ndarray:
@@ -100,6 +95,8 @@ def load(source, shape: tuple[int, ...], where: str = '') -> np.ndarray:
   errors); FeatureError if missing, unreadable or misshaped."""
   where = where or str(source)
   try:
+    if isinstance(source, str) and storage.is_remote(source):
+      source = io.BytesIO(storage.read_bytes(source))
     a = np.load(source, allow_pickle=False)
   except FileNotFoundError:
     raise FeatureError(f'{where}: no cached teacher features for this video') from None

@@ -41,6 +41,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from panda_jax import storage
+
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200
 IMAGE_PLACEHOLDER = '<image>'
@@ -86,7 +88,8 @@ def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
                    use_fast: bool | None = None, legacy: bool | None = True) -> Any:
   """The Llama tokenizer from a local directory, set up the way Video-Panda uses it.
 
-  The directory holds `tokenizer.json` and/or the SentencePiece `tokenizer.model` (with
+  The directory (local or `gs://`; a remote one is copied to the local cache first,
+  `storage.local_copy`) holds `tokenizer.json` and/or the SentencePiece `tokenizer.model` (with
   `tokenizer_config.json`), as a Hugging Face checkpoint does; nothing is downloaded. Settings
   (reference train.py `train()`): BOS added, no EOS added, right padding, pad token = unk token
   (id 0; set unconditionally, as the reference does for the v1 template), `model_max_length`.
@@ -108,19 +111,20 @@ def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
     FileNotFoundError / ValueError naming `path` if it cannot be loaded or does not add BOS.
   """
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path!r} does not exist')
-  has_json = os.path.isfile(os.path.join(path, 'tokenizer.json'))
-  has_spm = os.path.isfile(os.path.join(path, 'tokenizer.model'))
+  has_json = storage.isfile(storage.join(path, 'tokenizer.json'))
+  has_spm = storage.isfile(storage.join(path, 'tokenizer.model'))
   if not has_json and not has_spm:
     raise FileNotFoundError(f'{path!r} holds neither tokenizer.json nor tokenizer.model')
+  shown, path = path, storage.local_copy(path)    # transformers reads local files only
   try:
     import sentencepiece  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     has_sentencepiece = True
   except ImportError:
     has_sentencepiece = False
   if has_spm and not has_json and not has_sentencepiece:
-    raise ValueError(f'{path!r} holds only tokenizer.model, which needs the sentencepiece '
+    raise ValueError(f'{shown!r} holds only tokenizer.model, which needs the sentencepiece '
                      'package (pip install sentencepiece), or add a tokenizer.json')
   if use_fast is None:
     use_fast = not (has_spm and has_sentencepiece)
@@ -134,14 +138,14 @@ def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
     tok = transformers.AutoTokenizer.from_pretrained(path, use_fast=use_fast,
                                                      local_files_only=True, **kwargs)
   except Exception as e:  # transformers raises many kinds; say which directory failed
-    raise ValueError(f'cannot load a tokenizer from {path!r}: {type(e).__name__}: {e}') from e
+    raise ValueError(f'cannot load a tokenizer from {shown!r}: {type(e).__name__}: {e}') from e
   if tok.unk_token is not None:
     tok.pad_token = tok.unk_token
   elif tok.pad_token is None:
-    raise ValueError(f'tokenizer at {path!r} has neither an unk nor a pad token to pad with')
+    raise ValueError(f'tokenizer at {shown!r} has neither an unk nor a pad token to pad with')
   tok.model_max_length = model_max_length
   tok.padding_side = 'right'
-  check_tokenizer(tok, where=path)
+  check_tokenizer(tok, where=shown)
   return tok
 
 

@@ -56,6 +56,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from panda_jax import storage
+
 # ---------------------------------------------------------------------------------------------
 # Judge-free metrics.
 
@@ -165,8 +167,7 @@ def _json_rows(path: str) -> list[tuple[str, Any]]:
   """(where, value) for each prediction of a JSON-lines file, or of a JSON list (what the
   reference's benchmark generation scripts write). In a JSON-lines file a torn last line (a
   killed writer) is skipped with a warning; any other malformed line is an error naming it."""
-  with open(path) as f:
-    content = f.read()
+  content = storage.read_text(path)
   if content.lstrip().startswith('['):
     try:
       data = json.loads(content)
@@ -553,23 +554,21 @@ def load_verdicts(path: str) -> dict:
   """{(id, model, prompt_version): entry} from a verdicts file; later lines win. Unreadable lines
   (a torn last line from a kill) are skipped, and the file is rewritten without them so that
   appends start on a fresh line."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return {}
   cache, keep, bad = {}, [], 0
-  with open(path) as f:
-    for line in f:
-      try:
-        e = json.loads(line)
-        key = (e['id'], e['model'], e['prompt_version'])
-      except (json.JSONDecodeError, KeyError, TypeError):
-        bad += 1
-        continue
-      cache[key] = e
-      keep.append(line if line.endswith('\n') else line + '\n')
+  for line in storage.read_text(path).splitlines(keepends=True):
+    try:
+      e = json.loads(line)
+      key = (e['id'], e['model'], e['prompt_version'])
+    except (json.JSONDecodeError, KeyError, TypeError):
+      bad += 1
+      continue
+    cache[key] = e
+    keep.append(line if line.endswith('\n') else line + '\n')
   if bad:
     logging.warning('%s: dropped %d unreadable line(s)', path, bad)
-    with open(path, 'w') as f:
-      f.writelines(keep)
+    storage.write_text(path, ''.join(keep))
   return cache
 
 
@@ -661,9 +660,8 @@ def judge_records(judge: Judge, records: Sequence[Mapping], cache_path: str, wor
   logging.info('%d verdict(s) cached in %s, %d to ask', len(found), cache_path, len(todo))
   if not todo:
     return found
-  os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
   bar = tqdm(total=len(todo), desc='judging', unit='q', disable=not progress, file=sys.stderr)
-  with open(cache_path, 'a') as f, cf.ThreadPoolExecutor(workers) as pool:
+  with storage.LineLog(cache_path) as f, cf.ThreadPoolExecutor(workers) as pool:
     futures = {pool.submit(judge.ask, r): r for r in todo}
     try:
       for fut in cf.as_completed(futures):
@@ -671,8 +669,7 @@ def judge_records(judge: Judge, records: Sequence[Mapping], cache_path: str, wor
         raw = fut.result()
         e = {'id': r['id'], 'model': judge.model, 'prompt_version': protocol.version,
              'digest': _digest(r, protocol.fields), 'verdict': protocol.parse(raw), 'raw': raw}
-        f.write(json.dumps(e, ensure_ascii=False) + '\n')
-        f.flush()
+        f.append(json.dumps(e, ensure_ascii=False))
         found[r['id']] = e
         bar.update(1)
     except BaseException:
@@ -750,7 +747,7 @@ def run(predictions: str, out: str, judge: str = 'none', base_url: str | None = 
         predictions, 'consistency' if protocol == 'consistency' else 'generic')
   if not records:
     raise ValueError(f'{predictions}: no predictions')
-  result = {'predictions': os.path.abspath(predictions), 'protocol': protocol}
+  result = {'predictions': str(storage.path(predictions)), 'protocol': protocol}
   if protocol == 'qa':
     result.update(score_records(records))
     result['baseline'] = majority_baseline(records)
@@ -763,11 +760,7 @@ def run(predictions: str, out: str, judge: str = 'none', base_url: str | None = 
     verdicts = judge_records(j, records, verdicts_path(out), workers, retry_unparsed, progress)
     result['judge'] = (judge_summary(records, verdicts, j.model) if protocol == 'qa' else
                        benchmark_summary(records, verdicts, j.model, p))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, out)
+  storage.write_json(out, result, indent=1)
   return result
 
 

@@ -48,14 +48,15 @@ import contextlib
 import itertools
 import json
 import logging
+import io
 import os
-import pathlib
 import sys
 import time
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from panda_jax import storage
 from panda_jax.data import qa as qa_lib
 from panda_jax.data.video import VideoDecodeError, load_video
 
@@ -63,19 +64,18 @@ from panda_jax.data.video import VideoDecodeError, load_video
 def load_model(checkpoint: str):
   """-> (PandaConfig, variables) from a converted checkpoint or a training workdir."""
   from panda_jax.convert import checkpoint as conv
-  path = pathlib.Path(checkpoint)
-  if (path / conv.CONFIG_FILE).exists():
+  path = storage.path(checkpoint)
+  if storage.exists(path / conv.CONFIG_FILE):
     model, cfg, variables = conv.load_converted(path)
     if model != 'video_panda':
       raise ValueError(f'{checkpoint} holds a converted {model!r} model; VideoQA needs a whole '
                        'Video-Panda (convert with --model=video_panda)')
     return cfg, variables
-  if (path / 'config.json').exists() and (path / 'checkpoints').exists():
+  if storage.exists(path / 'config.json') and storage.exists(path / 'checkpoints'):
     import ml_collections
     from panda_jax import config as config_lib
     from panda_jax.train import checkpoint as ckpt
-    with open(path / 'config.json') as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(storage.read_json(path / 'config.json'))
     cfg = config_lib.panda_config(config.model)
     step, params, batch_stats = ckpt.restore_variables(path)
     logging.info('loaded %s at step %d', path, step)
@@ -94,11 +94,10 @@ def load_clip(path: str, stab, frames: int = 8, timeout_s: float = 60.0) -> dict
 
 def _done_ids(out: str) -> set:
   """Question ids already answered in `out` (a torn last line from a kill is dropped)."""
-  if not os.path.exists(out):
+  if not storage.exists(out):
     return set()
   rows = _read_ids(out)
-  with open(out, 'w') as f:       # rewrite without a partial line
-    f.writelines(rows.values())
+  storage.write_text(out, ''.join(rows.values()))    # rewrite without a partial line
   return set(rows)
 
 
@@ -143,22 +142,20 @@ def _decode_videos(groups: Sequence, load, workers: int):
 def _read_ids(path: str) -> dict:
   """{id: line} of the whole lines of a JSON-lines file (none if it is absent); read only."""
   rows = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        rows[row['id']] = line if line.endswith('\n') else line + '\n'
+  if storage.exists(path):
+    for line in storage.read_text(path).splitlines(keepends=True):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      rows[row['id']] = line if line.endswith('\n') else line + '\n'
   return rows
 
 
 def _write_atomic(path: str, write) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    write(f)
-  os.replace(tmp, path)
+  buf = io.StringIO()
+  write(buf)
+  storage.write_text(path, buf.getvalue())
 
 
 def _video_key(r: Mapping) -> str:
@@ -199,9 +196,7 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
     raise ValueError(f'process index {index} of {count} processes')
   stab = predictor.cfg.stab
   complete_path = out + '.complete.json'
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  if os.path.exists(complete_path):
-    os.remove(complete_path)
+  storage.remove(complete_path)
   all_records = records
   if count == 1:
     write_to, failures_path = out, out + '.failures.json'
@@ -212,8 +207,7 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
     write_to = f'{out}.part{index}-of-{count}'
     failures_path = f'{out}.failures.{index}-of-{count}.json'
     done_path = f'{out}.done.{index}-of-{count}.json'
-    if os.path.exists(done_path):        # this share is not done until it is marked again
-      os.remove(done_path)
+    storage.remove(done_path)           # this share is not done until it is marked again
     done = _done_ids(write_to) | set(_read_ids(out))
   todo = [r for r in records if r['question_id'] not in done]
   stats = {'questions': len(records), 'already': len(records) - len(todo), 'answered': 0,
@@ -251,14 +245,13 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
         preds[i] = pred
         if all(p is not None for p in preds):
           del partial[r['question_id']]
-          f_out.write(json.dumps(_row(r, preds)) + '\n')
+          f_out.append(json.dumps(_row(r, preds)))
           finished += 1
-      f_out.flush()
       stats['answered'] += finished
       bar.update(finished)
 
   decoded = contextlib.closing(_decode_videos(list(by_video.items()), load, workers))
-  with open(write_to, 'a') as f_out, decoded as videos:
+  with storage.LineLog(write_to) as f_out, decoded as videos:
     for (video, rs), clip, reason in videos:
       if reason is not None:
         logging.warning('%d question(s) skipped: %s', len(rs), reason)
@@ -272,8 +265,7 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
       flush(f_out)
     flush(f_out, final=True)
   bar.close()
-  with open(failures_path, 'w') as f:
-    json.dump(failures, f, indent=1)
+  storage.write_json(failures_path, failures, indent=1)
   dt = time.perf_counter() - t0
   logging.info('answered %d questions in %.1fs (%.2f/s); %d failed', stats['answered'], dt,
                stats['answered'] / max(dt, 1e-9), stats['failed'])
@@ -298,9 +290,8 @@ def _merge_shares(records: Sequence[Mapping], out: str, count: int) -> dict | No
   marks = []
   for i in range(count):
     try:
-      with open(f'{out}.done.{i}-of-{count}.json') as f:
-        marks.append(json.load(f))
-    except (FileNotFoundError, json.JSONDecodeError):
+      marks.append(storage.read_json(f'{out}.done.{i}-of-{count}.json'))
+    except (FileNotFoundError, ValueError):
       return None
   if any(m.get('of') != len(records) for m in marks) or \
       sum(m['questions'] for m in marks) != len(records):
@@ -310,8 +301,7 @@ def _merge_shares(records: Sequence[Mapping], out: str, count: int) -> dict | No
     rows.update(_read_ids(f'{out}.part{i}-of-{count}'))
   failures = []
   for i in range(count):
-    with open(f'{out}.failures.{i}-of-{count}.json') as f:
-      failures += json.load(f)
+    failures += storage.read_json(f'{out}.failures.{i}-of-{count}.json')
   failures = [x for x in failures if x['id'] not in rows]
   order = [r['question_id'] for r in records]
   _write_atomic(out, lambda f: f.writelines(rows[q] for q in order if q in rows))

@@ -22,7 +22,6 @@ features `complete` in the manifest.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -30,6 +29,7 @@ import time
 
 import numpy as np
 
+from panda_jax import storage
 from panda_jax.data import teacher_features as features_lib
 
 
@@ -93,7 +93,7 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   manifest = {'frames': frames, 'grid': tc.grid, 'hidden': tc.hidden, 'dtype': dtype,
               'teacher': config.model.teacher.to_dict(), 'teacher_init': config.init.teacher,
               'annotations': os.path.abspath(annotations), 'complete': False}
-  if os.path.exists(os.path.join(out, features_lib.MANIFEST)):
+  if storage.exists(storage.join(out, features_lib.MANIFEST)):
     old = features_lib.read_manifest(out)
     features_lib.check_manifest(old, frames, tc.grid, tc.hidden, out)
     if old.get('teacher') != manifest['teacher'] or \
@@ -101,16 +101,15 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
       raise features_lib.FeatureError(
           f'{out} holds features of another teacher ({old.get("teacher_init")!r}, '
           f'{old.get("teacher")}); use a new --out')
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out)
   if index == 0:
     features_lib.write_manifest(out, manifest)
   # This process's share is not done until its marker is written again at the end.
-  done_path = os.path.join(out, _done_name(index, count))
-  if os.path.exists(done_path):
-    os.remove(done_path)
+  done_path = storage.join(out, _done_name(index, count))
+  storage.remove(done_path)
 
   todo = [v for v in videos
-          if not os.path.exists(features_lib.feature_path(out, v))]
+          if not storage.exists(features_lib.feature_path(out, v))]
   stats = {'videos': len(videos), 'existing': len(videos) - len(todo), 'written': 0,
            'failed': 0}
   failures = []
@@ -170,18 +169,17 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
     logging.info('teacher features: %d written in %.1fs (%.2f videos/s), %d failed',
                  stats['written'], dt, stats['written'] / max(dt, 1e-9), stats['failed'])
   name = features_lib.FAILURES if count == 1 else f'{features_lib.FAILURES}.{index}'
-  with open(os.path.join(out, name), 'w') as f:
-    json.dump(failures, f, indent=1)
+  storage.write_json(storage.join(out, name), failures, indent=1)
   # Each process marks its share done; whichever finds every share done (the last to finish)
   # marks the features complete. A marker counts only for the same number of processes and the
   # same data set (its video count), so one left by another run of the tool does not.
-  _write_json(done_path, {'videos': len(videos), 'failed': len(failures), 'of': len(every)})
+  storage.write_json(done_path, {'videos': len(videos), 'failed': len(failures),
+                                 'of': len(every)})
   shares = []
   for i in range(count):
     try:
-      with open(os.path.join(out, _done_name(i, count))) as f:
-        shares.append(json.load(f))
-    except (FileNotFoundError, json.JSONDecodeError):
+      shares.append(storage.read_json(storage.join(out, _done_name(i, count))))
+    except (FileNotFoundError, ValueError):
       break
   complete = len(shares) == count and all(m.get('of') == len(every) for m in shares) and \
       sum(m['videos'] for m in shares) == len(every)
@@ -190,13 +188,6 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
                                           failed=sum(m['failed'] for m in shares)))
   stats['complete'] = complete
   return stats
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
 
 
 def main(argv):
@@ -215,7 +206,7 @@ def main(argv):
                   flags.FLAGS.dtype)
   print(f'teacher features in {out}: {stats["videos"]} videos, {stats["written"]} written, '
         f'{stats["existing"]} already there, {stats["failed"]} undecodable '
-        f'(listed in {os.path.join(out, features_lib.FAILURES)}); '
+        f'(listed in {storage.join(out, features_lib.FAILURES)}); '
         + ('complete' if stats['complete'] else 'other processes\' shares not done yet'))
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import re
 from typing import Any, Mapping
 
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from panda_jax import storage
 from panda_jax.tree import flatten, unflatten
 
 ITEMS = ('params', 'batch_stats', 'opt_state', 'meta', 'data')
@@ -95,8 +95,8 @@ def manager(workdir, save_every: int, keep: int, async_save: bool = True):
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=1, max_to_keep=keep, create=True,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints',
-                               options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(storage.path(workdir) / 'checkpoints', options=options,
+                               item_names=ITEMS)
 
 
 def save(mngr, step: int, state, data_state: Mapping | None, force: bool = False,
@@ -148,8 +148,8 @@ def restore(mngr, step: int, state, shardings):
 
 
 def latest_step(workdir) -> int | None:
-  path = pathlib.Path(workdir).absolute() / 'checkpoints'
-  if not path.exists():
+  path = storage.path(workdir) / 'checkpoints'
+  if not storage.exists(path):
     return None
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
                                item_names=ITEMS).latest_step()
@@ -159,10 +159,10 @@ def restore_variables(workdir) -> tuple[int, Any, Any]:
   """(step, params, batch_stats) of a run's newest checkpoint, as saved (host arrays)."""
   step = latest_step(workdir)
   if step is None:
-    raise FileNotFoundError(f'no checkpoint under {pathlib.Path(workdir) / "checkpoints"}')
-  path = pathlib.Path(workdir).absolute() / 'checkpoints' / str(step)
+    raise FileNotFoundError(f'no checkpoint under {storage.join(workdir, "checkpoints")}')
+  path = storage.path(workdir) / 'checkpoints' / str(step)
   # No item for a model without BatchNorm statistics (see `save`).
-  stats = _host_tree(path / 'batch_stats') if (path / 'batch_stats').exists() else {}
+  stats = _host_tree(path / 'batch_stats') if storage.exists(path / 'batch_stats') else {}
   return step, _host_tree(path / 'params'), stats
 
 

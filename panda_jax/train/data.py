@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 
 from panda_jax import config as config_lib
+from panda_jax import storage
 from panda_jax.data import pipeline
 from panda_jax.data import teacher_features as features
 from panda_jax.data.sources import data_paths
@@ -32,8 +32,8 @@ def teacher_features_dir(config, run: config_lib.Run, workdir: str) -> str:
   if config.data.annotations or config.data.synthetic_videos <= 0:
     raise ValueError('train.teacher=cached needs data.teacher_features (a directory written '
                      'by python -m panda_jax.teacher.extract)')
-  path = os.path.join(workdir, 'cache', 'teacher_features')
-  done = os.path.exists(os.path.join(path, features.MANIFEST)) and \
+  path = storage.scratch_dir(workdir, 'teacher_features')
+  done = storage.exists(storage.join(path, features.MANIFEST)) and \
       features.read_manifest(path).get('complete')
   if not done:
     from panda_jax.teacher import extract

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from panda_jax import config as config_lib
 from panda_jax import sharding
+from panda_jax import storage
 from panda_jax.models.panda import VideoPanda
 from panda_jax.train import checkpoint as ckpt
 from panda_jax.train import metrics as metrics_lib
@@ -97,18 +98,15 @@ def write_summary(workdir: str, step: int, last: Mapping, state, mesh, batch_siz
   `param_norm` (the global L2 norm of all parameters, computed on the devices from the
   sharded state), `samples_seen` (global: step x train.batch_size), `samples_skipped`
   ({reason: count} summed over all processes) and `skipped_total`. Returns the summary."""
-  import json
-  import os
   norm = jax.jit(_global_norm, out_shardings=NamedSharding(mesh, PartitionSpec()))(
       state.params)
   skipped = skipped_by_reason(iterator)
-  path = os.path.join(workdir, 'summary.json')
+  path = storage.join(workdir, 'summary.json')
   metrics = {k: last.get(k) for k in ('loss', 'ce', 'distill')}
-  if last.get('step') != step and os.path.exists(path):
+  if last.get('step') != step and storage.exists(path):
     try:
-      with open(path) as f:
-        previous = json.load(f)
-    except (OSError, json.JSONDecodeError):
+      previous = storage.read_json(path)
+    except (OSError, ValueError):
       previous = {}
     if previous.get('step') == step:
       metrics = {k: previous.get(k) for k in metrics}
@@ -116,10 +114,7 @@ def write_summary(workdir: str, step: int, last: Mapping, state, mesh, batch_siz
                  samples_seen=int(step) * int(batch_size), samples_skipped=skipped,
                  skipped_total=sum(skipped.values()))
   if jax.process_index() == 0:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(summary, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    storage.write_json(path, summary, indent=1, sort_keys=True)
   return summary
 
 
@@ -275,7 +270,6 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   `run`: the config resolved by the caller (resolved here when not given).
   """
   import json
-  import os
 
   from tqdm import tqdm
 
@@ -333,7 +327,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   lead = jax.process_index() == 0
   bar = tqdm(total=total, initial=start, desc=desc, unit='step', dynamic_ncols=True,
              disable=not (progress and lead), file=sys.stderr)
-  metrics_log = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if lead else None
+  metrics_log = storage.LineLog(storage.join(workdir, 'metrics.jsonl')) if lead else None
   step = start
   try:
     with _Preemption() as pre, jax.set_mesh(mesh), \
@@ -377,8 +371,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
           bar.set_postfix(loss=f'{scalars["loss"]:.3f}', ce=f'{scalars["ce"]:.3f}',
                           refresh=False)
           if metrics_log is not None:
-            metrics_log.write(json.dumps(dict(scalars, step=step)) + '\n')
-            metrics_log.flush()
+            metrics_log.append(json.dumps(dict(scalars, step=step)))
           last = dict(scalars, step=step, first_loss=last.get('first_loss', scalars['loss']))
         if is_save:
           if not bool(_all_finite(state)):
