@@ -96,6 +96,9 @@ def parse_args():
   ap.add_argument('--state-only', action='store_true',
                   help='print the state each device holds (from the shardings) and a STATE json '
                        'line, without lowering or compiling anything')
+  ap.add_argument('--dump-hlo', type=str, default='', metavar='PATH',
+                  help='write the compiled program\'s HLO text to PATH (the last compile\'s), '
+                       'from which hlo_cost.program_cost reads the no-overlap bound\'s counts')
   ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                   help='config override, e.g. model.llm.loss_chunk=512 (repeatable)')
   return ap.parse_args()
@@ -426,6 +429,9 @@ def compile_once(layers: int | None) -> dict:
     t_compile, compiled = timed(lowered.compile)
   # Pallas kernels (splash attention) compiled for a TPU appear as Mosaic custom calls.
   hlo = compiled.as_text()
+  if ARGS.dump_hlo:
+    with open(ARGS.dump_hlo, 'w') as f:
+      f.write(hlo)
   kernels = hlo.count('custom_call_target="tpu_custom_call"')
   t_cost, cost = timed(lambda: program_cost(hlo, len(DEVICES)))
   return dict(config=config, mesh=mesh, info=info, mem=compiled_memory(compiled), kernels=kernels,

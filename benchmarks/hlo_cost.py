@@ -5,8 +5,8 @@ and the no-overlap step-time bound built from them.
 XLA's own `compiled.cost_analysis()` counts a while loop's body once, whatever its trip count,
 so for a train step (an accumulation scan around the layer scans) it misses nearly everything.
 Here every computation gets a multiplier (ENTRY 1; a while body its caller's times the loop's
-trip count, read from `known_trip_count` or from the one integer constant of its condition, as
-`lax.scan` writes it) and every count is scaled by it.
+trip count, read from `known_trip_count` or from its condition, start and step, as `lax.scan`
+writes them) and every count is scaled by it.
 
 Counted, per device:
   flops: 2 x output elements x contracted elements of every dot and convolution (inside fusions
@@ -20,12 +20,14 @@ Counted, per device:
     it as an all-reduce inside an `all-reduce-scatter` fusion), all-reduce 2 (n - 1) / n x
     operand, all-to-all (n - 1) / n x operand, collective-permute the operand.
 
-Pure Python (no jax), so tests and benchmarks/sweep_tpu.py use it without compiling anything.
+Python and numpy (no jax), so tests and benchmarks/sweep_tpu.py use it without compiling anything.
 """
 
 from __future__ import annotations
 
 import re
+
+import numpy as np
 
 DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
                'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
@@ -124,16 +126,57 @@ def parse(hlo: str) -> tuple[dict, str]:
   return comps, entry
 
 
-def trip_count(instr: dict, comps: dict) -> int | None:
-  """A while loop's trip count: XLA's `known_trip_count`, else the one integer constant of its
-  condition (`i < N`, the form of lax.scan and fori_loop from 0); None when neither says."""
+def trip_count(instr: dict, comps: dict, caller: str | None = None) -> int | None:
+  """A while loop's trip count: XLA's `known_trip_count`, else read from its condition
+  (`i < N` on tuple element k, with N a constant) and, in `caller`, the constant element k
+  starts from, and in its body the constant it is stepped by (the TPU compiler peels
+  iterations off some loops, which then start at 1). None when they cannot be read."""
   m = _TRIP.search(instr['attrs'])
   if m:
     return int(m.group(1))
   cond = re.search(r'condition=%([\w.\-]+)', instr['attrs']).group(1)
-  consts = {int(i['args']) for i in comps.get(cond, [])
-            if i['op'] == 'constant' and re.fullmatch(r'[su](32|64)\[\]\S*', i['shape'])}
-  return consts.pop() if len(consts) == 1 else None
+  body = re.search(r'body=%([\w.\-]+)', instr['attrs']).group(1)
+  by_name = {i['name']: i for c in (cond, body, caller) if c for i in comps.get(c, [])}
+
+  def const(name):                       # a scalar integer constant, through copies
+    i = by_name.get(name)
+    while i is not None and i['op'] in ('copy', 'bitcast', 'convert') and i['operands']:
+      i = by_name.get(i['operands'][0])
+    if i is not None and i['op'] == 'constant' and re.fullmatch(r'[su](32|64)\[\]\S*',
+                                                                 i['shape']):
+      return int(i['args'])
+    return None
+
+  def element(name):                     # k when `name` is get-tuple-element(param), index=k
+    i = by_name.get(name)
+    m = i and i['op'] == 'get-tuple-element' and re.search(r'index=(\d+)', i['attrs'])
+    return int(m.group(1)) if m else None
+
+  root = next((i for i in comps.get(cond, []) if i['root']), None)
+  if root is None or root['op'] != 'compare' or len(root['operands']) != 2:
+    return None
+  a, b = root['operands']
+  direction = re.search(r'direction=(\w+)', root['attrs']).group(1)
+  if const(a) is not None and element(b) is not None:
+    a, b = b, a
+    direction = {'GT': 'LT', 'GE': 'LE', 'LT': 'GT', 'LE': 'GE'}.get(direction, direction)
+  k, limit = element(a), const(b)
+  if k is None or limit is None or direction not in ('LT', 'LE'):
+    return None
+  start = 0
+  init = by_name.get(instr['operands'][0]) if instr['operands'] else None
+  if init is not None and init['op'] == 'tuple' and k < len(init['operands']):
+    start = const(init['operands'][k])
+    if start is None:
+      return None
+  step = 1
+  broot = next((i for i in comps.get(body, []) if i['root']), None)
+  if broot is not None and broot['op'] == 'tuple' and k < len(broot['operands']):
+    inc = by_name.get(broot['operands'][k])
+    if inc is not None and inc['op'] == 'add':
+      step = next((c for c in map(const, inc['operands']) if c), 1)
+  span = limit - start + (direction == 'LE')
+  return max(0, -(-span // step))
 
 
 def multipliers(comps: dict, entry: str) -> tuple[dict, set, list]:
@@ -159,7 +202,7 @@ def multipliers(comps: dict, entry: str) -> tuple[dict, set, list]:
     for i in comps.get(c, []):
       factor = 1.0
       if i['op'] == 'while':
-        n = trip_count(i, comps)
+        n = trip_count(i, comps, c)
         loops.append((i['name'], n))
         factor = float(n) if n is not None else 1.0
       for kind, callee in _CALLED.findall(i['attrs']):
@@ -244,12 +287,9 @@ def _matmul_flops(i: dict, shapes: dict) -> float:
     lhs_dil, rhs_dil = field('lhs_dilate', 1), field('rhs_dilate', 1)
     pad = int(fields['pad'].split('x')[n].split('_')[0]) if 'pad' in fields else 0
     span = (lhs[ll.index(d)] - 1) * lhs_dil + 1
-    pairs = 0
-    for o in range(outd[ol.index(d)]):
-      for k in range(size):
-        pos = o * stride + k * rhs_dil - pad
-        pairs += 0 <= pos < span and pos % lhs_dil == 0
-    flops *= pairs
+    pos = (np.arange(outd[ol.index(d)])[:, None] * stride + np.arange(size)[None, :] * rhs_dil
+           - pad)
+    flops *= int(np.count_nonzero((pos >= 0) & (pos < span) & (pos % lhs_dil == 0)))
   return flops
 
 

@@ -201,12 +201,15 @@ def git_commit() -> str:
     return ''
 
 
-def run_row(r, log_dir: str, timeout: float) -> dict:
-  """Compiles one row in a subprocess; its record (status 'ok', 'oom' or 'error')."""
+def run_row(r, log_dir: str, timeout: float, dump_hlo: bool = False) -> dict:
+  """Compiles one row in a subprocess; its record (status 'ok', 'oom' or 'error'). dump_hlo:
+  keep the compiled program's HLO text beside the row's log."""
   cmd = command(r)
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   os.makedirs(log_dir, exist_ok=True)
   log = os.path.join(log_dir, re.sub(r'[^A-Za-z0-9_.=-]+', '_', key(r)) + '.log')
+  if dump_hlo:
+    cmd += ['--dump-hlo', log[:-len('.log')] + '.hlo']
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.time()
   started = datetime.datetime.now().isoformat(timespec='seconds')
@@ -346,9 +349,14 @@ def table(rows: list[dict], done: dict[str, dict]) -> str:
       lines.append(head + 'pending | | | | | | |')
     elif rec['status'] == 'ok':
       rank, b = order.get(id(rec), (None, bounds(rec)))
+      terms = b['source']
+      if terms == 'hand' and rec.get('no_overlap_mfu') is not None:   # ranked among hand rows
+        p = bounds(rec, 'program')
+        terms += (f' (program: {pct(p["no_overlap_mfu"])}, {sec(p["no_overlap_step_s"])} / '
+                  f'{pct(p["ceiling_mfu"])}, {sec(p["ceiling_step_s"])})')
       lines.append(head + f'{rec["per_device_gib"]:.3f} | {"yes" if fits(rec) else "**no**"} | '
                    f'{pct(b["no_overlap_mfu"])}, {sec(b["no_overlap_step_s"])} | '
-                   f'{pct(b["ceiling_mfu"])}, {sec(b["ceiling_step_s"])} | {b["source"]} | '
+                   f'{pct(b["ceiling_mfu"])}, {sec(b["ceiling_step_s"])} | {terms} | '
                    f'{rec["cpu_s"]:.0f} | {"" if rank is None else rank} |')
     elif rec['status'] == 'oom':
       used = (f'> HBM (compiler: used {rec["used_gib"]:.2f} of {rec["of_gib"]:.2f})'
@@ -370,6 +378,8 @@ def main(argv=None):
                   help="rerun rows recorded with status 'error' (never 'ok' or 'oom')")
   ap.add_argument('--tiny', action='store_true',
                   help='the tiny rows (a smoke test of the sweep on a 2x2 v5e slice)')
+  ap.add_argument('--dump-hlo', action='store_true',
+                  help="keep each row's compiled HLO text beside its log (tens of MB a row)")
   ap.add_argument('--timeout', type=float, default=6 * 3600,
                   help='seconds per row before it is recorded as an error')
   args = ap.parse_args(argv)
@@ -392,7 +402,7 @@ def main(argv=None):
       print(f'[{i + 1}/{len(rows)}] {key(r)} (accum {accum_steps(r)}): compiling ... '
             f'{datetime.datetime.now().isoformat(timespec="seconds")}', flush=True)
       rec = run_row(r, os.path.join(os.path.dirname(os.path.abspath(args.results)), 'logs'),
-                    args.timeout)
+                    args.timeout, args.dump_hlo)
       os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
       with open(args.results, 'a') as f:
         f.write(json.dumps(rec, sort_keys=True) + '\n')

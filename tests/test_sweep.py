@@ -121,6 +121,9 @@ def test_rows_are_ranked_by_the_no_overlap_bound_not_the_ceiling():
   mixed = sweep.ranked(sweep.latest([hi_ceiling, hi_bound, old]))[(2, 'v5e:8x8')]
   assert mixed[0] is old and {r['key'] for r in mixed[1:]} == {hi_ceiling['key'],
                                                               hi_bound['key']}
+  out = sweep.table(sweep.ROWS, sweep.latest([hi_ceiling, hi_bound, old]))
+  assert '| 12.000 | yes | 40.0 %, - | 50.0 %, - | hand (program: 40.0 %, 75.0 / 95.0 %, 31.6) |' \
+      in out
 
 
 def test_sweep_resumes_skips_done_rows_and_ranks_the_fitting_rows(tmp_path, monkeypatch,
