@@ -140,3 +140,85 @@ def test_command_line_converts_and_refuses_to_overwrite(tmp_path, case):
   assert variables['params']['visual']['stab']['balance'].dtype == jnp.float32
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and 'already exists' in r.stderr
+
+
+def test_restore_matching_reads_only_the_taken_shards(tmp_path, monkeypatch):
+  """Matching variables restore straight into our shardings and dtypes: decided from the saved
+  shapes, read through Orbax's sharded array handler (never as whole host arrays), the rest of
+  the item not read at all; skip, require and the report as `merge_matching`'s."""
+  import orbax.checkpoint as ocp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from panda_jax.train import checkpoint as ckpt
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('fsdp', 'tensor'))
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
+  saved = {'params': {'llm': {'embed': f32(16, 8), 'head': f32(8, 6), 'norm': f32(8)},
+                      'visual': {'w': f32(4, 4)}},
+           'batch_stats': {'stab': {'mean': f32(4)}}}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / 'variables', saved)
+  ckptr.wait_until_finished()
+
+  def ours(shape, spec, dtype=jnp.float32):
+    return jax.device_put(jnp.zeros(shape, dtype), NamedSharding(mesh, spec))
+  params = {'llm': {'embed': ours((16, 8), P('fsdp', 'tensor'), jnp.bfloat16),
+                    'head': ours((8, 7), P()), 'norm': ours((8,), P())},
+            'visual': {'w': ours((4, 4), P('fsdp'))}, 'new': {'x': ours((2,), P())}}
+  stats = {'stab': {'mean': ours((4,), P('fsdp'))}}
+
+  calls = {'array': [], 'numpy': []}
+  for kind, cls in (('array', ocp.type_handlers.ArrayHandler),
+                    ('numpy', ocp.type_handlers.NumpyHandler)):
+    def spy(self, infos, args=None, _orig=cls.deserialize, _kind=kind):
+      calls[_kind].extend(zip([i.name for i in infos], args or [None] * len(infos)))
+      return _orig(self, infos, args)
+    monkeypatch.setattr(cls, 'deserialize', spy)
+
+  path = tmp_path / 'variables'
+  new, new_stats, report = ckpt.restore_matching(
+      params, stats, ckpt.SavedTree(path, 'params'), ckpt.SavedTree(path, 'batch_stats'),
+      require=['llm/embed'], skip=['norm'])
+  assert sorted(report['loaded']) == ['batch_stats/stab/mean', 'llm/embed', 'visual/w']
+  assert sorted(report['fresh']) == ['llm/head', 'llm/norm', 'new/x']
+  # (a) values, (b) our shardings and dtypes
+  for got, want, mine in ((new['llm']['embed'], saved['params']['llm']['embed'],
+                           params['llm']['embed']),
+                          (new['visual']['w'], saved['params']['visual']['w'],
+                           params['visual']['w']),
+                          (new_stats['stab']['mean'], saved['batch_stats']['stab']['mean'],
+                           stats['stab']['mean'])):
+    assert got.sharding == mine.sharding and got.dtype == mine.dtype
+    np.testing.assert_array_equal(np.asarray(got), want.astype(mine.dtype))
+  assert new['llm']['head'] is params['llm']['head'] and new['new']['x'] is params['new']['x']
+  # (d) read only the taken leaves, each as a sharded jax.Array of our sharding
+  assert not calls['numpy']
+  read = dict(calls['array'])
+  assert sorted(read) == ['batch_stats.stab.mean', 'params.llm.embed', 'params.visual.w']
+  assert read['params.llm.embed'].sharding == params['llm']['embed'].sharding
+  assert read['params.llm.embed'].global_shape == (16, 8)
+  # (c) a required variable not taken (skipped, or shaped otherwise) is an error naming it
+  for require, skip in ((['llm/norm'], ['norm']), (['head'], [])):
+    with pytest.raises(ValueError, match='required variables were not found.*llm/'):
+      ckpt.restore_matching(params, stats, ckpt.SavedTree(path, 'params'), None, require, skip)
+  # a plain decoder's tree maps under our `llm/`; the host-tree merge agrees
+  dec, _, rep = ckpt.restore_matching(
+      {'llm': params['llm']}, {}, ckpt.SavedTree(path, 'params/llm', 'llm/'), None)
+  assert sorted(rep['loaded']) == ['llm/embed', 'llm/norm']
+  host, _, rep2 = ckpt.merge_matching({'llm': params['llm']}, {}, saved['params'], {})
+  assert rep2 == rep
+  np.testing.assert_array_equal(np.asarray(host['llm']['norm']), np.asarray(dec['llm']['norm']))
+  # a converted plain llama (`variables` = {'params': decoder}) fills our `llm/`, sharded
+  from panda_jax import storage
+  from panda_jax.convert.checkpoint import CONFIG_FILE, config_to_json
+  from panda_jax.models.llama import LlamaConfig
+  conv = tmp_path / 'conv'
+  ckptr.save(conv / 'variables', {'params': saved['params']['llm']})
+  ckptr.wait_until_finished()
+  storage.write_json(conv / CONFIG_FILE, config_to_json('llama', LlamaConfig(hidden=8)))
+  calls['array'].clear()
+  got, _, rep = ckpt.load_converted_params(conv, params, {}, require=['llm/embed'])
+  assert sorted(rep['loaded']) == ['llm/embed', 'llm/norm'] and not calls['numpy']
+  assert sorted(dict(calls['array'])) == ['params.embed', 'params.norm']
+  assert got['llm']['embed'].sharding == params['llm']['embed'].sharding
+  np.testing.assert_array_equal(np.asarray(got['llm']['embed'], np.float32),
+                                saved['params']['llm']['embed'].astype(jnp.bfloat16))

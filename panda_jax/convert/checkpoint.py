@@ -118,11 +118,19 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
   return cfg
 
 
+def read_converted_config(dst):
+  """-> (model name, config) of converted checkpoint `dst`, without reading its weights."""
+  return config_from_json(storage.read_json(storage.path(dst) / CONFIG_FILE))
+
+
 def load_converted(dst, shardings=None):
-  """-> (model name, config, variables). With `shardings` (a tree matching the variables),
-  each array is restored directly into its sharded layout."""
+  """-> (model name, config, variables). Without `shardings`, every array whole in host
+  memory (for another topology or a single-device evaluation); with `shardings` (a tree
+  matching the variables), each array restored directly into its sharded layout. To take
+  only the variables a model shares with the checkpoint, sharded, see
+  `panda_jax.train.checkpoint.load_converted_params`."""
   dst = storage.path(dst)
-  model, cfg = config_from_json(storage.read_json(dst / CONFIG_FILE))
+  model, cfg = read_converted_config(dst)
   ckptr = ocp.StandardCheckpointer()
   if shardings is None:
     variables = ckptr.restore(dst / 'variables')

@@ -14,6 +14,7 @@ stage's run (`load_params`), whatever optimizer that run used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -178,45 +179,156 @@ def _host_tree(path):
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
 
 
+def _saved_metadata(path) -> dict[str, Any]:
+  """{'a/b/c': metadata (shape, dtype; no data)} of a saved Orbax item."""
+  meta = ocp.PyTreeCheckpointer().metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  meta = getattr(meta, 'tree', meta)
+  return flatten(meta or {})
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedTree:
+  """A tree inside a saved Orbax item, read lazily: the item's directory, the '/'-joined path
+  of the tree inside it (`within`, '' for the whole item: a training checkpoint's `params`;
+  'params' in a converted `variables` item) and the prefix our paths put before its paths
+  (`under`: 'llm/' for a converted plain llama, whose decoder fills our `llm/`)."""
+  path: Any
+  within: str = ''
+  under: str = ''
+
+  def shapes(self) -> dict[str, tuple]:
+    """{our path (as `flatten` names our leaves): saved shape}, from the metadata alone."""
+    lead = self.within + '/' if self.within else ''
+    return {self.under + k[len(lead):]: tuple(m.shape)
+            for k, m in _saved_metadata(self.path).items()
+            if k.startswith(lead) and hasattr(m, 'shape')}
+
+  def saved_key(self, ours: str) -> str:
+    """The item's path of our leaf `ours` (one of `shapes()`'s keys)."""
+    lead = self.within + '/' if self.within else ''
+    return lead + ours[len(self.under):]
+
+
+def _plan(params, batch_stats, src_params: Mapping, src_stats: Mapping, require, skip,
+          what: str):
+  """Which of our variables to take from a source, given the source's shapes by path.
+
+  -> ({'params': [our paths], 'batch_stats': [...]}, report). A variable is taken when its path
+  exists in the source with the same shape and does not match a `skip` regex; a variable
+  matching a `require` regex that is not taken raises a ValueError naming them.
+  """
+  skip_re = [re.compile(p) for p in skip]
+  report = {'loaded': [], 'fresh': []}
+  taken = {'params': [], 'batch_stats': []}
+  for name, ours, src, prefix in (('params', params, src_params, ''),
+                                  ('batch_stats', batch_stats, src_stats, 'batch_stats/')):
+    for k, v in flatten(ours or {}).items():
+      path = prefix + k
+      shape = (src or {}).get(k)
+      if shape is not None and tuple(shape) == tuple(v.shape) and \
+          not any(r.search(path) for r in skip_re):
+        taken[name].append(k)
+        report['loaded'].append(path)
+      else:
+        report['fresh'].append(path)
+  missing = [p for p in report['fresh'] if any(re.search(r, p) for r in require)]
+  if missing:
+    raise ValueError(f'initialising from {what}: {len(missing)} required variables were not '
+                     f'found there with the same shape: {missing[:8]}')
+  return taken, report
+
+
+def _restore_sharded(saved: SavedTree, ours: Mapping[str, Any], keys) -> dict[str, Any]:
+  """{our path: jax.Array} of `keys`, restored from `saved` straight into the shardings and
+  dtypes of our leaves (`ours`, flat): each process reads only the shards its devices hold,
+  and nothing else of the item is read."""
+  keys = list(keys)
+  if not keys:
+    return {}
+  item = unflatten({saved.saved_key(k): jax.ShapeDtypeStruct(
+      ours[k].shape, ours[k].dtype, sharding=ours[k].sharding) for k in keys})
+  restored = ocp.PyTreeCheckpointer().restore(saved.path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))
+  flat = flatten(restored)
+  return {k: flat[saved.saved_key(k)] for k in keys}
+
+
+def restore_matching(params, batch_stats, src_params: SavedTree,
+                     src_stats: SavedTree | None = None, require=(), skip=(),
+                     what: str = 'source'):
+  """`merge_matching` from saved Orbax trees, restoring only what is taken, directly sharded.
+
+  Which variables are taken is decided from the saved metadata (shapes, no data); those are
+  restored into our leaves' shardings and dtypes (`params`, `batch_stats`: jax.Arrays, e.g.
+  born sharded by `sharding.init_sharded`), so no process holds the full tree in host memory.
+  Returns (params, batch_stats, report) as `merge_matching` does.
+  """
+  taken, report = _plan(params, batch_stats, src_params.shapes(),
+                        src_stats.shapes() if src_stats is not None else {}, require, skip,
+                        what)
+  out = []
+  for name, ours, src in (('params', params, src_params), ('batch_stats', batch_stats,
+                                                          src_stats)):
+    flat = flatten(ours or {})
+    flat.update(_restore_sharded(src, flat, taken[name]) if taken[name] else {})
+    out.append(unflatten(flat))
+  logging.info('initialised from %s: %d variables loaded, %d fresh (restored sharded)', what,
+               len(report['loaded']), len(report['fresh']))
+  return out[0], out[1], report
+
+
 def load_params(source, params, batch_stats, require=(), skip=()):
   """Copies matching variables from another run's newest checkpoint (stage chaining).
 
   A variable is taken when its path exists in the source with the same shape and it does not
   match a `skip` regex; every variable matching a `require` regex must be taken (a typo in a
-  path would otherwise silently train from scratch). Returns (params, batch_stats, report).
+  path would otherwise silently train from scratch). Only the taken variables are read, each
+  process reading just its shards into our leaves' shardings (`restore_matching`). Returns
+  (params, batch_stats, report).
   """
-  step, src_params, src_stats = restore_variables(source)
-  return merge_matching(params, batch_stats, src_params, src_stats, require, skip,
-                        f'{source} step {step}')
+  step = latest_step(source)
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint under {storage.join(source, "checkpoints")}')
+  path = storage.path(source) / 'checkpoints' / str(step)
+  # No item for a model without BatchNorm statistics (see `save`).
+  stats = SavedTree(path / 'batch_stats') if storage.exists(path / 'batch_stats') else None
+  return restore_matching(params, batch_stats, SavedTree(path / 'params'), stats, require,
+                          skip, f'{source} step {step}')
+
+
+def load_converted_params(converted, params, batch_stats, require=(), skip=()):
+  """`load_params` from a converted checkpoint (`panda_jax.convert.checkpoint`): its
+  `variables` item restored sharded, a converted plain llama's decoder into our `llm/`.
+  Returns (params, batch_stats, report)."""
+  from panda_jax.convert.checkpoint import read_converted_config
+  kind, _ = read_converted_config(converted)
+  path = storage.path(converted) / 'variables'
+  if kind == 'llama':       # a converted decoder alone (e.g. Vicuna-7B) fills `llm/`
+    src_params, src_stats = SavedTree(path, 'params', 'llm/'), None
+  else:
+    src_params = SavedTree(path, 'params')
+    src_stats = SavedTree(path, 'batch_stats')
+  return restore_matching(params, batch_stats, src_params, src_stats, require, skip,
+                          str(converted))
 
 
 def merge_matching(params, batch_stats, src_params, src_stats, require=(), skip=(),
                    what: str = 'source'):
-  skip_re = [re.compile(p) for p in skip]
-  report = {'loaded': [], 'fresh': []}
-
-  def take(ours: Mapping, theirs: Mapping, prefix: str):
-    flat, src = flatten(ours), flatten(theirs or {})
-    out = {}
-    for k, v in flat.items():
-      path = prefix + k
-      s = src.get(k)
-      if s is not None and tuple(np.shape(s)) == tuple(v.shape) and \
-          not any(r.search(path) for r in skip_re):
-        out[k] = jax.device_put(np.asarray(s).astype(v.dtype), v.sharding)
-        report['loaded'].append(path)
-      else:
-        out[k] = v
-        report['fresh'].append(path)
-    return unflatten(out)
-
-  new_params = take(params, src_params, '')
-  new_stats = take(batch_stats, src_stats, 'batch_stats/')
-  missing = [p for p in report['fresh']
-             if any(re.search(r, p) for r in require)]
-  if missing:
-    raise ValueError(f'initialising from {what}: {len(missing)} required variables were not '
-                     f'found there with the same shape: {missing[:8]}')
+  """Copies matching variables from host trees `src_params`, `src_stats` (the rules of
+  `load_params`) into our (sharded) trees. Returns (params, batch_stats, report)."""
+  taken, report = _plan(params, batch_stats,
+                        {k: np.shape(v) for k, v in flatten(src_params or {}).items()},
+                        {k: np.shape(v) for k, v in flatten(src_stats or {}).items()},
+                        require, skip, what)
+  out = []
+  for name, ours, src in (('params', params, src_params), ('batch_stats', batch_stats,
+                                                          src_stats)):
+    flat, theirs = flatten(ours or {}), flatten(src or {})
+    for k in taken[name]:
+      flat[k] = jax.device_put(np.asarray(theirs[k]).astype(flat[k].dtype), flat[k].sharding)
+    out.append(unflatten(flat))
   logging.info('initialised from %s: %d variables loaded, %d fresh', what,
                len(report['loaded']), len(report['fresh']))
-  return new_params, new_stats, report
+  return out[0], out[1], report

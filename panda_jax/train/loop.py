@@ -161,14 +161,9 @@ def create_state(config, run: config_lib.Run, mesh, model, rng):
   if init.from_run:
     params, batch_stats, _ = ckpt.load_params(init.from_run, params, batch_stats,
                                               require=init.require, skip=init.skip)
-  if init.converted:
-    from panda_jax.convert.checkpoint import load_converted
-    kind, _, conv = load_converted(init.converted)
-    src_params, src_stats = conv['params'], conv.get('batch_stats', {})
-    if kind == 'llama':       # a converted decoder alone (e.g. Vicuna-7B) fills `llm/`
-      src_params, src_stats = {'llm': src_params}, {}
-    params, batch_stats, _ = ckpt.merge_matching(
-        params, batch_stats, src_params, src_stats, init.require, init.skip, init.converted)
+  if init.converted:         # each process reads only the shards of its devices
+    params, batch_stats, _ = ckpt.load_converted_params(
+        init.converted, params, batch_stats, require=init.require, skip=init.skip)
   labels = param_labels(flatten(params).keys(), config.optim)
   tx, schedules = make_optimizer(labels, config.optim, config.train.steps)
   train, _ = trainable_tree(params, labels)
