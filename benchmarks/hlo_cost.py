@@ -14,7 +14,8 @@ Counted, per device:
   HBM bytes: operands read and results written by each instruction outside fusions (a fusion is
     one instruction), but only buffers in HBM: the TPU compiler marks those it keeps in on-chip
     VMEM with memory space S(1), and those are left out. A fusion parameter that is only sliced
-    counts as the slice; the buffer a dynamic-update-slice writes in place counts as the update.
+    counts as the slice; a result a dynamic-update-slice writes in place counts as the update,
+    one passed through from a parameter as nothing.
   ICI bytes: what each device sends in each collective over a ring of its group (n devices):
     all-gather (n - 1) x operand, reduce-scatter (n - 1) / n x operand (the TPU compiler writes
     it as an all-reduce inside an `all-reduce-scatter` fusion), all-reduce 2 (n - 1) / n x
@@ -360,11 +361,26 @@ def _instr_hbm_bytes(i: dict, shapes: dict, comps: dict, users: dict) -> float:
       pass                                  # written in place: the update is counted
     else:
       total += b
+  # Results: each element of the root (a tuple's elements, or the root alone) writes its bytes,
+  # except one a dynamic-update-slice writes in place (its update only) and a parameter passed
+  # through (aliased: nothing written).
+  named = {x['name']: x for x in body}
   root = next((r for r in body if r['root']), None)
-  if root is not None and root['op'] == 'dynamic-update-slice' and out:
-    total += shape_bytes(shapes.get(root['operands'][1], ''))   # the rest stays in place
-  else:
-    total += out
+  elems = (root['operands'] if root is not None and root['op'] == 'tuple' else
+           [root['name']] if root is not None else [])
+  arrays = _ARRAY.findall(i['shape'])
+  if len(arrays) != len(elems):
+    return total + out
+  for (dtype, dims, layout), e in zip(arrays, elems):
+    x = named.get(e)
+    while x is not None and x['op'] == 'bitcast':
+      x = named.get(x['operands'][0])
+    if 'S(1)' in (layout or '') or (x is not None and x['op'] == 'parameter'):
+      continue
+    if x is not None and x['op'] == 'dynamic-update-slice':
+      total += shape_bytes(shapes.get(x['operands'][1], ''))   # the rest stays in place
+    else:
+      total += shape_bytes(f'{dtype}[{dims}]')
   return total
 
 
