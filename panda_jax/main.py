@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from panda_jax import config as config_lib
 from panda_jax import distributed
 from panda_jax import sharding
+from panda_jax import storage
 from panda_jax.data import frames as frames_lib
 from panda_jax.models.stab import VisualTokenizer
 
@@ -166,6 +167,9 @@ def main(argv):
   if config.mode not in MODES:
     raise app.UsageError(f'config.mode={config.mode!r}; available: {sorted(MODES)}')
   workdir = _WORKDIR.value or (DEFAULT_DEMO_WORKDIR if config.mode == 'demo' else None)
+  if config.mode == 'demo' and storage.is_remote(workdir):
+    raise app.UsageError(f'--workdir={workdir}: the demo writes its data, runs and report on '
+                         'a local disk; give a local directory (training stages take gs://)')
   if workdir and jax.process_index() == 0:
     path = config_lib.save_resolved(config, workdir)
     logging.info('resolved config written to %s', path)

@@ -44,8 +44,11 @@ def test_bad_config_fields_fail_clearly():
   # Three independent processes, started together: each spends its time importing JAX.
   procs = [_start('--config=configs/stab.py:tiny', '--config.demo.frames=6'),
            _start('--config=configs/stab.py:tiny', '--config.demo.nonexistent=1'),
-           _start('--config=configs/stab.py:huge')]
-  frames, unknown, size = [_finish(p) for p in procs]
+           _start('--config=configs/stab.py:huge'),
+           _start('--config=configs/demo.py:smoke', '--workdir=gs://bucket/demo')]
+  frames, unknown, size, remote = [_finish(p) for p in procs]
+  assert remote.returncode != 0 and '--workdir=gs://bucket/demo: the demo writes' in remote.stderr
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))
   assert frames.returncode != 0
   assert 'demo.frames=6 must be a positive multiple of 4' in frames.stderr
   assert unknown.returncode != 0 and 'nonexistent' in unknown.stderr

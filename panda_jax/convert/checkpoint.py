@@ -34,6 +34,7 @@ from panda_jax.models.stab import StabConfig
 
 DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32, 'float16': np.float16}
 CONFIG_FILE = 'panda_config.json'
+CHUNK_BYTES = 32 << 20
 TOWER_PATCH = 'model.video_tower.patch_embedding.weight'
 COMPRESSOR_INPUT = 'model.video_tower_compressor.input_layer.weight'
 COMPRESSOR_NORM = 'model.video_tower_compressor.norm_layer.'
@@ -97,6 +98,7 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
   """Converts `src` (Hugging Face layout) into `dst`; returns our config."""
   if llm_dtype not in DTYPES:
     raise ValueError(f'llm_dtype={llm_dtype!r}; expected one of {sorted(DTYPES)}')
+  src = storage.local_copy(src)     # a gs:// release is copied to the local cache once
   hf = hf_io.read_config(src)
   dst = storage.path(dst)
   if storage.exists(dst / 'variables'):
@@ -112,7 +114,11 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
     raise ValueError(f'model={model!r}; expected llama or video_panda')
   storage.makedirs(dst)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(dst / 'variables', variables)
+  # Stored in chunks of at most CHUNK_BYTES: a process restoring its shards reads only the
+  # chunks they overlap (benchmarks/restore_memory.py: a 2 x 4 process then peaks at about
+  # half of a 1 x 8 one; whole-array chunks, 0.8).
+  ckptr.save(dst / 'variables', variables, save_args=jax.tree.map(
+      lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), variables))
   ckptr.wait_until_finished()
   storage.write_json(dst / CONFIG_FILE, config_to_json(model, cfg), indent=2)
   return cfg

@@ -24,9 +24,12 @@ def create_teacher(run, mesh, seed: int, frames: int, checkpoint: str = '',
   params, sh = sharding.init_sharded(teacher.init, mesh, jax.random.PRNGKey(seed + 1), x,
                                      rules=run.rules)
   if checkpoint:
+    from panda_jax import storage
     from panda_jax.convert import hf_io
     from panda_jax.convert.teacher import convert_teacher
-    conv = convert_teacher(hf_io.load_tensors(checkpoint), tc, prefix=prefix)
+    # A released Hugging Face directory, local or gs:// (copied to the local cache once).
+    conv = convert_teacher(hf_io.load_tensors(storage.local_copy(checkpoint)), tc,
+                           prefix=prefix)
     params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32).astype(dt), s),
                           conv, sh)
   elif run.size != 'tiny':
