@@ -10,12 +10,14 @@
 # XLA_FLAGS (the last count wins), CPU collectives through gloo, PORT a free loopback port.
 # Output lines are prefixed with "[I] ". The script waits for all; when one fails it stops the
 # others (SIGTERM, then SIGKILL after LOCAL_KILL_GRACE seconds, default 10) and exits with the
-# failed process's status. PYTHON picks the interpreter (default: python), LOCAL_MODULE the
-# module every process runs (default: panda_jax.main; also panda_jax.eval.videoqa and
-# panda_jax.teacher.extract, which take the same distributed flags).
+# failed process's status. A failing process tells the others, which exit with status 3
+# (panda_jax.distributed.PEER_FAILED_STATUS): a status 3 waits up to LOCAL_KILL_GRACE seconds
+# for the process that failed first, which is the one reported. PYTHON picks the interpreter
+# (default: python), LOCAL_MODULE the module every process runs (default: panda_jax.main; also
+# panda_jax.eval.videoqa and panda_jax.teacher.extract, which take the same distributed flags).
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
 if [ $# -lt 2 ]; then
@@ -61,6 +63,27 @@ for ((i = 0; i < num; i++)); do
   echo "local.sh: process $i of $num: pid $!, $per devices, coordinator 127.0.0.1:$port"
 done
 
+# Reports the process that failed first and stops the others. PID exited with STATUS; a status
+# of 3 (stopped because another process failed) waits for the one that failed, up to the grace.
+failed() {
+  local pid=$1 status=$2 other st deadline=$((SECONDS + grace))
+  while [ "$status" -eq "$peer_failed" ] && [ $SECONDS -lt $deadline ]; do
+    for other in "${pids[@]}"; do
+      if [ "$other" != "$pid" ] && ! kill -0 "$other" 2>/dev/null; then
+        st=0
+        wait "$other" || st=$?
+        if [ "$st" -ne 0 ] && [ "$st" -ne "$peer_failed" ]; then pid=$other status=$st; fi
+      fi
+    done
+    if [ "$status" -eq "$peer_failed" ]; then sleep 0.2; fi
+  done
+  echo "local.sh: process ${rank_of[$pid]} (pid $pid) exited with status $status;" \
+       "stopping the others" >&2
+  stop_all
+  exit "$status"
+}
+peer_failed=3
+
 # Poll instead of `wait -n`: a process that dies before `wait -n` starts (or between two calls) is
 # reaped and reported by bash first, and `wait -n` then ignores it ("no such job") and blocks on
 # the survivors forever. `wait PID` still returns a reaped process's saved status.
@@ -75,10 +98,7 @@ while [ ${#live[@]} -gt 0 ]; do
     status=0
     wait "$pid" || status=$?
     if [ "$status" -ne 0 ]; then
-      echo "local.sh: process ${rank_of[$pid]} (pid $pid) exited with status $status;" \
-           "stopping the others" >&2
-      stop_all
-      exit "$status"
+      failed "$pid" "$status"
     fi
   done
   live=("${next[@]+"${next[@]}"}")
