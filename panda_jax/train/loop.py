@@ -5,8 +5,8 @@ config describes. The iterator yields host batches (numpy dicts with the global 
 process, or this process's share with several) and has `get_state()` / `set_state()`; its state
 is saved with every checkpoint (every process's), so a resumed run sees exactly the batches it
 would have seen.
-At its end (also when SIGTERM stops it early) process 0 writes `workdir/summary.json`
-(`write_summary`).
+At its end (also when SIGTERM stops it early: every process after the same step, with a
+checkpoint there; `_Preemption`) process 0 writes `workdir/summary.json` (`write_summary`).
 """
 
 from __future__ import annotations
@@ -91,13 +91,14 @@ def skipped_by_reason(iterator) -> dict[str, int]:
 
 
 def write_summary(workdir: str, step: int, last: Mapping, state, mesh, batch_size: int,
-                  iterator) -> dict:
+                  iterator, preempted: bool = False) -> dict:
   """`workdir/summary.json` (written by process 0; every process must call this): `step`
   reached, `loss`, `ce`, `distill` of that step (`last`, the loop's last logged metrics; from
   the previous summary of this step when this invocation ran no step, else null),
   `param_norm` (the global L2 norm of all parameters, computed on the devices from the
   sharded state), `samples_seen` (global: step x train.batch_size), `samples_skipped`
-  ({reason: count} summed over all processes) and `skipped_total`. Returns the summary."""
+  ({reason: count} summed over all processes), `skipped_total` and `preempted` (whether SIGTERM
+  stopped the run before its last step; rerun the same command to resume). Returns the summary."""
   norm = jax.jit(_global_norm, out_shardings=NamedSharding(mesh, PartitionSpec()))(
       state.params)
   skipped = skipped_by_reason(iterator)
@@ -112,20 +113,40 @@ def write_summary(workdir: str, step: int, last: Mapping, state, mesh, batch_siz
       metrics = {k: previous.get(k) for k in metrics}
   summary = dict(step=int(step), **metrics, param_norm=float(norm),
                  samples_seen=int(step) * int(batch_size), samples_skipped=skipped,
-                 skipped_total=sum(skipped.values()))
+                 skipped_total=sum(skipped.values()), preempted=bool(preempted))
   if jax.process_index() == 0:
     storage.write_json(path, summary, indent=1, sort_keys=True)
   return summary
 
 
 class _Preemption:
-  """Turns SIGTERM (TPU preemption) into a flag the loop checks after each step."""
+  """SIGTERM (a TPU or spot VM's preemption notice, `scancel`, `tpu_vm.sh stop`) turned into
+  one stop that every process takes after the same step: `reached` is asked after every step.
+
+  With `jax.distributed` (`--multihost`, even on one process) JAX's preemption service decides:
+  its handler, installed by `jax.distributed.initialize`, tells the coordination service of a
+  SIGTERM on any process, which then sets the stop one step after the furthest process's
+  current one, and `multihost_utils.reached_preemption_sync_point` says when that step is
+  reached. Between notices a call is a local lookup (no collective, no host round trip). One
+  process without it: a Python SIGTERM handler sets a flag, read after each step.
+  """
 
   def __init__(self):
     self.requested = False
+    self.stopped = False
     self._old = None
+    self._agreed = False
 
   def __enter__(self):
+    from jax._src import distributed as jax_distributed
+    state = jax_distributed.global_state
+    if state.client is not None:
+      # Its SIGTERM handler must stay: a Python one would replace it (and stop one process).
+      self._agreed = state.preemption_sync_manager is not None
+      if not self._agreed:
+        logging.warning('jax_enable_preemption_service is off: SIGTERM will end the processes '
+                        'without a checkpoint')
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
@@ -133,8 +154,24 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    logging.warning('SIGTERM received: saving a checkpoint and stopping')
+    logging.warning('SIGTERM received: saving a checkpoint after this step and stopping')
     self.requested = True
+
+  def reached(self, step: int, final: bool) -> bool:
+    """Whether to stop after `step` (saving it). Asked on every process at the step the loop
+    starts from and after every step: the agreement takes the furthest step any process was
+    asked about (Orbax's `CheckpointManager.save` asks too, with the same steps). `final`: the
+    run's last step (a stop there is no preemption).
+
+    A SIGTERM to a resumed run before its first ask (while it restores and compiles) is heard
+    by no step: the run goes on until it is killed, and resumes from its last checkpoint."""
+    if self._agreed:
+      from jax.experimental import multihost_utils
+      hit = multihost_utils.reached_preemption_sync_point(step)
+    else:
+      hit = self.requested
+    self.stopped = hit and not final
+    return self.stopped
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -327,16 +364,19 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   try:
     with _Preemption() as pre, jax.set_mesh(mesh), \
         nn.logical_axis_rules(run.rules):
-      while step < total:
+      # Asked at the step it starts from too: the agreement then never picks one behind it.
+      stop = pre.reached(step, final=step >= total)
+      while step < total and not stop:
         host = next(iterator)
         state, metrics = step_fn(state, _global_batch(host, batch_sh, spec), teacher_params)
         step += 1
         bar.update(1)
+        stop = pre.reached(step, final=step == total)
         if t0 is None:
           jax.block_until_ready(metrics)
           t0, s0 = time.perf_counter(), step
         is_log = step % config.train.log_every == 0 or step == total
-        is_save = step % config.train.save_every == 0 or step == total or pre.requested
+        is_save = step % config.train.save_every == 0 or step == total or stop
         if is_log or is_save:
           # The only host reads of the step's results, and only on these steps: refused steps
           # are counted on the device (`state.refused`), so none is missed in between.
@@ -348,7 +388,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
                 f'BatchNorm statistic; the last logged loss {last.get("loss")}, this step\'s '
                 f'{float(metrics["loss"])}), more than train.max_refused_steps={max_refused}; '
                 f'the newest checkpoint (step {mngr.latest_step()}) is kept')
-        if is_log or pre.requested:
+        if is_log or stop:
           m = jax.device_get(metrics)
           dt = time.perf_counter() - t0
           rate = (step - s0) / dt if step > s0 and dt > 0 else 0.0
@@ -376,7 +416,9 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
                 f'with one was applied (an overflow in the optimizer?); not saved, the newest '
                 f'checkpoint (step {mngr.latest_step()}) is kept')
           ckpt.save(mngr, step, state, iterator.get_state())
-        if pre.requested:
+        if stop:
+          logging.warning('preempted: every process stops after step %d of %d, saved', step,
+                          total)
           break
   finally:
     # Whatever stops the loop, a save in flight completes (only SIGKILL loses it).
@@ -385,5 +427,6 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
     bar.close()
     if metrics_log is not None:
       metrics_log.close()
-  write_summary(workdir, step, last, state, mesh, config.train.batch_size, iterator)
+  write_summary(workdir, step, last, state, mesh, config.train.batch_size, iterator,
+                preempted=pre.stopped)
   return last
