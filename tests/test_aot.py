@@ -173,6 +173,11 @@ def test_program_cost_counts_each_loop_body_by_its_trip_count():
   # loop's condition 2 x 4 B in, 1 B out.
   step = (1024 + 4 + 1024) + (1024 + 4096) + (256 + 4096 + 4096) + 4096 + 12 + 9
   assert cost['hbm_bytes'] == 5 * step
+  # A loop the compiler starts at 2 or steps by 2 runs 3 times (its trip count is not the bound).
+  late = SMALL_HLO.replace('%zero = s32[] constant(0)', '%zero = s32[] constant(2)')
+  assert hlo_cost.program_cost(late)['loops'] == [('loop', 3)]
+  stride = SMALL_HLO.replace('%one = s32[] constant(1)', '%one = s32[] constant(2)')
+  assert hlo_cost.program_cost(stride)['flops'] == 3 * 2 * 8 * 16 * 128
 
 
 def test_the_no_overlap_bound_sums_the_terms_and_the_ceiling_takes_their_max():
