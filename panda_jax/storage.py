@@ -54,8 +54,18 @@ def path(p: PathLike) -> epath.Path:
     if scheme not in ('gs', 's3', 'az', 'hf'):
       raise ValueError(f'{s!r}: unsupported scheme {scheme!r}; use a local path or gs://, s3://, '
                        'az://')
+    _no_listing_cache()
     return epath.Path(s)
   return epath.Path(os.path.abspath(s))
+
+
+def _no_listing_cache() -> None:
+  """Turns off gcsfs's in-process cache of directory listings (before the first Cloud Storage
+  filesystem is made; etils keeps that one for the process): other processes write into the
+  same bucket (a peer's checkpoint, its share of the predictions), and a cached listing would
+  not show it."""
+  import fsspec.config  # pylint: disable=import-outside-toplevel
+  fsspec.config.conf.setdefault('gcs', {}).setdefault('use_listings_cache', False)
 
 
 def join(p: PathLike, *parts: str) -> str:

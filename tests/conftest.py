@@ -102,7 +102,7 @@ def tiny_apply():
 # go first (xdist would order files by their number of tests, which puts the long end-to-end
 # files with few tests last, where one of them runs alone while the other worker idles).
 # Measured CPU time, heaviest first; files not listed follow in their usual order.
-SLOWEST_FILES = ('test_demo.py', 'test_topology.py', 'test_loop.py',
+SLOWEST_FILES = ('test_demo.py', 'test_topology.py', 'test_preemption.py', 'test_loop.py',
                  'test_train_step.py', 'test_teacher_cache.py', 'test_train_sharded.py',
                  'test_multihost.py', 'test_llama.py',
                  'test_ablations.py', 'test_stab.py', 'test_aot.py', 'test_metrics_writer.py',
@@ -139,16 +139,11 @@ def _closed_port() -> int:
 @pytest.fixture(scope='module')
 def gcs_bucket():
   """A bucket on a `gcp-storage-emulator` server on 127.0.0.1 (in memory, this module's
-  only): yields 'gs://NAME', with the environment pointing every storage client at it."""
-  import shutil
+  only; tests/gcs_emulator.py): yields 'gs://NAME', with the environment pointing every
+  storage client at it."""
   import socket
   import subprocess
   import time
-  exe = shutil.which('gcp-storage-emulator', path=os.path.dirname(sys.executable)) or \
-      shutil.which('gcp-storage-emulator')
-  if exe is None:
-    raise RuntimeError('gcp-storage-emulator is not installed: pip install -r '
-                       'requirements-test.txt')
   port, closed, name = _closed_port(), _closed_port(), 'panda-test'
   url = f'http://127.0.0.1:{port}'
   env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
@@ -157,9 +152,12 @@ def gcs_bucket():
          'GCE_METADATA_IP': f'127.0.0.1:{closed}', 'NO_GCE_CHECK': 'True',
          'GOOGLE_CLOUD_PROJECT': 'test', 'FSSPEC_GCS_TOKEN': 'anon',
          'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
-  server = subprocess.Popen([exe, 'start', '--host=127.0.0.1', f'--port={port}', '--in-memory',
-                             f'--default-bucket={name}', '--quiet'],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  # gcp-storage-emulator, with the generation headers and preconditions TensorStore needs.
+  log = tempfile.TemporaryFile('w+')      # its log (a pipe nobody reads could fill and block)
+  server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                          'gcs_emulator.py'),
+                             f'--port={port}', f'--bucket={name}'],
+                            stdout=subprocess.DEVNULL, stderr=log)
   deadline = time.time() + 60
   while True:
     try:
@@ -168,7 +166,8 @@ def gcs_bucket():
     except OSError:
       if server.poll() is not None or time.time() > deadline:
         server.kill()
-        raise RuntimeError(f'the storage emulator did not start: {server.stderr.read()}')
+        log.seek(0)
+        raise RuntimeError(f'the storage emulator did not start: {log.read()[-3000:]}')
       time.sleep(0.1)
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
@@ -191,3 +190,4 @@ def gcs_bucket():
       server.wait(timeout=10)
     except subprocess.TimeoutExpired:
       server.kill()
+    log.close()

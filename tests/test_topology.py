@@ -24,6 +24,7 @@ import grain
 import numpy as np
 import pytest
 
+from panda_jax import storage
 from panda_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,7 +294,7 @@ def _arrays(workdir, step) -> dict:
   import orbax.checkpoint as ocp
   out = {}
   for item in ('params', 'batch_stats', 'opt_state', 'meta'):
-    path = os.path.join(workdir, 'checkpoints', str(step), item)
+    path = storage.path(workdir) / 'checkpoints' / str(step) / item
     ck = ocp.PyTreeCheckpointer()
     meta = ck.metadata(path)
     meta = getattr(meta, 'item_metadata', meta)
@@ -306,7 +307,12 @@ def _arrays(workdir, step) -> dict:
 
 
 def _metrics(workdir):
-  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [json.loads(line) for line in
+          storage.read_text(storage.join(workdir, 'metrics.jsonl')).splitlines()]
+
+
+def _json(workdir, name):
+  return storage.read_json(storage.join(workdir, name))
 
 
 def _local(num, per, *args, python=sys.executable, module=None, **popen):
@@ -398,15 +404,16 @@ def _kill_after_checkpoint(proc, marks, log_path) -> dict:
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, gcs_bucket):
   """The data set and the two runs every slow test here compares: 1 process x 8 devices
-  uninterrupted (`one`), and 2 processes x 4 devices through launch/local.sh (`two`), killed
+  uninterrupted (`one`, a local workdir), and 2 processes x 4 devices through launch/local.sh
+  (`two`, a workdir in a Cloud Storage bucket: gs://, the emulator of conftest), killed
   (both processes, SIGKILL) once checkpoint SAVE_EVERY is written and then resumed by the same
   command (`killed`: what the kill left; `proc`, `out`, `err`: the resumed run's)."""
   tmp = tmp_path_factory.mktemp('topology')
   root = str(tmp / 'data')
   overrides = _overrides(root, _data(root))
-  one, two, marks = tmp / 'one', tmp / 'two', tmp / 'marks'
+  one, two, marks = tmp / 'one', f'{gcs_bucket}/two', tmp / 'marks'
   marks.mkdir()
   args = _train_args(two, overrides)
   log_path = tmp / 'killed.log'
@@ -421,11 +428,11 @@ def runs(tmp_path_factory):
     finally:
       if proc.poll() is None:
         proc.kill()
-  killed.update(returncode=proc.returncode, summary=(two / 'summary.json').exists(),
-                checkpoints=sorted(os.listdir(two / 'checkpoints'))
-                if (two / 'checkpoints').exists() else [],
+  killed.update(returncode=proc.returncode, summary=storage.exists(f'{two}/summary.json'),
+                checkpoints=storage.listdir(f'{two}/checkpoints')
+                if storage.exists(f'{two}/checkpoints') else [],
                 metrics=[m['step'] for m in _metrics(two)]
-                if (two / 'metrics.jsonl').exists() else [])
+                if storage.exists(f'{two}/metrics.jsonl') else [])
   # The same command again: it resumes from the checkpoint. communicate() drains both pipes
   # while waiting (a full pipe would block the processes).
   again = _local(2, 4, *args)
@@ -446,7 +453,14 @@ def test_one_and_two_processes_train_the_same(runs):
   assert 'local.sh: all 2 processes finished' in out
 
   # The same configuration (the resolved config each run wrote) ...
-  assert json.load(open(one / 'config.json')) == json.load(open(two / 'config.json'))
+  assert _json(one, 'config.json') == _json(two, 'config.json')
+  # The bucket run wrote nothing on the local disk: no `gs:` directory where the processes
+  # ran, nor here.
+  assert not os.path.exists(os.path.join(ROOT, 'gs:')) and not os.path.exists('gs:')
+  assert not os.path.exists(os.path.join(runs['root'], 'gs:'))
+  assert {'checkpoints', 'config.json', 'metrics.jsonl', 'summary.json'} <= set(
+      storage.listdir(two))
+  assert any(n.startswith('events.out.tfevents.') for n in storage.listdir(two))
   # ... the same loss at every logged step ...
   m1, m2 = _metrics(one), _metrics(two)
   assert [m['step'] for m in m1] == [m['step'] for m in m2] == list(range(1, STEPS + 1))
@@ -465,13 +479,13 @@ def test_one_and_two_processes_train_the_same(runs):
     else:
       np.testing.assert_array_equal(s2[k], s1[k], err_msg=k)
   # ... and the same summary (written by process 0 of each run).
-  sum1 = json.load(open(one / 'summary.json'))
-  sum2 = json.load(open(two / 'summary.json'))
+  sum1, sum2 = _json(one, 'summary.json'), _json(two, 'summary.json')
   assert sum1.keys() == sum2.keys() == {'step', 'loss', 'ce', 'distill', 'param_norm',
-                                        'samples_seen', 'samples_skipped', 'skipped_total'}
-  exact = ('step', 'samples_seen', 'samples_skipped', 'skipped_total')
+                                        'samples_seen', 'samples_skipped', 'skipped_total',
+                                        'preempted'}
+  exact = ('step', 'samples_seen', 'samples_skipped', 'skipped_total', 'preempted')
   assert {k: sum2[k] for k in exact} == {k: sum1[k] for k in exact} == {
-      'step': STEPS, 'samples_seen': STEPS * BATCH, 'skipped_total': 0,
+      'step': STEPS, 'samples_seen': STEPS * BATCH, 'skipped_total': 0, 'preempted': False,
       'samples_skipped': dict.fromkeys(pipeline.SKIP_REASONS, 0)}
   for k in ('loss', 'ce', 'distill', 'param_norm'):
     assert sum2[k] == pytest.approx(sum1[k], rel=1e-5), k
@@ -485,7 +499,7 @@ def _data_item(workdir, step) -> dict:
   """The data item of checkpoint `step` (every process's iterator state)."""
   import orbax.checkpoint as ocp
   from panda_jax.train import checkpoint as ckpt
-  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+  mngr = ocp.CheckpointManager(storage.path(workdir) / 'checkpoints',
                                options=ocp.CheckpointManagerOptions(read_only=True),
                                item_names=ckpt.ITEMS)
   return mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
@@ -506,8 +520,7 @@ def _assert_same_run(ref, other, tol):
       np.testing.assert_allclose(s2[k], s1[k], rtol=tol, atol=tol, err_msg=k)
     else:
       np.testing.assert_array_equal(s2[k], s1[k], err_msg=k)
-  sum1 = json.load(open(ref / 'summary.json'))
-  sum2 = json.load(open(other / 'summary.json'))
+  sum1, sum2 = _json(ref, 'summary.json'), _json(other, 'summary.json')
   assert sum1.keys() == sum2.keys()
   for k in sum1:
     if isinstance(sum1[k], float):
@@ -521,13 +534,13 @@ def test_both_processes_write_one_restorable_checkpoint(runs):
   import orbax.checkpoint as ocp
   two, one = runs['two'], runs['one']
   assert runs['proc'].returncode == 0, runs['err'][-4000:]
-  ckdir = two / 'checkpoints'
+  ckdir = storage.path(two) / 'checkpoints'
   # One directory per step, each committed (no temporary directory left by either process).
-  assert sorted(os.listdir(ckdir)) == [str(SAVE_EVERY), str(STEPS)]
+  assert storage.listdir(ckdir) == [str(SAVE_EVERY), str(STEPS)]
   for step in (SAVE_EVERY, STEPS):
     assert ocp.step.is_checkpoint_finalized(ckdir / str(step))
     assert {'params', 'batch_stats', 'opt_state', 'meta', 'data'} <= set(
-        os.listdir(ckdir / str(step)))
+        storage.listdir(ckdir / str(step)))
     # Both processes' data states: each at its slice of `step` global batches (4 of 8 each).
     assert _data_item(two, step) == {'process_count': 2, 'processes': [
         {'grain': {'next_index': step * BATCH // 2}, 'skipped': {}}] * 2}
@@ -563,7 +576,7 @@ def test_both_processes_killed_after_a_checkpoint_resume_to_the_uninterrupted_st
 def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path):
   # The 2 x 4 run's checkpoint SAVE_EVERY (as the kill left it), resumed as 1 process x 8.
   work = tmp_path / 'two_to_one'
-  shutil.copytree(runs['two'], work)
+  shutil.copytree(storage.local_copy(runs['two']), work)
   shutil.rmtree(work / 'checkpoints' / str(STEPS))
   os.remove(work / 'summary.json')
   lines = open(work / 'metrics.jsonl').readlines()[:SAVE_EVERY]
@@ -579,7 +592,8 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path):
 # Evaluation and teacher extraction on 2 processes (slow)
 
 @pytest.mark.slow
-def test_videoqa_and_teacher_extraction_on_two_processes_do_everything_once(runs, tmp_path):
+def test_videoqa_and_teacher_extraction_on_two_processes_do_everything_once(runs, tmp_path,
+                                                                             gcs_bucket):
   root = runs['root']
   videos = sorted({e['video'] for e in json.load(open(runs['overrides']['data.annotations']))})
   # Questions about 5 of the clips (two about the first), and one whose video is not there.
@@ -587,10 +601,12 @@ def test_videoqa_and_teacher_extraction_on_two_processes_do_everything_once(runs
               'question_id': f'q{i}'} for i, v in enumerate(videos[:5] + videos[:1])]
   entries.append({'video_name': 'not_there', 'question': 'what moves?', 'answer': 'x',
                   'question_id': 'q_missing'})
-  questions, preds = tmp_path / 'q.json', tmp_path / 'preds.json'
+  questions = tmp_path / 'q.json'
   json.dump(entries, open(questions, 'w'))
-  features = tmp_path / 'features'
-  # Both tools at once, each as 2 processes x 1 device. The model: the 2 x 4 training run's.
+  # Predictions and features into the bucket.
+  preds, features = f'{gcs_bucket}/eval/preds.json', f'{gcs_bucket}/features'
+  # Both tools at once, each as 2 processes x 1 device. The model: the 2 x 4 training run's
+  # (its checkpoint in the bucket).
   qa = _local(2, 1, f'--checkpoint={runs["two"]}', f'--tokenizer={root}/tokenizer',
               f'--questions={questions}', f'--video_root={root}', f'--out={preds}',
               '--batch_size=2', '--frames=4', '--max_new_tokens=3', '--decode_workers=0',
@@ -611,14 +627,15 @@ def test_videoqa_and_teacher_extraction_on_two_processes_do_everything_once(runs
 
   # VideoQA: each process answered its videos' questions; together every question once.
   n = len(entries)
-  parts = [[json.loads(l)['id'] for l in open(f'{preds}.part{i}-of-2')] for i in (0, 1)]
+  lines = lambda path: storage.read_text(path).splitlines()
+  parts = [[json.loads(l)['id'] for l in lines(f'{preds}.part{i}-of-2')] for i in (0, 1)]
   assert all(parts) and not set(parts[0]) & set(parts[1])
   assert sorted(parts[0] + parts[1]) == sorted(e['question_id'] for e in entries[:-1])
-  rows = [json.loads(l) for l in open(preds)]
+  rows = [json.loads(l) for l in lines(preds)]
   assert [r['id'] for r in rows] == [e['question_id'] for e in entries[:-1]]
   assert all(isinstance(r['pred'], str) for r in rows)
-  assert [f['id'] for f in json.load(open(f'{preds}.failures.json'))] == ['q_missing']
-  assert json.load(open(f'{preds}.complete.json')) == {
+  assert [f['id'] for f in storage.read_json(f'{preds}.failures.json')] == ['q_missing']
+  assert storage.read_json(f'{preds}.complete.json') == {
       'questions': n, 'answered': n - 1, 'failed': 1, 'processes': 2}
   said = [l.split('questions, ')[1].split(' answered now')[0] for l in qa_out.splitlines()
           if 'answered now' in l]
@@ -627,13 +644,13 @@ def test_videoqa_and_teacher_extraction_on_two_processes_do_everything_once(runs
 
   # Teacher features: every video once, both shares marked done, the manifest complete.
   from panda_jax.data import teacher_features as features_lib
-  shares = [json.load(open(features / f'done.{i}-of-2.json')) for i in (0, 1)]
+  shares = [storage.read_json(f'{features}/done.{i}-of-2.json') for i in (0, 1)]
   assert [s['videos'] for s in shares] == [6, 6] and {s['of'] for s in shares} == {12}
   written = [int(l.split('videos, ')[1].split(' written')[0]) for l in ex_out.splitlines()
              if ' written, ' in l]
   assert sorted(written) == [6, 6], ex_out
   for v in videos:
-    assert os.path.exists(features_lib.feature_path(str(features), v)), v
-  manifest = features_lib.read_manifest(str(features))
+    assert storage.isfile(features_lib.feature_path(features, v)), v
+  manifest = features_lib.read_manifest(features)
   assert manifest['complete'] and manifest['failed'] == 0
   assert 'complete' in ex_out

@@ -415,6 +415,8 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
                 f'the train state at step {step} holds a non-finite value although no update '
                 f'with one was applied (an overflow in the optimizer?); not saved, the newest '
                 f'checkpoint (step {mngr.latest_step()}) is kept')
+          if metrics_log is not None:
+            metrics_log.flush()     # a bucket's metrics.jsonl: durable up to every checkpoint
           ckpt.save(mngr, step, state, iterator.get_state())
         if stop:
           logging.warning('preempted: every process stops after step %d of %d, saved', step,
