@@ -305,18 +305,20 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
 
 # Pod layouts by name (`pod_layout`'s arguments), the same for the three stages (each stage's
-# own sweep rows picked the same one; configs/stageN.py: `LAYOUTS`). Per-chip GiB by the TPU
-# compiler and MODELLED MFU of every stage's row: README, "Layout sweep", and the records in
-# benchmarks/results/sweep_tpu.jsonl (libtpu 0.0.42.1, 2026-12-01).
-#  v5e-64: the best of 18 v5e:8x8 rows for each stage: 11.9 / 14.6 / 14.3 GiB of 16 for stages
-#          1 / 2 / 3, MODELLED MFU 94.0 / 95.6 / 95.6 % (full remat at best 68.6 / 75.3 / 75.3 %).
-#  v5p-64: v5e-64's layout at the micro-batch a v5p chip's 95 GiB allow: 76.8 / 78.4 / 77.9 GiB,
-#          94.0 / 95.6 / 95.6 %; best of 4 stage-2 rows (micro-batch 4 ties with overlap and
-#          loses without, 16 fits only with full remat, 64 x 1 does not fit).
-#  v6e-64: the same at micro-batch 2 for a v6e chip's 32 GiB: 21.4 / 24.4 / 24.0 GiB,
-#          57.6 / 80.2 / 80.1 % (the compute term no longer binds); best of 4 rows (64 x 1 ties
-#          at 33.4 GiB, over HBM - 1; micro-batch 4 fits only with full remat, 54.4 %).
-# All MFU figures are MODELLED (benchmarks/aot_7b.py's roofline), not measured on a TPU.
+# own sweep rows ranked the same one first; configs/stageN.py: `LAYOUTS`). Per-chip GiB by the
+# TPU compiler, and two modelled step times per row, neither measured on a TPU: the no-overlap
+# bound (compute + HBM + ICI time added up) and the perfect-overlap ceiling (their maximum);
+# rows are ranked by the bound (README, "Layout sweep"; records in
+# benchmarks/results/sweep_tpu.jsonl, libtpu 0.0.42.1, 2026-12-01, from hand-counted terms).
+#  v5e-64: first of 18 v5e:8x8 rows for each stage: 11.9 / 14.6 / 14.3 GiB of 16 for stages
+#          1 / 2 / 3; bound 48.0 / 52.3 / 52.3 % MFU, ceiling 94.0 / 95.6 / 95.6 %.
+#  v5p-64: v5e-64's layout at the micro-batch a v5p chip's 95 GiB allow: 76.8 / 78.4 / 77.9 GiB;
+#          bound 61.2 / 68.2 / 68.2 %, ceiling 94.0 / 95.6 / 95.6 % (first of 4 stage-2 rows).
+#  v6e-64: the same at micro-batch 2 for a v6e chip's 32 GiB: 21.4 / 24.4 / 24.0 GiB; bound
+#          32.0 / 37.5 / 37.5 %, ceiling 57.6 / 80.2 / 80.1 % (first of 4 rows).
+# The compiled program's own counts (benchmarks/hlo_cost.py), where recomputed, put the stage-2
+# v5e step at a bound of about 20 % (HBM traffic 4x the hand count): README, "What the figures
+# are".
 POD_LAYOUTS = {
     name: dict(chips=64, fsdp=32, tensor=2, micro_batch=mb, remat='dots_no_batch',
                attention_chunk=512)

@@ -80,16 +80,18 @@ def test_tokenizer_resolution(setup, tmp_path):  # noqa: F811
     predict.resolve_tokenizer(str(setup['converted']), None)
 
 
-def _cli(setup, *extra):  # noqa: F811
+def _cli(setup, *extra, checkpoint=None):  # noqa: F811
+  """predict on the converted tiny model (or `checkpoint`, then with no --tokenizer)."""
   env = subprocess_env()      # one device and this session's compilation cache
-  args = [sys.executable, '-m', 'panda_jax.predict', f'--checkpoint={setup["converted"]}',
-          f'--tokenizer={setup["work"] / "tok"}', f'--question={QUESTION}',
+  model = [f'--checkpoint={checkpoint}'] if checkpoint else [
+      f'--checkpoint={setup["converted"]}', f'--tokenizer={setup["work"] / "tok"}']
+  args = [sys.executable, '-m', 'panda_jax.predict', *model, f'--question={QUESTION}',
           f'--frames={FRAMES}', '--max_new_tokens=6', *extra]
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_command_line(setup, videos, tmp_path):  # noqa: F811
+def test_command_line(setup, videos, tmp_path, gcs_bucket):  # noqa: F811
   paths, _ = predict.list_videos(str(videos))
   run = _cli(setup, f'--video={videos}', '--json')
   assert run.returncode == 0, run.stderr[-3000:]
@@ -101,7 +103,11 @@ def test_command_line(setup, videos, tmp_path):  # noqa: F811
   assert errors[0].startswith(f'error: {videos / "notes.txt"}: not a video file')
   assert errors[1].startswith(f'error: {videos / "zz_not_video.mp4"}: ')
 
-  one = _cli(setup, f'--video={paths[0]}')
+  # The converted model in a bucket, its tokenizer files beside it (found there).
+  from panda_jax import storage
+  storage.upload_tree(str(setup['converted']), f'{gcs_bucket}/model')
+  storage.upload_tree(str(setup['work'] / 'tok'), f'{gcs_bucket}/model')
+  one = _cli(setup, f'--video={paths[0]}', checkpoint=f'{gcs_bucket}/model')
   assert one.returncode == 0, one.stderr[-3000:]
   assert one.stdout == _direct(setup, paths[0]) + '\n'
 
