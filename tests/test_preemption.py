@@ -135,6 +135,10 @@ def test_sigterm_stops_one_process_with_a_checkpoint_and_the_rerun_ends_as_unint
   assert last['step'] == summary['step'] == 3 and summary['preempted'] is True, summary
   assert _checkpoints(work) == [3]
   assert summary['loss'] == pytest.approx(reference[1][2], rel=1e-5)
+  # A next stage refuses to start from it (the checked summary comes before any restore).
+  from panda_jax.train import checkpoint as ckpt
+  with pytest.raises(ValueError, match=f'init.from_run={work}: that run was preempted at step 3'):
+    ckpt.load_params(str(work), None, None)
   # The same call again resumes and ends where the uninterrupted run did.
   _train_here(work, data[1])
   _assert_reference_end(_json(work, 'summary.json'), reference)

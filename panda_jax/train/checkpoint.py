@@ -291,6 +291,12 @@ def load_params(source, params, batch_stats, require=(), skip=()):
   step = latest_step(source)
   if step is None:
     raise FileNotFoundError(f'no checkpoint under {storage.join(source, "checkpoints")}')
+  summary = storage.join(source, 'summary.json')
+  if storage.exists(summary) and storage.read_json(summary).get('preempted'):
+    # A preempted stage exits 0 (SLURM's afterok takes that for success): never chain from it.
+    raise ValueError(f'init.from_run={source}: that run was preempted at step {step} before '
+                     'its end (summary.json); rerun its command to finish it, then start this '
+                     'stage')
   path = storage.path(source) / 'checkpoints' / str(step)
   # No item for a model without BatchNorm statistics (see `save`).
   stats = SavedTree(path / 'batch_stats') if storage.exists(path / 'batch_stats') else None
