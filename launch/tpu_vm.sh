@@ -78,7 +78,7 @@ halt_cmd() {
 # `wait`: polls every worker's status until all have exited 0 (exit 0) or one has failed (stops
 # the others, exits with its status).
 supervise() {
-  local poll=${TPU_WAIT_POLL:-10} grace=${TPU_KILL_GRACE:-20} out lines failed bad last=
+  local poll=${TPU_WAIT_POLL:-10} grace=${TPU_KILL_GRACE:-20} out lines failed codes bad last=
   if [ "$dry_run" = 1 ]; then
     ssh_workers all "$status_cmd"
     ssh_workers all "$(halt_cmd "$grace")"
@@ -97,7 +97,10 @@ supervise() {
       echo "tpu_vm.sh wait: failed: ${failed//$'\n'/; }; stopping every worker (SIGTERM, SIGKILL" \
            "after $grace s)" >&2
       ssh_workers all "$(halt_cmd "$grace")" || true
-      bad=$(grep -oE 'exited -?[0-9]+$' <<< "$failed" | head -n 1 | grep -oE '[0-9]+$' || true)
+      # The status of the worker that failed first: 3 is panda_jax's "stopped because another
+      # process failed" (distributed.PEER_FAILED_STATUS), so any other status wins.
+      codes=$(grep -oE 'exited -?[0-9]+$' <<< "$failed" | grep -oE '[0-9]+$' || true)
+      bad=$( (grep -vx 3 <<< "$codes" || true; echo "$codes") | grep -m 1 . || true)
       [ -n "$bad" ] && [ "$bad" -ge 1 ] && [ "$bad" -le 255 ] || bad=1
       exit "$bad"
     fi

@@ -157,12 +157,17 @@ cmd=${@: -1}
 for w in w0 w1; do HOME=$FAKE_ROOT/$w FAKE_HOST=$w bash -c "$cmd" || exit $?; done
 '''
 FAKE_PYTHON = r'''#!/usr/bin/env bash
-# `python -m panda_jax.main ARGS` on a fake worker: records its arguments; FAIL_ON=HOST exits 3
-# with a traceback there; elsewhere it trains until SIGTERM (STUCK_ON=HOST: ignores SIGTERM,
-# like a process blocked in a collective).
+# `python -m panda_jax.main ARGS` on a fake worker: records its arguments; FAIL_ON=HOST exits 1
+# with a traceback there; PEER_ON=HOST exits 3 a moment later (panda_jax's "another process
+# failed"); elsewhere it trains until SIGTERM (STUCK_ON=HOST: ignores SIGTERM, like a process
+# blocked in a collective).
 printf '%s\n' "$@" > args
 if [ "$FAKE_HOST" = "$FAIL_ON" ]; then
   sleep 0.5; echo 'Traceback (most recent call last):'; echo "ValueError: $FAKE_HOST broke" >&2
+  exit 1
+fi
+if [ "$FAKE_HOST" = "$PEER_ON" ]; then
+  sleep 0.7; echo "process 1 of 2 failed with ValueError: exiting" >&2
   exit 3
 fi
 trap 'if [ "$FAKE_HOST" = "$STUCK_ON" ]; then echo ignoring SIGTERM; else exit 0; fi' TERM
@@ -170,11 +175,12 @@ for i in $(seq 300); do sleep 0.1; done
 '''
 
 
-@pytest.mark.parametrize('fail_on', ['w1', ''])
-def test_tpu_vm_wait_stops_every_worker_when_one_fails(tmp_path, fail_on):
+@pytest.mark.parametrize('fail_on, peer', [('w1', False), ('w1', True), ('', False)])
+def test_tpu_vm_wait_stops_every_worker_when_one_fails(tmp_path, fail_on, peer):
   """`run` then `wait` on two fake workers: when w1 raises, `wait` names its error, stops w0 (it
-  ignores SIGTERM: SIGKILL after the grace) and exits with w1's status; when none fails
-  (`stop` makes both exit 0) it exits 0. The arguments reach python intact."""
+  ignores SIGTERM: SIGKILL after the grace) and exits with w1's status, also when w0 has exited
+  3 on hearing of it (`peer`: the status of the process that failed first is the one reported);
+  when none fails (`stop` makes both exit 0) it exits 0. The arguments reach python intact."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   for name, text in (('gcloud', FAKE_GCLOUD), ('python', FAKE_PYTHON),
@@ -185,7 +191,8 @@ def test_tpu_vm_wait_stops_every_worker_when_one_fails(tmp_path, fail_on):
     (tmp_path / w / 'panda-jax' / '.venv' / 'bin').mkdir(parents=True)
     (tmp_path / w / 'panda-jax' / '.venv' / 'bin' / 'activate').write_text('')
   env = dict(PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_ROOT=str(tmp_path), FAIL_ON=fail_on,
-             STUCK_ON='w0' if fail_on else '', TPU_WAIT_POLL='0.3', TPU_KILL_GRACE='2')
+             STUCK_ON='w0' if fail_on and not peer else '', PEER_ON='w0' if peer else '',
+             TPU_WAIT_POLL='0.3' if not peer else '1.5', TPU_KILL_GRACE='2')
   odd = "--workdir=gs://b/it's $HOME \"x\" \\n"
   try:
     r = _run(['bash', 'launch/tpu_vm.sh', 'n', 'z', 'run', '--config=configs/stage1.py', odd],
@@ -206,12 +213,17 @@ def test_tpu_vm_wait_stops_every_worker_when_one_fails(tmp_path, fail_on):
     assert args == ['-m', 'panda_jax.main', '--multihost', '--config=configs/stage1.py', odd]
     status = {w: (tmp_path / w / 'panda-jax' / 'run.status').read_text().strip()
               for w in ('w0', 'w1')}
-    if fail_on:
-      assert r.returncode == 3, (r.stdout, r.stderr)
-      assert 'panda-jax w1: exited 3' in r.stdout and 'ValueError: w1 broke' in r.stdout
-      assert 'failed: panda-jax w1: exited 3' in r.stderr
+    if peer:
+      assert r.returncode == 1, (r.stdout, r.stderr)
+      assert 'failed: panda-jax w0: exited 3; panda-jax w1: exited 1' in r.stderr
+      assert 'ValueError: w1 broke' in r.stdout
+      assert status == {'w0': '3', 'w1': '1'} and took < 15
+    elif fail_on:
+      assert r.returncode == 1, (r.stdout, r.stderr)
+      assert 'panda-jax w1: exited 1' in r.stdout and 'ValueError: w1 broke' in r.stdout
+      assert 'failed: panda-jax w1: exited 1' in r.stderr
       assert 'panda-jax w0: SIGKILL after 2 s' in r.stdout
-      assert status == {'w0': '137', 'w1': '3'} and took < 15
+      assert status == {'w0': '137', 'w1': '1'} and took < 15
     else:
       assert r.returncode == 0, (r.stdout, r.stderr)
       assert 'every worker exited 0' in r.stdout and status == {'w0': '0', 'w1': '0'}
