@@ -222,3 +222,21 @@ def test_restore_matching_reads_only_the_taken_shards(tmp_path, monkeypatch):
   assert got['llm']['embed'].sharding == params['llm']['embed'].sharding
   np.testing.assert_array_equal(np.asarray(got['llm']['embed'], np.float32),
                                 saved['params']['llm']['embed'].astype(jnp.bfloat16))
+
+
+def test_importing_the_checkpoint_module_registers_nothing():
+  # Orbax's global jax.Array handler is set by `manager` (before a save), not by an import.
+  code = '''
+import jax, orbax.checkpoint as ocp
+before = ocp.type_handlers.get_type_handler(jax.Array)
+from panda_jax.train import checkpoint as ckpt
+assert ocp.type_handlers.get_type_handler(jax.Array) is before, 'registered at import'
+ckpt.manager(__import__('tempfile').mkdtemp(), 1, 1)
+after = ocp.type_handlers.get_type_handler(jax.Array)
+assert after is not before and after._min_slice_bytes_for_replica_parallel == \\
+    ckpt.MIN_REPLICA_PARALLEL_SLICE_BYTES
+print('ok')
+'''
+  r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=subprocess_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-3000:]

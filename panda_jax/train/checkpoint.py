@@ -35,10 +35,6 @@ ITEMS = ('params', 'batch_stats', 'opt_state', 'meta', 'data')
 # 13 s of a 35 s four-step run with two saves. Arrays whose slices would be smaller than this
 # are written whole by their first replica (the 7B model's large weights still split).
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 4 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES),
-    override=True)
 # The keys of the data item: how many processes saved it, and their states in process order.
 PROCESS_COUNT, PROCESSES = 'process_count', 'processes'
 
@@ -92,7 +88,18 @@ def process_data_state(saved: Mapping, index: int, count: int, convert=None) -> 
   return dict(states[index])
 
 
+def _register_array_handler() -> None:
+  """Orbax's handler of jax.Array with MIN_REPLICA_PARALLEL_SLICE_BYTES, in Orbax's global
+  registry (done by `manager`, before the first save, not at import)."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES),
+      override=True)
+
+
 def manager(workdir, save_every: int, keep: int, async_save: bool = True):
+  """The CheckpointManager of a run's `workdir/checkpoints` (local or gs://)."""
+  _register_array_handler()
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=1, max_to_keep=keep, create=True,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
