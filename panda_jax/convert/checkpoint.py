@@ -9,11 +9,21 @@ else is refused). Tensors stream shard by shard into preallocated arrays, so a 7
 converts within the host's memory. The output directory gets the Orbax checkpoint under
 `variables/` and our model config as `panda_config.json` (DST may be `gs://...`); `load_converted` reads both back,
 optionally straight into sharded device arrays.
+
+  python -m panda_jax.convert.checkpoint --src=FILE.gguf --dst=DIR --model=llama
+
+A llama.cpp GGUF file (`--format=gguf`, or any SRC ending in `.gguf`) holding a Llama:
+its tensors are dequantized to float32 and mapped to Hugging Face names with their query/key
+rows un-permuted (`panda_jax.convert.gguf`), then converted by the same `convert_llama`; the
+tokenizer and chat template in its metadata are saved beside the weights
+(`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`), so DIR is also the
+tokenizer directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from typing import Any
 
@@ -24,6 +34,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
 from panda_jax import storage
+from panda_jax.convert import gguf as gguf_io
 from panda_jax.convert import hf_io
 from panda_jax.convert.llama import config_from_hf, convert_llama
 from panda_jax.convert.panda import convert_panda, panda_config_from_hf
@@ -93,16 +104,41 @@ def infer_panda_config(src, hf: dict, image_size: int = 448, stab_heads: int = 8
   return cfg
 
 
+FORMATS = ('auto', 'hf', 'gguf')
+
+
+def source_format(src, fmt: str = 'auto') -> str:
+  """'hf' (a Hugging Face directory) or 'gguf' (a llama.cpp file); 'auto' goes by the suffix."""
+  if fmt not in FORMATS:
+    raise ValueError(f'format={fmt!r}; expected one of {list(FORMATS)}')
+  if fmt != 'auto':
+    return fmt
+  return 'gguf' if str(src).lower().endswith('.gguf') else 'hf'
+
+
 def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bfloat16',
-                      image_size: int = 448, stab_heads: int = 8) -> Any:
-  """Converts `src` (Hugging Face layout) into `dst`; returns our config."""
+                      image_size: int = 448, stab_heads: int = 8, fmt: str = 'auto') -> Any:
+  """Converts `src` (a Hugging Face directory, or a GGUF Llama file: see `fmt`) into `dst`;
+  returns our config."""
   if llm_dtype not in DTYPES:
     raise ValueError(f'llm_dtype={llm_dtype!r}; expected one of {sorted(DTYPES)}')
+  fmt = source_format(src, fmt)
+  if fmt == 'gguf' and model != 'llama':
+    raise ValueError(f'{src} is a GGUF file, which holds a plain Llama decoder, but '
+                     f'model={model!r}; use --model=llama')
   src = storage.local_copy(src)     # a gs:// release is copied to the local cache once
-  hf = hf_io.read_config(src)
   dst = storage.path(dst)
   if storage.exists(dst / 'variables'):
     raise FileExistsError(f'{dst / "variables"} already exists; choose an empty --dst')
+  tokenizer = None
+  if fmt == 'gguf':
+    hf, tensors, tokenizer = gguf_io.read_gguf(src)
+    cfg = config_from_hf(hf)
+    variables = {'params': convert_llama(tensors, cfg, dtype=DTYPES[llm_dtype],
+                                         tie_embeddings=hf['tie_word_embeddings'])}
+    _save(dst, model, cfg, variables, tokenizer)
+    return cfg
+  hf = hf_io.read_config(src)
   if model == 'llama':
     cfg = config_from_hf(hf)
     variables = {'params': convert_llama(_progress(src), cfg, dtype=DTYPES[llm_dtype],
@@ -112,6 +148,12 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
     variables = convert_panda(_progress(src), cfg, llm_dtype=DTYPES[llm_dtype])
   else:
     raise ValueError(f'model={model!r}; expected llama or video_panda')
+  _save(dst, model, cfg, variables)
+  return cfg
+
+
+def _save(dst, model: str, cfg, variables, tokenizer=None) -> None:
+  """Writes the Orbax variables, our config and (if given) the tokenizer's files to `dst`."""
   storage.makedirs(dst)
   ckptr = ocp.StandardCheckpointer()
   # Stored in chunks of at most CHUNK_BYTES: a process restoring its shards reads only the
@@ -121,7 +163,10 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
       lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), variables))
   ckptr.wait_until_finished()
   storage.write_json(dst / CONFIG_FILE, config_to_json(model, cfg), indent=2)
-  return cfg
+  if tokenizer is not None:
+    with tempfile.TemporaryDirectory() as tmp:
+      tokenizer.save_pretrained(tmp)
+      storage.upload_tree(tmp, dst)
 
 
 def read_converted_config(dst):
@@ -149,12 +194,16 @@ def load_converted(dst, shardings=None):
   return model, cfg, variables
 
 
-_SRC = flags.DEFINE_string('src', None, 'Released checkpoint directory (config.json + weights).')
+_SRC = flags.DEFINE_string('src', None, 'Released checkpoint directory (config.json + weights), '
+                           'or a GGUF Llama file (with --model=llama).')
 _DST = flags.DEFINE_string('dst', None, 'Output directory (created; must not hold variables/).')
 _MODEL = flags.DEFINE_enum('model', 'video_panda', ['video_panda', 'llama'],
                            'What the checkpoint holds.')
 _DTYPE = flags.DEFINE_enum('llm_dtype', 'bfloat16', sorted(DTYPES),
                            'Storage dtype of the decoder weights.')
+_FORMAT = flags.DEFINE_enum('format', 'auto', list(FORMATS),
+                            'Source format: hf (a Hugging Face directory), gguf (a llama.cpp '
+                            'file), auto (gguf when --src ends in .gguf).')
 _IMAGE = flags.DEFINE_integer('image_size', 448, 'Student frame size (not in the weights).')
 _HEADS = flags.DEFINE_integer('stab_heads', 8, 'STAB attention heads (not in the weights).')
 
@@ -165,7 +214,7 @@ def main(argv):
     raise app.UsageError('--src and --dst are required')
   t0 = time.perf_counter()
   cfg = convert_directory(_SRC.value, _DST.value, _MODEL.value, _DTYPE.value, _IMAGE.value,
-                          _HEADS.value)
+                          _HEADS.value, _FORMAT.value)
   print(f'converted {_MODEL.value} from {_SRC.value} to {_DST.value} in '
         f'{time.perf_counter() - t0:.0f}s; config: {cfg}')
 
