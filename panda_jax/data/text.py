@@ -85,14 +85,23 @@ class TokenizationMismatchError(ValueError):
 
 
 def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
-                   use_fast: bool | None = None, legacy: bool | None = True) -> Any:
-  """The Llama tokenizer from a local directory, set up the way Video-Panda uses it.
+                   use_fast: bool | None = None, legacy: bool | None = True,
+                   force_bos: bool | None = None) -> Any:
+  """The tokenizer from a local directory, set up the way Video-Panda uses it.
 
   The directory (local or `gs://`; a remote one is copied to the local cache first,
   `storage.local_copy`) holds `tokenizer.json` and/or the SentencePiece `tokenizer.model` (with
-  `tokenizer_config.json`), as a Hugging Face checkpoint does; nothing is downloaded. Settings
-  (reference train.py `train()`): BOS added, no EOS added, right padding, pad token = unk token
-  (id 0; set unconditionally, as the reference does for the v1 template), `model_max_length`.
+  `tokenizer_config.json`), as a Hugging Face checkpoint does; nothing is downloaded.
+
+  Two set-ups, chosen by `force_bos`:
+    * Llama (Vicuna; the `vicuna_v1` / `videopanda_v1` templates), reference train.py
+      `train()`: BOS added, no EOS added, right padding, pad token = unk token (id 0; set
+      unconditionally, as the reference does for the v1 template), `model_max_length`; checked
+      by `check_tokenizer`.
+    * The tokenizer's own (a GPT-2-style BPE such as SmolLM2's, for the `chatml` template):
+      BOS and EOS added or not as its files say (SmolLM2 adds neither), right padding,
+      `model_max_length`; pad token: its own pad token, else its EOS (it need not have an unk
+      token). Nothing is forced: forcing BOS on SmolLM2's would prepend `<|im_start|>`.
 
   Args:
     path: the directory.
@@ -104,11 +113,16 @@ def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
       "USER" after "</s>") gets the SentencePiece '▁' prefix, as with the reference's
       transformers 4.31 slow tokenizer, so the reference's per-round label offsets hold for
       multi-turn conversations. False gives the newer behaviour, for which they do not (see
-      `tokenize_conversation`). None keeps the directory's setting.
+      `tokenize_conversation`). None keeps the directory's setting. Llama set-up only.
+    force_bos: True: the Llama set-up; False: the tokenizer's own. None (default): the
+      tokenizer's own when the directory has no `tokenizer.model` and its chat template (in
+      `tokenizer_config.json` or `chat_template.jinja`) is ChatML (mentions `<|im_start|>`),
+      the Llama set-up otherwise (today's behaviour for every Llama/SentencePiece tokenizer).
   Returns:
     the transformers tokenizer.
   Raises:
-    FileNotFoundError / ValueError naming `path` if it cannot be loaded or does not add BOS.
+    FileNotFoundError / ValueError naming `path` if it cannot be loaded, has no token to pad
+    with, or (Llama set-up) does not add BOS.
   """
   path = os.fspath(path)
   if not storage.isdir(path):
@@ -128,25 +142,51 @@ def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
                      'package (pip install sentencepiece), or add a tokenizer.json')
   if use_fast is None:
     use_fast = not (has_spm and has_sentencepiece)
+  if force_bos is None:
+    force_bos = has_spm or '<|im_start|>' not in _chat_template_text(path)
 
   import transformers  # pylint: disable=import-outside-toplevel
-  kwargs: dict[str, Any] = dict(model_max_length=model_max_length, padding_side='right',
-                                add_bos_token=True, add_eos_token=False)
-  if legacy is not None:
-    kwargs['legacy'] = legacy
+  kwargs: dict[str, Any] = dict(model_max_length=model_max_length, padding_side='right')
+  if force_bos:
+    kwargs.update(add_bos_token=True, add_eos_token=False)
+    if legacy is not None:
+      kwargs['legacy'] = legacy
   try:
     tok = transformers.AutoTokenizer.from_pretrained(path, use_fast=use_fast,
                                                      local_files_only=True, **kwargs)
   except Exception as e:  # transformers raises many kinds; say which directory failed
     raise ValueError(f'cannot load a tokenizer from {shown!r}: {type(e).__name__}: {e}') from e
-  if tok.unk_token is not None:
-    tok.pad_token = tok.unk_token
+  if force_bos:
+    if tok.unk_token is not None:
+      tok.pad_token = tok.unk_token
+    elif tok.pad_token is None:
+      raise ValueError(f'tokenizer at {shown!r} has neither an unk nor a pad token to pad with')
   elif tok.pad_token is None:
-    raise ValueError(f'tokenizer at {shown!r} has neither an unk nor a pad token to pad with')
+    if tok.eos_token is None:
+      raise ValueError(f'tokenizer at {shown!r} has neither a pad nor an EOS token to pad with')
+    tok.pad_token = tok.eos_token
   tok.model_max_length = model_max_length
   tok.padding_side = 'right'
-  check_tokenizer(tok, where=shown)
+  if force_bos:
+    check_tokenizer(tok, where=shown)
   return tok
+
+
+def _chat_template_text(path: str) -> str:
+  """The chat template(s) saved in the local tokenizer directory `path` ('' when none)."""
+  found = ''
+  jinja = os.path.join(path, 'chat_template.jinja')
+  if os.path.isfile(jinja):
+    with open(jinja, encoding='utf-8') as f:
+      found += f.read()
+  config = os.path.join(path, 'tokenizer_config.json')
+  if os.path.isfile(config):
+    try:
+      with open(config, encoding='utf-8') as f:
+        found += json.dumps(json.load(f).get('chat_template') or '')
+    except (OSError, ValueError):
+      pass   # from_pretrained reports a broken config, naming the directory
+  return found
 
 
 class _Ids:
@@ -211,20 +251,33 @@ def check_tokenizer(tokenizer: Any, where: str = 'tokenizer') -> None:
                      'template writes "</s>" itself (set add_eos_token=False)')
 
 
-def tokenizer_image_token(tokenizer: Any, prompt: str) -> list[int]:
+def adds_bos(tokenizer: Any) -> bool:
+  """Whether `tokenizer(text)` starts with the BOS id it adds (tried on plain text)."""
+  ids = list(tokenizer('a b').input_ids)
+  return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
+def tokenizer_image_token(tokenizer: Any, prompt: str, bos: bool | None = None) -> list[int]:
   """Token ids of `prompt` with one IMAGE_TOKEN_INDEX per `<image>` marker.
 
   The reference's `mm_utils.tokenizer_image_token`: the text between markers is tokenized
   piece by piece (each piece on its own, with BOS); the first piece keeps its BOS, the others
-  lose their first token (their BOS) when the tokenizer adds one.
+  lose their first token (their BOS) when the tokenizer adds one. Since the markers are split
+  off before tokenizing, they are never word pieces, whatever the tokenizer.
 
+  Args:
+    bos: whether the tokenizer adds a BOS (`adds_bos`). None: the reference's test, the first
+      piece starting with the BOS id, which is wrong for a tokenizer whose BOS is a token the
+      text itself starts with (SmolLM2's BOS is `<|im_start|>`): pass it for those.
   Returns:
     ids, a list of length (tokens of the pieces, without the dropped BOS) + (number of markers).
   """
   chunks = [list(tokenizer(c).input_ids) for c in prompt.split(IMAGE_PLACEHOLDER)]
   ids: list[int] = []
   skip = 0
-  if chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+  if bos is None:
+    bos = bool(chunks[0]) and chunks[0][0] == tokenizer.bos_token_id
+  if bos:
     skip = 1
     ids.append(chunks[0][0])
   for i, chunk in enumerate(chunks):
@@ -562,6 +615,46 @@ def build_tokenizer(dirname, corpus, vocab_size: int = 450, tokenizer_class='Lla
   config = dict(tokenizer_class=tokenizer_class, bos_token='<s>', eos_token='</s>',
                 unk_token='<unk>', pad_token=None, add_bos_token=True, add_eos_token=False,
                 model_max_length=2048, clean_up_tokenization_spaces=False, legacy=legacy)
+  with open(os.path.join(dirname, 'tokenizer_config.json'), 'w') as f:
+    json.dump(config, f)
+  return dirname
+
+
+# SmolLM2-Instruct's chat template (tokenizer_config.json), the ChatML form `templates.ChatML`
+# writes.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_chatml_tokenizer(dirname, corpus, vocab_size: int = 400, unk: bool = True,
+                           pad: bool = True, chat_template: str = SMOLLM2_CHAT_TEMPLATE):
+  """Trains a small SmolLM2-style tokenizer on `corpus` and writes it as a Hugging Face directory.
+
+  GPT-2 byte-level BPE (no BOS or EOS added), `<|endoftext|>`=0, `<|im_start|>`=1,
+  `<|im_end|>`=2 as in SmolLM2: BOS `<|im_start|>`, EOS `<|im_end|>`, pad `<|im_end|>` (or
+  none: `pad=False`), unk `<|endoftext|>` (or none: `unk=False`), its ChatML `chat_template`.
+  For tests and tiny runs, where no released tokenizer can be downloaded.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  os.makedirs(dirname, exist_ok=True)
+  tok.save(os.path.join(dirname, 'tokenizer.json'))
+  config = dict(tokenizer_class='GPT2Tokenizer', bos_token='<|im_start|>',
+                eos_token='<|im_end|>', pad_token='<|im_end|>' if pad else None,
+                unk_token='<|endoftext|>' if unk else None, add_prefix_space=False,
+                model_max_length=2048, clean_up_tokenization_spaces=False,
+                chat_template=chat_template)
   with open(os.path.join(dirname, 'tokenizer_config.json'), 'w') as f:
     json.dump(config, f)
   return dirname
