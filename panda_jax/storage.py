@@ -290,10 +290,12 @@ def scratch_dir(workdir: PathLike, name: str) -> str:
 def local_copy(p: PathLike) -> str:
   """A local path holding what `p` holds: `p` itself when it is local, else a copy of the
   remote file or directory tree in the cache (`cache_root()/remote/<hash>/<name>`), for the
-  libraries that read only local files (transformers' tokenizers, ArrayRecord, PyAV).
+  libraries that read only local files (transformers' tokenizers, Hugging Face checkpoint
+  directories).
 
-  A copy is reused when every remote file's size matches; a remote path that does not exist
-  raises FileNotFoundError naming it.
+  A file's copy is reused while the remote file is the version it was copied from (its object
+  generation; recorded beside the copies, in `<hash>/.stamps`); a remote path that does not
+  exist raises FileNotFoundError naming it.
   """
   s = os.fspath(p)
   if not is_remote(s):
@@ -303,29 +305,43 @@ def local_copy(p: PathLike) -> str:
     if not src.exists():
       raise FileNotFoundError(f'cannot copy {s}: no such file or directory')
     name = src.name or 'root'
-    dst = os.path.join(cache_root(), 'remote', hashlib.sha256(s.encode()).hexdigest()[:16],
-                       name)
-    if not src.is_dir():
-      _copy_file(src, dst)
-      return dst
-    _copy_tree(src, dst)
+    root = os.path.join(cache_root(), 'remote', hashlib.sha256(s.encode()).hexdigest()[:16])
+    dst, stamps = os.path.join(root, name), os.path.join(root, '.stamps', name)
+    if src.is_dir():
+      _copy_tree(src, dst, stamps)
+    else:
+      _copy_file(src, dst, stamps)
   return dst
 
 
-def _copy_tree(src: epath.Path, dst: str) -> None:
+def _copy_tree(src: epath.Path, dst: str, stamps: str) -> None:
   for child in src.iterdir():
-    if child.is_dir():
-      _copy_tree(child, os.path.join(dst, child.name))
-    else:
-      _copy_file(child, os.path.join(dst, child.name))
+    copy = _copy_tree if child.is_dir() else _copy_file
+    copy(child, os.path.join(dst, child.name), os.path.join(stamps, child.name))
 
 
-def _copy_file(src: epath.Path, dst: str) -> None:
-  """Copies remote `src` to local `dst` unless a file of its size is already there."""
-  size = src.stat().length
-  if os.path.exists(dst) and os.path.getsize(dst) == size:
-    return
-  os.makedirs(os.path.dirname(dst), exist_ok=True)
+def _version(src: epath.Path) -> str:
+  """What changes whenever the remote file `src` is written: its object generation (Cloud
+  Storage), else its ETag or checksum, with its size."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  fs, rel = fsspec.core.url_to_fs(os.fspath(src))
+  info = fs.info(rel)
+  for key in ('generation', 'ETag', 'etag', 'md5Hash', 'crc32c', 'mtime', 'updated'):
+    if info.get(key):
+      return f'{key}={info[key]} size={info.get("size")}'
+  return f'size={info.get("size")}'
+
+
+def _copy_file(src: epath.Path, dst: str, stamp: str) -> None:
+  """Copies remote `src` to local `dst` unless the copy there is of the same version
+  (`_version`, recorded in the file `stamp`)."""
+  version = _version(src)
+  if os.path.exists(dst) and os.path.exists(stamp):
+    with open(stamp) as f:
+      if f.read() == version:
+        return
+  for d in (os.path.dirname(dst), os.path.dirname(stamp)):
+    os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix='.part.', dir=os.path.dirname(dst))
   try:
     with os.fdopen(fd, 'wb') as out, src.open('rb') as f:
@@ -336,6 +352,8 @@ def _copy_file(src: epath.Path, dst: str) -> None:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+  with open(stamp, 'w') as f:
+    f.write(version)
 
 
 def upload_tree(local_dir: str, p: PathLike) -> None:

@@ -50,6 +50,10 @@ def test_whole_files_line_logs_and_listings_on_a_bucket_and_on_disk(gcs_bucket, 
   with open(os.path.join(local, 'sub', 'b.bin'), 'rb') as f:
     assert f.read() == b'\x00\x01' * 1000
   assert open(os.path.join(local, 'c.txt')).read() == 'c'
+  # Copied again when the remote file changes, even to the same size.
+  storage.write_text(f'{gcs_bucket}/tree/c.txt', 'd')
+  assert open(os.path.join(storage.local_copy(f'{gcs_bucket}/tree'), 'c.txt')).read() == 'd'
+  assert sorted(os.listdir(local)) == ['c.txt', 'sub']     # nothing else among the copies
   assert storage.local_copy(str(tmp_path)) == str(tmp_path)
 
 
