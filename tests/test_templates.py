@@ -6,6 +6,9 @@ A tiny SmolLM2-style tokenizer (GPT-2 byte-level BPE, `<|im_start|>`/`<|im_end|>
 no BOS added, ChatML `chat_template`) is built here by `text.build_chatml_tokenizer`.
 """
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -172,3 +175,30 @@ def test_chatml_conversation_errors(tok):
     t.prompt([('hi', None), ('ho', 'yo')])
   with pytest.raises(ValueError, match='on_mismatch'):
     t.tokenize(tok, [('<video>\nhi', 'yo')], on_mismatch='ignore')
+
+
+def test_training_sample_with_chatml(tmp_path):
+  """ProcessSample (data.system_prompt='chatml') learns only the answer and its <|im_end|>."""
+  from panda_jax import config as config_lib
+  from panda_jax.data import pipeline, synthetic
+  root = str(tmp_path)
+  ds = synthetic.make_dataset(root, 1, width=64, height=48, fps=8, duration_s=1.0,
+                              eval_fraction=0)
+  record = json.load(open(ds.train_captions))[0]
+  answer = record['conversations'][1]['value']
+  corpus = [m['value'].replace('<video>', '') for m in record['conversations']]
+  tok_dir = text.build_chatml_tokenizer(os.path.join(root, 'tok'), (CORPUS + corpus) * 2)
+  stab = config_lib.stab_config(config_lib.model_config('tiny'))
+  proc = pipeline.ProcessSample(root, tok_dir, stab, 4, 400, system_prompt='chatml',
+                                system_message='Be brief.')
+  out = proc(record)
+  assert 'skip' not in out, out
+  tok = proc.tokenizer
+  learned = [int(i) for i in out['labels'] if i != IGNORE_INDEX]
+  assert learned == list(tok(answer).input_ids) + [tok.convert_tokens_to_ids('<|im_end|>')]
+  assert 'Be brief.' in tok.decode([i for i in out['ids'] if i >= 0])
+  assert int(np.sum(out['ids'] == IMAGE_TOKEN_INDEX)) == 4
+  with pytest.raises(ValueError, match=r"system prompt 'llava': unknown conversation template"):
+    pipeline.ProcessSample(root, tok_dir, stab, 4, 400, system_prompt='llava')
+  with pytest.raises(ValueError, match=r"system prompt 'vicuna_v1': the tokenizer .* EOS is '<.im_end.>'"):
+    pipeline.ProcessSample(root, tok_dir, stab, 4, 400, system_prompt='vicuna_v1')

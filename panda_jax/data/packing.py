@@ -561,7 +561,8 @@ class PackedProcessSample(pipeline.ProcessSample):
   """
 
   def __init__(self, source, tokenizer_dir: str, stab: StabConfig, frames: int, max_len: int,
-               teacher_features: bool = False, system_prompt: str = 'videopanda_v1'):
+               teacher_features: bool = False, system_prompt: str = 'videopanda_v1',
+               system_message: str | None = None):
     info = source.dataset_info
     meta = info.metadata or {}
     if meta.get('kind') != 'conversations':
@@ -571,7 +572,7 @@ class PackedProcessSample(pipeline.ProcessSample):
       raise PackingError(f'{info.data_dir} was packed with frames={meta.get("frames")}; the '
                          f'run needs frames={frames} (pack again with --frames={frames})')
     super().__init__(os.fspath(info.data_dir), tokenizer_dir, stab, frames, max_len,
-                     system_prompt=system_prompt)
+                     system_prompt=system_prompt, system_message=system_message)
     self.source = source
     self.use_teacher = bool(teacher_features)
     self.teacher_shape = None

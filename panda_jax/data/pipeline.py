@@ -46,7 +46,7 @@ from typing import Mapping, Sequence
 import grain
 import numpy as np
 
-from panda_jax.data import text
+from panda_jax.data import templates, text
 from panda_jax.data.assembly import layout_batch
 from panda_jax.data.video import (PaddedFrames, VideoDecodeError, decode_frames, finish_frames,
                                   pad_frames)
@@ -218,7 +218,8 @@ class ProcessSample:
 
   def __init__(self, video_root: str, tokenizer_dir: str, stab: StabConfig, frames: int,
                max_len: int, timeout_s: float = 30.0, teacher_features: str = '',
-               system_prompt: str = 'videopanda_v1', video_cache_mb: float = 0.0):
+               system_prompt: str = 'videopanda_v1', video_cache_mb: float = 0.0,
+               system_message: str | None = None):
     self.video_root = video_root
     self.tokenizer_dir = tokenizer_dir
     self.stab = stab
@@ -230,12 +231,20 @@ class ProcessSample:
     # races on transformers' lazy imports.
     # Its calls on one string are remembered (`text.MemoTokenizer`: most pieces of a
     # conversation repeat from sample to sample).
-    self.tokenizer = text.MemoTokenizer(
-        text.load_tokenizer(tokenizer_dir, model_max_length=10 ** 6))
-    if system_prompt not in text.SYSTEM_PROMPTS:
-      raise ValueError(f'system prompt {system_prompt!r}; expected one of '
-                       f'{sorted(text.SYSTEM_PROMPTS)}')
-    self.system = text.SYSTEM_PROMPTS[system_prompt]
+    # `system_prompt` names the conversation template (`templates.NAMES`: 'videopanda_v1',
+    # 'vicuna_v1', 'chatml'); `system_message` replaces its system message (None: its own).
+    try:
+      self.template = templates.get(system_prompt, system_message)
+    except ValueError as e:
+      raise ValueError(f'system prompt {system_prompt!r}: {e}') from e
+    self.system = self.template.system
+    self.tokenizer = text.MemoTokenizer(text.load_tokenizer(
+        tokenizer_dir, model_max_length=10 ** 6, force_bos=self.template.force_bos))
+    try:
+      self.template.check(self.tokenizer)
+    except ValueError as e:
+      raise ValueError(f'system prompt {system_prompt!r}: the tokenizer {tokenizer_dir} cannot '
+                       f'write this conversation template: {e}') from e
     self.teacher_features = teacher_features
     # `VIDEO_CACHE`'s size in MiB (0: every sample decodes its video). A clip's entry takes
     # `frames` x (size^2 + (size / 2)^2) x 3 bytes: 184 KiB at the demo's 4 x 112 px, 5.7 MiB at
@@ -290,8 +299,7 @@ class ProcessSample:
     path = os.path.join(self.video_root, record['video'])
     try:
       turns = text.as_turns(record['conversations'])
-      ids, labels = text.tokenize_conversation(self.tokenizer, turns, num_frames=self.frames,
-                                               system=self.system)
+      ids, labels = self.template.tokenize(self.tokenizer, turns, num_frames=self.frames)
     except (ValueError, text.TokenizationMismatchError) as e:
       return {'skip': 'bad_conversation', 'path': path, 'detail': str(e)[:200]}
     try:

@@ -100,6 +100,10 @@ class Vicuna(Template):
 
   def check(self, tokenizer) -> None:
     text.check_tokenizer(tokenizer)
+    if tokenizer.eos_token != text.SEP2:
+      raise ValueError(f'the {self.name} template ends a turn with {text.SEP2!r}, but the '
+                       f"tokenizer's EOS is {tokenizer.eos_token!r} (a Llama/Vicuna tokenizer "
+                       'is needed; for a ChatML one use the chatml template)')
 
 
 @dataclasses.dataclass(frozen=True)
