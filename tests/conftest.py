@@ -120,6 +120,28 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files stay whole
 
 
+
+def require_package(module: str, install: str):
+  """Imports `module` (a package the tests need beyond requirements.txt); when it is missing,
+  skips the test with the command `install` that brings it, except in CI (CI=true), where the
+  ImportError stands."""
+  import importlib
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    if e.name != module or os.environ.get('CI'):
+      raise
+    pytest.skip(f'{module} is not installed: {install}')
+
+
+def process_gone(pid: int) -> bool:
+  """True once `pid` no longer runs (absent, or a zombie nobody reaped)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+  except FileNotFoundError:
+    return True
+
 # ------------------------------------------------------------------------------------------
 # A Cloud Storage server on loopback for the gs:// tests.
 

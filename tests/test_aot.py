@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import require_package, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = re.compile(r'RESULT compiler=(\w+) topology=(\S+) per_device_gib=([0-9.]+) '
@@ -47,14 +47,8 @@ def test_aot_benchmark_reports_memory_and_flops():
 
 
 def _require_libtpu():
-  """Imports libtpu; without it, skips outside CI (CI=true: the error stands)."""
-  try:
-    import libtpu  # noqa: F401
-  except ImportError as e:
-    if e.name != 'libtpu' or os.environ.get('CI'):
-      raise
-    pytest.skip('libtpu is not installed: pip install -r requirements-tpu.txt '
-                '(requirements-test.txt includes it)')
+  require_package('libtpu', 'pip install -r requirements-tpu.txt (requirements-test.txt '
+                  'includes it)')
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import process_gone, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(ROOT, 'launch', 'local.sh')
@@ -18,15 +18,6 @@ def _local(*args, **kwargs):
   return subprocess.Popen(['bash', LOCAL, *args], cwd=ROOT,
                           env=subprocess_env(PYTHON=sys.executable, LOCAL_KILL_GRACE='5'),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def _gone(pid):
-  """True once `pid` no longer runs (absent, or a zombie nobody reaped)."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
-  except FileNotFoundError:
-    return True
 
 
 @pytest.mark.slow
@@ -63,9 +54,9 @@ def test_a_failed_process_stops_the_others():
   assert proc.returncode == 128 + signal.SIGKILL, err[-3000:]
   assert f'process 1 (pid {pids[1]}) exited with status 137; stopping the others' in err
   deadline = time.time() + 10
-  while not _gone(pids[0]) and time.time() < deadline:
+  while not process_gone(pids[0]) and time.time() < deadline:
     time.sleep(0.2)
-  assert _gone(pids[0]), f'process 0 (pid {pids[0]}) still runs'
+  assert process_gone(pids[0]), f'process 0 (pid {pids[0]}) still runs'
 
 
 def test_a_process_that_fails_at_once_stops_the_others(tmp_path):
@@ -92,7 +83,7 @@ esac
   assert proc.returncode == 3, err
   assert 'process 1 (pid ' in err and 'exited with status 3; stopping the others' in err, err
   pid0 = int(out.split('process 0 of 2: pid ')[1].split(',')[0])
-  assert _gone(pid0), f'process 0 (pid {pid0}) still runs'
+  assert process_gone(pid0), f'process 0 (pid {pid0}) still runs'
 
 
 @pytest.mark.parametrize('args, message', [

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import require_package
 from panda_jax import config as config_lib
 from panda_jax.data import packing, pipeline, synthetic, text
 from panda_jax.data.video import VideoDecodeError, decode_frames
@@ -292,14 +293,8 @@ def _records(src) -> list[dict]:
 
 
 def _require_beam():
-  """Imports apache_beam; without it, skips outside CI (CI=true: the error stands)."""
-  try:
-    import apache_beam  # noqa: F401
-  except ImportError as e:
-    if e.name != 'apache_beam' or os.environ.get('CI'):
-      raise
-    pytest.skip('apache_beam is not installed: pip install -r requirements-beam.txt '
-                '(requirements-test.txt includes it)')
+  require_package('apache_beam', 'pip install -r requirements-beam.txt '
+                  '(requirements-test.txt includes it)')
 
 
 def test_beam_build_equals_the_in_process_build(data, monkeypatch):

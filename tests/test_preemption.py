@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from conftest import process_gone
 from panda_jax import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,7 +209,7 @@ class _Launch:
       self.proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
       pass
-    gone = lambda: all(_gone(p) for p in self.pids.values())
+    gone = lambda: all(process_gone(p) for p in self.pids.values())
     while not gone() and time.time() - t0 < timeout:
       time.sleep(0.2)
     took = time.time() - t0 if self.proc.poll() is not None and gone() else float('inf')
@@ -222,15 +223,6 @@ class _Launch:
       self.proc.wait(timeout=30)
     self.reader.join(timeout=30)
     return took
-
-
-def _gone(pid):
-  """True once `pid` no longer runs (absent, or a zombie nobody reaped)."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
-  except FileNotFoundError:
-    return True
 
 
 def _stopped(launch, workdir, signalled_at) -> dict:
