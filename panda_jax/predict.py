@@ -149,9 +149,8 @@ def answer_videos(predictor, paths: list[str], question: str, frames: int = 8,
 
 def main(argv):
   from absl import app, flags
-  from panda_jax.data import text
   from panda_jax.eval.generate import Sampling
-  from panda_jax.eval.predict import Predictor
+  from panda_jax.eval.predict import Predictor, load_text
   from panda_jax.eval.videoqa import load_model
   del argv
   f = flags.FLAGS
@@ -172,13 +171,15 @@ def main(argv):
       report(f.video, f'no video files (extensions {", ".join(VIDEO_EXTENSIONS)})')
     sys.exit(1)
   try:
-    tok = text.load_tokenizer(resolve_tokenizer(f.checkpoint, f.tokenizer))
+    tok, template = load_text(resolve_tokenizer(f.checkpoint, f.tokenizer), f.template,
+                              f.system_message, f.checkpoint)
     cfg, variables = load_model(f.checkpoint)
   except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  predictor = Predictor(cfg, variables, tok,
-                        Sampling(max_new_tokens=f.max_new_tokens, eos_id=tok.eos_token_id))
+  predictor = Predictor(cfg, variables, tok, Sampling(max_new_tokens=f.max_new_tokens,
+                                                      eos_id=template.stop_id(tok)),
+                        template=template)
   answered = answer_videos(predictor, videos, f.question, f.frames, f.json,
                            prefix=os.path.isdir(f.video), timeout_s=f.timeout_s, report=report)
   if answered == 0:
@@ -194,5 +195,9 @@ if __name__ == '__main__':
   flags.DEFINE_bool('json', False, 'One JSON object per video instead of streamed text.')
   flags.DEFINE_string('tokenizer', None, 'Tokenizer directory (default: see the module doc).')
   flags.DEFINE_integer('max_new_tokens', 1024, 'Answer length limit (the reference: 1024).')
+  flags.DEFINE_string('template', '', 'Conversation template: videopanda_v1, vicuna_v1 or '
+                      'chatml; default: a training workdir\'s data.system_prompt, else chatml '
+                      'for a tokenizer with a ChatML chat template, else videopanda_v1.')
+  flags.DEFINE_string('system_message', None, 'Replaces the template\'s system message.')
   flags.DEFINE_float('timeout_s', 60.0, 'Per-video decoding time budget.')
   app.run(main)

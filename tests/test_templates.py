@@ -202,3 +202,50 @@ def test_training_sample_with_chatml(tmp_path):
     pipeline.ProcessSample(root, tok_dir, stab, 4, 400, system_prompt='llava')
   with pytest.raises(ValueError, match=r"system prompt 'vicuna_v1': the tokenizer .* EOS is '<.im_end.>'"):
     pipeline.ProcessSample(root, tok_dir, stab, 4, 400, system_prompt='vicuna_v1')
+
+
+def test_predictor_and_clis_use_the_template(tok, chatml_dir, tmp_path):
+  """Predictor's prompts and stop id come from its template; `load_text` (the CLIs' door)
+  picks the template by name, a workdir's data.system_prompt or the tokenizer's own."""
+  import jax
+  from panda_jax.eval.predict import Predictor, load_text
+  from panda_jax.models.panda import VideoPanda
+  from test_predict import CFG
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from conftest import box_mask
+  from panda_jax.data.assembly import layout_batch
+  # Zero parameters of the right shapes (traced, not compiled): nothing here runs the model.
+  f = 4
+  ids = np.array([[1] + [IMAGE_TOKEN_INDEX] * f + [5]])
+  mask = np.asarray(box_mask(1, f, [(0, 112, 0, 112)] * f))
+  lay = layout_batch(ids, None, np.ones_like(ids), mask, CFG.stab, max_len=96)
+  batch = dict({k: jnp.asarray(v) for k, v in lay.items()},
+               pixels=jnp.zeros(mask.shape + (3,), jnp.float32), mask=jnp.asarray(mask))
+  shapes = jax.eval_shape(lambda b: nn.unbox(VideoPanda(CFG).init(
+      jax.random.PRNGKey(1), b, with_distill=False)), batch)
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  pred = Predictor(CFG, variables, tok, template='chatml')
+  assert pred.sampling.eos_id == tok.convert_tokens_to_ids('<|im_end|>')
+  np.testing.assert_array_equal(pred.prompt_ids('Why?', 4),
+                                templates.get('chatml').generation_ids(tok, 'Why?', 4))
+  with pytest.raises(ValueError, match='unknown conversation template'):
+    Predictor(CFG, variables, tok, template='chatml2')
+
+  t, chosen = load_text(chatml_dir)
+  assert chosen.name == 'chatml' and chosen.system == templates.CHATML_SYSTEM
+  assert not text.adds_bos(t)
+  _, chosen = load_text(chatml_dir, 'chatml', 'Be brief.')
+  assert chosen.system == 'Be brief.'
+  work = tmp_path / 'work'
+  work.mkdir()
+  (work / 'config.json').write_text(json.dumps({'data': {'system_prompt': 'chatml'}}))
+  assert load_text(chatml_dir, checkpoint=str(work))[1].name == 'chatml'
+  llama_dir = text.build_tokenizer(str(tmp_path / 'llama'), [text.SYSTEM_PROMPT, 'USER: hi'] * 4)
+  llama, chosen = load_text(llama_dir)
+  assert chosen.name == 'videopanda_v1' and chosen.stop_id(llama) == llama.eos_token_id
+  assert load_text(llama_dir, 'vicuna_v1')[1].name == 'vicuna_v1'
+  with pytest.raises(ValueError, match=r"cannot write the 'chatml' conversation template"):
+    load_text(llama_dir, 'chatml')
+  with pytest.raises(ValueError, match=r"cannot write the 'vicuna_v1' conversation template"):
+    load_text(chatml_dir, 'vicuna_v1')

@@ -1,6 +1,7 @@
 """Answering questions about videos: prompt, layout, visual tokens, KV-cache decoding, text.
 
-The host builds each prompt (`v1` template, one `<image>` per frame) and lays the batch out;
+The host builds each prompt (the conversation template, `data.templates`: `videopanda_v1` by
+default, `chatml` for SmolLM2; one `<image>` per frame) and lays the batch out;
 the device embeds, then decodes with the per-layer decoder layout (faster than the scanned
 training layout for token-by-token work). Prompt lengths are rounded up to a multiple of
 `length_bucket`, so a handful of compiled programs serve any questions.
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from panda_jax.data import text
+from panda_jax import storage
+from panda_jax.data import templates, text
 from panda_jax.data.assembly import layout_batch
 from panda_jax.eval.generate import Sampling, generate
 from panda_jax.models.llama import Llama, unstack_layers
@@ -27,16 +29,21 @@ class Predictor:
 
   Args:
     cfg, variables: the model (e.g. from `panda_jax.convert.checkpoint.load_converted`).
-    tokenizer: from `panda_jax.data.text.load_tokenizer`.
-    sampling: decoding settings; `eos_id` defaults to the tokenizer's `</s>`.
+    tokenizer: from `panda_jax.data.text.load_tokenizer` (or `load_text`).
+    sampling: decoding settings; `eos_id` defaults to the template's end-of-turn id (`</s>`
+      for the Vicuna templates, `<|im_end|>` for chatml). Pass the same id when giving one.
     length_bucket: prompt lengths are padded up to a multiple of this.
+    template: the conversation template, a `templates.Template` or its name.
   """
 
   def __init__(self, cfg: PandaConfig, variables: dict, tokenizer: Any,
-               sampling: Sampling | None = None, length_bucket: int = 64):
+               sampling: Sampling | None = None, length_bucket: int = 64,
+               template: str | templates.Template = templates.DEFAULT):
     self.cfg = cfg
     self.tokenizer = tokenizer
-    eos = tokenizer.eos_token_id
+    self.template = templates.get(template) if isinstance(template, str) else template
+    self.template.check(tokenizer)
+    eos = self.template.stop_id(tokenizer)
     self.sampling = sampling or Sampling(max_new_tokens=128, eos_id=eos)
     self.sampling.validate()
     self.bucket = length_bucket
@@ -47,7 +54,8 @@ class Predictor:
     self._embed = jax.jit(lambda v, b: model.apply(v, b, method=lambda m, x: m.embed_inputs(x)[0]))
 
   def prompt_ids(self, question: str, frames: int) -> np.ndarray:
-    return text.generation_prompt_ids(self.tokenizer, question, num_frames=frames)
+    """int32 [T]: the template's generation prompt for `question` with `frames` image ids."""
+    return self.template.generation_ids(self.tokenizer, question, num_frames=frames)
 
   def generate_ids(self, pixels, mask, questions: Sequence[str], rng=None,
                    stream=None) -> list[np.ndarray]:
@@ -87,3 +95,35 @@ class Predictor:
     """The decoded answers, one string per video."""
     return [self.tokenizer.decode(r, skip_special_tokens=True).strip()
             for r in self.generate_ids(pixels, mask, questions, rng, stream)]
+
+
+def load_text(tokenizer_dir: str, template: str = '', system: str | None = None,
+              checkpoint: str = '') -> tuple[Any, templates.Template]:
+  """The tokenizer and conversation template to answer with (the CLIs' door).
+
+  The template: `template` when given (a `templates.NAMES` name); else the training workdir's
+  own (`checkpoint`/config.json's `data.system_prompt`); else `chatml` when the tokenizer's
+  chat template is ChatML (SmolLM2), else `videopanda_v1` (the reference's inference).
+  `system`: replaces the template's system message (None: its own). The tokenizer is loaded
+  the way the template needs (`text.load_tokenizer`'s `force_bos`).
+  Raises:
+    ValueError for an unknown template name or a tokenizer that cannot write the template.
+  """
+  if not template and checkpoint:
+    try:
+      template = storage.read_json(storage.join(checkpoint, 'config.json')).get(
+          'data', {}).get('system_prompt') or ''
+    except (OSError, ValueError, AttributeError):
+      template = ''
+  if template:
+    chosen = templates.get(template, system)
+    tok = text.load_tokenizer(tokenizer_dir, force_bos=chosen.force_bos)
+  else:
+    tok = text.load_tokenizer(tokenizer_dir)
+    chosen = templates.get(templates.default_name(tok), system)
+  try:
+    chosen.check(tok)
+  except ValueError as e:
+    raise ValueError(f'tokenizer {tokenizer_dir} cannot write the {chosen.name!r} conversation '
+                     f'template: {e}') from e
+  return tok, chosen

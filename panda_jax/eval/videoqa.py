@@ -335,9 +335,8 @@ def load_records(questions: str, answers: str | None, video_root: str,
 
 def main(argv):
   from absl import app, flags
-  from panda_jax.data import text
   from panda_jax.eval.generate import Sampling
-  from panda_jax.eval.predict import Predictor
+  from panda_jax.eval.predict import Predictor, load_text
   from panda_jax import distributed
   del argv
   f = flags.FLAGS
@@ -352,9 +351,15 @@ def main(argv):
     sys.exit(2)
   logging.info('%s: %d %s entries', f.questions, len(records), kind)
   cfg, variables = load_model(f.checkpoint)
-  tok = text.load_tokenizer(f.tokenizer)
-  predictor = Predictor(cfg, variables, tok,
-                        Sampling(max_new_tokens=f.max_new_tokens, eos_id=tok.eos_token_id))
+  try:
+    tok, template = load_text(f.tokenizer, f.template, f.system_message, f.checkpoint)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  logging.info('conversation template %s', template.name)
+  predictor = Predictor(cfg, variables, tok, Sampling(max_new_tokens=f.max_new_tokens,
+                                                      eos_id=template.stop_id(tok)),
+                        template=template)
   stats = answer_file(predictor, records, f.video_root, f.out, f.batch_size, f.frames,
                       f.timeout_s, workers=f.decode_workers)
   what = 'question pairs' if kind == 'consistency' else 'questions'
@@ -383,6 +388,10 @@ if __name__ == '__main__':
   flags.DEFINE_integer('batch_size', 8, 'Questions per generation batch.')
   flags.DEFINE_integer('frames', 8, 'Frames per video (a multiple of 4).')
   flags.DEFINE_integer('max_new_tokens', 1024, 'Answer length limit (the reference: 1024).')
+  flags.DEFINE_string('template', '', 'Conversation template: videopanda_v1, vicuna_v1 or '
+                      'chatml; default: a training workdir\'s data.system_prompt, else chatml '
+                      'for a tokenizer with a ChatML chat template, else videopanda_v1.')
+  flags.DEFINE_string('system_message', None, 'Replaces the template\'s system message.')
   flags.DEFINE_float('timeout_s', 60.0, 'Per-video decoding time budget.')
   flags.DEFINE_integer('decode_workers', 4, 'Background video-decoding threads (0: inline).')
   from panda_jax import distributed
