@@ -255,6 +255,11 @@ def resolve(config) -> Run:
   if mode not in TEACHER_MODES:
     raise ValueError(f'train.teacher={mode!r}; expected "online" (the teacher runs in the '
                      'train step) or "cached" (features from panda_jax.teacher.extract)')
+  from panda_jax.data import templates
+  try:
+    templates.get(config.data.get('system_prompt', templates.DEFAULT))
+  except ValueError as e:
+    raise ValueError(f'data.system_prompt: {e}') from e
   mesh = dict(config.mesh.to_dict())
   unknown = sorted(set(mesh) - set(sharding.MESH_AXES))
   if unknown:
@@ -415,9 +420,12 @@ def train_config(stage: int, arg: str = '',
       # Packed ArrayRecord shards (panda_jax.data.packing) instead of annotations + videos:
       # the tfds data_dir and the packed set's config name (e.g. 'valley').
       packed='', packed_config='',
-      # System prompt of the v1 template: 'videopanda_v1' ("curious human", the spec's and the
-      # reference's inference template) or 'vicuna_v1' ("curious user", what the released
-      # training scripts used via --version v1).
+      # The conversation template, by name (panda_jax.data.templates; the field keeps its
+      # old name): 'videopanda_v1' ("curious human", the spec's and the reference's inference
+      # template), 'vicuna_v1' ("curious user", what the released training scripts used via
+      # --version v1), both with a Llama/Vicuna tokenizer; or 'chatml' (SmolLM2-Instruct's,
+      # with its own tokenizer). A training workdir's value is what predict / eval.videoqa
+      # answer with.
       system_prompt='videopanda_v1'))
   # from_run: an earlier stage's workdir; converted: `panda_jax.convert.checkpoint` output;
   # teacher: a LanguageBind video checkpoint directory (random only for tiny runs).

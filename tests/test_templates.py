@@ -249,3 +249,15 @@ def test_predictor_and_clis_use_the_template(tok, chatml_dir, tmp_path):
     load_text(llama_dir, 'chatml')
   with pytest.raises(ValueError, match=r"cannot write the 'vicuna_v1' conversation template"):
     load_text(chatml_dir, 'vicuna_v1')
+
+
+def test_config_names_the_template():
+  from panda_jax import config as config_lib
+  c = config_lib.train_config(2, 'tiny')
+  assert c.data.system_prompt == 'videopanda_v1'
+  c.data.system_prompt = 'chatml'
+  config_lib.resolve(c)
+  c.data.system_prompt = 'vicuna'
+  with pytest.raises(ValueError, match=r"data.system_prompt: unknown conversation template "
+                                       r"'vicuna'; expected one of"):
+    config_lib.resolve(c)
