@@ -310,9 +310,13 @@ def check_llama_gguf(path) -> list:
            for c in conversations]
   if 'text' in debug:
     cmp.equal('chat template text', np.asarray(texts), debug['text'])
-  enc = tokenizer(texts, add_special_tokens=False, padding='max_length',
-                  max_length=outputs['token_ids'].shape[1], return_tensors='np')
-  ids, mask = enc['input_ids'].astype(np.int32), enc['attention_mask'].astype(np.int32)
+  rows = tokenizer(texts, add_special_tokens=False)['input_ids']
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  width = max(outputs['token_ids'].shape[1], max(len(r) for r in rows))
+  ids = np.full((len(rows), width), pad, np.int32)        # right padding
+  mask = np.zeros((len(rows), width), np.int32)
+  for b, r in enumerate(rows):
+    ids[b, :len(r)], mask[b, :len(r)] = r, 1
   cmp.equal('token_ids', ids, outputs['token_ids'], covers='token_ids')
   cmp.equal('attention_mask', mask, outputs['attention_mask'], covers='attention_mask')
   # The model runs on the golden ids, so a tokenizer mismatch (reported above) does not hide

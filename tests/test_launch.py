@@ -281,13 +281,17 @@ def test_ci_runs_the_readme_test_set_up_and_command_and_the_default_set_is_cpu_o
   [line] = [l for l in open(os.path.join(ROOT, 'README.md')).read().splitlines()
             if l.startswith('python3 -m venv') and 'pytest' in l]
   steps = [shlex.split(s) for s in line.split('&&')]
-  [install] = [s for s in steps if s[:2] == ['pip', 'install']]
+  installs = [s for s in steps if s[:2] == ['pip', 'install']]
   [pytest_cmd] = [s for s in steps if s[:3] == ['python', '-m', 'pytest']]
   ci = [shlex.split(l) for l in open(os.path.join(ROOT, '.ci', 'run')).read().splitlines()
         if l and not l.startswith('#')]
-  assert ['python', '-m', 'pip', 'install', '-q', *install[2:]] in ci
+  ci_installs = [l for l in ci if l[:4] == ['python', '-m', 'pip', 'install'] and
+                 l[4:] != ['-q', '--upgrade', 'pip']]
+  assert ci_installs == [['python', '-m', 'pip', 'install', '-q', *i[2:]] for i in installs]
   assert pytest_cmd in ci
-  assert install[2:] == ['-r', 'requirements.txt', '-r', 'requirements-test.txt']
+  assert [i[2:] for i in installs] == [
+      ['-r', 'requirements.txt', '-r', 'requirements-test.txt'],
+      ['--no-deps', '-r', 'requirements-test-nodeps.txt']]
   pins = {}
   for f in ('requirements.txt', 'requirements-tpu.txt', 'requirements-beam.txt'):
     pins[f] = {re.split(r'[=\[;]', l)[0].strip() for l in open(os.path.join(ROOT, f))
