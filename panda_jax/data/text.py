@@ -1,5 +1,8 @@
 """Tokenizer, the Vicuna "v1" conversation template and training labels.
 
+Templates by name (`vicuna_v1`, `videopanda_v1`: this module's; `chatml`: SmolLM2's) are in
+`panda_jax.data.templates`, which training and prediction use.
+
 Spec section 4. A conversation is a list of turns `(human, gpt)`; the data files hold it as
 `[{'from': 'human', 'value': ...}, {'from': 'gpt', 'value': ...}, ...]` (`as_turns`). The
 prompt is (SeparatorStyle.TWO, `sep=' '`, `sep2='</s>'`)
