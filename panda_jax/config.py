@@ -9,6 +9,7 @@ overridden on the command line (`--config.model.stab.hidden=256`); unknown field
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -276,11 +277,74 @@ def resolve(config) -> Run:
              cached_teacher=mode == 'cached')
 
 
-def save_resolved(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the resolved config to `workdir/config.json` and returns the path."""
+# Fields a later command in the same workdir may change without mixing two runs: how often it
+# logs and saves, the input pipeline's parallelism, how the same computation is laid out and
+# rematerialised, more steps (a stage continued), and the code version.
+RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.save_every', 'train.keep',
+                     'train.max_refused_steps', 'train.accum_steps', 'data.num_workers',
+                     'data.read_threads', 'data.video_cache_mb', 'mesh.', 'sharding_rules',
+                     'model.llm.remat', 'model.llm.attention_chunk', 'model.llm.attention_impl',
+                     'model.llm.attention_interpret', 'model.llm.loss_chunk', 'eval.batch_size',
+                     'code_version')
+
+
+class ConfigMismatchError(ValueError):
+  """A workdir holds a run started with another config (fields that change results differ)."""
+
+
+def _flat_fields(tree: Mapping, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat_fields(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_differences(saved: Mapping, config: Mapping) -> list[str]:
+  """'field: saved -> now' for every field of two resolved configs (as JSON) that differs and
+  changes results (not in RESUMABLE_CHANGES); a field only one of them has counts too."""
+  a, b = _flat_fields(saved), _flat_fields(config)
+  free = lambda k: any(k == f or (f.endswith('.') and k.startswith(f))
+                       for f in RESUMABLE_CHANGES)
+  missing = object()
+  return [f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
+          for k in sorted(set(a) | set(b))
+          if not free(k) and a.get(k, missing) != b.get(k, missing)]
+
+
+def save_resolved(config: ml_collections.ConfigDict, workdir: str, code_version: str = '',
+                  check: bool = True) -> str:
+  """Writes the resolved config (with `code_version` when given) to `workdir/config.json` and
+  returns the path. With `check`, a workdir whose config.json differs in a field that changes
+  results (`config_differences`) is refused with ConfigMismatchError naming the fields."""
+  if check:
+    check_resumable(config, workdir)
   path = storage.join(workdir, 'config.json')
-  storage.write_json(path, config.to_dict(), indent=2, sort_keys=True, default=str)
+  new = _as_json(config)
+  if code_version:
+    new['code_version'] = code_version
+  storage.write_json(path, new, indent=2, sort_keys=True)
   return path
+
+
+def _as_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigMismatchError naming the fields when `workdir/config.json` holds a config
+  that differs from `config` in a field that changes results (none there: nothing to check)."""
+  path = storage.join(workdir, 'config.json')
+  if not storage.exists(path):
+    return
+  diffs = config_differences(storage.read_json(path), _as_json(config))
+  if diffs:
+    raise ConfigMismatchError(
+        f'{workdir} holds a run started with another config; fields that change results '
+        f'differ ({len(diffs)}): {"; ".join(diffs[:12])}. Use a fresh --workdir, or '
+        '--overwrite to delete that run and start over')
 
 
 # Paper Table 6 and the released scripts.

@@ -31,6 +31,10 @@ from panda_jax.models.stab import VisualTokenizer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/X.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where outputs and the resolved config go.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Start over in --workdir: delete the run there (its checkpoints, '
+    'metrics, summary, and the demo\'s data, stages and report) instead of refusing a config '
+    'that differs from the one it was started with in a field that changes results.')
 distributed.define_flags()   # --multihost, --coordinator_address, --num_processes, --process_id
 
 
@@ -170,10 +174,52 @@ def main(argv):
   if config.mode == 'demo' and storage.is_remote(workdir):
     raise app.UsageError(f'--workdir={workdir}: the demo writes its data, runs and report on '
                          'a local disk; give a local directory (training stages take gs://)')
-  if workdir and jax.process_index() == 0:
-    path = config_lib.save_resolved(config, workdir)
-    logging.info('resolved config written to %s', path)
+  if workdir:
+    _record_config(config, workdir, _OVERWRITE.value)
   MODES[config.mode](config)
+
+
+# What a run writes in its workdir (train and demo modes): what --overwrite deletes.
+RUN_OUTPUTS = ('config.json', 'checkpoints', 'metrics.jsonl', 'summary.json',
+               'events.out.tfevents.*', 'cache', 'data', 'stage*', 'eval', 'figures',
+               'report.md', 'scores.json', 'ablations')
+
+
+def _record_config(config, workdir: str, overwrite: bool) -> None:
+  """Process 0 deletes the previous run with `overwrite`, then writes the resolved config and
+  the code version, refusing a workdir whose run was started with a config that differs in a
+  field that changes results (`config_lib.save_resolved`); every process waits for it."""
+  if not overwrite:
+    try:      # on every process: all of them refuse together
+      config_lib.check_resumable(config, workdir)
+    except config_lib.ConfigMismatchError as e:
+      raise app.UsageError(str(e)) from None
+  if jax.process_index() == 0:
+    if overwrite:
+      gone = storage.remove_matching(workdir, RUN_OUTPUTS)
+      if gone:
+        logging.warning('--overwrite: deleted %s from %s', ', '.join(gone), workdir)
+    path = config_lib.save_resolved(config, workdir, code_version=_code_version(), check=False)
+    logging.info('resolved config written to %s', path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('resolved config written')
+
+
+def _code_version() -> str:
+  """The git commit of this checkout (with '+changes' when its tracked files differ from it),
+  or 'unknown' outside a git checkout."""
+  import os
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(['git', '-C', root, 'rev-parse', '--short=12', 'HEAD'],
+                            capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+  return commit + ('+changes' if dirty else '')
 
 
 if __name__ == '__main__':

@@ -132,6 +132,23 @@ def remove(p: PathLike, missing_ok: bool = True) -> None:
     q.unlink()
 
 
+def remove_matching(p: PathLike, patterns) -> list[str]:
+  """Deletes the files and directory trees directly in directory `p` whose names match any of
+  the glob `patterns`; returns their names (none when `p` does not exist)."""
+  import fnmatch  # pylint: disable=import-outside-toplevel
+  if not isdir(p):
+    return []
+  gone = [n for n in listdir(p) if any(fnmatch.fnmatch(n, pat) for pat in patterns)]
+  for name in gone:
+    q = path(p) / name
+    with _errors('cannot remove', q):
+      if q.is_dir():
+        q.rmtree()
+      else:
+        q.unlink()
+  return gone
+
+
 def read_bytes(p: PathLike) -> bytes:
   with _errors('cannot read', p):
     return path(p).read_bytes()

@@ -1,5 +1,6 @@
 """config.apply_overrides: the one way dotted overrides reach a config (demo variants, aot_7b)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,25 @@ def test_distillation_layers_from_the_command_line():
                         '--config.model.distill.layers=(4,2,0)'], cwd=ROOT, env=subprocess_env(),
                        capture_output=True, text=True, timeout=120)
   assert out.stdout.strip() == '(4, 2, 0)', out.stderr[-2000:]
+
+
+def test_a_workdir_refuses_a_config_that_changes_results(tmp_path):
+  """config.json records the resolved config and the code version; a later command may change
+  how often it logs and saves, the layout and the step count, nothing that changes results."""
+  from configs import stage2
+  from panda_jax import config as config_lib
+  c = stage2.get_config('tiny')
+  config_lib.save_resolved(c, str(tmp_path), code_version='abc123')
+  saved = json.load(open(tmp_path / 'config.json'))
+  assert saved['code_version'] == 'abc123' and saved['train']['steps'] == c.train.steps
+  same = stage2.get_config('tiny')
+  same.train.steps, same.train.log_every, same.mesh.fsdp = 99, 7, 2
+  same.model.llm.remat = 'full'
+  config_lib.check_resumable(same, str(tmp_path))
+  other = stage2.get_config('tiny')
+  other.seed, other.optim.lr = 5, 0.5
+  with pytest.raises(config_lib.ConfigMismatchError) as e:
+    config_lib.save_resolved(other, str(tmp_path))
+  assert f'optim.lr: {c.optim.lr!r} -> 0.5; seed: 0 -> 5' in str(e.value)
+  assert json.load(open(tmp_path / 'config.json')) == saved     # nothing written
+  assert config_lib.config_differences({'a': {'b': 1}}, {'a': {}}) == ["a.b: 1 -> '(absent)'"]

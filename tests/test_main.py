@@ -29,9 +29,21 @@ def _run(*args):
 
 @pytest.mark.slow
 def test_demo_runs_and_writes_resolved_config(tmp_path):
-  r = _run('--config=configs/stab.py:tiny', f'--workdir={tmp_path}',
-           '--config.demo.width=4', '--config.demo.height=3')
+  # The workdir holds a run of another config (seed 1) and what it wrote: refused, naming the
+  # field; --overwrite deletes that run (not the user's other files) and starts over.
+  args = ('--config=configs/stab.py:tiny', f'--workdir={tmp_path}', '--config.demo.width=4',
+          '--config.demo.height=3')
+  r = _run(*args, '--config.seed=1')
   assert r.returncode == 0, r.stderr[-3000:]
+  (tmp_path / 'checkpoints' / '3').mkdir(parents=True)
+  (tmp_path / 'notes.txt').write_text('mine')
+  r = _run(*args)
+  assert r.returncode != 0 and f'{tmp_path} holds a run started with another config' in r.stderr
+  assert 'seed: 1 -> 0' in r.stderr and 'Use a fresh --workdir, or --overwrite' in r.stderr
+  r = _run(*args, '--overwrite')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not (tmp_path / 'checkpoints').exists() and (tmp_path / 'notes.txt').read_text() == 'mine'
+  assert json.load(open(tmp_path / 'config.json'))['seed'] == 0
   # 4:3 at the tiny size (112 px, 14-px patches): 3 of 4 teacher patches, 6 x 8 student
   # patches, 3 x 4 LSD tokens per frame -> 1 + 3 * 5 = 16 tokens.
   assert 'video sequence length 128' in r.stdout, r.stdout
