@@ -194,30 +194,33 @@ def load_converted(dst, shardings=None):
   return model, cfg, variables
 
 
-_SRC = flags.DEFINE_string('src', None, 'Released checkpoint directory (config.json + weights), '
-                           'or a GGUF Llama file (with --model=llama).')
-_DST = flags.DEFINE_string('dst', None, 'Output directory (created; must not hold variables/).')
-_MODEL = flags.DEFINE_enum('model', 'video_panda', ['video_panda', 'llama'],
-                           'What the checkpoint holds.')
-_DTYPE = flags.DEFINE_enum('llm_dtype', 'bfloat16', sorted(DTYPES),
-                           'Storage dtype of the decoder weights.')
-_FORMAT = flags.DEFINE_enum('format', 'auto', list(FORMATS),
-                            'Source format: hf (a Hugging Face directory), gguf (a llama.cpp '
-                            'file), auto (gguf when --src ends in .gguf).')
-_IMAGE = flags.DEFINE_integer('image_size', 448, 'Student frame size (not in the weights).')
-_HEADS = flags.DEFINE_integer('stab_heads', 8, 'STAB attention heads (not in the weights).')
+def define_flags() -> None:
+  """The command line's flags (defined when run as a program, never at import)."""
+  flags.DEFINE_string('src', None, 'Released checkpoint directory (config.json + weights), or a '
+                      'GGUF Llama file (with --model=llama).')
+  flags.DEFINE_string('dst', None, 'Output directory (created; must not hold variables/).')
+  flags.DEFINE_enum('model', 'video_panda', ['video_panda', 'llama'], 'What the checkpoint holds.')
+  flags.DEFINE_enum('llm_dtype', 'bfloat16', sorted(DTYPES),
+                    'Storage dtype of the decoder weights.')
+  flags.DEFINE_enum('format', 'auto', list(FORMATS),
+                    'Source format: hf (a Hugging Face directory), gguf (a llama.cpp file), auto '
+                    '(gguf when --src ends in .gguf).')
+  flags.DEFINE_integer('image_size', 448, 'Student frame size (not in the weights).')
+  flags.DEFINE_integer('stab_heads', 8, 'STAB attention heads (not in the weights).')
 
 
 def main(argv):
   del argv
-  if not _SRC.value or not _DST.value:
+  f = flags.FLAGS
+  if not f.src or not f.dst:
     raise app.UsageError('--src and --dst are required')
   t0 = time.perf_counter()
-  cfg = convert_directory(_SRC.value, _DST.value, _MODEL.value, _DTYPE.value, _IMAGE.value,
-                          _HEADS.value, _FORMAT.value)
-  print(f'converted {_MODEL.value} from {_SRC.value} to {_DST.value} in '
-        f'{time.perf_counter() - t0:.0f}s; config: {cfg}')
+  cfg = convert_directory(f.src, f.dst, f.model, f.llm_dtype, f.image_size, f.stab_heads,
+                          f.format)
+  print(f'converted {f.model} from {f.src} to {f.dst} in {time.perf_counter() - t0:.0f}s; '
+        f'config: {cfg}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
