@@ -42,11 +42,36 @@ class UnknownKind(Exception):
   """A case whose `meta.kind` has no check here."""
 
 
+# The public cases ship with the repository (copies of shared/golden), so a fresh clone tests
+# them; more (or newer) cases come from PANDA_GOLDEN_DIR.
+SHIPPED_DIR = pathlib.Path(__file__).resolve().parents[1] / 'tests' / 'golden'
+
+
 def default_dir() -> pathlib.Path:
+  """The directory of extra cases: $PANDA_GOLDEN_DIR, else `shared/golden` beside the
+  repository (it need not exist)."""
   env = os.environ.get('PANDA_GOLDEN_DIR')
   if env:
     return pathlib.Path(env)
   return pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'golden'
+
+
+def case_paths() -> list[pathlib.Path]:
+  """Every golden case, sorted by name: the shipped ones (tests/golden), with those of
+  `default_dir()` added, a case there replacing a shipped one of the same name."""
+  cases = {p.name: p for p in SHIPPED_DIR.glob('*.npz')}
+  extra = default_dir()
+  if extra.is_dir():
+    cases.update({p.name: p for p in extra.glob('*.npz')})
+  return [cases[k] for k in sorted(cases)]
+
+
+def case_path(name: str) -> pathlib.Path:
+  """The case `name` (e.g. 'video_panda_tiny') among `case_paths()`."""
+  for p in case_paths():
+    if p.stem == name:
+      return p
+  raise FileNotFoundError(f'no golden case {name!r} in {SHIPPED_DIR} or {default_dir()}')
 
 
 def load_case(path) -> tuple[dict, dict, dict, dict, dict]:
@@ -500,10 +525,10 @@ def check_case(path) -> list:
 
 
 def main(argv: list[str]) -> int:
-  """Checks every case in a directory and prints one line per comparison."""
-  directory = pathlib.Path(argv[1]) if len(argv) > 1 else default_dir()
+  """Checks every case in a directory (default: `case_paths()`) and prints one line per case."""
+  paths = sorted(pathlib.Path(argv[1]).glob('*.npz')) if len(argv) > 1 else case_paths()
   status = 0
-  for path in sorted(directory.glob('*.npz')):
+  for path in paths:
     try:
       rows = check_case(path)
       print(f'PASS {path.stem}: {len(rows)} comparisons, worst '

@@ -232,7 +232,7 @@ def test_default_path_is_unchanged(stab_setup, tiny_apply):
   assert DistillConfig().loss == 'cosine' and StabConfig().max_frame_tokens == 273
   # The released STAB on a letterboxed video (crop, LSD, FSRA, fusion, rows); tests/test_golden.py
   # checks every case, the whole model's included.
-  rows = golden.check_case(golden.default_dir() / 'stab_letterbox_eval.npz')
+  rows = golden.check_case(golden.case_path('stab_letterbox_eval'))
   assert rows and all(ok for *_, ok in rows), rows
 
 

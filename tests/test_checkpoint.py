@@ -20,7 +20,7 @@ from panda_jax.models.panda import VideoPanda
 from test_hf_io import _Storage, _Tensor, _write_torch_zip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASE = golden.default_dir() / 'video_panda_tiny.npz'
+CASE = golden.case_path('video_panda_tiny')
 
 
 @pytest.fixture(scope='module')

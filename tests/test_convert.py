@@ -10,7 +10,7 @@ from panda_jax.convert.visual import convert_visual
 from panda_jax.models.distill import DistillConfig
 from panda_jax.models.stab import VisualTokenizer
 
-CASE = golden.default_dir() / 'stab_square_eval.npz'
+CASE = golden.case_path('stab_square_eval')
 
 
 @pytest.fixture(scope='module')
@@ -76,7 +76,7 @@ def test_wrong_width_is_named_with_both_shapes(released):
 
 
 def test_distill_head_layer_count_mismatch_is_explained():
-  meta, params, *_ = golden.load_case(golden.default_dir() / 'distill_head.npz')
+  meta, params, *_ = golden.load_case(golden.case_path('distill_head'))
   cfg = DistillConfig(llm_hidden=meta['llm_hidden'], teacher_hidden=meta['teacher_hidden'],
                       heads=meta['heads'], layers=(8, 4))
   with pytest.raises(ConversionError, match='beyond the 2 distillation layers'):

@@ -6,7 +6,7 @@ import pytest
 
 from panda_jax import golden
 
-CASES = sorted(golden.default_dir().glob('*.npz'))
+CASES = golden.case_paths()
 
 
 def test_golden_directory_has_the_implemented_kinds():
@@ -65,7 +65,7 @@ def test_mutated_cases_fail(tmp_path):
   """The harness fails a case with an output it does not check, a value moved just beyond
   tolerance, or a required output missing: a harness that ignored any of them would pass."""
   import numpy as np
-  src = golden.default_dir() / 'distill_head.npz'
+  src = golden.case_path('distill_head')
   rows = golden.check_case(src)
   assert rows and all(ok for *_, ok in rows)
 
@@ -88,7 +88,7 @@ def test_mutated_cases_fail(tmp_path):
     golden.check_case(_mutated(src, tmp_path / 'moved_loss.npz', moved_scalar))
 
   # The LanguageBind outputs are all required (checked before any model runs).
-  lb = golden.default_dir() / 'languagebind_video_tiny.npz'
+  lb = golden.case_path('languagebind_video_tiny')
   for key in ('features', 'hidden_states_all', 'pooler_output'):
     path = _mutated(lb, tmp_path / f'no_{key}.npz', lambda a: a.pop(f'output/{key}'))
     with pytest.raises(golden.GoldenMismatch, match=f'required outputs missing.*output/{key}'):
@@ -98,10 +98,29 @@ def test_mutated_cases_fail(tmp_path):
 def test_unknown_kind_is_reported_not_a_missing_key(tmp_path):
   import json
   import numpy as np
-  src = golden.default_dir() / 'distill_head.npz'
+  src = golden.case_path('distill_head')
   path = _mutated(src, tmp_path / 'new_kind.npz',
                   lambda a: a.update(meta=np.array(json.dumps({'kind': 'audio_tower'}))))
   with pytest.raises(golden.UnknownKind):
     golden.check_case(path)
   # The command line skips it (and still checks the others).
   assert golden.main(['golden', str(tmp_path)]) == 0
+
+
+def test_shipped_cases_and_those_of_panda_golden_dir(tmp_path, monkeypatch):
+  """A fresh clone has every public case (tests/golden); PANDA_GOLDEN_DIR adds cases and
+  replaces shipped ones of the same name; a missing directory adds nothing."""
+  import shutil
+  monkeypatch.setenv('PANDA_GOLDEN_DIR', str(tmp_path / 'absent'))
+  shipped = golden.case_paths()
+  assert all(p.parent == golden.SHIPPED_DIR for p in shipped)
+  kinds = {golden.load_case(p)[0]['kind'] for p in shipped}
+  assert set(golden.CHECKS) <= kinds
+  shutil.copy(golden.case_path('distill_head'), tmp_path / 'distill_head.npz')
+  shutil.copy(golden.case_path('distill_head'), tmp_path / 'distill_head_v2.npz')
+  monkeypatch.setenv('PANDA_GOLDEN_DIR', str(tmp_path))
+  paths = {p.stem: p for p in golden.case_paths()}
+  assert set(paths) == {p.stem for p in shipped} | {'distill_head_v2'}
+  assert paths['distill_head'] == tmp_path / 'distill_head.npz'
+  with pytest.raises(FileNotFoundError, match="no golden case 'nope'"):
+    golden.case_path('nope')

@@ -347,8 +347,8 @@ def test_masking_rule_reproduces_golden_labels():
   instruction runs from its start (after BOS for the first) through 'ASSISTANT:', and the round
   ends with the '</s>' after its answer.
   """
-  from panda_jax.golden import default_dir
-  with np.load(default_dir() / 'video_panda_tiny.npz') as z:
+  from panda_jax.golden import case_path
+  with np.load(case_path('video_panda_tiny')) as z:
     meta = json.loads(str(z['meta']))
     inputs = {k.partition('/')[2]: z[k] for k in z.files if k.startswith('input/')}
   layouts = meta['conversation']['layouts_[name,start,end)']
