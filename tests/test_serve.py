@@ -1,0 +1,251 @@
+"""`python -m panda_jax.serve`: the OpenAI-compatible server, driven by the `openai` client on
+loopback. One server process (the tiny model of test_videoqa) serves every test here."""
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import subprocess_env
+from panda_jax.data import synthetic
+from panda_jax.eval.videoqa import load_clip
+from test_videoqa import FRAMES, setup  # noqa: F401  (the tiny model, tokenizer and videos)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = 'tiny-panda'
+MAX_TOKENS = 6                      # as the fixture's Predictor (max_new_tokens=6)
+MAX_QUEUE = 20
+MAX_BODY_MB = 1.0
+QUESTIONS = ('What moves to the left?', 'What colour is the square?', 'Describe the video.',
+             'How many objects are there?')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _get(url):
+  with urllib.request.urlopen(url, timeout=10) as r:
+    return json.loads(r.read())
+
+
+@pytest.fixture(scope='module')
+def server(setup, tmp_path_factory):  # noqa: F811
+  """The server on a free loopback port; yields its base URL."""
+  port = _free_port()
+  log = tmp_path_factory.mktemp('serve') / 'server.log'
+  args = [sys.executable, '-m', 'panda_jax.serve', f'--checkpoint={setup["converted"]}',
+          f'--tokenizer={setup["work"] / "tok"}', f'--port={port}', f'--model_name={MODEL}',
+          f'--video_root={setup["video_root"]}', f'--frames={FRAMES}', '--max_batch=8',
+          f'--max_queue={MAX_QUEUE}', '--max_tokens=64', '--max_frames=8',
+          f'--max_body_mb={MAX_BODY_MB}', '--log_level=warning']
+  with open(log, 'w') as out:
+    proc = subprocess.Popen(args, cwd=ROOT, env=subprocess_env(), stdout=out,
+                            stderr=subprocess.STDOUT)
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.monotonic() + 120
+  while True:
+    try:
+      _get(f'{url}/health')
+      break
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        pytest.fail(f'the server did not start:\n{log.read_text()[-3000:]}')
+      time.sleep(0.2)
+  yield {'url': url, 'log': log}
+  proc.terminate()
+  try:
+    proc.wait(10)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+
+
+def _client(server, cls=openai.OpenAI):
+  return cls(base_url=f'{server["url"]}/v1', api_key='unused', max_retries=0, timeout=120)
+
+
+def _video_part(path):
+  return {'type': 'video_url', 'video_url': {'url': f'file://{path}'}}
+
+
+def _data_part(path):
+  data = base64.b64encode(open(path, 'rb').read()).decode()
+  return {'type': 'video_url', 'video_url': {'url': f'data:video/mp4;base64,{data}'}}
+
+
+def _messages(video_part, question):
+  return [{'role': 'user', 'content': [video_part, {'type': 'text', 'text': question}]}]
+
+
+def _greedy(setup, path, question):  # noqa: F811
+  """What `predict` answers (the fixture's Predictor, greedy, 6 new tokens)."""
+  v = load_clip(str(path), setup['cfg'].stab, FRAMES)
+  return setup['predictor'].answer(v['pixels'][None], v['mask'][None], [question])[0]
+
+
+def test_health_and_models(server):
+  assert _get(f'{server["url"]}/health')['status'] == 'ok'
+  models = _client(server).models.list()
+  assert [m.id for m in models.data] == [MODEL]
+
+
+def test_plain_and_streamed_answers_equal_predict(setup, server):  # noqa: F811
+  client = _client(server)
+  path = sorted(setup['ds'].eval_videos)[0]
+  want = _greedy(setup, path, QUESTIONS[0])
+  for part in (_video_part(path), _data_part(path)):
+    r = client.chat.completions.create(model=MODEL, messages=_messages(part, QUESTIONS[0]),
+                                       max_tokens=MAX_TOKENS, temperature=0)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason in ('stop', 'length')
+    assert r.usage.completion_tokens <= MAX_TOKENS and r.usage.prompt_tokens > FRAMES
+  pieces, reasons = [], []
+  stream = client.chat.completions.create(model=MODEL, messages=_messages(
+      _video_part(path), QUESTIONS[0]), max_tokens=MAX_TOKENS, stream=True,
+      stream_options={'include_usage': True})
+  usage = None
+  for chunk in stream:
+    if chunk.usage:
+      usage = chunk.usage
+    for c in chunk.choices:
+      if c.delta.content:
+        pieces.append(c.delta.content)
+      if c.finish_reason:
+        reasons.append(c.finish_reason)
+  assert ''.join(pieces) == want
+  assert len(pieces) > 1                       # streamed step by step, not in one piece
+  assert len(reasons) == 1 and usage.completion_tokens <= MAX_TOKENS
+
+  # Multi-turn: the video in the first turn; a stop string cuts the answer.
+  r = client.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS, messages=_messages(
+      _video_part(path), QUESTIONS[0]) + [{'role': 'assistant', 'content': want},
+                                          {'role': 'user', 'content': QUESTIONS[1]}])
+  assert isinstance(r.choices[0].message.content, str)
+  if len(want.split()) > 1:
+    word = want.split()[1]
+    r = client.chat.completions.create(model=MODEL, messages=_messages(
+        _video_part(path), QUESTIONS[0]), max_tokens=MAX_TOKENS, stop=[word])
+    assert r.choices[0].message.content == want[:want.index(word)].rstrip()
+    assert r.choices[0].finish_reason == 'stop'
+
+
+def test_concurrent_requests_are_batched_and_each_answered(setup, server):  # noqa: F811
+  videos = sorted(setup['ds'].eval_videos)
+  cases = [(videos[i % len(videos)], QUESTIONS[i % len(QUESTIONS)]) for i in range(16)]
+  want = {c: _greedy(setup, *c) for c in set(cases)}
+  before = _get(f'{server["url"]}/health')
+
+  async def run():
+    client = _client(server, openai.AsyncOpenAI)
+    return await asyncio.gather(*[client.chat.completions.create(
+        model=MODEL, messages=_messages(_video_part(p), q), max_tokens=MAX_TOKENS)
+        for p, q in cases])
+
+  results = asyncio.run(run())
+  assert [r.choices[0].message.content for r in results] == [want[c] for c in cases]
+  after = _get(f'{server["url"]}/health')
+  assert after['answered'] - before['answered'] == 16
+  sizes = {int(k): v - before['batch_sizes'].get(k, 0) for k, v in after['batch_sizes'].items()}
+  assert after['batches'] - before['batches'] < 16 and max(k for k, v in sizes.items() if v) > 1
+
+
+def test_bad_input_gets_its_error_while_a_good_request_completes(setup, server,  # noqa: F811
+                                                                 tmp_path):
+  videos = sorted(setup['ds'].eval_videos)
+  broken = synthetic.write_broken_files(str(tmp_path))
+  outside = tmp_path / 'outside.mp4'
+  outside.write_bytes(open(videos[0], 'rb').read())
+  good = _messages(_video_part(videos[0]), QUESTIONS[0])
+  big = 'data:video/mp4;base64,' + 'A' * int(MAX_BODY_MB * (1 << 20) + 10)
+  bad = {   # name: (request body or raw bytes, status, words in the message)
+      'malformed json': (b'{"model": ', 400, 'not valid JSON'),
+      'unknown model': ({'model': 'gpt-9', 'messages': good}, 404, 'does not exist'),
+      'no video': ({'model': MODEL, 'messages': [{'role': 'user', 'content': 'hi'}]}, 400,
+                   'no video'),
+      'corrupt video': ({'model': MODEL, 'messages': _messages(_data_part(broken['not_video']),
+                                                               'q')}, 400, 'cannot be decoded'),
+      'not a video type': ({'model': MODEL, 'messages': _messages(
+          {'type': 'video_url', 'video_url': {'url': 'data:image/png;base64,AAAA'}}, 'q')}, 400,
+          'unsupported video type'),
+      'outside the root': ({'model': MODEL, 'messages': _messages(_video_part(outside), 'q')},
+                           400, 'outside'),
+      'dot-dot escape': ({'model': MODEL, 'messages': _messages(
+          _video_part(f'{setup["video_root"]}/../../{outside.name}'), 'q')}, 400, 'outside'),
+      'remote url': ({'model': MODEL, 'messages': _messages(
+          {'type': 'video_url', 'video_url': {'url': 'http://example.com/v.mp4'}}, 'q')}, 400,
+          'not fetched'),
+      'too large': ({'model': MODEL, 'messages': _messages(
+          {'type': 'video_url', 'video_url': {'url': big}}, 'q')}, 413, 'at most'),
+      'too many frames': ({'model': MODEL, 'messages': good, 'frames': 32}, 400,
+                          'too many frames'),
+      'too many tokens': ({'model': MODEL, 'messages': good, 'max_tokens': 100000}, 400,
+                          'max_tokens=100000'),
+      'too long a prompt': ({'model': MODEL, 'messages': _messages(
+          _video_part(videos[0]), 'word ' * 3000)}, 400, 'text tokens'),
+      'bad temperature': ({'model': MODEL, 'messages': good, 'temperature': -1}, 400,
+                          'temperature=-1'),
+  }
+  want = _greedy(setup, videos[0], QUESTIONS[0])
+
+  async def post(client, payload):
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    r = await client.post('/v1/chat/completions', content=raw,
+                          headers={'content-type': 'application/json'})
+    return r.status_code, r.json()
+
+  async def run():
+    import httpx2 as httpx   # the openai client's HTTP library
+    openai_client = _client(server, openai.AsyncOpenAI)
+    in_flight = asyncio.create_task(openai_client.chat.completions.create(
+        model=MODEL, messages=good, max_tokens=MAX_TOKENS, stream=True))
+    async with httpx.AsyncClient(base_url=server['url'], timeout=60) as client:
+      answers = await asyncio.gather(*[post(client, b[0]) for b in bad.values()])
+      stream = await in_flight
+      text = ''.join([c.choices[0].delta.content or '' async for c in stream if c.choices])
+      # The openai client raises the typed error for each.
+      with pytest.raises(openai.NotFoundError, match='does not exist'):
+        await openai_client.chat.completions.create(model='nope', messages=good)
+      with pytest.raises(openai.BadRequestError, match='no video'):
+        await openai_client.chat.completions.create(model=MODEL, messages=[
+            {'role': 'user', 'content': 'hi'}])
+    return answers, text
+
+  answers, text = asyncio.run(run())
+  for (name, (_, status, words)), (got_status, body) in zip(bad.items(), answers):
+    assert got_status == status, (name, body)
+    assert set(body['error']) >= {'message', 'type', 'param', 'code'}, (name, body)
+    assert words in body['error']['message'], (name, body)
+  assert text == want
+  # Still serving.
+  r = _client(server).chat.completions.create(model=MODEL, messages=good, max_tokens=MAX_TOKENS)
+  assert r.choices[0].message.content == want
+
+
+def test_a_full_queue_answers_429(setup, server):  # noqa: F811
+  path = sorted(setup['ds'].eval_videos)[0]
+
+  async def run():
+    client = _client(server, openai.AsyncOpenAI)
+    return await asyncio.gather(*[client.chat.completions.create(
+        model=MODEL, messages=_messages(_video_part(path), QUESTIONS[0]), max_tokens=MAX_TOKENS)
+        for _ in range(3 * MAX_QUEUE)], return_exceptions=True)
+
+  results = asyncio.run(run())
+  busy = [r for r in results if isinstance(r, openai.RateLimitError)]
+  done = [r for r in results if not isinstance(r, Exception)]
+  assert busy and done and len(busy) + len(done) == len(results), [
+      r for r in results if isinstance(r, Exception) and r not in busy][:1]
+  assert 'max_queue' in busy[0].message
+  want = _greedy(setup, path, QUESTIONS[0])
+  assert all(r.choices[0].message.content == want for r in done)
