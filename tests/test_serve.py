@@ -132,12 +132,15 @@ def test_plain_and_streamed_answers_equal_predict(setup, server):  # noqa: F811
       _video_part(path), QUESTIONS[0]) + [{'role': 'assistant', 'content': want},
                                           {'role': 'user', 'content': QUESTIONS[1]}])
   assert isinstance(r.choices[0].message.content, str)
-  if len(want.split()) > 1:
-    word = want.split()[1]
-    r = client.chat.completions.create(model=MODEL, messages=_messages(
-        _video_part(path), QUESTIONS[0]), max_tokens=MAX_TOKENS, stop=[word])
-    assert r.choices[0].message.content == want[:want.index(word)].rstrip()
-    assert r.choices[0].finish_reason == 'stop'
+  assert len(want) >= 6
+  stop = want[3:6]
+  cut = want[:want.index(stop)].rstrip()
+  r = client.chat.completions.create(model=MODEL, messages=_messages(
+      _video_part(path), QUESTIONS[0]), max_tokens=MAX_TOKENS, stop=[stop, 'never said'])
+  assert (r.choices[0].message.content, r.choices[0].finish_reason) == (cut, 'stop')
+  stream = client.chat.completions.create(model=MODEL, messages=_messages(
+      _video_part(path), QUESTIONS[0]), max_tokens=MAX_TOKENS, stop=stop, stream=True)
+  assert ''.join(c.choices[0].delta.content or '' for c in stream if c.choices) == cut
 
 
 def test_concurrent_requests_are_batched_and_each_answered(setup, server):  # noqa: F811
