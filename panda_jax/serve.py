@@ -5,6 +5,10 @@
 
 Endpoints (FastAPI on uvicorn):
 
+* `GET /`: a web page (panda_jax/static/index.html): pick a video under `--video_root` or upload
+  one, see the frames the model will read, chat about it with the answer streamed. It uses two
+  extensions: `GET /v1/videos` (the video files under `--video_root`) and `POST /v1/frames`
+  (`{"video_url", "frames"}` -> the sampled frames as small JPEG data URLs).
 * `GET /health`: `{"status": "ok", ...}` and counters (requests, batches, the batch sizes run).
 * `GET /v1/models`: the one model, named `--model_name` (default: the checkpoint's base name).
 * `POST /v1/chat/completions`: OpenAI's request and response shapes. The first user message
@@ -272,6 +276,20 @@ def open_video(url: str, video_root: str | None, tmp_dir: str) -> tuple[str, boo
                  param='video_url')
 
 
+def list_videos(root: str, limit: int = 1000) -> list[str]:
+  """Video files under `root` (by extension, relative paths, sorted; at most `limit`)."""
+  from panda_jax.data.pipeline import VIDEO_EXTENSIONS
+  found = []
+  for d, dirs, files in os.walk(root):
+    dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
+    rel = os.path.relpath(d, root)
+    found += [os.path.normpath(os.path.join(rel, f)) for f in sorted(files)
+              if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS and not f.startswith('.')]
+    if len(found) >= limit:
+      break
+  return sorted(found)[:limit]
+
+
 # ---------------------------------------------------------------------------------------------
 # The device worker.
 
@@ -454,6 +472,30 @@ class Engine:
       if temporary:
         os.unlink(path)
 
+  def thumbnails(self, url: str, frames: int, height: int = 96) -> list[str]:
+    """The frames the model reads of the video at `url` (the same sampling), as JPEG data
+    URLs `height` pixels high (in a decoding thread)."""
+    import io
+    from PIL import Image
+    from panda_jax.data.video import VideoDecodeError, decode_frames
+    path, temporary = open_video(url, self.video_root, self.tmp.name)
+    try:
+      images, _ = decode_frames(path, num=frames, timeout_s=self.limits.decode_timeout_s)
+    except VideoDecodeError as e:
+      raise ApiError(400, f'the video cannot be decoded: {e.reason}', param='video_url',
+                     code='invalid_video') from None
+    finally:
+      if temporary:
+        os.unlink(path)
+    out = []
+    for frame in images:
+      image = Image.fromarray(frame)
+      image = image.resize((max(1, round(image.width * height / image.height)), height))
+      buf = io.BytesIO()
+      image.save(buf, format='JPEG', quality=80)
+      out.append('data:image/jpeg;base64,' + base64.b64encode(buf.getvalue()).decode())
+    return out
+
   async def submit(self, chat: Chat) -> Job:
     """Checks the prompt, decodes the video off the loop and queues the request."""
     loop = asyncio.get_running_loop()
@@ -558,7 +600,7 @@ class Engine:
 def create_app(engine: Engine):
   """The FastAPI app serving `engine`."""
   from fastapi import FastAPI, Request
-  from fastapi.responses import JSONResponse
+  from fastapi.responses import FileResponse, JSONResponse
   from fastapi.sse import EventSourceResponse, format_sse_event
   from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -585,6 +627,38 @@ def create_app(engine: Engine):
   async def models():
     return {'object': 'list', 'data': [{'id': engine.model_name, 'object': 'model',
                                         'created': engine.created, 'owned_by': 'panda-jax'}]}
+
+  @app.get('/')
+  async def page():
+    return FileResponse(os.path.join(os.path.dirname(__file__), 'static', 'index.html'))
+
+  @app.get('/v1/videos')
+  async def videos():
+    """The page's extension: the video files under `--video_root` (as file:// names)."""
+    names = []
+    if engine.video_root:
+      names = await asyncio.get_running_loop().run_in_executor(
+          engine.decoders, list_videos, engine.video_root)
+    root = os.path.realpath(engine.video_root) if engine.video_root else ''
+    return {'root_url': f'file://{root}/', 'videos': names, 'frames': engine.frames}
+
+  @app.post('/v1/frames')
+  async def frames(request: Request):
+    """The page's extension: the frames the model reads of `{"video_url", "frames"}`, as small
+    JPEG data URLs."""
+    body = await _read_body(request, engine.limits.max_body_bytes)
+    try:
+      body = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ApiError(400, f'the request body is not valid JSON: {e}') from None
+    if not isinstance(body, dict) or not isinstance(body.get('video_url'), str):
+      raise ApiError(400, 'expected {"video_url": URL, "frames": N}', param='video_url')
+    n = _number(body, 'frames', engine.frames, 1, engine.limits.max_frames, integer=True)
+    if n not in FRAME_CHOICES:
+      raise ApiError(400, f'frames={n}: expected one of {FRAME_CHOICES}', param='frames')
+    images = await asyncio.get_running_loop().run_in_executor(
+        engine.decoders, engine.thumbnails, body['video_url'], n)
+    return {'frames': images}
 
   @app.post('/v1/chat/completions')
   async def chat_completions(request: Request):

@@ -252,3 +252,57 @@ def test_a_full_queue_answers_429(setup, server):  # noqa: F811
   assert 'max_queue' in busy[0].message
   want = _greedy(setup, path, QUESTIONS[0])
   assert all(r.choices[0].message.content == want for r in done)
+
+
+def _browser():
+  """Headless Chromium from the system packages through Selenium, or a skip saying what is
+  missing (Debian: `apt-get install chromium chromium-driver`; pip: selenium)."""
+  import shutil
+  webdriver = pytest.importorskip('selenium.webdriver')
+  from selenium.webdriver.chrome.service import Service
+  chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+  driver = shutil.which('chromedriver')
+  if not chromium or not driver:
+    pytest.skip('no chromium / chromedriver (apt-get install chromium chromium-driver)')
+  options = webdriver.ChromeOptions()
+  options.binary_location = chromium
+  for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu',
+              '--window-size=1200,800'):
+    options.add_argument(arg)
+  # An explicit driver: Selenium Manager downloads nothing.
+  return webdriver.Chrome(options=options, service=Service(driver))
+
+
+def test_the_page_in_a_browser(setup, server, tmp_path):  # noqa: F811
+  """Loads `/`, uploads a clip, sees its frames, asks, waits for the streamed answer (equal to
+  `predict`'s) and saves a screenshot that is not blank."""
+  from PIL import Image
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
+  path = sorted(setup['ds'].eval_videos)[1]
+  want = _greedy(setup, path, QUESTIONS[0])
+  browser = _browser()
+  try:
+    wait = WebDriverWait(browser, 60)
+    browser.get(server['url'] + '/')
+    wait.until(lambda b: b.find_element(By.ID, 'model').text.endswith(MODEL))
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#pick option')) > 1)
+    browser.find_element(By.ID, 'upload').send_keys(str(path))
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#frames img.frame')) == FRAMES)
+    assert all(b.get_property('naturalWidth') > 0
+               for b in browser.find_elements(By.CSS_SELECTOR, '#frames img.frame'))
+    tokens = browser.find_element(By.ID, 'max-tokens')
+    tokens.clear()
+    tokens.send_keys(str(MAX_TOKENS))
+    browser.find_element(By.ID, 'question').send_keys(QUESTIONS[0])
+    browser.find_element(By.ID, 'send').click()
+    answer = wait.until(lambda b: [e for e in b.find_elements(By.CSS_SELECTOR, '.assistant')
+                                   if e.get_attribute('data-state') in ('done', 'error')])[0]
+    assert (answer.get_attribute('data-state'), answer.text) == ('done', want)
+    shot = tmp_path / 'page.png'
+    assert browser.save_screenshot(str(shot))
+  finally:
+    browser.quit()
+  image = Image.open(shot).convert('RGB')
+  assert image.size[0] >= 800 and len(image.getcolors(1 << 20) or range(1 << 20)) > 50
+  assert image.convert('L').getextrema()[1] - image.convert('L').getextrema()[0] > 100
