@@ -19,7 +19,8 @@ Endpoints (FastAPI on uvicorn):
   prompt. `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `stop`, `n=1`,
   `stream` (server-sent events in OpenAI's chunk format, ending `data: [DONE]`;
   `stream_options.include_usage` adds a usage chunk) and an extension `frames` (frames read
-  from the video, default `--frames`).
+  from the video, default `--frames`). `max_tokens` defaults to min(256, `--max_tokens`);
+  `temperature` > 0 samples (each distinct temperature / top_p compiles its own program).
 
 How requests share the device: a request is checked, its video decoded in a thread pool off
 the event loop, then queued. One worker owns the device: it takes up to `--max_batch` waiting
@@ -29,7 +30,7 @@ compiled programs serve every batch, runs one batched `Predictor.generate_ids`, 
 each request its tokens. Streamed answers get their text as each token is chosen (the
 `generate` host callback runs per decoding step); text that may be the start of a `stop`
 string, an incomplete character, or trailing spaces is held back until it is known. At most
-`--max_queue` requests are admitted at once (decoding, waiting or running); more get 429.
+`--max_queue` requests are admitted at once (decoding, waiting or generating); more get 429.
 
 Errors use OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}` with a 4xx:
 malformed JSON or fields (400), an unknown model (404), no video, an unsupported or
@@ -51,7 +52,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any, Sequence
@@ -554,18 +554,23 @@ class Engine:
         results = await loop.run_in_executor(self.device, self._run, batch)
       except Exception as e:  # noqa: BLE001  (every request of the batch hears of it)
         log.exception('batch failed')
+        error = ApiError(500, f'generation failed: {e}', type_='server_error')
         for job in batch:
-          if not job.future.done():
-            job.future.set_exception(ApiError(500, f'generation failed: {e}',
-                                              type_='server_error'))
-          if job.events is not None:
-            job.events.put_nowait(None)
+          self._finish(job, error=error)
         continue
       for job, ids in zip(batch, results):
-        if not job.future.done():
-          job.future.set_result(ids)
-        if job.events is not None:
-          job.events.put_nowait(None)
+        self._finish(job, ids)
+
+  def _finish(self, job: Job, ids=None, error: Exception | None = None) -> None:
+    """Resolves a job and frees its place in the queue (whether or not anyone listens)."""
+    self.release()
+    if not job.future.done():
+      if error is None:
+        job.future.set_result(ids)
+      else:
+        job.future.set_exception(error)
+    if job.events is not None:
+      job.events.put_nowait(None)
 
   def _run(self, batch: list[Job]) -> list[np.ndarray]:
     """One batched generation (device thread): pads to the compiled bucket sizes."""
@@ -668,19 +673,16 @@ def create_app(engine: Engine):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ApiError(400, f'the request body is not valid JSON: {e}') from None
     chat = parse_chat(body, engine.model_name, engine.limits, engine.frames)
-    engine.admit()
+    engine.admit()                 # released when its generation ends (Engine._finish)
     try:
       job = await engine.submit(chat)
-    except BaseException:
+    except BaseException:          # refused, or the client went away while it was decoded
       engine.release()
       raise
     rid = f'chatcmpl-{uuid.uuid4().hex}'
     created = int(time.time())
     if not chat.stream:
-      try:
-        ids = await job.future
-      finally:
-        engine.release()
+      ids = await job.future
       answer, _, reason, n = job.tracker.finish(ids)
       engine.stats['answered'] += 1
       return {'id': rid, 'object': 'chat.completion', 'created': created,
@@ -699,25 +701,22 @@ def create_app(engine: Engine):
       return format_sse_event(data_str=json.dumps(out))
 
     async def events():
+      yield chunk({'role': 'assistant', 'content': ''})
+      while (piece := await job.events.get()) is not None:
+        yield chunk({'content': piece})
       try:
-        yield chunk({'role': 'assistant', 'content': ''})
-        while (piece := await job.events.get()) is not None:
-          yield chunk({'content': piece})
-        try:
-          ids = await job.future
-        except ApiError as e:
-          yield format_sse_event(data_str=json.dumps(e.body()))
-          return
-        _, rest, reason, n = job.tracker.finish(ids)
-        if rest:
-          yield chunk({'content': rest})
-        yield chunk({}, reason)
-        if chat.include_usage:
-          yield chunk(None, usage=True, n=n)
-        yield format_sse_event(data_str='[DONE]')
-        engine.stats['answered'] += 1
-      finally:
-        engine.release()
+        ids = await job.future
+      except ApiError as e:
+        yield format_sse_event(data_str=json.dumps(e.body()))
+        return
+      _, rest, reason, n = job.tracker.finish(ids)
+      if rest:
+        yield chunk({'content': rest})
+      yield chunk({}, reason)
+      if chat.include_usage:
+        yield chunk(None, usage=True, n=n)
+      yield format_sse_event(data_str='[DONE]')
+      engine.stats['answered'] += 1
 
     return EventSourceResponse(events())
 

@@ -142,6 +142,11 @@ def test_plain_and_streamed_answers_equal_predict(setup, server):  # noqa: F811
       _video_part(path), QUESTIONS[0]), max_tokens=MAX_TOKENS, stop=stop, stream=True)
   assert ''.join(c.choices[0].delta.content or '' for c in stream if c.choices) == cut
 
+  # Sampling: temperature and top_p reach generate (an answer, whatever it is).
+  r = client.chat.completions.create(model=MODEL, messages=_messages(
+      _video_part(path), QUESTIONS[0]), max_tokens=MAX_TOKENS, temperature=0.8, top_p=0.9)
+  assert isinstance(r.choices[0].message.content, str) and r.usage.completion_tokens >= 1
+
 
 def test_concurrent_requests_are_batched_and_each_answered(setup, server):  # noqa: F811
   videos = sorted(setup['ds'].eval_videos)
@@ -252,6 +257,7 @@ def test_a_full_queue_answers_429(setup, server):  # noqa: F811
   assert 'max_queue' in busy[0].message
   want = _greedy(setup, path, QUESTIONS[0])
   assert all(r.choices[0].message.content == want for r in done)
+  assert _get(f'{server["url"]}/health')['admitted'] == 0      # every place given back
 
 
 def _browser():
