@@ -14,7 +14,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import subprocess_env
+from conftest import require_package, subprocess_env
 from panda_jax.data import synthetic
 from panda_jax.eval.videoqa import load_clip
 from test_videoqa import FRAMES, setup  # noqa: F401  (the tiny model, tokenizer and videos)
@@ -215,12 +215,19 @@ def test_bad_input_gets_its_error_while_a_good_request_completes(setup, server, 
   async def run():
     import httpx2 as httpx   # the openai client's HTTP library
     openai_client = _client(server, openai.AsyncOpenAI)
-    in_flight = asyncio.create_task(openai_client.chat.completions.create(
-        model=MODEL, messages=good, max_tokens=MAX_TOKENS, stream=True))
+    # A streamed answer in flight (its video decoded, its request queued, the role chunk read)
+    # and a plain one sent with the bad requests.
+    stream = await openai_client.chat.completions.create(model=MODEL, messages=good,
+                                                          max_tokens=MAX_TOKENS, stream=True)
+    first = await stream.__anext__()
+    assert first.choices[0].delta.role == 'assistant'
     async with httpx.AsyncClient(base_url=server['url'], timeout=60) as client:
-      answers = await asyncio.gather(*[post(client, b[0]) for b in bad.values()])
-      stream = await in_flight
+      *answers, plain = await asyncio.gather(
+          *[post(client, b[0]) for b in bad.values()],
+          openai_client.chat.completions.create(model=MODEL, messages=good,
+                                                max_tokens=MAX_TOKENS))
       text = ''.join([c.choices[0].delta.content or '' async for c in stream if c.choices])
+      assert plain.choices[0].message.content == want
       # The openai client raises the typed error for each.
       with pytest.raises(openai.NotFoundError, match='does not exist'):
         await openai_client.chat.completions.create(model='nope', messages=good)
@@ -264,7 +271,8 @@ def _browser():
   """Headless Chromium from the system packages through Selenium, or a skip saying what is
   missing (Debian: `apt-get install chromium chromium-driver`; pip: selenium)."""
   import shutil
-  webdriver = pytest.importorskip('selenium.webdriver')
+  require_package('selenium', 'pip install -r requirements-test.txt')
+  from selenium import webdriver
   from selenium.webdriver.chrome.service import Service
   chromium = shutil.which('chromium') or shutil.which('chromium-browser')
   driver = shutil.which('chromedriver')
