@@ -364,7 +364,7 @@ class Job:
 
 @dataclasses.dataclass(frozen=True)
 class _Conversation:
-  """A multi-turn (or custom system prompt) question for `_prompt_ids`."""
+  """A multi-turn (or custom system prompt) question for `Engine.prompt_ids`."""
   question: str
   history: tuple
   system: str | None
@@ -375,7 +375,8 @@ class _Steps:
 
   One instance for the server's life (it is a static argument of the compiled program)."""
 
-  def __init__(self):
+  def __init__(self, eos_id: int | None):
+    self.eos_id = eos_id
     self.jobs: list[Job] = []
     self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -390,8 +391,6 @@ class _Steps:
       piece = job.tracker.add(int(tok))
       if piece:
         self.loop.call_soon_threadsafe(job.events.put_nowait, piece)
-
-  eos_id: int | None = None
 
   def __hash__(self):
     return id(self)
@@ -420,8 +419,7 @@ class Engine:
     self.admitted = 0
     self.waiting: list[Job] = []
     self.wake: asyncio.Event | None = None
-    self.steps = _Steps()
-    self.steps.eos_id = predictor.sampling.eos_id
+    self.steps = _Steps(predictor.sampling.eos_id)
     self.stats = {'requests': 0, 'answered': 0, 'batches': 0, 'batch_sizes': {},
                   'rejected_busy': 0}
     # The Predictor builds the prompt of each question it is given (its template and stop
