@@ -1,5 +1,5 @@
-"""The launch scripts' commands, as the README gives them (--dry-run / DRY_RUN=1): printed as
-the README shows them, and every `python -m panda_jax...` in them parsed (config file, variant,
+"""The launch scripts' commands, as docs/launch.md gives them (--dry-run / DRY_RUN=1): printed as
+the page shows them, and every `python -m panda_jax...` in them parsed (config file, variant,
 overrides and flags exist); `tpu_vm.sh wait` run against fake workers."""
 
 import functools
@@ -21,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHELL_OPERATORS = {';', '&', '&&', '||', '|', '>', '<', '>>', '>&', '2>&1', '(', ')'}
 
 
-def _readme_block(heading, lang):
-  """The first ```lang block after `heading` in the README, as lines."""
-  text = open(os.path.join(ROOT, 'README.md')).read()
+def _doc_block(heading, lang, doc='docs/launch.md'):
+  """The first ```lang block after `heading` in `doc`, as lines."""
+  text = open(os.path.join(ROOT, doc)).read()
   section = text[text.index(heading):]
   return re.search(rf'```{lang}\n(.*?)```', section, re.S).group(1).strip().splitlines()
 
@@ -111,8 +111,8 @@ def test_check_command_refuses_unknown_configs_fields_and_flags():
       check_command('panda_jax.main', bad)
 
 
-def test_tpu_vm_dry_run_prints_the_readme_commands_for_a_v5e_64_run():
-  commands = _readme_block('### TPU pods', 'bash')
+def test_tpu_vm_dry_run_prints_the_documented_commands_for_a_v5e_64_run():
+  commands = _doc_block('## TPU pods', 'bash')
   assert any('create v5litepod-64' in c for c in commands)
   printed = []
   for line in commands:
@@ -121,7 +121,7 @@ def test_tpu_vm_dry_run_prints_the_readme_commands_for_a_v5e_64_run():
     r = _run(['bash', argv[0], '--dry-run', *argv[1:]])
     assert r.returncode == 0, (line, r.stderr)
     printed += r.stdout.strip().splitlines()
-  assert printed == _readme_block('With `--dry-run` after `tpu_vm.sh`', 'text')
+  assert printed == _doc_block('With `--dry-run` after `tpu_vm.sh`', 'text')
   # Each stage's run starts the same program with --multihost on every worker, with a config,
   # overrides and flags that exist; stage 2 trains on all of Valley.
   runs = [(p, python_commands(p)) for p in printed if 'panda_jax.main' in p]
@@ -237,7 +237,7 @@ def test_tpu_vm_wait_stops_every_worker_when_one_fails(tmp_path, fail_on, peer):
           pass
 
 
-def test_slurm_dry_run_installs_the_cuda_set_and_runs_each_readme_stage_chained():
+def test_slurm_dry_run_installs_the_cuda_set_and_runs_each_documented_stage_chained():
   reqs = {f: open(os.path.join(ROOT, f)).read() for f in ('requirements.txt',
                                                           'requirements-cuda.txt')}
   jax_version = re.search(r'^jax==(\S+)$', reqs['requirements.txt'], re.M).group(1)
@@ -245,7 +245,7 @@ def test_slurm_dry_run_installs_the_cuda_set_and_runs_each_readme_stage_chained(
                    re.M)
   assert not re.search(r'^[^#]*libtpu', reqs['requirements.txt'] + reqs['requirements-cuda.txt'],
                        re.M)
-  lines = _readme_block('### SLURM GPU clusters', 'bash')
+  lines = _doc_block('## SLURM GPU clusters', 'bash')
   assert len(lines) == 3
   previous = None
   for i, line in enumerate(lines):
