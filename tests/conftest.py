@@ -104,9 +104,10 @@ def tiny_apply():
 # Measured CPU time, heaviest first; files not listed follow in their usual order.
 SLOWEST_FILES = ('test_demo.py', 'test_topology.py', 'test_preemption.py', 'test_loop.py',
                  'test_train_step.py', 'test_teacher_cache.py', 'test_train_sharded.py',
-                 'test_multihost.py', 'test_llama.py',
+                 'test_serve.py', 'test_golden.py', 'test_gguf.py', 'test_multihost.py',
+                 'test_llama.py',
                  'test_ablations.py', 'test_stab.py', 'test_aot.py', 'test_metrics_writer.py',
-                 'test_golden.py', 'test_videoqa.py', 'test_predict_cli.py', 'test_predict.py',
+                 'test_videoqa.py', 'test_predict_cli.py', 'test_predict.py',
                  'test_sharding.py')
 
 
