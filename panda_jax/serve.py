@@ -47,7 +47,6 @@ import base64
 import binascii
 import concurrent.futures
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -425,22 +424,22 @@ class Engine:
     # The Predictor builds the prompt of each question it is given (its template and stop
     # token); ours may also be a `_Conversation`, which `prompt_ids` below understands.
     self._predictor_prompt_ids = predictor.prompt_ids
-    self._takes_history = 'history' in inspect.signature(predictor.prompt_ids).parameters
     predictor.prompt_ids = self.prompt_ids
 
   # -- prompt
 
   def prompt_ids(self, question, frames: int) -> np.ndarray:
     """The Predictor's prompt for a plain question; multi-turn conversations and custom system
-    prompts through `text.generation_prompt_ids` (unless the Predictor takes a history)."""
+    prompts through the Predictor's conversation template with the history."""
     if not isinstance(question, _Conversation):
       return self._predictor_prompt_ids(question, frames)
-    if self._takes_history and question.system is None:
-      return self._predictor_prompt_ids(question.question, frames, history=question.history)
-    from panda_jax.data import text
-    kw = {} if question.system is None else {'system': question.system}
-    return text.generation_prompt_ids(self.predictor.tokenizer, question.question,
-                                      num_frames=frames, history=question.history, **kw)
+    # The Predictor's template (its tokens and stop id), with the request's system message.
+    from panda_jax.data import templates
+    template = self.predictor.template
+    if question.system is not None:
+      template = templates.get(template.name, question.system)
+    return template.generation_ids(self.predictor.tokenizer, question.question,
+                                   num_frames=frames, history=question.history)
 
   # -- admission (event loop)
 
@@ -761,9 +760,8 @@ def _lifespan(engine: Engine):
 
 def main(argv):
   from absl import app, flags
-  from panda_jax.data import text
   from panda_jax.eval.generate import Sampling
-  from panda_jax.eval.predict import Predictor
+  from panda_jax.eval.predict import Predictor, load_text
   from panda_jax.eval.videoqa import load_model
   from panda_jax.predict import resolve_tokenizer
   del argv
@@ -775,10 +773,15 @@ def main(argv):
   limits = Limits(max_body_bytes=int(f.max_body_mb * (1 << 20)), max_tokens=f.max_tokens,
                   max_prompt_tokens=f.max_prompt_tokens, max_frames=f.max_frames,
                   decode_timeout_s=f.decode_timeout_s)
-  tok = text.load_tokenizer(resolve_tokenizer(f.checkpoint, f.tokenizer))
+  try:
+    tok, template = load_text(resolve_tokenizer(f.checkpoint, f.tokenizer), f.template,
+                              f.system_message, f.checkpoint)
+  except ValueError as e:
+    raise app.UsageError(str(e))
   cfg, variables = load_model(f.checkpoint)
   predictor = Predictor(cfg, variables, tok, Sampling(max_new_tokens=MIN_NEW_TOKENS_BUCKET,
-                                                      eos_id=tok.eos_token_id))
+                                                      eos_id=template.stop_id(tok)),
+                        template=template)
   name = f.model_name or os.path.basename(f.checkpoint.rstrip('/')) or 'video-panda'
   try:
     engine = Engine(predictor, limits, max_batch=f.max_batch, max_queue=f.max_queue,
@@ -796,6 +799,9 @@ if __name__ == '__main__':
   from absl import app, flags
   flags.DEFINE_string('checkpoint', None, 'Converted checkpoint or training workdir.')
   flags.DEFINE_string('tokenizer', None, 'Tokenizer directory (default: as panda_jax.predict).')
+  flags.DEFINE_string('template', '', 'Conversation template: videopanda_v1, vicuna_v1 or '
+                      'chatml (default: as panda_jax.predict).')
+  flags.DEFINE_string('system_message', None, 'Replaces the template\'s system message.')
   flags.DEFINE_string('host', '127.0.0.1', 'Address to bind (loopback unless told otherwise).')
   flags.DEFINE_integer('port', 8000, 'Port.')
   flags.DEFINE_string('video_root', None, 'file:// videos must lie under this directory '
