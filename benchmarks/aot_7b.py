@@ -13,7 +13,7 @@ the 7B model is ever allocated.
 With `--topology=v5e:8x8` (or v5p:4x4x4, v6e:8x8, ...: what libtpu knows) the devices are those
 of that TPU slice from `jax.experimental.topologies.get_topology_desc`, and the program is
 compiled by the TPU compiler in libtpu, on this CPU host (no TPU needed; install the libtpu
-that `jax[tpu]` pins, see the README). Without libtpu, or without `--topology`, it compiles
+that `jax[tpu]` pins, see docs/installation.md). Without libtpu, or without `--topology`, it compiles
 for N simulated CPU devices (XLA:CPU's estimate) and says `compiler=cpu`.
 
 Reported (per device, from `compiled.memory_analysis()`): argument, output, temp, generated

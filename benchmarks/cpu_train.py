@@ -17,7 +17,7 @@ times:
            stage 3a)
 
 Neither threads nor malloc is the default: in steady training neither changed the steps per
-second (README). The cache is the demo's (configs/demo.py).
+second (docs/benchmarks.md). The cache is the demo's (configs/demo.py).
 
 The rate is taken from the training loop's own logged `steps_per_s` (counted from the end of
 the first, compiling, step) between step --warmup and the last step: Grain's readers fill their

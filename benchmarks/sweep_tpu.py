@@ -71,7 +71,7 @@ def row(stage, fsdp, tensor, mb, remat=DEFAULT_REMAT, chunk=DEFAULT_CHUNK, topol
 
 
 # Most informative first: each 7B compile costs ~7.5 min of a full core (an hour or more of wall
-# time at nice 19 on a shared 2-core machine). Known before the sweep (README, 2026-11-30):
+# time at nice 19 on a shared 2-core machine). Known before the sweep (docs/benchmarks.md, 2026-11-30):
 # stage 2, 32 x 2, micro-batch 1 (accum 64) = 9.512 GiB per chip, ceiling (then "MODELLED MFU")
 # 75.3 %.
 ROWS = [
@@ -93,7 +93,7 @@ ROWS = [
     row(2, 32, 2, 1, remat='dots_no_batch', chunk=1024,
         why='the stage-2 pick with larger attention query blocks'),
     row(3, 64, 1, 1, why='stage 3 without tensor parallelism'),
-    row(2, 32, 2, 1, why='the known baseline (9.512 GiB, README) re-measured on this code'),
+    row(2, 32, 2, 1, why='the known baseline (9.512 GiB, docs/benchmarks.md) re-measured on this code'),
     row(3, 32, 2, 1, why='stage 3 at the baseline layout (accum 32)'),
     row(1, 32, 2, 1, why='stage 1 at the baseline layout (accum 64)'),
     row(2, 32, 2, 4, why='micro-batch 4 (accum 16)'),

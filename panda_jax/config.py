@@ -377,7 +377,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 # own sweep rows ranked the same one first; configs/stageN.py: `LAYOUTS`). Per-chip GiB by the
 # TPU compiler, and two modelled step times per row, neither measured on a TPU: the no-overlap
 # bound (compute + HBM + ICI time added up) and the perfect-overlap ceiling (their maximum);
-# rows are ranked by the bound (README, "Layout sweep"; records in
+# rows are ranked by the bound (docs/benchmarks.md, "Layout sweep"; records in
 # benchmarks/results/sweep_tpu.jsonl, libtpu 0.0.42.1, 2026-12-01, from hand-counted terms).
 #  v5e-64: first of 18 v5e:8x8 rows for each stage: 11.9 / 14.6 / 14.3 GiB of 16 for stages
 #          1 / 2 / 3; bound 48.0 / 52.3 / 52.3 % MFU, ceiling 94.0 / 95.6 / 95.6 %.
@@ -386,7 +386,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 #  v6e-64: the same at micro-batch 2 for a v6e chip's 32 GiB: 21.4 / 24.4 / 24.0 GiB; bound
 #          32.0 / 37.5 / 37.5 %, ceiling 57.6 / 80.2 / 80.1 % (first of 4 rows).
 # The compiled program's own counts (benchmarks/hlo_cost.py), where recomputed, put the stage-2
-# v5e step at a bound of about 20 % (HBM traffic 4x the hand count): README, "What the figures
+# v5e step at a bound of about 20 % (HBM traffic 4x the hand count): docs/benchmarks.md, "What the figures
 # are".
 POD_LAYOUTS = {
     name: dict(chips=64, fsdp=32, tensor=2, micro_batch=mb, remat='dots_no_batch',

@@ -364,7 +364,7 @@ def questions(scene: Scene, rng: np.random.Generator, name_first: bool = False) 
   follows the name at once ("The red circle is there from the first frame." / "The red circle
   only appears later in the video."; "The red circle ends near the left edge."): the decision
   is then made right after the name instead of at a template token far from it (the direction
-  sentence has this form already; README: the decision is still one fetch away from the colour
+  sentence has this form already; docs/changelog.md: the decision is still one fetch away from the colour
   word, which is what the demo's decoder finds hard). Short answers and questions do not
   change.
   """

@@ -76,8 +76,8 @@ class LlamaConfig:
   loss_chunk: int = 0
   # RMS-normalise each head's queries and keys (learned scale per channel) before the rotary
   # embedding, as OLMo 2 and Qwen 3 do: bounds the attention logits, whose growth saturates
-  # the softmax of a small decoder trained from scratch at a high learning rate (README, "What
-  # kept the first tries from learning"). Not in Llama / Vicuna: False for every released
+  # the softmax of a small decoder trained from scratch at a high learning rate
+  # (docs/changelog.md, 2026-12-01). Not in Llama / Vicuna: False for every released
   # model and converted checkpoint.
   qk_norm: bool = False
   # The LM head is the token embedding's transpose (no `lm_head` parameter), as in GPT-2 and

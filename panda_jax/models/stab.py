@@ -65,7 +65,7 @@ class StabConfig:
   # Training-mode BatchNorm statistics: 'video' (each video's chunks on their own, as the
   # released code runs its tower once per video) or 'batch' (over the whole batch).
   bn_stats: str = 'video'
-  # Ablation switches (paper Tables 4, 5 and 8; README "Ablations"). The defaults are the
+  # Ablation switches (paper Tables 4, 5 and 8; docs/demo.md, "Ablations"). The defaults are the
   # released model; each False / other value removes or replaces one part:
   # lste=False: no lmhra1 / dpe, GSTRA reads and the crop takes the raw patch embeddings.
   lste: bool = True
