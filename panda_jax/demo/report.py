@@ -253,19 +253,25 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
   direction = main['scores']['by_type'].get('direction', {})
   dir_preds = sorted({_norm(r['pred']) for r in preds if r.get('type') == 'direction'})
   m, d = config.model, data
+  # configs/demo.py:smollm2: the LLM starts from SmolLM2-135M-Instruct (data['llm_converted']).
+  pretrained = d.get('llm_converted', '')
   dependence = shape_dependence(preds, qa_lib.load_qa(data['eval_qa']))
   weak = [t for t, v in sorted(main['scores']['by_type'].items())
           if v['exact_match'] - main['scores']['baseline'][t]['accuracy'] < WEAK_MARGIN]
   weak_types = ([f'Not learned in this run (less than {WEAK_MARGIN:.2f} over the majority '
                  f'answer): {", ".join(weak)}.' + (
                      ' "visible at the start" is learned in stage 3a, which can end on a '
-                     'plateau (README: "Stage 3a").' if 'at_start' in weak else ''), '']
+                     'plateau (README: "Stage 3a").' if 'at_start' in weak and not pretrained
+                     else ''), '']
                 if weak else [])
   stage_secs = sum(main['stages'][s]['seconds'] for s in main['stages'])
   total = d['seconds'] + stage_secs + main['scores']['seconds']
   lines = [
       '# Video-Panda demo report', '',
-      'A tiny Video-Panda trained from scratch on synthetic clips of moving shapes through '
+      ('A Video-Panda on the pretrained SmolLM2-135M-Instruct (its tokenizer and ChatML '
+       'template; the tiny STAB, projector and distillation head from scratch) trained'
+       if pretrained else 'A tiny Video-Panda trained from scratch') +
+      ' on synthetic clips of moving shapes through '
       f'stages {" -> ".join(str(s) for s in main["stages"])} with the project\'s training '
       'loop, then asked every held-out '
       'question with `panda_jax.eval.videoqa`. Every number below was computed by the run that '
@@ -275,12 +281,15 @@ def write_report(config, workdir: str, result: Mapping) -> dict:
       f'({config.data.width}x{config.data.height} px, {config.data.frames} frames, up to '
       f'{config.data.max_shapes} shapes), {d["eval_questions"]} held-out questions '
       f'({", ".join(f"{k} {v}" for k, v in sorted(d["eval_by_type"].items()))}); '
-      f'tokenizer of {d["tokenizer_vocab"]} tokens; {_minutes(d["seconds"])}.',
+      f'{"SmolLM2" + chr(39) + "s " if pretrained else ""}tokenizer of '
+      f'{d["tokenizer_vocab"]} tokens; {_minutes(d["seconds"])}.',
       f'* Model: STAB hidden {m.stab.hidden} at {m.stab.image_size} px, Llama {m.llm.layers} '
       f'layers x {m.llm.hidden} ({m.llm.heads} heads'
       + (', queries and keys RMS-normalised per head' if m.llm.qk_norm else '')
       + (', tied input/output embeddings' if m.llm.tie_embeddings else '')
-      + f'), vocabulary {m.llm.vocab_size}.',
+      + f'), vocabulary {m.llm.vocab_size}'
+      + (f'; the LLM is SmolLM2-135M-Instruct (converted in `{pretrained}`), which stage 1 '
+         'starts from and keeps frozen' if pretrained else '') + '.',
       f'* Teacher: {config.report.teacher_note}',
   ]
   for s, st in main['stages'].items():          # in the order they ran

