@@ -1,10 +1,10 @@
-"""The symbolic at-start sandbox (panda_jax.demo.binding): its data and where it predicts."""
+"""The symbolic at-start sandbox (experiments/binding.py): its data and where it predicts."""
 
 import jax
 import numpy as np
 import pytest
 
-from panda_jax.demo import binding as bd
+from experiments import binding as bd
 
 
 @pytest.mark.parametrize('fmt', ['std', 'prev', 'last'])

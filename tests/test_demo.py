@@ -384,13 +384,13 @@ def test_report_puts_ablated_variants_side_by_side(demo_run, tmp_path):
 
 @pytest.mark.slow
 def test_binding_sandbox_reads_the_tokens_the_demo_decoder_reads(demo_run):
-  """`demo.binding.real_tokens` on the smoke demo's workdir: each clip's frozen visual tokens
+  """`experiments/binding.py`'s `real_tokens` on the smoke demo's workdir: each clip's frozen visual tokens
   are exactly what the trained model splices into its decoder input for that clip (same
   values, same order), its shapes are the scene's, the result is cached, and the sandbox trains
   on them."""
   import jax
   from panda_jax.data.assembly import IMAGE_TOKEN, layout_batch
-  from panda_jax.demo import binding as bd
+  from experiments import binding as bd
   from panda_jax.eval.videoqa import load_clip, load_model
   from panda_jax.models.panda import VideoPanda
   workdir, _ = demo_run

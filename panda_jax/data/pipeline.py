@@ -59,6 +59,10 @@ VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.gif')
 SKIP_REASONS = ('bad_conversation', 'bad_video', 'too_long', 'missing_teacher_features')
 
 
+class DataStateError(ValueError):
+  """A checkpoint's data iterator state cannot be given to this run's processes."""
+
+
 class AnnotationError(ValueError):
   """The annotation file itself is malformed (fails at start, naming file, entry and field)."""
 
@@ -486,9 +490,8 @@ class TrainIterator:
     global batch k (the same position k * B / N in its slices: so whenever no sample was
     skipped); this process then continues at global batch k, so the global batches go on as
     they would have on N processes. The skip counters, summed, go to process 0 (the summary
-    sums them over the processes). Otherwise a `checkpoint.DataStateError` says why.
+    sums them over the processes). Otherwise a `DataStateError` says why.
     """
-    from panda_jax.train.checkpoint import DataStateError
     n = len(states)
     if n == self.process_count:
       return dict(states[self.process_index])

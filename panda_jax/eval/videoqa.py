@@ -74,10 +74,10 @@ def load_model(checkpoint: str):
   if storage.exists(path / 'config.json') and storage.exists(path / 'checkpoints'):
     import ml_collections
     from panda_jax import config as config_lib
-    from panda_jax.train import checkpoint as ckpt
+    from panda_jax import workdir as workdir_lib
     config = ml_collections.ConfigDict(storage.read_json(path / 'config.json'))
     cfg = config_lib.panda_config(config.model)
-    step, params, batch_stats = ckpt.restore_variables(path)
+    step, params, batch_stats = workdir_lib.restore_variables(path)
     logging.info('loaded %s at step %d', path, step)
     return cfg, {'params': params, 'batch_stats': batch_stats}
   raise FileNotFoundError(f'{checkpoint}: neither a converted checkpoint ({conv.CONFIG_FILE}) '

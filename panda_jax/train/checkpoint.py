@@ -25,9 +25,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from panda_jax import storage
+from panda_jax.data.pipeline import DataStateError  # noqa: F401  (raised here, and re-exported)
+from panda_jax.workdir import ITEMS, latest_step
 from panda_jax.tree import flatten, unflatten
 
-ITEMS = ('params', 'batch_stats', 'opt_state', 'meta', 'data')
 # Orbax's "replica-parallel" saving splits every replicated shard into one slice per replica
 # (each written by its own host), and each slice is cut on the device by a small compiled
 # program, one per array shape and slice. Below a few MiB per slice spreading the write gains
@@ -37,10 +38,6 @@ ITEMS = ('params', 'batch_stats', 'opt_state', 'meta', 'data')
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 4 << 20
 # The keys of the data item: how many processes saved it, and their states in process order.
 PROCESS_COUNT, PROCESSES = 'process_count', 'processes'
-
-
-class DataStateError(ValueError):
-  """A checkpoint's data iterator state cannot be given to this run's processes."""
 
 
 def _allgather_json(obj) -> list:
@@ -153,37 +150,6 @@ def restore(mngr, step: int, state, shardings):
                       opt_state=r.opt_state, step=r.meta['step'], rng=r.meta['rng'],
                       refused=r.meta['refused'])
   return new, dict(r.data or {})
-
-
-def latest_step(workdir) -> int | None:
-  path = storage.path(workdir) / 'checkpoints'
-  if not storage.exists(path):
-    return None
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=ITEMS).latest_step()
-
-
-def restore_variables(workdir) -> tuple[int, Any, Any]:
-  """(step, params, batch_stats) of a run's newest checkpoint, as saved (host arrays)."""
-  step = latest_step(workdir)
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint under {storage.join(workdir, "checkpoints")}')
-  path = storage.path(workdir) / 'checkpoints' / str(step)
-  # No item for a model without BatchNorm statistics (see `save`).
-  stats = _host_tree(path / 'batch_stats') if storage.exists(path / 'batch_stats') else {}
-  return step, _host_tree(path / 'params'), stats
-
-
-def _host_tree(path):
-  """A saved item as numpy arrays, whatever devices and processes saved it (restoring into
-  the saved shardings fails on another topology, e.g. evaluating on 2 processes x 1 device
-  the checkpoint of 2 x 4)."""
-  ck = ocp.PyTreeCheckpointer()
-  meta = ck.metadata(path)
-  meta = getattr(meta, 'item_metadata', meta)
-  meta = getattr(meta, 'tree', meta)
-  return ck.restore(path, restore_args=jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
 
 
 def _saved_metadata(path) -> dict[str, Any]:

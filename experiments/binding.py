@@ -29,10 +29,10 @@ default's stage 2 (2,000 steps; always "yes" 0.654): last 0.917 (two-shape clips
 so the tokens' large norm is not in the way; std 0.651 at step 1,000 and 0.756 at 2,000
 (two-shape 0.648), the same plateau as above; std on two-shape clips only 0.767 at 1,000 and
 0.943 at 2,000. The check needs several thousand answers before it starts, which is what the
-demo's stage 3a gives the whole model (README: "Stage 3a").
+demo's stage 3a gives the whole model (docs/changelog.md, 2026-12-03).
 
-  python -m panda_jax.demo.binding --fmt=prev --steps=2000
-  python -m panda_jax.demo.binding --tokens_from=runs/demo --stage=stage2 --inputs=raw --fmt=std
+  python experiments/binding.py --fmt=prev --steps=2000
+  python experiments/binding.py --tokens_from=runs/demo --stage=stage2 --inputs=raw --fmt=std
 """
 
 from __future__ import annotations
@@ -42,8 +42,13 @@ import os
 import time
 from typing import Sequence
 
-from absl import app, flags
-import flax.linen as nn
+import sys
+
+if __package__ in (None, ''):      # run as a script: the repository root on the path
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+import flax.linen as nn  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,23 +309,27 @@ def majority(eval_size: int = 512, seed: int = 0, tokens: dict | None = None,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('fmt', 'std', 'Training question layout(s), comma-separated: std, prev, last.')
-flags.DEFINE_string('eval_fmt', '', 'Held-out layout (default: the first of --fmt).')
-flags.DEFINE_integer('steps', 2000, 'Training steps.')
-flags.DEFINE_integer('batch', 8, 'Batch size.')
-flags.DEFINE_float('lr', 2e-3, 'Peak learning rate (1 % warm-up, cosine).')
-flags.DEFINE_integer('layers', 4, 'Decoder layers.')
-flags.DEFINE_boolean('qk_norm', True, 'RMS-normalise queries and keys (the demo does).')
-flags.DEFINE_integer('seed', 0, 'Seed (data and initialisation).')
-flags.DEFINE_integer('eval_every', 500, 'Score the held-out samples every this many steps.')
-flags.DEFINE_string('tokens_from', '', 'A demo workdir: train on its trained STAB\'s frozen '
-                    'visual tokens of its training clips instead of symbolic ones.')
-flags.DEFINE_string('stage', 'stage3', 'With --tokens_from: the stage whose STAB makes them.')
-flags.DEFINE_integer('clips', 1500, 'With --tokens_from: how many of its training clips.')
-flags.DEFINE_integer('held_out', 300, 'With --tokens_from: of those, how many are scored.')
-flags.DEFINE_enum('inputs', 'rms', ['rms', 'raw'], 'With --tokens_from: the tokens each '
-                  'RMS-normalised then one new linear layer (rms), or as the demo\'s decoder '
-                  'receives them (raw).')
+
+
+def define_flags() -> None:
+  """The script's flags (defined when it runs, never at import)."""
+  flags.DEFINE_string('fmt', 'std', 'Training question layout(s), comma-separated: std, prev, last.')
+  flags.DEFINE_string('eval_fmt', '', 'Held-out layout (default: the first of --fmt).')
+  flags.DEFINE_integer('steps', 2000, 'Training steps.')
+  flags.DEFINE_integer('batch', 8, 'Batch size.')
+  flags.DEFINE_float('lr', 2e-3, 'Peak learning rate (1 % warm-up, cosine).')
+  flags.DEFINE_integer('layers', 4, 'Decoder layers.')
+  flags.DEFINE_boolean('qk_norm', True, 'RMS-normalise queries and keys (the demo does).')
+  flags.DEFINE_integer('seed', 0, 'Seed (data and initialisation).')
+  flags.DEFINE_integer('eval_every', 500, 'Score the held-out samples every this many steps.')
+  flags.DEFINE_string('tokens_from', '', 'A demo workdir: train on its trained STAB\'s frozen '
+                      'visual tokens of its training clips instead of symbolic ones.')
+  flags.DEFINE_string('stage', 'stage3', 'With --tokens_from: the stage whose STAB makes them.')
+  flags.DEFINE_integer('clips', 1500, 'With --tokens_from: how many of its training clips.')
+  flags.DEFINE_integer('held_out', 300, 'With --tokens_from: of those, how many are scored.')
+  flags.DEFINE_enum('inputs', 'rms', ['rms', 'raw'], 'With --tokens_from: the tokens each '
+                    'RMS-normalised then one new linear layer (rms), or as the demo\'s decoder '
+                    'receives them (raw).')
 
 
 def main(argv):
@@ -335,4 +344,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
