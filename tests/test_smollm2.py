@@ -126,3 +126,33 @@ def test_predict_answers_a_held_out_clip_in_english_stopping_at_im_end(smollm2_r
   assert 0 < len(row) < MAX_NEW_TOKENS, f'no <|im_end|> within {MAX_NEW_TOKENS} tokens: {row}'
   assert not set(row.tolist()) & set(tok.all_special_ids)
   assert tok.decode(row, skip_special_tokens=True).strip() == answer
+
+
+def test_stage_configs_of_the_smollm2_variant():
+  """Without running anything: what each stage of configs/demo.py:smollm2 trains from where,
+  with which template and positions; the other demo variants keep the demo tokenizer."""
+  from configs import demo as demo_config
+  from panda_jax.demo import run as demo_run
+  config = demo_config.get_config('smollm2')
+  assert config.model.llm.vocab_size == 49152 and config.model.llm.tie_embeddings
+  assert not config.model.llm.qk_norm and demo_run.phases(config) == ('1', '2', '3')
+  data = dict(train_captions='c.json', train_instruct='i.json', train_focus='', root='/d',
+              tokenizer='/conv', llm_converted='/conv')
+  c1, c2, c3 = (demo_run.stage_config(config, s, data) for s in ('1', '2', '3'))
+  assert (c1.init.converted, list(c1.init.require)) == ('/conv', ['^llm/'])
+  assert c2.init.converted == c3.init.converted == ''
+  assert list(c1.optim.trainable) == ['^visual/', '^distill/']
+  assert list(c2.optim.trainable) == list(c3.optim.trainable) == ['.*']
+  assert {c.data.system_prompt for c in (c1, c2, c3)} == {'chatml'}
+  assert {c.data.tokenizer for c in (c1, c2, c3)} == {'/conv'}
+  assert (c1.data.max_len, c2.data.max_len, c3.data.max_len) == (136, 136, 216)
+  assert list(c2.optim.lr_scale) == []
+  # A stage's lr_scale reaches the optimizer config.
+  config.unlock()
+  config.stages.stage2.lr_scale = (('^llm/', 0.02),)
+  assert list(demo_run.stage_config(config, '2', data).optim.lr_scale) == [['^llm/', 0.02]]
+  # The demo itself: its own tokenizer's template, no pretrained LLM.
+  default = demo_config.get_config('default')
+  assert 'pretrained' not in default and demo_run.pretrained_llm(default, '/unused') == ''
+  d1 = demo_run.stage_config(default, '1', dict(data, llm_converted=''))
+  assert d1.init.converted == '' and d1.data.system_prompt == 'videopanda_v1'
