@@ -151,6 +151,10 @@ def test_stage_configs_of_the_smollm2_variant():
   config.unlock()
   config.stages.stage2.lr_scale = (('^llm/', 0.02),)
   assert list(demo_run.stage_config(config, '2', data).optim.lr_scale) == [['^llm/', 0.02]]
+  # So does its trainable set (the LLM frozen longer).
+  config.stages.stage3.trainable = ('^visual/', '^distill/')
+  assert list(demo_run.stage_config(config, '3', data).optim.trainable) == ['^visual/',
+                                                                            '^distill/']
   # The demo itself: its own tokenizer's template, no pretrained LLM.
   default = demo_config.get_config('default')
   assert 'pretrained' not in default and demo_run.pretrained_llm(default, '/unused') == ''

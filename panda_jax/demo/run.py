@@ -192,8 +192,12 @@ def stage_config(config, stage: int | str, data: Mapping, init_from: str = '',
   c.data.video_cache_mb = config.data.get('video_cache_mb', 0)
   if 'system_prompt' in config.data:
     c.data.system_prompt = config.data.system_prompt
+  # Optional per-stage fields (configs/demo.py:smollm2): the learning-rate multipliers by
+  # parameter regex, and what trains (default: the paper's stage's set, `config.STAGES`).
   if 'lr_scale' in st:
     c.optim.lr_scale = [list(x) for x in st.lr_scale]
+  if st.get('trainable'):
+    c.optim.trainable = list(st.trainable)
   c.init.from_run = init_from
   if phase == '1' and data.get('llm_converted'):
     # Stage 1 starts the LLM from the pretrained weights, every one of them (the converted
