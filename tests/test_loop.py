@@ -312,12 +312,16 @@ def test_a_later_run_of_the_same_step_reuses_its_traced_program(uninterrupted, t
   assert key(c, mesh=sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})) != base
 
 
-def test_initial_state_is_placed_by_its_shardings_so_the_step_compiles_once():
+@pytest.mark.parametrize('lr_scale', [(), (('^llm/', 0.02),)])
+def test_initial_state_is_placed_by_its_shardings_so_the_step_compiles_once(lr_scale):
   # A leaf placed without the mesh (as the step counter once was) has another type than the
-  # step's output: the second step then traced and compiled the whole train step again.
+  # step's output: the second step then traced and compiled the whole train step again. With
+  # two learning-rate groups each group's optimizer state holds placeholders (MaskedNode) for
+  # the other group's parameters.
   from panda_jax import sharding
   from panda_jax.models.panda import VideoPanda
   c = _config()
+  c.optim.lr_scale = lr_scale
   mesh = sharding.make_mesh(c.mesh.to_dict())
   run = config_lib.resolve(c)
   model = VideoPanda(run.model)

@@ -207,8 +207,12 @@ def create_state(config, run: config_lib.Run, mesh, model, rng):
   train_sh, _ = trainable_tree(var_sh['params'], labels)
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shapes = jax.eval_shape(tx.init, train)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, train_sh,
-                                 transform_non_params=lambda _: replicated)
+  # With several learning-rate groups (optax.multi_transform) each group's state holds
+  # MaskedNode where the other groups' parameters are: those stay as they are.
+  opt_sh = optax.tree_map_params(
+      tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s, opt_shapes, train_sh,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(train)
   # Every leaf placed by its sharding: the step's outputs carry the mesh in their types, so an
   # input without it (a bare jnp.zeros step) would make the second step compile again.
