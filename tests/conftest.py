@@ -102,7 +102,8 @@ def tiny_apply():
 # go first (xdist would order files by their number of tests, which puts the long end-to-end
 # files with few tests last, where one of them runs alone while the other worker idles).
 # Measured CPU time, heaviest first; files not listed follow in their usual order.
-SLOWEST_FILES = ('test_demo.py', 'test_topology.py', 'test_preemption.py', 'test_loop.py',
+SLOWEST_FILES = ('test_demo.py', 'test_smollm2.py', 'test_topology.py', 'test_preemption.py',
+                 'test_loop.py',
                  'test_train_step.py', 'test_teacher_cache.py', 'test_train_sharded.py',
                  'test_serve.py', 'test_golden.py', 'test_gguf.py', 'test_multihost.py',
                  'test_llama.py',
