@@ -181,7 +181,8 @@ def test_forward_and_train_step_run(names, default_shapes, tmp_path):
                     (back.opt_state, new.opt_state)):
     jax.tree.map(np.testing.assert_array_equal, got, want)
   assert int(back.step) == int(new.step) == 1
-  step, params, stats = ckpt.restore_variables(tmp_path)
+  from panda_jax import workdir as workdir_lib
+  step, params, stats = workdir_lib.restore_variables(tmp_path)
   assert step == 1 and bool(stats) == ('lste_off' not in names)
   jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(new.params))
 
