@@ -92,8 +92,8 @@ def test_a_violation_is_found(tmp_path):
 
 
 def test_importing_a_module_defines_no_flags_and_registers_nothing():
-  """Every package module imported in a fresh process: none of ours defines an absl flag and
-  Orbax's type handlers are untouched (the entry points' flags are defined under `__main__`,
+  """Every package module imported in a fresh process: none of ours defines an absl flag,
+  Orbax's type handlers are untouched and clu's writers are not loaded (the entry points' flags are defined under `__main__`,
   except panda_jax.main, the program itself; libraries such as Grain define their own)."""
   code = '''
 import importlib, pkgutil, sys
@@ -110,6 +110,8 @@ new = sorted(f for f in set(flags.FLAGS) - before_flags
              if (flags.FLAGS.find_module_defining_flag(f) or '').startswith('panda_jax'))
 assert not new, f'flags defined at import: {new}'
 assert ocp.type_handlers.get_type_handler(jax.Array) is before, 'an Orbax handler registered'
+# clu's writers are loaded (with a stand-in for their package) by create_writer, not at import.
+assert not [m for m in sys.modules if m.startswith('clu.metric_writers')], 'clu writers loaded'
 print(len(names))
 '''
   r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=subprocess_env(),

@@ -3,10 +3,11 @@
 clu's default writer (`clu.metric_writers.create_default_writer`) writes TensorBoard events
 through `tf.summary`, and the package `clu/metric_writers/__init__.py` imports that writer, so
 importing any of clu's writers imports TensorFlow (1.3 GB installed). Here the event files are
-written by `tensorboardX` (numpy and protobuf only) in `TensorBoardWriter`, a clu
-`MetricWriter`, and `create_writer` composes it with clu's `LoggingWriter` and
+written by `tensorboardX` (numpy and protobuf only) in `TensorBoardWriter` (clu's
+`MetricWriter` interface), and `create_writer` composes it with clu's `LoggingWriter` and
 `AsyncMultiWriter` the way `create_default_writer` does. clu's writer modules are imported
-one by one, without running that package `__init__` (`_import_clu_writers`).
+one by one when `create_writer` first runs (not at import), without running that package's
+`__init__` (`_import_clu_writers`).
 
 Usage (on every process; only process 0 writes event files):
   writer = create_writer(workdir, just_logging=jax.process_index() > 0)
@@ -16,6 +17,7 @@ Usage (on every process; only process 0 writes event files):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from typing import Any, Mapping, Optional
@@ -24,6 +26,7 @@ import numpy as np
 from absl import logging
 
 
+@functools.lru_cache(maxsize=None)
 def _import_clu_writers():
   """clu's async_writer, interface, logging_writer and multi_writer modules, imported without
   executing `clu/metric_writers/__init__.py` (which imports TensorFlow).
@@ -45,7 +48,6 @@ def _import_clu_writers():
   return async_writer, interface, logging_writer, multi_writer
 
 
-async_writer, interface, logging_writer, multi_writer = _import_clu_writers()
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -60,8 +62,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-class TensorBoardWriter(interface.MetricWriter):
-  """Writes TensorBoard event files into `logdir` through tensorboardX.
+class TensorBoardWriter:
+  """Writes TensorBoard event files into `logdir` through tensorboardX: every method of clu's
+  `MetricWriter` interface (duck-typed: clu's writers are imported only when `create_writer`
+  runs).
 
   Scalars, images, texts, histograms and hyper-parameters; raw summaries, videos and audio are
   not written (a warning, once; the LoggingWriter beside it still logs them).
@@ -134,10 +138,11 @@ class TensorBoardWriter(interface.MetricWriter):
 
 
 def create_writer(workdir: Optional[str], *, just_logging: bool = False,
-                  asynchronous: bool = True) -> interface.MetricWriter:
+                  asynchronous: bool = True):
   """The metric writer of a run: the log, plus TensorBoard event files in `workdir` unless
   `just_logging` (processes other than 0) or `workdir` is None; writes happen on a background
   thread when `asynchronous` (errors surface on the next write or flush)."""
+  async_writer, _, logging_writer, multi_writer = _import_clu_writers()
   writers = [logging_writer.LoggingWriter()]
   if not just_logging and workdir is not None:
     writers.append(TensorBoardWriter(workdir))
