@@ -46,6 +46,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -455,13 +456,14 @@ class Engine:
   def release(self) -> None:
     self.admitted -= 1
 
-  def load(self, chat: Chat) -> dict:
-    """Opens and decodes the request's video (in a decoding thread)."""
+  @contextlib.contextmanager
+  def _video(self, url: str):
+    """The local path of the request's video (a temporary file for an upload, removed after);
+    a decoding failure inside becomes the 400 that names its reason."""
     from panda_jax.data.video import VideoDecodeError
-    from panda_jax.eval.videoqa import load_clip
-    path, temporary = open_video(chat.video_url, self.video_root, self.tmp.name)
+    path, temporary = open_video(url, self.video_root, self.tmp.name)
     try:
-      return load_clip(path, self.predictor.cfg.stab, chat.frames, self.limits.decode_timeout_s)
+      yield path
     except VideoDecodeError as e:
       raise ApiError(400, f'the video cannot be decoded: {e.reason}', param='video_url',
                      code='invalid_video') from None
@@ -469,21 +471,20 @@ class Engine:
       if temporary:
         os.unlink(path)
 
+  def load(self, chat: Chat) -> dict:
+    """Opens and decodes the request's video (in a decoding thread)."""
+    from panda_jax.eval.videoqa import load_clip
+    with self._video(chat.video_url) as path:
+      return load_clip(path, self.predictor.cfg.stab, chat.frames, self.limits.decode_timeout_s)
+
   def thumbnails(self, url: str, frames: int, height: int = 96) -> list[str]:
     """The frames the model reads of the video at `url` (the same sampling), as JPEG data
     URLs `height` pixels high (in a decoding thread)."""
     import io
     from PIL import Image
-    from panda_jax.data.video import VideoDecodeError, decode_frames
-    path, temporary = open_video(url, self.video_root, self.tmp.name)
-    try:
+    from panda_jax.data.video import decode_frames
+    with self._video(url) as path:
       images, _ = decode_frames(path, num=frames, timeout_s=self.limits.decode_timeout_s)
-    except VideoDecodeError as e:
-      raise ApiError(400, f'the video cannot be decoded: {e.reason}', param='video_url',
-                     code='invalid_video') from None
-    finally:
-      if temporary:
-        os.unlink(path)
     out = []
     for frame in images:
       image = Image.fromarray(frame)

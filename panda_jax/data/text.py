@@ -176,17 +176,15 @@ def load_tokenizer(path: str | os.PathLike, model_max_length: int = 4096,
 
 
 def _chat_template_text(path: str) -> str:
-  """The chat template(s) saved in the local tokenizer directory `path` ('' when none)."""
+  """The chat template(s) saved in the tokenizer directory `path` ('' when none)."""
   found = ''
-  jinja = os.path.join(path, 'chat_template.jinja')
-  if os.path.isfile(jinja):
-    with open(jinja, encoding='utf-8') as f:
-      found += f.read()
-  config = os.path.join(path, 'tokenizer_config.json')
-  if os.path.isfile(config):
+  jinja = storage.join(path, 'chat_template.jinja')
+  if storage.isfile(jinja):
+    found += storage.read_text(jinja)
+  config = storage.join(path, 'tokenizer_config.json')
+  if storage.isfile(config):
     try:
-      with open(config, encoding='utf-8') as f:
-        found += json.dumps(json.load(f).get('chat_template') or '')
+      found += json.dumps(storage.read_json(config).get('chat_template') or '')
     except (OSError, ValueError):
       pass   # from_pretrained reports a broken config, naming the directory
   return found
