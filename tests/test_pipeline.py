@@ -4,6 +4,8 @@ determinism, state restore, and worker processes giving the same batches."""
 import collections
 import json
 import os
+import threading
+import time
 
 import grain
 import numpy as np
@@ -209,20 +211,45 @@ def test_system_prompt_is_configurable(mixed):
                            system_prompt='chatml')
 
 
+# The counters of `_Counting` are updated by Grain's reader threads (a module-level lock: the
+# processor itself must stay picklable).
+_COUNTS = threading.Lock()
+
+
 class _Counting(pipeline.ProcessSample):
-  """Counts decodes per video path (what the cache saves)."""
+  """Counts decodes per video path (what the cache saves), the frames asked for, and the asks
+  still in flight (reader threads read ahead while the test looks)."""
 
   def __init__(self, *a, **k):
     super().__init__(*a, **k)
     self.decodes, self.asked = collections.Counter(), collections.Counter()
+    self.in_flight = 0
 
   def padded_frames(self, record, path):
-    self.asked[os.path.relpath(path, self.video_root)] += 1
-    return super().padded_frames(record, path)
+    with _COUNTS:
+      self.asked[os.path.relpath(path, self.video_root)] += 1
+      self.in_flight += 1
+    try:
+      return super().padded_frames(record, path)
+    finally:
+      with _COUNTS:
+        self.in_flight -= 1
 
   def decode(self, record, path):
-    self.decodes[os.path.relpath(path, self.video_root)] += 1
+    with _COUNTS:
+      self.decodes[os.path.relpath(path, self.video_root)] += 1
     return super().decode(record, path)
+
+  def settled(self, timeout_s: float = 60.0):
+    """(cache stats, asks per path, decodes per path) read together once no ask is in flight
+    (none can start while the lock is held)."""
+    deadline = time.time() + timeout_s
+    while True:
+      with _COUNTS:
+        if not self.in_flight or time.time() > deadline:
+          return (pipeline.VIDEO_CACHE.stats(), collections.Counter(self.asked),
+                  collections.Counter(self.decodes))
+      time.sleep(0.01)
 
 
 def test_video_cache_gives_the_same_batches_and_decodes_a_good_clip_once(mixed, monkeypatch):
@@ -250,10 +277,10 @@ def test_video_cache_gives_the_same_batches_and_decodes_a_good_clip_once(mixed, 
   # A file that fails to decode never enters the cache: decoded every time it comes.
   broken = set(plain.decodes) - good - {'videos/missing.mp4'}
   assert broken and all(cached.decodes[v] >= 2 for v in broken)
-  stats = pipeline.VIDEO_CACHE.stats()
+  stats, asks, decodes = cached.settled()
   assert stats['clips'] == len(good) and stats['evictions'] == 0
-  assert stats['misses'] == len(good) + sum(cached.decodes[v] for v in broken)
-  asked = sum(n for v, n in cached.asked.items() if v != 'videos/missing.mp4')
+  assert stats['misses'] == len(good) + sum(decodes[v] for v in broken)
+  asked = sum(n for v, n in asks.items() if v != 'videos/missing.mp4')
   assert stats['hits'] == asked - stats['misses'] > 2 * len(good)
   # The cache is the processor's only memory: another processor of this process shares it.
   record = next(r for r in mixed['records'] if r.get('id') == mixed['good'][0]['id'])
