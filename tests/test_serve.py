@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 
@@ -94,6 +95,22 @@ def _greedy(setup, path, question):  # noqa: F811
   return setup['predictor'].answer(v['pixels'][None], v['mask'][None], [question])[0]
 
 
+def _greedy_turns(setup, path, history, question):  # noqa: F811
+  """What `predict`'s Predictor answers to a conversation: its template's generation prompt
+  with the earlier (question, answer) turns, the video in the first."""
+  predictor = setup['predictor']
+  template, tokenizer = predictor.template, predictor.tokenizer
+  predictor.prompt_ids = lambda q, f: template.generation_ids(tokenizer, q, num_frames=f,
+                                                              history=history)
+  try:
+    prompt = predictor.prompt_ids(question, FRAMES)
+    assert all(np.isin(tokenizer(a, add_special_tokens=False).input_ids, prompt).all()
+               for turn in history for a in turn)   # the history is in the prompt
+    return _greedy(setup, path, question)
+  finally:
+    del predictor.prompt_ids
+
+
 def test_health_and_models(server):
   assert _get(f'{server["url"]}/health')['status'] == 'ok'
   models = _client(server).models.list()
@@ -131,7 +148,8 @@ def test_plain_and_streamed_answers_equal_predict(setup, server):  # noqa: F811
   r = client.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS, messages=_messages(
       _video_part(path), QUESTIONS[0]) + [{'role': 'assistant', 'content': want},
                                           {'role': 'user', 'content': QUESTIONS[1]}])
-  assert isinstance(r.choices[0].message.content, str)
+  assert r.choices[0].message.content == _greedy_turns(setup, path, [(QUESTIONS[0], want)],
+                                                       QUESTIONS[1])
   assert len(want) >= 6
   stop = want[3:6]
   cut = want[:want.index(stop)].rstrip()
