@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from panda_jax import config as config_lib
-from panda_jax.data import pipeline, synthetic, text
+from panda_jax.data import pipeline, synthetic, text, video
 
 FRAMES = 4
 MAX_LEN = 400
@@ -118,6 +118,27 @@ def test_one_epoch_full_batches_and_exact_skip_counts(mixed):
     ids, _ = text.tokenize_conversation(mixed['tok'], e['conversations'], num_frames=FRAMES)
     want.append(tuple(int(i) for i in ids if i != text.IMAGE_TOKEN_INDEX))
   assert collections.Counter(rows) == collections.Counter(want)
+
+
+@pytest.mark.parametrize('module, name, error', [(video, '_to_rgb', TypeError),
+                                                 (pipeline, 'finish_frames', ValueError)])
+def test_a_bug_in_preprocessing_propagates_instead_of_being_skipped(mixed, monkeypatch, module,
+                                                                   name, error):
+  """Only an undecodable video is a `bad_video` skip: an error of our code, inside the decoding
+  (a TypeError in the colour conversion) or after it (a plain ValueError in the
+  normalisation), comes out of the iterator with its traceback instead of being counted."""
+  def bug(*args, **kwargs):
+    raise error(f'injected bug in {name}')
+  monkeypatch.setattr(module, name, bug)
+  record = next(r for r in mixed['records'] if r.get('id') == mixed['good'][0]['id'])
+  with pytest.raises(error, match='injected bug'):
+    mixed['proc'](record)
+  it = _iterator(mixed)
+  try:
+    with pytest.raises(error, match='injected bug'):
+      next(it)
+  finally:
+    _close(it)
 
 
 def test_same_seed_same_batches_other_seed_other_batches(mixed):
@@ -306,7 +327,6 @@ def test_video_cache_gives_the_same_batches_and_decodes_a_good_clip_once(mixed, 
 def test_video_cache_keeps_its_size_and_refuses_a_bad_one():
   """Least recently used out past the capacity; an item larger than the whole cache is not
   kept; a negative size is refused naming the field."""
-  from panda_jax.data import video
   frames = np.zeros((2, 12, 16, 3), np.uint8)
   item = video.pad_frames(frames, num=2, size=56, teacher_size=28, patch=14)
   cache = pipeline.VideoCache(capacity_mb=2.5 * item.nbytes / 2 ** 20)

@@ -232,6 +232,37 @@ def test_broken_reasons(broken, tmp_path):
     decode_frames(str(tmp_path / 'nope.mp4'))
 
 
+def test_a_stream_without_a_decoder_is_an_unsupported_format(broken, monkeypatch):
+  """PyAV opens a stream whose codec it cannot decode with `codec_context = None`: a reason,
+  not an AttributeError."""
+  class Container:
+    closed = False
+
+    class streams:  # noqa: N801 - PyAV's attribute
+      video = [type('Stream', (), {'codec_context': None})()]
+
+    def close(self):
+      Container.closed = True
+
+  monkeypatch.setattr(video.av, 'open', lambda *a, **k: Container())
+  with pytest.raises(VideoDecodeError, match='unsupported format: no decoder') as e:
+    decode_frames(broken['not_video'])
+  assert Container.closed and e.value.path == broken['not_video']
+
+
+@pytest.mark.parametrize('name, error', [('_to_rgb', TypeError), ('sample_indices', ValueError),
+                                         ('_decode_packet', AssertionError)])
+def test_a_bug_in_decoding_propagates(gop12, monkeypatch, name, error):
+  """Only the file's own failures become VideoDecodeError: an error of our code (here
+  injected) comes out as it is, with its traceback, on both paths."""
+  def bug(*args, **kwargs):
+    raise error(f'injected bug in {name}')
+  monkeypatch.setattr(video, name, bug)
+  for seek in (True, False):
+    with pytest.raises(error, match='injected bug'):
+      decode_frames(gop12, seek=seek)
+
+
 # ------------------------------------------------------------------------------------------
 # Preprocessing
 

@@ -3,9 +3,11 @@
 Per sample (in Grain workers): decode the video (the authors' frame rule, seeking where
 keyframes allow), preprocess student and teacher frames, tokenise the conversation (`v1`
 template, reference label masking) and check that the assembled sequence fits `max_len`.
-A sample that fails any of this is not an error: it comes out as a `skip` record (path and
-reason) that the iterator counts and logs, and the batch is filled with the next good samples,
-so batch shapes never change. The host then lays the batch out (`layout_batch`).
+A sample whose data is unusable is not an error: it comes out as a `skip` record (path and
+reason: a video that cannot be decoded, a conversation that cannot be tokenised, a sequence
+too long, missing teacher features) that the iterator counts and logs, and the batch is filled
+with the next good samples, so batch shapes never change. Anything else (a bug, a config that
+does not fit) propagates with its traceback. The host then lays the batch out (`layout_batch`).
 
 The iterator's state (Grain's position plus the skip counters) is saved with every checkpoint,
 every process's; restoring it replays exactly the batches an uninterrupted run would have seen.
@@ -306,12 +308,12 @@ class ProcessSample:
       ids, labels = self.template.tokenize(self.tokenizer, turns, num_frames=self.frames)
     except (ValueError, text.TokenizationMismatchError) as e:
       return {'skip': 'bad_conversation', 'path': path, 'detail': str(e)[:200]}
+    # Only a file that cannot be decoded is a skip: frames the decoder returned are always
+    # usable (at least one, all one size), so an error after decoding is a bug and propagates.
     try:
       v = finish_frames(self.padded_frames(record, path), num=self.frames)
     except VideoDecodeError as e:
       return {'skip': 'bad_video', 'path': path, 'detail': e.reason[:200]}
-    except (ValueError, OSError) as e:   # frames the decoder returned but we cannot use
-      return {'skip': 'bad_video', 'path': path, 'detail': f'preprocessing: {e}'[:200]}
     hw, _ = frame_grid(v['mask'], self.stab, xp=np)
     lay = frame_layout(hw, self.stab.lsd_grid, xp=np, row_token=self.stab.row_token)
     length = len(ids) - self.frames + int(lay['length'].sum())

@@ -34,9 +34,11 @@ Decoding (`decode_frames`)
   Colour conversion to RGB is FFmpeg's (swscale via PyAV); the reference's decord converts
   with its own settings, so pixel values may differ from it by a few levels.
 
-  Failures raise `VideoDecodeError(path, reason)`: missing file, unreadable / corrupt /
-  truncated container, no video stream, zero frames, decoder errors, and a per-video time
-  budget (`timeout_s`). The budget is checked between packets and frames and handed to
+  Failures of the file raise `VideoDecodeError(path, reason)`: missing file, unreadable /
+  corrupt / truncated container, no video stream, a codec without a decoder, zero frames,
+  FFmpeg's own errors (`av.error.FFmpegError`: demuxer, decoder, colour conversion), and a
+  per-video time budget (`timeout_s`). Anything else (a TypeError, a ValueError of ours) is a
+  bug and propagates as it is. The budget is checked between packets and frames and handed to
   FFmpeg as its I/O timeout; one C call that never returns (a decoder stuck inside a single
   packet) can only be stopped by running the loader in a separate process.
 
@@ -132,6 +134,12 @@ class _Deadline:
       raise VideoDecodeError(self.path, f'timeout: over {self.timeout_s:g} s while {doing}')
 
 
+# PyAV errors that are not about the file: a timeout (ExitError from the interrupt callback,
+# TimeoutError from FFmpeg's I/O; `decode_frames` reports both as a 'timeout' reason) and an
+# exception raised by Python code that FFmpeg called back (ours, so a bug: it propagates).
+_NOT_DECODE_ERRORS = (av.error.ExitError, av.error.TimeoutError, av.error.PyAVCallbackError)
+
+
 class _Fallback(Exception):
   """The seeking path met something it cannot handle; decode sequentially instead."""
 
@@ -180,15 +188,18 @@ def _open(path, deadline, threads):
   try:
     container = av.open(path, timeout=(deadline.timeout_s, deadline.timeout_s)
                         if deadline.timeout_s else None)
-  except (av.error.ExitError, av.error.TimeoutError):
+  except _NOT_DECODE_ERRORS:
     raise
-  except Exception as e:  # noqa: BLE001
+  except av.error.FFmpegError as e:
     raise VideoDecodeError(path, f'cannot open (corrupt, truncated or not a video): '
                                  f'{type(e).__name__}: {e}') from e
   if not container.streams.video:
     container.close()
     raise VideoDecodeError(path, 'no video stream')
   stream = container.streams.video[0]
+  if stream.codec_context is None:  # PyAV opens a stream it has no decoder for
+    container.close()
+    raise VideoDecodeError(path, 'unsupported format: no decoder for its video stream\'s codec')
   stream.codec_context.thread_count = int(threads)
   if threads != 1:
     stream.codec_context.thread_type = 'AUTO'
@@ -311,7 +322,8 @@ def decode_frames(path, num: int = 8, timeout_s: float | None = 30.0, seek: bool
   `threads`: decoder threads (1 = like the reference's decord `num_threads=1`; 0 = FFmpeg's
   choice). `skip_nonref` (seeking path only): let the decoder drop unwanted frames that no
   other frame references (see `_frames`). `indices`: explicit increasing positions instead
-  of `sample_indices` (tests, tools). Raises VideoDecodeError on any failure.
+  of `sample_indices` (tests, tools). Raises VideoDecodeError when the file cannot be
+  decoded (module docstring); other errors are bugs and propagate.
   """
   path = os.fspath(path)
   start = time.monotonic()
@@ -328,11 +340,11 @@ def decode_frames(path, num: int = 8, timeout_s: float | None = 30.0, seek: bool
     raise VideoDecodeError(path, 'empty file (0 bytes)')
   try:
     return _decode(path, num, threads, deadline, seek, skip_nonref, start, indices)
-  except VideoDecodeError:
-    raise
   except (av.error.ExitError, av.error.TimeoutError) as e:
     raise VideoDecodeError(path, f'timeout: {e}') from e
-  except Exception as e:  # noqa: BLE001 - any failure of a file becomes one error type
+  except _NOT_DECODE_ERRORS:
+    raise
+  except av.error.FFmpegError as e:  # the file's bytes, as FFmpeg (demuxer, decoder) saw them
     raise VideoDecodeError(path, f'{type(e).__name__}: {e}') from e
 
 
