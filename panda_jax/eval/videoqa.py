@@ -45,6 +45,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -181,7 +183,32 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
   either way. A record with two questions (a consistency pair) gets its line once both are
   answered.
   """
-  from tqdm import tqdm
+  index, count = _check_run(batch_size, workers, frames, process)
+  complete_path = out + '.complete.json'
+  storage.remove(complete_path)
+  share = _Share.of(records, out, index, count)
+  todo = [r for r in share.records if r['question_id'] not in share.done]
+  load = functools.partial(_load_group, video_root=video_root, stab=predictor.cfg.stab,
+                           frames=frames, timeout_s=timeout_s)
+  t0 = time.perf_counter()
+  answered, failures = _answer(predictor, todo, load, share.write_to, batch_size, workers,
+                               progress)
+  stats = {'questions': len(share.records), 'already': len(share.records) - len(todo),
+           'answered': answered, 'failed': len(failures)}
+  storage.write_json(share.failures_path, failures, indent=1)
+  dt = time.perf_counter() - t0
+  logging.info('answered %d questions in %.1fs (%.2f/s); %d failed', answered, dt,
+               answered / max(dt, 1e-9), len(failures))
+  summary = share.finish(records, out, failures)
+  stats['complete'] = summary is not None
+  if summary is not None:
+    _write_atomic(complete_path, lambda f: json.dump(summary, f, indent=1))
+  return stats
+
+
+def _check_run(batch_size: int, workers: int, frames: int,
+               process: tuple[int, int] | None) -> tuple[int, int]:
+  """Refuses bad `answer_file` arguments; returns (index, count) of this process."""
   if batch_size < 1:
     raise ValueError(f'batch_size={batch_size} must be positive')
   if workers < 0:
@@ -194,92 +221,123 @@ def answer_file(predictor, records: Sequence[Mapping], video_root: str, out: str
   index, count = process
   if not 0 <= index < count:
     raise ValueError(f'process index {index} of {count} processes')
-  stab = predictor.cfg.stab
-  complete_path = out + '.complete.json'
-  storage.remove(complete_path)
-  all_records = records
-  if count == 1:
-    write_to, failures_path = out, out + '.failures.json'
-    done = _done_ids(out)
-  else:
+  return index, count
+
+
+@dataclasses.dataclass(frozen=True)
+class _Share:
+  """What one of `count` processes answers of a question file, and where it writes."""
+  records: list          # its records: all of them for one process, else its videos'
+  write_to: str          # its answers (JSON lines): `out` itself for one process
+  failures_path: str
+  done_path: str | None  # its done marker (None for one process)
+  done: set              # question ids already answered (in `write_to`, or merged in `out`)
+  count: int
+
+  @classmethod
+  def of(cls, records: Sequence[Mapping], out: str, index: int, count: int) -> _Share:
+    """Process `index`'s share; its done marker, if any, is removed (not done until marked
+    again), and a torn last line of its answers is dropped."""
+    if count == 1:
+      return cls(list(records), out, out + '.failures.json', None, _done_ids(out), 1)
     shares = {v: i % count for i, v in enumerate(dict.fromkeys(_video_key(r) for r in records))}
-    records = [r for r in records if shares[_video_key(r)] == index]
     write_to = f'{out}.part{index}-of-{count}'
-    failures_path = f'{out}.failures.{index}-of-{count}.json'
     done_path = f'{out}.done.{index}-of-{count}.json'
-    storage.remove(done_path)           # this share is not done until it is marked again
-    done = _done_ids(write_to) | set(_read_ids(out))
-  todo = [r for r in records if r['question_id'] not in done]
-  stats = {'questions': len(records), 'already': len(records) - len(todo), 'answered': 0,
-           'failed': 0}
-  failures = []
+    storage.remove(done_path)
+    return cls([r for r in records if shares[_video_key(r)] == index], write_to,
+               f'{out}.failures.{index}-of-{count}.json', done_path,
+               _done_ids(write_to) | set(_read_ids(out)), count)
+
+  def finish(self, all_records: Sequence[Mapping], out: str, failures: list) -> dict | None:
+    """Marks this share done; returns the whole file's counts when every share is (merging
+    them into `out` for several processes), else None."""
+    if self.count == 1:
+      return {'questions': len(self.records), 'answered': len(_read_ids(out)),
+              'failed': len(failures), 'processes': 1}
+    _write_atomic(self.done_path, lambda f: json.dump(
+        {'questions': len(self.records), 'of': len(all_records)}, f))
+    return _merge_shares(all_records, out, self.count)
+
+
+def _load_group(item, video_root: str, stab, frames: int, timeout_s: float):
+  """(clip, None) for a (video, records) group, or (None, reason) when it has no usable
+  video; clip: `pixels`, `mask` (`load_clip`)."""
+  video, rs = item
+  if rs[0]['video'] is None:
+    return None, f'no file for video_name {rs[0]["video_name"]!r} under {video_root}'
+  try:
+    v = load_clip(os.path.join(video_root, video), stab, frames, timeout_s)
+  except VideoDecodeError as e:     # any failure of the file (anything else is a bug)
+    return None, e.reason
+  return {'pixels': v['pixels'], 'mask': v['mask']}, None
+
+
+class _Batches:
+  """Questions waiting for the model -> fixed-size batches -> whole lines of `f_out`.
+
+  A record's line is written once all its questions (two for a consistency pair) are answered.
+  """
+
+  def __init__(self, predictor, batch_size: int, f_out, bar):
+    self.predictor, self.batch_size, self.f_out, self.bar = predictor, batch_size, f_out, bar
+    self.pending: list = []     # (record, question index, pixels, mask)
+    self.partial: dict = {}     # question_id -> answers so far, for records of two questions
+    self.finished = 0           # records whose line is written
+
+  def add(self, rs: Sequence[Mapping], clip: Mapping) -> None:
+    """Queues every question of the records `rs` of one video; answers the full batches."""
+    self.pending.extend((r, i, clip['pixels'], clip['mask']) for r in rs
+                        for i in range(len(_questions(r))))
+    self.flush()
+
+  def flush(self, final: bool = False) -> None:
+    """Answers the full batches (with `final`, the rest too, filled with copies)."""
+    while len(self.pending) >= self.batch_size or (final and self.pending):
+      chunk = self.pending[:self.batch_size]
+      del self.pending[:self.batch_size]
+      n = len(chunk)
+      chunk = chunk + [chunk[-1]] * (self.batch_size - n)      # fixed shape: fill with copies
+      answers = self.predictor.answer(np.stack([c[2] for c in chunk]),
+                                      np.stack([c[3] for c in chunk]),
+                                      [_questions(c[0])[c[1]] for c in chunk])
+      for (r, i, _, _), pred in zip(chunk[:n], answers[:n]):
+        self._answered(r, i, pred)
+
+  def _answered(self, r: Mapping, i: int, pred: str) -> None:
+    preds = self.partial.setdefault(r['question_id'], [None] * len(_questions(r)))
+    preds[i] = pred
+    if all(p is not None for p in preds):
+      del self.partial[r['question_id']]
+      self.f_out.append(json.dumps(_row(r, preds)))
+      self.finished += 1
+      self.bar.update(1)
+
+
+def _answer(predictor, todo: Sequence[Mapping], load, write_to: str, batch_size: int,
+            workers: int, progress: bool) -> tuple[int, list]:
+  """Answers the records `todo`, video by video, appending their lines to `write_to`;
+  returns (records answered, failures: one {id, video_name, reason} per record without a
+  usable video)."""
+  from tqdm import tqdm
   by_video: dict = {}
   for r in todo:
     by_video.setdefault(_video_key(r), []).append(r)
+  failures = []
   bar = tqdm(total=len(todo), desc='questions', unit='q', disable=not progress, file=sys.stderr)
-  pending: list = []          # (record, question index, pixels, mask)
-  partial: dict = {}          # question_id -> answers so far, for records of two questions
-  t0 = time.perf_counter()
-
-  def load(item):
-    video, rs = item
-    if rs[0]['video'] is None:
-      return None, f'no file for video_name {rs[0]["video_name"]!r} under {video_root}'
-    try:
-      v = load_clip(os.path.join(video_root, video), stab, frames, timeout_s)
-    except VideoDecodeError as e:     # any failure of the file (anything else is a bug)
-      return None, e.reason
-    return {'pixels': v['pixels'], 'mask': v['mask']}, None
-
-  def flush(f_out, final=False):
-    while len(pending) >= batch_size or (final and pending):
-      chunk = pending[:batch_size]
-      del pending[:batch_size]
-      n = len(chunk)
-      chunk = chunk + [chunk[-1]] * (batch_size - n)      # fixed shape: fill with copies
-      answers = predictor.answer(np.stack([c[2] for c in chunk]), np.stack([c[3] for c in chunk]),
-                                 [_questions(c[0])[c[1]] for c in chunk])
-      finished = 0
-      for (r, i, _, _), pred in zip(chunk[:n], answers[:n]):
-        preds = partial.setdefault(r['question_id'], [None] * len(_questions(r)))
-        preds[i] = pred
-        if all(p is not None for p in preds):
-          del partial[r['question_id']]
-          f_out.append(json.dumps(_row(r, preds)))
-          finished += 1
-      stats['answered'] += finished
-      bar.update(finished)
-
   decoded = contextlib.closing(_decode_videos(list(by_video.items()), load, workers))
   with storage.LineLog(write_to) as f_out, decoded as videos:
-    for (video, rs), clip, reason in videos:
-      if reason is not None:
-        logging.warning('%d question(s) skipped: %s', len(rs), reason)
-        failures += [{'id': r['question_id'], 'video_name': r['video_name'], 'reason': reason}
-                     for r in rs]
-        stats['failed'] += len(rs)
-        bar.update(len(rs))
+    batches = _Batches(predictor, batch_size, f_out, bar)
+    for (_, rs), clip, reason in videos:
+      if reason is None:
+        batches.add(rs, clip)
         continue
-      pending.extend((r, i, clip['pixels'], clip['mask']) for r in rs
-                     for i in range(len(_questions(r))))
-      flush(f_out)
-    flush(f_out, final=True)
+      logging.warning('%d question(s) skipped: %s', len(rs), reason)
+      failures += [{'id': r['question_id'], 'video_name': r['video_name'], 'reason': reason}
+                   for r in rs]
+      bar.update(len(rs))
+    batches.flush(final=True)
   bar.close()
-  storage.write_json(failures_path, failures, indent=1)
-  dt = time.perf_counter() - t0
-  logging.info('answered %d questions in %.1fs (%.2f/s); %d failed', stats['answered'], dt,
-               stats['answered'] / max(dt, 1e-9), stats['failed'])
-  if count == 1:
-    summary = {'questions': len(records), 'answered': len(_read_ids(out)),
-               'failed': len(failures), 'processes': 1}
-  else:
-    _write_atomic(done_path, lambda f: json.dump(
-        {'questions': len(records), 'of': len(all_records)}, f))
-    summary = _merge_shares(all_records, out, count)
-  stats['complete'] = summary is not None
-  if summary is not None:
-    _write_atomic(complete_path, lambda f: json.dump(summary, f, indent=1))
-  return stats
+  return batches.finished, failures
 
 
 def _merge_shares(records: Sequence[Mapping], out: str, count: int) -> dict | None:
