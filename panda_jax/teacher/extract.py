@@ -62,16 +62,11 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   `videos` (distinct videos of this process's share), `written`, `existing` (skipped: already
   there), `failed` (undecodable), and `complete` (whether every process's share is now done).
   """
-  import grain
   import jax
-  from tqdm import tqdm
 
   from panda_jax import config as config_lib
-  from panda_jax import sharding
   from panda_jax.data import pipeline
   from panda_jax.data.sources import data_paths
-  from panda_jax.data.video import VideoDecodeError, load_video
-  from panda_jax.teacher.model import create_teacher
 
   if dtype not in features_lib.DTYPES:
     raise ValueError(f'--dtype={dtype!r}; expected one of {features_lib.DTYPES}')
@@ -80,7 +75,6 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   if not 0 <= index < count:
     raise ValueError(f'process index {index} of {count} processes')
   stab, tc = run.model.stab, run.teacher
-  frames = config.data.frames
   if tc.grid != stab.target_grid:
     raise ValueError(f'the teacher\'s {tc.grid}x{tc.grid} patch grid does not match the '
                      f'student\'s {stab.target_grid}x{stab.target_grid} distillation grid '
@@ -90,6 +84,34 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   every = sorted({r['video'] for r in records})
   videos = every[index::count]
 
+  manifest = _open_features(config, tc, dtype, annotations, out, index)
+  # This process's share is not done until its marker is written again at the end.
+  done_path = storage.join(out, _done_name(index, count))
+  storage.remove(done_path)
+
+  todo = [v for v in videos
+          if not storage.exists(features_lib.feature_path(out, v))]
+  mesh = _local_mesh()
+  n_dev = mesh.devices.size
+  batch = batch_size or -(-8 // n_dev) * n_dev      # 8 videos, rounded up to the devices
+  if batch % n_dev:
+    raise ValueError(f'--batch_size={batch} is not a multiple of the {n_dev} local devices')
+  written, failures = 0, []
+  if todo:
+    written, failures = _extract_videos(config, run, mesh, todo, video_root, out, batch, dtype,
+                                        progress)
+  name = features_lib.FAILURES if count == 1 else f'{features_lib.FAILURES}.{index}'
+  storage.write_json(storage.join(out, name), failures, indent=1)
+  storage.write_json(done_path, {'videos': len(videos), 'failed': len(failures),
+                                 'of': len(every)})
+  return {'videos': len(videos), 'existing': len(videos) - len(todo), 'written': written,
+          'failed': len(failures), 'complete': _mark_complete(out, count, len(every), manifest)}
+
+
+def _open_features(config, tc, dtype: str, annotations: str, out: str, index: int) -> dict:
+  """The features' manifest (not yet complete); refuses an `out` holding another teacher's or
+  another sampling's features, and writes it there from process 0."""
+  frames = config.data.frames
   manifest = {'frames': frames, 'grid': tc.grid, 'hidden': tc.hidden, 'dtype': dtype,
               'teacher': config.model.teacher.to_dict(), 'teacher_init': config.init.teacher,
               'annotations': os.path.abspath(annotations), 'complete': False}
@@ -104,90 +126,99 @@ def extract(config, out: str, workdir: str = '', batch_size: int = 0,
   storage.makedirs(out)
   if index == 0:
     features_lib.write_manifest(out, manifest)
-  # This process's share is not done until its marker is written again at the end.
-  done_path = storage.join(out, _done_name(index, count))
-  storage.remove(done_path)
+  return manifest
 
-  todo = [v for v in videos
-          if not storage.exists(features_lib.feature_path(out, v))]
-  stats = {'videos': len(videos), 'existing': len(videos) - len(todo), 'written': 0,
-           'failed': 0}
-  failures = []
-  mesh = _local_mesh()
-  n_dev = mesh.devices.size
-  batch = batch_size or -(-8 // n_dev) * n_dev      # 8 videos, rounded up to the devices
-  if batch % n_dev:
-    raise ValueError(f'--batch_size={batch} is not a multiple of the {n_dev} local devices')
-  if todo:
-    teacher, params, _ = create_teacher(run, mesh, config.seed, frames, config.init.teacher,
-                                        config.init.teacher_prefix)
-    batch_sh = sharding.batch_sharding(mesh, 5, LOCAL_RULES)
-    run = jax.jit(lambda p, x: teacher.apply({'params': p}, x))
 
-    def decode(video):
-      try:
-        v = load_video(os.path.join(video_root, video), num=frames, size=stab.image_size,
-                       teacher_size=tc.image_size, patch=stab.patch_size)
-        return video, v['teacher_pixels'], None
-      except VideoDecodeError as e:
-        return video, None, e.reason
+def _extract_videos(config, run, mesh, todo, video_root: str, out: str, batch: int, dtype: str,
+                    progress: bool) -> tuple[int, list]:
+  """Decodes the videos `todo` (Grain, host threads), runs the teacher on batches of `batch`
+  sharded over `mesh` and saves one feature file per video; returns (written, failures: one
+  {video, path, reason} per undecodable video)."""
+  import grain
+  import jax
+  from tqdm import tqdm
 
-    ds = grain.MapDataset.source(todo).map(decode).to_iter_dataset()
-    shape = (batch, frames, tc.image_size, tc.image_size, 3)
-    bar = tqdm(total=len(todo), desc='teacher features', unit='video', disable=not progress,
-               file=sys.stderr)
-    t0 = time.perf_counter()
-    pending: list = []
+  from panda_jax import sharding
+  from panda_jax.data.video import VideoDecodeError, load_video
+  from panda_jax.teacher.model import create_teacher
 
-    def flush():
-      x = np.zeros(shape, np.float32)
-      for i, (_, px) in enumerate(pending):
-        x[i] = px
-      feats = np.asarray(jax.device_get(run(params, jax.device_put(x, batch_sh))))
-      for i, (video, _) in enumerate(pending):
-        features_lib.save(features_lib.feature_path(out, video), feats[i], dtype)
-      stats['written'] += len(pending)
-      bar.update(len(pending))
-      pending.clear()
+  stab, tc, frames = run.model.stab, run.teacher, config.data.frames
+  teacher, params, _ = create_teacher(run, mesh, config.seed, frames, config.init.teacher,
+                                      config.init.teacher_prefix)
+  batch_sh = sharding.batch_sharding(mesh, 5, LOCAL_RULES)
+  apply = jax.jit(lambda p, x: teacher.apply({'params': p}, x))
 
-    with jax.set_mesh(mesh):
-      for video, px, err in ds:
-        if err is not None:
-          failures.append({'video': video, 'path': os.path.join(video_root, video),
-                           'reason': err})
-          stats['failed'] += 1
-          logging.warning('teacher features: skipped %s: %s', video, err)
-          bar.update(1)
-          continue
-        pending.append((video, px))
-        if len(pending) == batch:
-          flush()
-      if pending:
+  def decode(video):
+    try:
+      v = load_video(os.path.join(video_root, video), num=frames, size=stab.image_size,
+                     teacher_size=tc.image_size, patch=stab.patch_size)
+      return video, v['teacher_pixels'], None
+    except VideoDecodeError as e:
+      return video, None, e.reason
+
+  ds = grain.MapDataset.source(todo).map(decode).to_iter_dataset()
+  shape = (batch, frames, tc.image_size, tc.image_size, 3)
+  bar = tqdm(total=len(todo), desc='teacher features', unit='video', disable=not progress,
+             file=sys.stderr)
+  t0 = time.perf_counter()
+  pending: list = []
+  failures: list = []
+  written = 0
+
+  def flush():
+    nonlocal written
+    x = np.zeros(shape, np.float32)
+    for i, (_, px) in enumerate(pending):
+      x[i] = px
+    feats = np.asarray(jax.device_get(apply(params, jax.device_put(x, batch_sh))))
+    for i, (video, _) in enumerate(pending):
+      features_lib.save(features_lib.feature_path(out, video), feats[i], dtype)
+    written += len(pending)
+    bar.update(len(pending))
+    pending.clear()
+
+  with jax.set_mesh(mesh):
+    for video, px, err in ds:
+      if err is not None:
+        failures.append({'video': video, 'path': os.path.join(video_root, video),
+                         'reason': err})
+        logging.warning('teacher features: skipped %s: %s', video, err)
+        bar.update(1)
+        continue
+      pending.append((video, px))
+      if len(pending) == batch:
         flush()
-    bar.close()
-    dt = time.perf_counter() - t0
-    logging.info('teacher features: %d written in %.1fs (%.2f videos/s), %d failed',
-                 stats['written'], dt, stats['written'] / max(dt, 1e-9), stats['failed'])
-  name = features_lib.FAILURES if count == 1 else f'{features_lib.FAILURES}.{index}'
-  storage.write_json(storage.join(out, name), failures, indent=1)
-  # Each process marks its share done; whichever finds every share done (the last to finish)
-  # marks the features complete. A marker counts only for the same number of processes and the
-  # same data set (its video count), so one left by another run of the tool does not.
-  storage.write_json(done_path, {'videos': len(videos), 'failed': len(failures),
-                                 'of': len(every)})
+    if pending:
+      flush()
+  bar.close()
+  dt = time.perf_counter() - t0
+  logging.info('teacher features: %d written in %.1fs (%.2f videos/s), %d failed',
+               written, dt, written / max(dt, 1e-9), len(failures))
+  return written, failures
+
+
+def _mark_complete(out: str, count: int, total: int, manifest: dict) -> bool:
+  """Whether every one of the `count` processes' shares is done; if so, marks the features
+  complete in the manifest.
+
+  Each process marks its share done; whichever finds every share done (the last to finish)
+  marks the features complete. A marker counts only for the same number of processes and the
+  same data set (`total`, its video count), so one left by another run of the tool does not.
+  A marker that is missing means a share not done yet; one that does not parse is an error
+  (markers are written atomically), named by `storage.read_json`.
+  """
   shares = []
   for i in range(count):
     try:
       shares.append(storage.read_json(storage.join(out, _done_name(i, count))))
-    except (FileNotFoundError, ValueError):
-      break
-  complete = len(shares) == count and all(m.get('of') == len(every) for m in shares) and \
-      sum(m['videos'] for m in shares) == len(every)
-  if complete:
-    features_lib.write_manifest(out, dict(manifest, complete=True,
-                                          failed=sum(m['failed'] for m in shares)))
-  stats['complete'] = complete
-  return stats
+    except FileNotFoundError:
+      return False
+  if not (all(m.get('of') == total for m in shares) and
+          sum(m['videos'] for m in shares) == total):
+    return False
+  features_lib.write_manifest(out, dict(manifest, complete=True,
+                                        failed=sum(m['failed'] for m in shares)))
+  return True
 
 
 def main(argv):
