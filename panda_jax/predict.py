@@ -61,11 +61,8 @@ def resolve_tokenizer(checkpoint: str, tokenizer: str | None) -> str:
   if any(storage.isfile(storage.join(checkpoint, f)) for f in ('tokenizer.json',
                                                                 'tokenizer.model')):
     return checkpoint
-  try:
-    found = storage.read_json(storage.join(checkpoint, 'config.json')).get(
-        'data', {}).get('tokenizer')
-  except (OSError, ValueError, AttributeError):
-    found = None
+  from panda_jax.eval.predict import workdir_data_field
+  found = workdir_data_field(checkpoint, 'tokenizer')
   if found:
     return found
   raise ValueError(f'no tokenizer found for {checkpoint} (no tokenizer.json / tokenizer.model '

@@ -78,6 +78,11 @@ def test_tokenizer_resolution(setup, tmp_path):  # noqa: F811
   assert predict.resolve_tokenizer(str(tmp_path), None) == '/x/tok'
   with pytest.raises(ValueError, match='pass --tokenizer'):
     predict.resolve_tokenizer(str(setup['converted']), None)
+  # A workdir's config.json that cannot be read is an error naming it, not "no tokenizer".
+  for broken in ('{"data": {"tokenizer": ', '["data"]', '{"data": "tok"}'):
+    (tmp_path / 'config.json').write_text(broken)
+    with pytest.raises(ValueError, match='config.json'):
+      predict.resolve_tokenizer(str(tmp_path), None)
 
 
 def _cli(setup, *extra, checkpoint=None):  # noqa: F811

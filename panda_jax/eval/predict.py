@@ -10,6 +10,7 @@ training layout for token-by-token work). Prompt lengths are rounded up to a mul
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Sequence
 
 import jax
@@ -97,6 +98,22 @@ class Predictor:
             for r in self.generate_ids(pixels, mask, questions, rng, stream)]
 
 
+def workdir_data_field(checkpoint: str, name: str) -> str:
+  """`data.<name>` of a training workdir's `config.json`, '' when `checkpoint` has no
+  config.json (a converted release) or it names none. A config.json that is not a JSON object
+  (with `data` an object, if present) raises ValueError naming it."""
+  path = storage.join(checkpoint, 'config.json')
+  try:
+    config = storage.read_json(path)
+  except FileNotFoundError:
+    return ''
+  data = config.get('data', {}) if isinstance(config, dict) else None
+  if not isinstance(data, dict):
+    raise ValueError(f'{path}: expected a JSON object whose "data" is an object (a training '
+                     f'workdir\'s config), got {json.dumps(config)[:100]}')
+  return data.get(name) or ''
+
+
 def load_text(tokenizer_dir: str, template: str = '', system: str | None = None,
               checkpoint: str = '') -> tuple[Any, templates.Template]:
   """The tokenizer and conversation template to answer with (the CLIs' door).
@@ -107,14 +124,11 @@ def load_text(tokenizer_dir: str, template: str = '', system: str | None = None,
   `system`: replaces the template's system message (None: its own). The tokenizer is loaded
   the way the template needs (`text.load_tokenizer`'s `force_bos`).
   Raises:
-    ValueError for an unknown template name or a tokenizer that cannot write the template.
+    ValueError for an unknown template name, a tokenizer that cannot write the template, or
+    a `checkpoint`/config.json that is not a training config (`workdir_data_field`).
   """
   if not template and checkpoint:
-    try:
-      template = storage.read_json(storage.join(checkpoint, 'config.json')).get(
-          'data', {}).get('system_prompt') or ''
-    except (OSError, ValueError, AttributeError):
-      template = ''
+    template = workdir_data_field(checkpoint, 'system_prompt')
   if template:
     chosen = templates.get(template, system)
     tok = text.load_tokenizer(tokenizer_dir, force_bos=chosen.force_bos)

@@ -344,12 +344,13 @@ def _merge_shares(records: Sequence[Mapping], out: str, count: int) -> dict | No
   """When every one of the `count` processes' shares of `records` is done: writes `out` (every
   answered entry once, in the order of `records`, with any lines `out` already held) and
   `<out>.failures.json` from the shares, and returns the counts; else None. A share's marker
-  counts only for the same file (its question count)."""
+  counts only for the same file (its question count); a missing one is a share not done yet,
+  one that does not parse an error (markers are written atomically)."""
   marks = []
   for i in range(count):
     try:
       marks.append(storage.read_json(f'{out}.done.{i}-of-{count}.json'))
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
       return None
   if any(m.get('of') != len(records) for m in marks) or \
       sum(m['questions'] for m in marks) != len(records):
