@@ -250,6 +250,31 @@ def test_a_stream_without_a_decoder_is_an_unsupported_format(broken, monkeypatch
   assert Container.closed and e.value.path == broken['not_video']
 
 
+def test_tags_that_are_not_utf8_do_not_stop_decoding(tmp_path):
+  """A container or stream title in Latin-1 (not UTF-8) is a good video: PyAV's default
+  'strict' metadata decoding would raise UnicodeDecodeError at open."""
+  path = str(tmp_path / 'latin1.mkv')
+  with av.open(path, 'w', format='matroska') as c:
+    c.metadata['title'] = 'TAGé'
+    s = c.add_stream('mpeg4', rate=10)
+    s.width, s.height, s.pix_fmt = 32, 32, 'yuv420p'
+    s.metadata['title'] = 'TAGé'
+    for i in range(3):
+      frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 40 * i, np.uint8), format='rgb24')
+      for packet in s.encode(frame):
+        c.mux(packet)
+    for packet in s.encode(None):
+      c.mux(packet)
+  data = open(path, 'rb').read()
+  assert data.count('TAGé'.encode()) == 2
+  open(path, 'wb').write(data.replace('TAGé'.encode(), 'TAGé'.encode('latin-1') + b' '))
+  with pytest.raises(UnicodeDecodeError):
+    av.open(path).close()
+  for seek in (True, False):
+    frames, info = decode_frames(path, seek=seek)
+    assert frames.shape == (3, 32, 32, 3) and info['n_frames'] == 3
+
+
 @pytest.mark.parametrize('name, error', [('_to_rgb', TypeError), ('sample_indices', ValueError),
                                          ('_decode_packet', AssertionError)])
 def test_a_bug_in_decoding_propagates(gop12, monkeypatch, name, error):

@@ -186,8 +186,10 @@ def _to_rgb(frame) -> np.ndarray:
 
 def _open(path, deadline, threads):
   try:
+    # Tags that are not UTF-8 (older muxers write Latin-1) would raise UnicodeDecodeError at
+    # open with PyAV's default 'strict'; nothing here reads them.
     container = av.open(path, timeout=(deadline.timeout_s, deadline.timeout_s)
-                        if deadline.timeout_s else None)
+                        if deadline.timeout_s else None, metadata_errors='replace')
   except _NOT_DECODE_ERRORS:
     raise
   except av.error.FFmpegError as e:
