@@ -19,6 +19,7 @@ import numpy as np
 
 from panda_jax import storage
 from panda_jax.models.distill import DistillConfig, default_layers
+from panda_jax.models import lora as lora_lib
 from panda_jax.models.llama import LlamaConfig
 from panda_jax.models.panda import PandaConfig
 from panda_jax.models.stab import StabConfig
@@ -39,8 +40,10 @@ MODEL_SIZES = {
                               num_frames=4)),
 }
 
-# Fields of the model dataclasses that are derived, never configured (see MODEL_SIZES).
-_DERIVED = {'stab': ('llm_hidden',), 'distill': ('llm_hidden', 'teacher_hidden')}
+# Fields of the model dataclasses that are derived, never configured (see MODEL_SIZES), or
+# configured elsewhere (the decoder's LoRA is `model.lora`).
+_DERIVED = {'stab': ('llm_hidden',), 'distill': ('llm_hidden', 'teacher_hidden'),
+            'llm': ('lora',)}
 
 
 # Distillation teachers by name (`configs/stageN.py:teacher=clip`): the fields each sets in
@@ -60,6 +63,7 @@ def model_config(size: str = '7b') -> ml_collections.ConfigDict:
     raise ValueError(f'model size {size!r}; expected one of {sorted(MODEL_SIZES)}')
   spec = MODEL_SIZES[size]
   llm = dataclasses.asdict(LlamaConfig(**spec['llm']))
+  llm.pop('lora')
   stab = {k: v for k, v in dataclasses.asdict(StabConfig(**spec['stab'])).items()
           if k not in _DERIVED['stab']}
   # layers None: every 4th LLM hidden state from the last, as released (`distill_layers`), so
@@ -69,7 +73,9 @@ def model_config(size: str = '7b') -> ml_collections.ConfigDict:
   teacher = dataclasses.asdict(TeacherConfig(**spec['teacher']))
   return ml_collections.ConfigDict(dict(
       size=size, stab=stab, llm=llm, distill=distill, distill_weight=1.0, teacher=teacher,
-      teacher_name='languagebind_video', dtype='float32', param_dtype='float32'))
+      teacher_name='languagebind_video', dtype='float32', param_dtype='float32',
+      # LoRA of the decoder (panda_jax/models/lora.py): rank 0 = off, no parameter added.
+      lora=dataclasses.asdict(lora_lib.LoraConfig())))
 
 
 def _section(model, name: str) -> dict:
@@ -94,7 +100,9 @@ def distill_layers(num_llm_layers: int) -> tuple[int, ...]:
 def panda_config(model: ml_collections.ConfigDict) -> PandaConfig:
   """The whole-model dataclass from `config.model` (validated); the STAB's and the distillation
   head's LLM width and the head's teacher width are the LLM's and the teacher's."""
-  llm = LlamaConfig(**_section(model, 'llm'))
+  lora = model.get('lora')                 # absent in configs written before LoRA
+  lora = lora_lib.from_dict(lora.to_dict() if hasattr(lora, 'to_dict') else lora)
+  llm = LlamaConfig(lora=lora, **_section(model, 'llm'))
   teacher = TeacherConfig(**_section(model, 'teacher'))
   stab = StabConfig(llm_hidden=llm.hidden, **_section(model, 'stab'))
   d = _section(model, 'distill')
@@ -302,12 +310,22 @@ def _flat_fields(tree: Mapping, prefix: str = '') -> dict:
   return out
 
 
+# Fields added after runs were started, by prefix: absent from a saved config, they are no
+# difference while the current config leaves them as the code before them behaved (LoRA off,
+# frozen parameters in model.param_dtype).
+ADDED_FIELDS = {'model.lora.': lambda flat: flat.get('model.lora.rank') == 0,
+                'optim.frozen_dtype': lambda flat: flat.get('optim.frozen_dtype') == ''}
+
+
 def config_differences(saved: Mapping, config: Mapping) -> list[str]:
   """'field: saved -> now' for every field of two resolved configs (as JSON) that differs and
-  changes results (not in RESUMABLE_CHANGES); a field only one of them has counts too."""
+  changes results (not in RESUMABLE_CHANGES); a field only one of them has counts too, except
+  a field of ADDED_FIELDS that the saved config predates, left as the code before it behaved."""
   a, b = _flat_fields(saved), _flat_fields(config)
+  added = [f for f, as_before in ADDED_FIELDS.items()
+           if not any(k.startswith(f) for k in a) and as_before(b)]
   free = lambda k: any(k == f or (f.endswith('.') and k.startswith(f))
-                       for f in RESUMABLE_CHANGES)
+                       for f in RESUMABLE_CHANGES + tuple(added))
   missing = object()
   return [f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
           for k in sorted(set(a) | set(b))
@@ -420,9 +438,10 @@ def train_config(stage: int, arg: str = '',
   """The config of one training stage.
 
   `arg` is a comma-separated list of options: `tiny` (the CPU-sized variant),
-  `teacher=NAME` (a teacher of TEACHERS) and at most one pod layout named in `layouts`
-  (configs/stageN.py's LAYOUTS: `pod_layout`'s arguments by name), e.g.
-  `configs/stage2.py:tiny,teacher=clip` or `configs/stage2.py:v5e-64`.
+  `teacher=NAME` (a teacher of TEACHERS), `lora` (the decoder fine-tuned through LoRA factors
+  while its base weights stay frozen, in bfloat16; `lora_options`) and at most one pod layout
+  named in `layouts` (configs/stageN.py's LAYOUTS: `pod_layout`'s arguments by name), e.g.
+  `configs/stage2.py:tiny,teacher=clip`, `configs/stage3.py:lora` or `configs/stage2.py:v5e-64`.
   """
   if stage not in STAGES:
     raise ValueError(f'stage {stage}; expected 1, 2 or 3')
@@ -436,10 +455,10 @@ def train_config(stage: int, arg: str = '',
   for o in options:
     if o.startswith('teacher='):
       teacher = o[len('teacher='):]
-    elif o != 'tiny' and o not in layouts:
+    elif o not in ('tiny', 'lora') and o not in layouts:
       raise ValueError(f'config argument {arg!r}: unknown option {o!r}; expected "tiny", '
-                       f'"teacher=NAME" with NAME in {sorted(TEACHERS)} and/or one pod layout '
-                       f'of {sorted(layouts)}')
+                       f'"lora", "teacher=NAME" with NAME in {sorted(TEACHERS)} and/or one pod '
+                       f'layout of {sorted(layouts)}')
   st = STAGES[stage]
   c = ml_collections.ConfigDict()
   c.mode = 'train'
@@ -456,7 +475,10 @@ def train_config(stage: int, arg: str = '',
   c.optim = ml_collections.ConfigDict(dict(
       lr=st['lr'] if not tiny else 2e-3, warmup_ratio=st['warmup_ratio'], end_lr_ratio=0.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
-      trainable=list(st['trainable']), frozen=[], lr_scale=[]))
+      trainable=list(st['trainable']), frozen=[], lr_scale=[],
+      # The dtype frozen parameters are kept in ('': model.param_dtype): 'bfloat16' halves
+      # the memory of a frozen base model (LoRA), whose weights the step never updates.
+      frozen_dtype=''))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=4 if tiny else st['batch_size'], accum_steps=1,
       # -1: one epoch over the data set (the paper trains every stage for one epoch).
@@ -495,6 +517,30 @@ def train_config(stage: int, arg: str = '',
   # teacher: a LanguageBind video checkpoint directory (random only for tiny runs).
   c.init = ml_collections.ConfigDict(dict(
       from_run='', converted='', require=[], skip=[], teacher='', teacher_prefix='vision_model.'))
+  if 'lora' in options:
+    lora_options(c, tiny)
   if named:
     pod_layout(c, **layouts[named[0]])
   return c
+
+
+# The `lora` option of the stage configs: LLaVA's and Video-LLaVA's LoRA recipe (rank 128,
+# alpha 256, dropout 0.05, learning rate 2e-4 with the projector's 2e-5), scaled down for tiny.
+LORA = {'7b': dict(rank=128, alpha=256.0, dropout=0.05, lr=2e-4),
+        'tiny': dict(rank=4, alpha=8.0, dropout=0.05, lr=2e-3)}
+
+
+def lora_options(config: ml_collections.ConfigDict, tiny: bool) -> None:
+  """Makes an (unlocked) stage config fine-tune the decoder through LoRA factors on every
+  attention and MLP projection: the decoder's base weights (embeddings, norms, projections, LM
+  head) frozen and kept in bfloat16, the LoRA factors trained at `lr`, and the visual part and
+  the distillation head trained as before at a tenth of it (the stage's own rate)."""
+  spec = LORA['tiny' if tiny else '7b']
+  lr = spec['lr']
+  config.model.lora.rank = spec['rank']
+  config.model.lora.alpha = spec['alpha']
+  config.model.lora.dropout = spec['dropout']
+  config.optim.lr = lr
+  config.optim.trainable = ['^visual/', '^distill/', lora_lib.FACTOR_PATTERN]
+  config.optim.lr_scale = [['^visual/', 0.1], ['^distill/', 0.1]]
+  config.optim.frozen_dtype = 'bfloat16'

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from panda_jax.models.lora import lora_delta
+
 Dtype = Any
 Axes = Sequence[str | None]
 
@@ -41,7 +43,8 @@ class Dense(nn.Module):
 
   `in_axes` / `out_axes` are logical names for the contracted and produced dims; the kernel
   has shape `in_shape + out_shape` (PyTorch's `[out, in]` weight is transposed by the
-  converters).
+  converters). With `lora` (a `lora.LoraConfig`) the layer adds a LoRA branch (`lora_a`,
+  `lora_b` beside the kernel), its dropout drawn from `dropout_rng` when one is given.
   """
 
   features: int | Sequence[int]
@@ -51,9 +54,10 @@ class Dense(nn.Module):
   zero_init: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
     out_shape = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     n_in = len(self.in_axes)
     in_shape = x.shape[-n_in:]
@@ -67,6 +71,9 @@ class Dense(nn.Module):
     kernel = kernel.astype(self.dtype)
     contract = tuple(range(x.ndim - n_in, x.ndim))
     y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(n_in))), ((), ())))
+    if self.lora is not None:
+      y = y + lora_delta(self, self.lora, x, in_shape, out_shape, self.in_axes, self.out_axes,
+                         self.dtype, self.param_dtype, dropout_rng)
     if self.use_bias:
       bias = self.param('bias', partitioned(nn.initializers.zeros, self.out_axes), out_shape,
                         self.param_dtype)

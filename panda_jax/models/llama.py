@@ -11,6 +11,9 @@ Attention masks are built from two arrays so one code path serves training, pref
 decoding: each new token has a `slot` (its absolute position: the RoPE position and, with a
 cache, where its key/value are written) and a `valid` flag. A query at slot q attends to every
 valid key at slot <= q.
+
+With `cfg.lora` (a `LoraConfig` of rank > 0) the targeted projections add a LoRA branch
+(`panda_jax/models/lora.py`); its dropout applies only to calls with `deterministic=False`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from panda_jax.models.layers import Dense, partitioned
+from panda_jax.models.lora import LoraConfig
+from panda_jax.models.lora import from_dict as lora_from_dict
 
 Dtype = Any
 
@@ -83,8 +88,16 @@ class LlamaConfig:
   # The LM head is the token embedding's transpose (no `lm_head` parameter), as in GPT-2 and
   # Gemma. Llama-2 / Vicuna keep them apart: False for every released model.
   tie_embeddings: bool = False
+  # LoRA on the projections it targets (`config.model.lora`; rank 0, the default: none). Kept
+  # here so every user of the decoder (training, the Predictor's decoding) applies it.
+  lora: LoraConfig = LoraConfig()
+
+  def __post_init__(self):
+    if not isinstance(self.lora, LoraConfig):   # from JSON (a converted checkpoint's config)
+      object.__setattr__(self, 'lora', lora_from_dict(self.lora))
 
   def validate(self) -> None:
+    self.lora.validate()
     if self.heads % self.kv_heads:
       raise ValueError(f'heads={self.heads} is not a multiple of kv_heads={self.kv_heads}')
     if self.head_dim % 2:
@@ -234,22 +247,38 @@ def cudnn_attention(qg, keys, values, valid, dtype, implementation: str = 'cudnn
   return out.reshape(b, t, k, g, d).astype(dtype)
 
 
+# Each LoRA projection's dropout key: the layer's key folded with this number.
+_PROJECTION_IDS = {'attn/q': 0, 'attn/k': 1, 'attn/v': 2, 'attn/o': 3, 'mlp/gate': 4,
+                   'mlp/up': 5, 'mlp/down': 6}
+
+
+def _projection(lora: LoraConfig, name: str, dropout_rng, features, in_axes, out_axes, **kw):
+  """The decoder projection `name` ('attn/q', ...) as a bias-free Dense (with LoRA when
+  `lora` targets it) and the dropout key of its LoRA branch; -> a function of x."""
+  layer = Dense(features, in_axes, out_axes, use_bias=False, name=name.split('/')[1],
+                lora=lora.for_projection(name), **kw)
+  key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _PROJECTION_IDS[name])
+  return lambda x: layer(x, key)
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, slots, valid, cache):
+  def __call__(self, x, slots, valid, cache, dropout_rng=None):
     """x [B, T, E]; slots int [B, T]; valid bool [B, T]; cache None or dict of k, v
-    [B, S, K, D], slots int [B, S], valid bool [B, S] (already including this step's tokens).
+    [B, S, K, D], slots int [B, S], valid bool [B, S] (already including this step's tokens);
+    dropout_rng: the LoRA dropout's key (None: none).
     Returns (y [B, T, E], (k, v) written for this step)."""
     cfg = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h, k, d = cfg.heads, cfg.kv_heads, cfg.head_dim
-    q = Dense((h, d), ('embed',), ('heads', 'kv'), use_bias=False, name='q', **kw)(x)
-    kk = Dense((k, d), ('embed',), ('kv_heads', 'kv'), use_bias=False, name='k', **kw)(x)
-    vv = Dense((k, d), ('embed',), ('kv_heads', 'kv'), use_bias=False, name='v', **kw)(x)
+    proj = lambda name, *a: _projection(self.cfg.lora, name, dropout_rng, *a, **kw)
+    q = proj('attn/q', (h, d), ('embed',), ('heads', 'kv'))(x)
+    kk = proj('attn/k', (k, d), ('embed',), ('kv_heads', 'kv'))(x)
+    vv = proj('attn/v', (k, d), ('embed',), ('kv_heads', 'kv'))(x)
     if cfg.qk_norm:
       q = RMSNorm(cfg.rms_eps, axis_name='kv', name='q_norm', **kw)(q)
       kk = RMSNorm(cfg.rms_eps, axis_name='kv', name='k_norm', **kw)(kk)
@@ -280,7 +309,7 @@ class Attention(nn.Module):
     else:
       out = _attend(*args)
     out = out.reshape(b_, t, h, d)
-    y = Dense(cfg.hidden, ('heads', 'kv'), ('embed',), use_bias=False, name='o', **kw)(out)
+    y = proj('attn/o', cfg.hidden, ('heads', 'kv'), ('embed',))(out)
     return y, (keys, values)
 
 
@@ -290,30 +319,33 @@ class MLP(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
-    gate = Dense(self.cfg.mlp, ('embed',), ('mlp',), name='gate', **kw)(x)
-    up = Dense(self.cfg.mlp, ('embed',), ('mlp',), name='up', **kw)(x)
+  def __call__(self, x, dropout_rng=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name, *a: _projection(self.cfg.lora, name, dropout_rng, *a, **kw)
+    gate = proj('mlp/gate', self.cfg.mlp, ('embed',), ('mlp',))(x)
+    up = proj('mlp/up', self.cfg.mlp, ('embed',), ('mlp',))(x)
     hmid = nn.with_logical_constraint(jax.nn.silu(gate) * up,
                                       ('act_batch', 'act_length', 'act_mlp'))
-    return Dense(self.cfg.hidden, ('mlp',), ('embed',), name='down', **kw)(hmid)
+    return proj('mlp/down', self.cfg.hidden, ('mlp',), ('embed',))(hmid)
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block; scanned over layers. Carry x [B, T, E]; per-layer cache slice."""
+  """Pre-norm block; scanned over layers. Carry x [B, T, E]; per-layer cache slice; the
+  layer's LoRA dropout key (None: no dropout)."""
   cfg: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, layer_cache, slots, valid, cache_meta, gather):
+  def __call__(self, x, layer_cache, slots, valid, cache_meta, gather, dropout_rng=None):
     cfg = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     cache = None if layer_cache is None else dict(layer_cache, **cache_meta)
     a, kv = Attention(cfg, name='attn', **kw)(
-        RMSNorm(cfg.rms_eps, name='attn_norm', **kw)(x), slots, valid, cache)
+        RMSNorm(cfg.rms_eps, name='attn_norm', **kw)(x), slots, valid, cache, dropout_rng)
     x = x + a
-    x = x + MLP(cfg, name='mlp', **kw)(RMSNorm(cfg.rms_eps, name='mlp_norm', **kw)(x))
+    x = x + MLP(cfg, name='mlp', **kw)(RMSNorm(cfg.rms_eps, name='mlp_norm', **kw)(x),
+                                       dropout_rng)
     x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
     out = x if gather is None else jnp.take_along_axis(x, gather[..., None], axis=1)
     new_cache = None if layer_cache is None else {'k': kv[0], 'v': kv[1]}
@@ -321,7 +353,8 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-  """Token embedding, scanned decoder layers, final RMSNorm and untied LM head."""
+  """Token embedding, scanned decoder layers, final RMSNorm and untied LM head; LoRA on the
+  projections `cfg.lora` targets (rank 0: none)."""
   cfg: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -339,10 +372,11 @@ class Llama(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(
           layer, variable_axes={'params': 0}, split_rngs={'params': True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
           length=cfg.layers, metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, **kw)
     else:
-      self.layer_list = [layer(cfg, name=f'layers_{i}', **kw) for i in range(cfg.layers)]
+      self.layer_list = [layer(cfg, name=f'layers_{i}', **kw)
+                         for i in range(cfg.layers)]
     self.final_norm = RMSNorm(cfg.rms_eps, **kw)
     if not cfg.tie_embeddings:
       self.lm_head = Dense(cfg.vocab_size, ('embed',), ('vocab',), use_bias=False, **kw)
@@ -363,7 +397,8 @@ class Llama(nn.Module):
     return self.lm_head(x)
 
   def __call__(self, inputs_embeds, slots, valid, *, cache=None, hidden_gather=None,
-               output_hidden_states=False, logits_gather=None, logits=True):
+               output_hidden_states=False, logits_gather=None, logits=True,
+               deterministic=True):
     """Runs the decoder.
 
     Args:
@@ -379,6 +414,8 @@ class Llama(nn.Module):
         needs one per sequence, not [B, T, V]).
       logits: False returns the final-norm output `normed` [B, T, E] instead of logits (a
         chunked loss applies `head_kernel()` to it block by block).
+      deterministic: False applies the LoRA dropout (`lora.dropout` > 0), with keys from the
+        `dropout` RNG; nothing else in the decoder is random.
     Returns:
       dict with `logits` [B, T or P, V] (float32) or `normed`, `hidden_states`
       [L + 1, B, T or P, E] when asked, `cache` when given.
@@ -390,13 +427,18 @@ class Llama(nn.Module):
     layer_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
     meta = None if cache is None else {'slots': cache['slots'], 'valid': cache['valid']}
     gather = hidden_gather if output_hidden_states else None
+    # One LoRA dropout key per layer (scanned over with the layers), or None: no dropout.
+    keys = None
+    if not deterministic and self.cfg.lora.enabled and self.cfg.lora.dropout > 0:
+      keys = jax.random.split(self.make_rng('dropout'), self.cfg.layers)
     if self.cfg.scan_layers:
-      x_last, (new_cache, outs) = self.layers(x, layer_cache, slots, valid, meta, gather)
+      x_last, (new_cache, outs) = self.layers(x, layer_cache, slots, valid, meta, gather, keys)
     else:
       x_last, caches, out_list = x, [], []
       for i, layer in enumerate(self.layer_list):
         lc = None if layer_cache is None else jax.tree.map(lambda a: a[i], layer_cache)
-        x_last, (c, o) = layer(x_last, lc, slots, valid, meta, gather)
+        x_last, (c, o) = layer(x_last, lc, slots, valid, meta, gather,
+                               None if keys is None else keys[i])
         caches.append(c)
         out_list.append(o)
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)

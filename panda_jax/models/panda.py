@@ -152,7 +152,8 @@ class VideoPanda(nn.Module):
     chunk = self.cfg.llm.loss_chunk
     out = self.llm(embeds, slots, valid, output_hidden_states=with_distill,
                    hidden_gather=batch['patch_pos'].reshape(b, f * p) if with_distill else None,
-                   logits=not chunk)
+                   logits=not chunk,
+                   deterministic=(not train) if deterministic is None else deterministic)
     if chunk:
       ce, count, ce_sum = chunked_cross_entropy(out['normed'], self.llm.head_kernel(),
                                                 batch['labels'], chunk, self.dtype)

@@ -33,7 +33,7 @@ from panda_jax.models.panda import VideoPanda
 from panda_jax.train import checkpoint as ckpt
 from panda_jax.train import metrics as metrics_lib
 from panda_jax.teacher.model import create_teacher
-from panda_jax.train.optimizer import make_optimizer, param_labels
+from panda_jax.train.optimizer import cast_frozen, frozen_dtype, make_optimizer, param_labels
 from panda_jax.tree import flatten
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree
 
@@ -202,6 +202,10 @@ def create_state(config, run: config_lib.Run, mesh, model, rng):
     params, batch_stats, _ = ckpt.load_converted_params(
         init.converted, params, batch_stats, require=init.require, skip=init.skip)
   labels = param_labels(flatten(params).keys(), config.optim)
+  low = frozen_dtype(config.optim)
+  if low is not None:         # frozen weights kept in a lower precision (a LoRA run's base)
+    params = jax.jit(lambda p: cast_frozen(p, labels, low), out_shardings=var_sh['params'],
+                     donate_argnums=0)(params)
   tx, schedules = make_optimizer(labels, config.optim, config.train.steps)
   train, _ = trainable_tree(params, labels)
   train_sh, _ = trainable_tree(var_sh['params'], labels)

@@ -12,6 +12,8 @@ config.optim fields:
   trainable: regexes; a parameter trains when one matches (`re.search`).
   frozen: regexes that override `trainable`.
   lr_scale: list of [regex, multiplier]; the first match scales that parameter's rate.
+  frozen_dtype: the dtype frozen parameters are kept in ('' = the model's param_dtype), e.g.
+    'bfloat16' for the frozen base weights of a LoRA run (`cast_frozen`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import optax
 
-from panda_jax.tree import unflatten
+from panda_jax.tree import flatten, unflatten
 
 FROZEN = 'frozen'
 
@@ -93,6 +96,34 @@ def make_optimizer(labels: Mapping[str, str], optim, total_steps: int):
   if optim.clip_norm and optim.clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
   return tx, schedules
+
+
+FROZEN_DTYPES = {'': None, 'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def frozen_dtype(optim):
+  """`optim.frozen_dtype` as a dtype, or None (frozen parameters keep their dtype)."""
+  name = optim.get('frozen_dtype', '') if hasattr(optim, 'get') else ''
+  if name not in FROZEN_DTYPES:
+    raise ValueError(f'optim.frozen_dtype={name!r}; expected one of {sorted(FROZEN_DTYPES)} '
+                     '("" keeps model.param_dtype)')
+  return FROZEN_DTYPES[name]
+
+
+def cast_frozen(params: Mapping, labels: Mapping[str, str], dtype) -> dict:
+  """`params` with every frozen floating-point parameter cast to `dtype` (None: unchanged);
+  trainable ones keep their (master) dtype. Works on arrays and on `ShapeDtypeStruct`s."""
+  if dtype is None:
+    return params
+
+  def cast(path, x):
+    if labels[path] != FROZEN or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+  return unflatten({k: cast(k, v) for k, v in flatten(params).items()})
 
 
 def split(flat: Mapping[str, Any], labels: Mapping[str, str]):
