@@ -104,6 +104,25 @@ def infer_panda_config(src, hf: dict, image_size: int = 448, stab_heads: int = 8
   return cfg
 
 
+def exported_config(src, hf: dict, model: str):
+  """Our config from the `panda_jax` entry that `panda_jax.convert.export` writes into
+  config.json (it records what the weights do not: image size, STAB heads, ...), or None for a
+  checkpoint without one."""
+  entry = hf.get('panda_jax')
+  if not entry:
+    return None
+  try:
+    found, cfg = config_from_json(entry)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{src}/config.json: its panda_jax entry is not a config we read ({e})')
+  if found != model:
+    want = 'video_panda' if found == 'video_panda' else 'llama'
+    raise ValueError(f'{src} is an export of a {found!r} model (config.json: panda_jax); '
+                     f'convert it with --model={want}')
+  cfg.validate()
+  return cfg
+
+
 FORMATS = ('auto', 'hf', 'gguf')
 
 
@@ -139,13 +158,16 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
     _save(dst, model, cfg, variables, tokenizer)
     return cfg
   hf = hf_io.read_config(src)
+  tie = hf.get('tie_word_embeddings', False)
+  ours = exported_config(src, hf, model)
   if model == 'llama':
-    cfg = config_from_hf(hf)
+    cfg = ours or config_from_hf(hf)
     variables = {'params': convert_llama(_progress(src), cfg, dtype=DTYPES[llm_dtype],
-                                         tie_embeddings=hf.get('tie_word_embeddings', False))}
+                                         tie_embeddings=tie)}
   elif model == 'video_panda':
-    cfg = infer_panda_config(src, hf, image_size, stab_heads)
-    variables = convert_panda(_progress(src), cfg, llm_dtype=DTYPES[llm_dtype])
+    cfg = ours or infer_panda_config(src, hf, image_size, stab_heads)
+    variables = convert_panda(_progress(src), cfg, llm_dtype=DTYPES[llm_dtype],
+                              tie_embeddings=tie)
   else:
     raise ValueError(f'model={model!r}; expected llama or video_panda')
   _save(dst, model, cfg, variables)

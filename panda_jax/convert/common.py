@@ -70,13 +70,18 @@ class NameConsumer:
     raise ConversionError('\n'.join(lines))
 
 
-Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray]]
+# (torch name, 'collection/our/path', transform[, inverse]): the inverse takes our array back to
+# the PyTorch layout (`invert_rules`, used by the exporter). Several rules may read one packed
+# PyTorch tensor (e.g. an attention's in_proj_weight): their inverses give its pieces, in rule
+# order, concatenated along the first axis.
+Fn = Callable[[np.ndarray], np.ndarray]
+Rule = tuple[str, str, Fn] | tuple[str, str, Fn, Fn]
 
 
 def apply_rules(src: NameConsumer, rules: Iterable[Rule]) -> dict[str, dict]:
   """Runs (torch name, 'collection/our/path', transform) rules into nested variable dicts."""
   flat: dict[tuple[str, ...], np.ndarray] = {}
-  for torch_name, path, fn in rules:
+  for torch_name, path, fn, *_ in rules:
     arr = src.take(torch_name)
     if arr is None:
       continue
@@ -85,6 +90,32 @@ def apply_rules(src: NameConsumer, rules: Iterable[Rule]) -> dict[str, dict]:
     except Exception as e:  # a reshape that does not fit: report with the name
       src.problem(f'{torch_name}: shape {arr.shape} does not fit {path} ({e})')
   return traverse_util.unflatten_dict(flat)
+
+
+def invert_rules(rules: Iterable[Rule], variables: Mapping) -> dict[str, np.ndarray]:
+  """The PyTorch tensors `rules` would convert into `variables` (nested, 'a/b/c' paths):
+  torch name -> array, in rule order. Raises ConversionError naming every variable a rule needs
+  that `variables` lacks."""
+  flat = traverse_util.flatten_dict(unbox(variables), sep='/')
+  pieces: dict[str, list[np.ndarray]] = {}
+  missing = []
+  for rule in rules:
+    torch_name, path = rule[0], rule[1]
+    if len(rule) < 4:
+      raise TypeError(f'the rule for {torch_name} ({path}) has no inverse')
+    if path not in flat:
+      missing.append(path)
+      continue
+    pieces.setdefault(torch_name, []).append(np.asarray(rule[3](np.asarray(flat[path]))))
+  if missing:
+    raise ConversionError(f'cannot export: {len(missing)} variables missing: ' +
+                          ', '.join(missing))
+  return {k: v[0] if len(v) == 1 else np.concatenate(v, axis=0) for k, v in pieces.items()}
+
+
+def inverse_permutation(axes) -> tuple[int, ...]:
+  """The axes that undo `x.transpose(axes)`."""
+  return tuple(int(i) for i in np.argsort(axes))
 
 
 def check_shapes(converted: Mapping, expected: Mapping, what: str) -> None:
@@ -114,6 +145,12 @@ def unbox(tree):
 def linear(w: np.ndarray) -> np.ndarray:
   """PyTorch Linear / 1x1 conv weight [out, in, 1...] -> our kernel [in, out]."""
   return w.reshape(w.shape[0], -1).T
+
+
+def unlinear(k: np.ndarray, tail: tuple[int, ...] = ()) -> np.ndarray:
+  """Our kernel [in, out] -> PyTorch Linear weight [out, in] (+ `tail`, e.g. (1, 1, 1) for a
+  1x1x1 convolution): the inverse of `linear`."""
+  return k.T.reshape(k.shape[1], k.shape[0], *tail)
 
 
 def identity(x: np.ndarray) -> np.ndarray:

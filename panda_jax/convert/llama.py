@@ -154,6 +154,11 @@ class LlamaBuilder:
 
   def finish(self) -> dict:
     missing = []
+    if getattr(self.cfg, 'tie_embeddings', False):
+      # A model with tied embeddings has no head parameter (a tied checkpoint's copy, if it
+      # carries one, is dropped).
+      self.shapes.pop('lm_head/kernel', None)
+      self.arrays.pop('lm_head/kernel', None)
     for path, shape in self.shapes.items():
       if path == 'lm_head/kernel' and self.tie and path not in self.arrays:
         if 'embed_tokens/embedding' in self.arrays:
@@ -173,6 +178,106 @@ class LlamaBuilder:
       lines += ['  ' + p for p in self.problems]
       raise ConversionError('\n'.join(lines))
     return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in self.arrays.items()})
+
+
+class _Stacked:
+  """Per-layer arrays seen as one `[L, ...]` stack, without copying them into one."""
+
+  def __init__(self, arrays):
+    self.arrays = arrays
+    self.shape = (len(arrays),) + tuple(np.shape(arrays[0]))
+
+  def __getitem__(self, i):
+    return self.arrays[i]
+
+
+class _Transposed:
+  """The embedding seen as the tied head's kernel [E, V] (only its shape is ever read)."""
+
+  def __init__(self, emb):
+    self.shape = tuple(np.shape(emb))[::-1]
+
+
+def _untransform(k: np.ndarray, how: str | None) -> np.ndarray:
+  """The inverse of `LlamaBuilder._transform`: our (one layer's) array -> Hugging Face's."""
+  if how == 'qkv':   # [E, N, D] -> [N*D, E]
+    return k.reshape(k.shape[0], -1).T
+  if how == 'o':     # [H, D, E] -> [E, H*D]
+    return k.reshape(-1, k.shape[-1]).T
+  if how == 'T':
+    return k.T
+  return k
+
+
+def iter_llama_tensors(params: Mapping, cfg: LlamaConfig, *, dtype=None,
+                       tie_embeddings: bool | None = None):
+  """The inverse of `convert_llama`: yields (Hugging Face name, array) for our decoder params,
+  one tensor at a time (the scanned `[L, ...]` stacks unstacked, kernels transposed back).
+
+  `dtype` casts every tensor (default: as stored). `tie_embeddings` leaves `lm_head.weight` out
+  (a tied checkpoint has none); None decides by content: tied when the head is exactly the
+  embedding's transpose (as `convert_llama(tie_embeddings=True)` makes it).
+  """
+  if getattr(cfg, 'qk_norm', False):
+    raise ConversionError('the decoder normalises queries and keys per head (model.llm.qk_norm), '
+                          'which a Hugging Face Llama has no weights for: it cannot be exported '
+                          'as a Llama or in the Video-Panda layout')
+  flat = traverse_util.flatten_dict(params, sep='/')
+  if getattr(cfg, 'tie_embeddings', False):   # the model has no head: it is the embedding
+    if tie_embeddings is False:
+      raise ConversionError('the decoder ties its head to the embedding (model.llm.'
+                            'tie_embeddings): it exports only with tied embeddings')
+    tie_embeddings = True
+    flat.setdefault('lm_head/kernel', _Transposed(flat['embed_tokens/embedding']))
+  if 'layers_0' in params and 'layers' not in params:   # unscanned: one subtree per layer
+    for path in [k for k in _shapes(cfg) if k.startswith('layers/')]:
+      per = [flat.get(path.replace('layers/', f'layers_{i}/', 1)) for i in range(cfg.layers)]
+      if all(a is not None for a in per):
+        flat[path] = _Stacked(per)
+  shapes = _shapes(cfg)
+  problems = [f'{k}: {tuple(np.shape(flat[k]))}, the config says {v}' for k, v in shapes.items()
+              if k in flat and tuple(np.shape(flat[k])) != v]
+  missing = sorted(set(shapes) - set(flat))
+  if missing or problems:
+    raise ConversionError('cannot export the Llama params:\n  ' + '\n  '.join(
+        ([f'missing: {", ".join(missing)}'] if missing else []) + problems))
+  if tie_embeddings is None:
+    tie_embeddings = is_tied(params, cfg)
+  cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype, copy=False))
+  for name, (path, how) in _GLOBAL.items():
+    if name == 'lm_head.weight' and tie_embeddings:
+      continue
+    yield name, cast(_untransform(np.asarray(flat[path]), how))
+  for layer in range(cfg.layers):
+    for rest, (path, how) in _PER_LAYER.items():
+      yield f'model.layers.{layer}.{rest}', cast(_untransform(np.asarray(flat[path][layer]), how))
+
+
+def is_tied(params: Mapping, cfg: LlamaConfig | None = None) -> bool:
+  """Whether the head is the embedding: a config with tied embeddings (no head parameter), or
+  a head that is exactly the embedding's transpose."""
+  if getattr(cfg, 'tie_embeddings', False) or 'lm_head' not in params:
+    return True
+  emb, head = params['embed_tokens']['embedding'], params['lm_head']['kernel']
+  return emb.shape == head.shape[::-1] and np.array_equal(np.asarray(emb), np.asarray(head).T)
+
+
+def hf_config(cfg: LlamaConfig, *, tie_embeddings: bool = False, dtype=None) -> dict:
+  """The Hugging Face `config.json` dict of `cfg` (what `config_from_hf` reads back)."""
+  out = {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+      'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden,
+      'intermediate_size': cfg.mlp, 'num_hidden_layers': cfg.layers,
+      'num_attention_heads': cfg.heads, 'num_key_value_heads': cfg.kv_heads,
+      'head_dim': cfg.head_dim, 'hidden_act': 'silu', 'rms_norm_eps': cfg.rms_eps,
+      'rope_theta': cfg.rope_theta, 'rope_scaling': None,
+      'max_position_embeddings': cfg.max_positions, 'attention_bias': False,
+      'mlp_bias': False, 'tie_word_embeddings': bool(tie_embeddings),
+      'initializer_range': 0.02, 'pretraining_tp': 1, 'use_cache': True,
+  }
+  if dtype is not None:
+    out['torch_dtype'] = np.dtype(dtype).name
+  return out
 
 
 def convert_llama(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],

@@ -39,15 +39,16 @@ def panda_config_from_hf(hf: Mapping, stab: StabConfig | None = None,
 
 
 def convert_panda(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
-                  cfg: PandaConfig, *, llm_dtype=None) -> dict:
+                  cfg: PandaConfig, *, llm_dtype=None, tie_embeddings: bool = False) -> dict:
   """-> {'params': {'visual', 'llm', 'distill'}, 'batch_stats': {'visual'}} (numpy).
 
   `llm_dtype` (e.g. `ml_dtypes.bfloat16`) stores the decoder in that dtype while converting,
-  which keeps a 7B conversion within host memory. Raises ConversionError naming every missing,
+  which keeps a 7B conversion within host memory. `tie_embeddings`: the head is the embedding
+  (a checkpoint without `lm_head.weight`, config.json's tie_word_embeddings). Raises ConversionError naming every missing,
   unexpected or misshaped tensor.
   """
   items = tensors.items() if isinstance(tensors, Mapping) else tensors
-  llm = LlamaBuilder(cfg.llm, dtype=llm_dtype)
+  llm = LlamaBuilder(cfg.llm, dtype=llm_dtype, tie_embeddings=tie_embeddings)
   visual: dict[str, np.ndarray] = {}
   unexpected = []
   for name, w in items:

@@ -24,43 +24,56 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from panda_jax.convert.common import NameConsumer, apply_rules, check_shapes, identity, linear
+from panda_jax.convert.common import (NameConsumer, apply_rules, check_shapes, identity,
+                                      inverse_permutation, invert_rules, linear, unlinear)
 from panda_jax.models.teacher import TeacherConfig, VideoTeacher
 
 DEFAULT_PREFIX = 'vision_model.'
 
 
 def _ln(torch_prefix: str, path: str):
-  return [(torch_prefix + '.weight', path + '/scale', identity),
-          (torch_prefix + '.bias', path + '/bias', identity)]
+  return [(torch_prefix + '.weight', path + '/scale', identity, identity),
+          (torch_prefix + '.bias', path + '/bias', identity, identity)]
+
+
+def _flat(x):
+  return x.reshape(-1)
 
 
 def _attention(torch_prefix: str, path: str, h: int, d: int):
   rules = []
   for name in ('q', 'k', 'v'):
     rules += [(f'{torch_prefix}.{name}_proj.weight', f'{path}/{name}/kernel',
-               lambda w: linear(w).reshape(w.shape[1], h, d)),
+               lambda w: linear(w).reshape(w.shape[1], h, d),
+               lambda k: unlinear(k.reshape(k.shape[0], -1))),
               (f'{torch_prefix}.{name}_proj.bias', f'{path}/{name}/bias',
-               lambda b: b.reshape(h, d))]
+               lambda b: b.reshape(h, d), _flat)]
   rules += [(f'{torch_prefix}.out_proj.weight', f'{path}/out/kernel',
-             lambda w: linear(w).reshape(h, d, w.shape[0])),
-            (f'{torch_prefix}.out_proj.bias', f'{path}/out/bias', identity)]
+             lambda w: linear(w).reshape(h, d, w.shape[0]),
+             lambda k: unlinear(k.reshape(-1, k.shape[-1]))),
+            (f'{torch_prefix}.out_proj.bias', f'{path}/out/bias', identity, identity)]
   return rules
 
 
 def _dense(torch_prefix: str, path: str):
-  return [(torch_prefix + '.weight', path + '/kernel', linear),
-          (torch_prefix + '.bias', path + '/bias', identity)]
+  return [(torch_prefix + '.weight', path + '/kernel', linear, unlinear),
+          (torch_prefix + '.bias', path + '/bias', identity, identity)]
+
+
+PATCH_AXES = (2, 3, 1, 0)
 
 
 def teacher_rules(cfg: TeacherConfig, prefix: str = DEFAULT_PREFIX) -> list:
+  """(torch name, our path, transform, inverse) for the layers up to `cfg.run_layers`."""
   h, d = cfg.heads, cfg.head_dim
   e = prefix + 'embeddings.'
   rules = [
-      (e + 'patch_embedding.weight', 'patch_embed/kernel', lambda w: w.transpose(2, 3, 1, 0)),
-      (e + 'class_embedding', 'class_embed', identity),
-      (e + 'position_embedding.weight', 'pos_embed', identity),
+      (e + 'patch_embedding.weight', 'patch_embed/kernel', lambda w: w.transpose(PATCH_AXES),
+       lambda k: k.transpose(inverse_permutation(PATCH_AXES))),
+      (e + 'class_embedding', 'class_embed', identity, identity),
+      (e + 'position_embedding.weight', 'pos_embed', identity, identity),
       *_ln(prefix + 'pre_layrnorm', 'pre_norm'),
   ]
   for i in range(cfg.run_layers):
@@ -68,7 +81,7 @@ def teacher_rules(cfg: TeacherConfig, prefix: str = DEFAULT_PREFIX) -> list:
     o = f'layers_{i}/'
     if cfg.temporal:
       rules += [(t + 'temporal_embedding', o + 'temporal_embed',
-                 lambda w: w.reshape(w.shape[-2], w.shape[-1])),
+                 lambda w: w.reshape(w.shape[-2], w.shape[-1]), lambda x: x[None]),
                 *_ln(t + 'temporal_layer_norm1', o + 'temporal_norm'),
                 *_attention(t + 'temporal_attn', o + 'temporal_attn', h, d)]
     rules += [*_ln(t + 'layer_norm1', o + 'norm1'),
@@ -112,6 +125,17 @@ def convert_teacher(state: Mapping[str, Any], cfg: TeacherConfig,
   src.finish('teacher')
   check_shapes(params, abstract_params(cfg), 'teacher')
   return {'params': params}
+
+
+def teacher_to_torch(params: Mapping[str, Any], cfg: TeacherConfig,
+                     prefix: str = DEFAULT_PREFIX) -> dict[str, np.ndarray]:
+  """The inverse of `convert_teacher`: our `params` -> PyTorch names under `prefix`, plus the
+  `position_ids` buffer (0 .. positions - 1). The post-LayerNorm and the layers past
+  `cfg.run_layers`, which the converter drops, have no source here and are not written."""
+  out = invert_rules(teacher_rules(cfg, prefix), params)
+  positions = out[prefix + 'embeddings.position_embedding.weight'].shape[0]
+  out[prefix + 'embeddings.position_ids'] = np.arange(positions, dtype=np.int64)[None]
+  return out
 
 
 def abstract_params(cfg: TeacherConfig):
