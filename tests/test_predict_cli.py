@@ -59,15 +59,39 @@ def test_answers_stream_token_by_token_and_failures_are_reported(setup, videos):
   lines = out.getvalue().splitlines()
   want = [f'{os.path.basename(p)}: {_direct(setup, p)}' for p in paths[:2]]
   assert lines == want
-  # Streamed: the first answer arrived in several pieces, before the second video's name.
+  # Streamed: the first answer arrived after its name, in pieces (as many as the tiny model's
+  # answer has tokens that add text: token by token is checked on a scripted answer in
+  # test_text_stream_writes_each_token_as_it_comes), before the second video's name.
   first = out.writes[:out.writes.index('\n')]
-  assert len(first) > 2 and ''.join(first) == want[0]
+  assert len(first) >= 2 and first[0] == f'{os.path.basename(paths[0])}: '
+  assert ''.join(first) == want[0]
   assert [e[0] for e in errors] == ['zz_not_video.mp4']
 
   out = io.StringIO()
   predict.answer_videos(setup['predictor'], paths[:1], QUESTION, FRAMES, as_json=True, out=out)
   assert json.loads(out.getvalue()) == {'video': paths[0], 'question': QUESTION,
                                         'answer': _direct(setup, paths[0])}
+
+
+def test_text_stream_writes_each_token_as_it_comes(setup):  # noqa: F811
+  """TextStream writes what each new token adds to the text, stops at EOS, and starts over."""
+  tok = setup['predictor'].tokenizer
+  words = 'the red square moves to the left'
+  ids = tok(words, add_special_tokens=False)['input_ids']
+  assert len(ids) >= 4
+  out = io.StringIO()
+  stream = predict.TextStream(tok, tok.eos_token_id, out)
+  pieces = []
+  for step, i in enumerate(ids + [tok.eos_token_id] + ids[:1]):
+    before = out.getvalue()
+    stream(step, np.array([i]))
+    pieces.append(out.getvalue()[len(before):])
+  whole = tok.decode(ids, skip_special_tokens=True).lstrip()
+  assert out.getvalue() == whole and ''.join(pieces) == whole
+  assert sum(bool(p) for p in pieces[:len(ids)]) >= len(ids) - 1 and not any(pieces[len(ids):])
+  stream.start()
+  stream(0, np.array([ids[0]]))
+  assert out.getvalue() == whole + tok.decode(ids[:1], skip_special_tokens=True).lstrip()
 
 
 def test_tokenizer_resolution(setup, tmp_path):  # noqa: F811
