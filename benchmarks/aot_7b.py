@@ -74,6 +74,9 @@ def parse_args():
                   help="smoke mode: train_config(stage, 'tiny') on 8 devices")
   ap.add_argument('--stage', type=int, default=2, choices=(1, 2, 3),
                   help='training stage whose train step to compile (default 2)')
+  ap.add_argument('--lora', action='store_true',
+                  help="the stage's `lora` variant (configs/stageN.py:lora): the decoder trained "
+                       'through LoRA factors, its base weights frozen in bfloat16')
   ap.add_argument('--topology', type=str, default='',
                   help='TPU slice to compile for with libtpu, e.g. v5e:8x8, v5p:4x4x4 '
                        '(default: simulated CPU devices)')
@@ -142,7 +145,8 @@ from panda_jax import sharding  # noqa: E402
 from panda_jax.models.panda import VideoPanda  # noqa: E402
 from panda_jax.models.stab import VisualTokenizer  # noqa: E402
 from panda_jax.models.teacher import VideoTeacher  # noqa: E402
-from panda_jax.train.optimizer import make_optimizer, param_labels  # noqa: E402
+from panda_jax.train.optimizer import (cast_frozen, frozen_dtype, make_optimizer,  # noqa: E402
+                                       param_labels, state_shardings)
 from panda_jax.tree import flatten  # noqa: E402
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree  # noqa: E402
 from common import compiled_flops, compiled_memory, peak_rss_gib, timed  # noqa: E402
@@ -177,8 +181,13 @@ def parse_override(item: str) -> tuple[str, object]:
     return key, text
 
 
+def config_arg() -> str:
+  """The stage config's argument (`train_config`'s options) this run's flags ask for."""
+  return ','.join(o for o, on in (('tiny', ARGS.tiny), ('lora', ARGS.lora)) if on)
+
+
 def make_config(layers: int | None):
-  config = config_lib.train_config(ARGS.stage, 'tiny' if ARGS.tiny else '')
+  config = config_lib.train_config(ARGS.stage, config_arg())
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = ARGS.data, ARGS.fsdp, ARGS.tensor
   try:
     config_lib.apply_overrides(config, dict(map(parse_override, ARGS.set)))
@@ -240,12 +249,13 @@ def abstract_inputs(config, mesh):
   params_sh, stats_sh = var_sh['params'], var_sh.get('batch_stats', {})
 
   labels = param_labels(flatten(params).keys(), config.optim)
+  # Frozen weights in optim.frozen_dtype (bfloat16 in a LoRA run), as create_state keeps them.
+  params = cast_frozen(params, labels, frozen_dtype(config.optim))
   tx, schedules = make_optimizer(labels, config.optim, config.train.steps)
   train, _ = trainable_tree(params, labels)
   train_sh, _ = trainable_tree(params_sh, labels)
   opt_shapes = jax.eval_shape(tx.init, train)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, train_sh,
-                                 transform_non_params=lambda _: replicated)
+  opt_sh = state_shardings(tx, opt_shapes, train_sh, replicated)
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                      params=sds(params, params_sh), batch_stats=sds(batch_stats, stats_sh),
                      opt_state=sds(opt_shapes, opt_sh),
@@ -271,13 +281,16 @@ def abstract_inputs(config, mesh):
               teacher=teacher)
   n_train = sum(int(np.prod(v.shape)) for k, v in flatten(params).items()
                 if labels[k] != 'frozen')
+  # The decoder's own weights trained (none with LoRA: only its factors, counted apart).
+  is_factor = lambda k: k.endswith(('/lora_a', '/lora_b'))
   n_llm_train = sum(int(np.prod(v.shape)) for k, v in flatten(params).items()
-                    if k.startswith('llm/') and labels[k] != 'frozen')
+                    if k.startswith('llm/') and labels[k] != 'frozen' and not is_factor(k))
+  n_lora = sum(int(np.prod(v.shape)) for k, v in flatten(params).items() if is_factor(k))
   info = dict(cfg=cfg, tc=tc, n_params=count(params), n_train=n_train,
-              n_llm_train=n_llm_train, online_teacher=run.online_teacher,
+              n_llm_train=n_llm_train, n_lora=n_lora, online_teacher=run.online_teacher,
               n_teacher=count(t_params), n_visual=count(params['visual']),
               n_distill=count(params['distill']),
-              state_bytes={'params (f32 master)': shard_bytes(state.params),
+              state_bytes={'params': shard_bytes(state.params),
                            'optimizer state': shard_bytes(state.opt_state),
                            'batch_stats': shard_bytes(state.batch_stats),
                            'teacher params': shard_bytes(t_params),
@@ -335,7 +348,10 @@ def hand_flops(config, info) -> dict:
   n_llm = llm.num_params - llm.vocab_size * llm.hidden           # the lookup costs nothing
   tokens = b * t
   attn = 12 * llm.layers * t * t * llm.hidden * b
-  llm_flops = (6 if info['n_llm_train'] else 4) * n_llm * tokens + attn
+  # LoRA factors (the decoder frozen): their forward and both backward matmuls, 6 per factor
+  # parameter and token.
+  llm_flops = ((6 if info['n_llm_train'] else 4) * n_llm * tokens + attn
+               + 6 * info.get('n_lora', 0) * tokens)
   n_tok = 1 + tc.grid ** 2
   t_layers = tc.run_layers
   teacher = 2 * b * f * n_tok * t_layers * (4 * tc.hidden ** 2 * (2 if tc.temporal else 1)
@@ -447,7 +463,7 @@ def main():
   layer_list = [int(x) for x in ARGS.layers.split(',') if x] or [None]
   if len(layer_list) > 2:
     raise SystemExit('--layers takes one or two layer counts')
-  full_layers = config_lib.train_config(ARGS.stage, 'tiny' if ARGS.tiny else '').model.llm.layers
+  full_layers = config_lib.train_config(ARGS.stage, config_arg()).model.llm.layers
 
   if ARGS.state_only:
     config = make_config(layer_list[0])
@@ -483,12 +499,17 @@ def main():
   config, info, mesh = r['config'], r['info'], r['mesh']
   c = config
   print()
-  print(f'config: stage {ARGS.stage}{" (tiny)" if ARGS.tiny else ""}, dtype {c.model.dtype} / params '
-        f'{c.model.param_dtype}, remat {c.model.llm.remat!r}, max_len {c.data.max_len}, '
+  lora = info['cfg'].llm.lora
+  lora_note = (f' ({info["n_lora"] / 1e6:.1f} M LoRA parameters trained)' if info['n_lora']
+               else '')
+  print(f'config: stage {ARGS.stage}{" (tiny)" if ARGS.tiny else ""}'
+        f'{f" LoRA rank {lora.rank} on {sorted(lora.targeted())}" if lora.enabled else ""}, '
+        f'dtype {c.model.dtype} / params {c.model.param_dtype} (frozen: '
+        f'{c.optim.frozen_dtype or c.model.param_dtype}), remat {c.model.llm.remat!r}, max_len {c.data.max_len}, '
         f'{c.data.frames} frames x {info["cfg"].stab.image_size} px, teacher ViT '
         f'{info["tc"].hidden}x{info["tc"].layers} at {info["tc"].image_size} px '
         f'({"online" if info["online_teacher"] else "not in the step"}); LLM '
-        f'{"trained" if info["n_llm_train"] else "frozen"}')
+        f'{"trained" if info["n_llm_train"] else "frozen"}{lora_note}')
   print(f'mesh: {dict(mesh.shape)}; global batch {c.train.batch_size} = {ARGS.batch}/device '
         f'micro-batch x {sharding.batch_shards(mesh, info["rules"])} batch shards x '
         f'{c.train.accum_steps} accumulation steps')
@@ -541,7 +562,7 @@ def main():
         f' program (counts each while-loop body -- the {config.train.accum_steps}-step '
         f'accumulation scan and the layer scan -- once; not used)')
   k = 6 if info['n_llm_train'] else 4
-  print(f'  hand: LLM {k}*N*tokens + attention   {hf["llm"] / 1e12:>12,.1f} TFLOP  '
+  print(f'  hand: LLM {k}*N*tokens + attention{" + LoRA" if info["n_lora"] else ""}   {hf["llm"] / 1e12:>12,.1f} TFLOP  '
         f'({hf["tokens"]:,} tokens)')
   print(f'  hand: teacher forward              {hf["teacher"] / 1e12:>12,.1f} TFLOP')
   stab_note = ('' if hf['stab_video'] is None else
@@ -610,7 +631,8 @@ def main():
   m = mesh.shape
   mem = extrap if extrap is not None else r['mem']
   detail = dict(
-      stage=ARGS.stage, tiny=ARGS.tiny, compiler=COMPILER, topology=topo,
+      stage=ARGS.stage, tiny=ARGS.tiny, lora=ARGS.lora, compiler=COMPILER, topology=topo,
+      n_params=info['n_params'], n_train=info['n_train'],
       mesh=dict(data=m['data'], fsdp=m['fsdp'], tensor=m['tensor']), micro_batch=ARGS.batch,
       accum=c.train.accum_steps, batch=c.train.batch_size, remat=llm.remat,
       attention_chunk=llm.attention_chunk, attention_impl=llm.attention_impl,

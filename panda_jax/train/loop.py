@@ -23,7 +23,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from panda_jax import config as config_lib
@@ -33,7 +32,8 @@ from panda_jax.models.panda import VideoPanda
 from panda_jax.train import checkpoint as ckpt
 from panda_jax.train import metrics as metrics_lib
 from panda_jax.teacher.model import create_teacher
-from panda_jax.train.optimizer import cast_frozen, frozen_dtype, make_optimizer, param_labels
+from panda_jax.train.optimizer import (cast_frozen, frozen_dtype, make_optimizer, param_labels,
+                                       state_shardings)
 from panda_jax.tree import flatten
 from panda_jax.train.step import TrainState, make_train_step, trainable_tree
 
@@ -210,13 +210,7 @@ def create_state(config, run: config_lib.Run, mesh, model, rng):
   train, _ = trainable_tree(params, labels)
   train_sh, _ = trainable_tree(var_sh['params'], labels)
   replicated = NamedSharding(mesh, PartitionSpec())
-  opt_shapes = jax.eval_shape(tx.init, train)
-  # With several learning-rate groups (optax.multi_transform) each group's state holds
-  # MaskedNode where the other groups' parameters are: those stay as they are.
-  opt_sh = optax.tree_map_params(
-      tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s, opt_shapes, train_sh,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  opt_sh = state_shardings(tx, jax.eval_shape(tx.init, train), train_sh, replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(train)
   # Every leaf placed by its sharding: the step's outputs carry the mesh in their types, so an
   # input without it (a bare jnp.zeros step) would make the second step compile again.

@@ -126,6 +126,17 @@ def cast_frozen(params: Mapping, labels: Mapping[str, str], dtype) -> dict:
   return unflatten({k: cast(k, v) for k, v in flatten(params).items()})
 
 
+def state_shardings(tx, opt_shapes, train_shardings, replicated):
+  """Shardings of the optimizer state `opt_shapes` (`jax.eval_shape(tx.init, trainable)`):
+  each parameter-like leaf as its parameter (`train_shardings`), the rest (counts) replicated.
+  With several learning-rate groups (optax.multi_transform) each group's state holds
+  MaskedNode where the other groups' parameters are: those stay as they are."""
+  return optax.tree_map_params(
+      tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s, opt_shapes,
+      train_shardings, transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
 def split(flat: Mapping[str, Any], labels: Mapping[str, str]):
   """-> (trainable flat dict, frozen flat dict)."""
   train = {k: v for k, v in flat.items() if labels[k] != FROZEN}
