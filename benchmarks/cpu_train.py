@@ -70,7 +70,8 @@ def _config(clips: int, **overrides):
   from configs import demo as demo_config
   c = demo_config.get_config()
   c.unlock()
-  c.data.train_clips, c.data.eval_clips = clips, 4
+  c.data.train_clips = clips
+  c.data.val_clips = c.data.test_clips = c.data.novel_clips = 4
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')

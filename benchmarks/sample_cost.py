@@ -62,7 +62,7 @@ def main():
   config = demo_config.get_config('')
   with config.unlocked():
     config.data.train_clips = args.clips
-    config.data.eval_clips = 8
+    config.data.val_clips = config.data.test_clips = config.data.novel_clips = 8
   data = demo_run.make_data(config, os.path.join(args.workdir, 'data'), progress=False)
   stage = demo_run.stage_config(config, 3, data, '')
   run = config_lib.resolve(stage)

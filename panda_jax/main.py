@@ -48,11 +48,15 @@ def run_demo(config) -> dict:
   if jax.process_count() > 1:
     raise app.UsageError('the demo runs on one process')
   result = demo_run.run(config, workdir)
-  main = result['variants'][0]['scores']
-  print(f'held-out exact match {main["exact_match"]:.3f} over {main["count"]} questions:')
-  for t in sorted(main['by_type']):
-    print(f'  {t:<14} {main["by_type"][t]["exact_match"]:.3f}  (majority answer '
-          f'{main["baseline"][t]["accuracy"]:.3f})')
+  scores = result['variants'][0]['scores']
+  val, test = scores['val'], scores['test']
+  print(f'exact match, validation {val["exact_match"]:.3f} ({val["count"]} questions), '
+        f'test {test["exact_match"]:.3f} ({test["count"]}); by type (majority answer):')
+  for t in sorted(test['by_type']):
+    print(f'  {t:<14} val {val["by_type"].get(t, {}).get("exact_match", float("nan")):.3f} '
+          f'({val["baseline"].get(t, {}).get("accuracy", float("nan")):.3f})  '
+          f'test {test["by_type"][t]["exact_match"]:.3f} '
+          f'({test["baseline"][t]["accuracy"]:.3f})')
   print(f'report: {result["report"]["report"]}')
   return result
 

@@ -1,6 +1,7 @@
 """The main job (configs/demo.py) as a user runs it, scaled down: data, three stages, held-out
 VideoQA, scores and the report, then a rerun that resumes instead of redoing."""
 
+import dataclasses
 import json
 import os
 import re
@@ -41,13 +42,17 @@ def _run(workdir, *args):
 
 
 def _table(report: str) -> dict:
-  """{type: (questions, exact match, token F1, majority accuracy)} from report.md's table."""
+  """{type: {'val': (questions, exact match, majority), 'test': (questions, exact match,
+  majority, token F1)}} from report.md's accuracy table."""
   rows = {}
+  num = r'([\d.]+)'
   for line in report.splitlines():
-    m = re.match(r'\| (\w+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [^|]* \| ([\d.]+) \|', line)
+    m = re.match(rf'\| (\w+) \| (\d+) \| {num} \| {num} \| (\d+) \| {num} \| {num} \| {num} \|',
+                 line)
     if m:
-      rows[m.group(1)] = (int(m.group(2)), float(m.group(3)), float(m.group(4)),
-                          float(m.group(5)))
+      g = m.groups()
+      rows[g[0]] = {'val': (int(g[1]), float(g[2]), float(g[3])),
+                    'test': (int(g[4]), float(g[5]), float(g[6]), float(g[7]))}
   return rows
 
 
@@ -62,14 +67,27 @@ def demo_run(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_writes_every_report_file(demo_run):
   workdir, r = demo_run
-  for rel in ('report.md', 'scores.json', 'eval/predictions.jsonl', 'figures/loss.png',
+  for rel in ('report.md', 'scores.json', 'eval/val.jsonl', 'eval/test.jsonl',
+              'eval/novel.jsonl', 'figures/loss.png',
               'figures/accuracy.png', 'figures/example.png', 'data/DONE.json', 'config.json',
               *(f'stage{s}/{f}' for s in PHASES for f in ('summary.json', 'metrics.jsonl'))):
     path = workdir / rel
     assert path.exists() and path.stat().st_size > 0, rel
   for fig in ('loss', 'accuracy', 'example'):
     assert (workdir / 'figures' / f'{fig}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert 'held-out exact match' in r.stdout and 'report.md' in r.stdout
+  assert 'exact match, validation' in r.stdout and 'report.md' in r.stdout
+  # The report states the seed and the splits of the run, and cites no other document.
+  report = (workdir / 'report.md').read_text()
+  data = json.load(open(workdir / 'data' / 'DONE.json'))
+  assert '* Seed 0 (clips, initialisation and batch order).' in report
+  for split, name in (('val', 'validation'), ('test', 'test'), ('novel', 'held-out conditions')):
+    info = data['splits'][split]
+    assert f'{name} {info["clips"]} clips, {info["questions"]} questions' in report
+  assert 'README' not in report and 'docs/' not in report
+  # Seeds: the data, the initialisation and the batch order of every stage follow it.
+  for s in PHASES:
+    c = json.load(open(workdir / f'stage{s}' / 'config.json'))
+    assert (c['seed'], c['data']['shuffle_seed']) == (0, 0), s
   # Each stage starts from the previous one and trains what its stage trains.
   s1 = json.load(open(workdir / 'stage1' / 'summary.json'))
   s3 = json.load(open(workdir / 'stage3' / 'summary.json'))
@@ -90,7 +108,7 @@ def test_demo_writes_every_report_file(demo_run):
   total = next(l for l in (workdir / 'report.md').read_text().splitlines()
                if l.startswith('* Total of the phases'))
   if os.path.exists('/proc/stat'):
-    assert re.search(r'the hypervisor gave \d+ % of this host', total), total
+    assert re.search(r'the hypervisor (gave \d+ % of|took none of) this host', total), total
 
 
 def test_steal_share_reads_the_hosts_cpu_counters(tmp_path):
@@ -175,40 +193,58 @@ def test_demo_events_match_the_log_and_tensorflow_is_never_imported(demo_run):
 
 @pytest.mark.slow
 def test_demo_report_table_equals_scores_recomputed_from_predictions(demo_run):
+  from panda_jax.demo import report as report_lib
   workdir, _ = demo_run
-  rows = score_lib.read_predictions(str(workdir / 'eval' / 'predictions.jsonl'))
-  questions = json.load(open(workdir / 'data' / 'eval_qa.json'))
-  assert sorted(r['id'] for r in rows) == sorted(q['question_id'] for q in questions)
-  assert all(r['question'].endswith('Answer with a single word or phrase.') for r in rows)
-  scores = score_lib.score_records(rows)
-  base = score_lib.majority_baseline(rows)
-  table = _table(open(workdir / 'report.md').read())
-  assert set(table) == set(scores['by_type']) == {'direction', 'end_position', 'at_start',
-                                                   'order'}
-  for t, (n, em, f1, maj) in table.items():
-    s = scores['by_type'][t]
-    assert n == s['count']
-    assert em == pytest.approx(s['exact_match'], abs=5e-4)
-    assert f1 == pytest.approx(s['token_f1'], abs=5e-4)
-    assert maj == pytest.approx(base[t]['accuracy'], abs=5e-4)
-  saved = json.load(open(workdir / 'scores.json'))
-  assert saved['exact_match'] == pytest.approx(scores['exact_match'])
-  # The types named as not learned: exactly those under WEAK_MARGIN over their majority answer.
-  from panda_jax.demo.report import WEAK_MARGIN
   report = open(workdir / 'report.md').read()
-  weak = [t for t in sorted(scores['by_type'])
-          if scores['by_type'][t]['exact_match'] - base[t]['accuracy'] < WEAK_MARGIN]
-  if weak:
-    assert f'majority answer): {", ".join(weak)}.' in report
-  else:
-    assert 'Not learned in this run' not in report
-  # The shape-dependence table: every per-shape type asked about both shapes of some clip,
-  # its counts recomputed here from the predictions and the questions' clips.
+  table = _table(report)
+  data = json.load(open(workdir / 'data' / 'DONE.json'))
+  saved = json.load(open(workdir / 'scores.json'))
+  rows, questions = {}, {}
+  for split in ('val', 'test', 'novel'):
+    rows[split] = score_lib.read_predictions(str(workdir / 'eval' / f'{split}.jsonl'))
+    questions[split] = json.load(open(data['splits'][split]['qa']))
+    assert sorted(r['id'] for r in rows[split]) == sorted(q['question_id']
+                                                          for q in questions[split])
+    assert all(r['question'].endswith('Answer with a single word or phrase.')
+               for r in rows[split])
+  assert set(table) == {'direction', 'end_position', 'at_start', 'order'}
+  for split in ('val', 'test'):
+    scores = score_lib.score_records(rows[split])
+    base = score_lib.majority_baseline(rows[split])
+    assert saved[split]['exact_match'] == pytest.approx(scores['exact_match'])
+    for t, cells in table.items():
+      n, em, maj = cells[split][:3]
+      if t not in scores['by_type']:
+        assert n == 0
+        continue
+      assert n == scores['by_type'][t]['count']
+      assert em == pytest.approx(scores['by_type'][t]['exact_match'], abs=5e-4)
+      assert maj == pytest.approx(base[t]['accuracy'], abs=5e-4)
+    # The accuracy points and the types under WEAK_MARGIN, recomputed from the predictions.
+    points = report_lib.accuracy_points(dict(scores, baseline=base), rows[split])
+    missed = [k for k, ok in points.items() if not ok]
+    line = next(l for l in report.splitlines()
+                if l.startswith(('Validation:' if split == 'val' else 'Test:')))
+    assert (('all met.' in line) if not missed else f'not met: {"; ".join(missed)}.' in line)
+    weak = [t for t in sorted(scores['by_type'])
+            if scores['by_type'][t]['exact_match'] - base[t]['accuracy'] <
+            report_lib.WEAK_MARGIN]
+    assert (f'majority answer: {", ".join(weak)}.' in line) == bool(weak)
+  for t, cells in table.items():
+    f1 = score_lib.score_records(rows['test'])['by_type'][t]['token_f1']
+    assert cells['test'][3] == pytest.approx(f1, abs=5e-4)
+  # The held-out conditions table: every (condition, type) of the novel questions.
+  cond = {q['question_id']: q['condition'] for q in questions['novel']}
+  for (c, t) in {(cond[r['id']], r['type']) for r in rows['novel']}:
+    group = [r for r in rows['novel'] if (cond[r['id']], r['type']) == (c, t)]
+    em = score_lib.score_records(group)['exact_match']
+    assert re.search(rf'\| {c} \| {t} \| {len(group)} \| {em:.3f} \|', report), (c, t)
+  # The shape-dependence table (test split), recomputed from the predictions and the clips.
   from panda_jax.data.synthetic import PER_SHAPE_TYPES
-  video = {q['question_id']: q['video_name'] for q in questions}
+  video = {q['question_id']: q['video_name'] for q in questions['test']}
   for t in PER_SHAPE_TYPES:
     by_clip = {}
-    for r in rows:
+    for r in rows['test']:
       if r['type'] == t:
         by_clip.setdefault(video[r['id']], []).append(r)
     pairs = [g for g in by_clip.values() if len(g) == 2]
@@ -218,10 +254,37 @@ def test_demo_report_table_equals_scores_recomputed_from_predictions(demo_run):
       assert f'| {t} | {len(pairs)} | {same("pred")} | {same("answer")} |' in report
 
 
+def test_accuracy_points_and_the_generalisation_table():
+  from panda_jax.demo import report as report_lib
+  rec = lambda i, t, pred, ans: {'id': i, 'type': t, 'pred': pred, 'answer': ans}  # noqa: E731
+  rows = [rec(f'd{i}', 'direction', d, d) for i, d in enumerate(
+      ['left', 'right', 'up', 'down'] * 2)] + [rec('d9', 'direction', 'up', 'left')]
+  rows += [rec(f'a{i}', 'at_start', 'no', a) for i, a in enumerate(['no'] * 6 + ['yes'] * 3)]
+  scores = score_lib.score_records(rows)
+  scores['baseline'] = score_lib.majority_baseline(rows)
+  points = report_lib.accuracy_points(scores, rows)
+  # direction 8/9 with all four answered; at_start always "no" = its majority answer: margin 0.
+  assert list(points.values()) == [True, True, False, True]
+  rows[:8] = [dict(r, pred='left') for r in rows[:8]]
+  scores = dict(score_lib.score_records(rows), baseline=score_lib.majority_baseline(rows))
+  assert list(report_lib.accuracy_points(scores, rows).values())[:2] == [False, False]
+  qs = [{'question_id': 'd0', 'condition': 'colour-kind'},
+        {'question_id': 'd1', 'condition': 'kind-direction'},
+        {'question_id': 'a0', 'condition': 'kind-direction'}]
+  got = report_lib.generalisation([rec('d0', 'direction', 'up', 'up'),
+                                   rec('d1', 'direction', 'up', 'left'),
+                                   rec('a0', 'at_start', 'no', 'no')], qs, scores)
+  assert [(g['condition'], g['type'], g['count'], g['exact_match']) for g in got] == [
+      ('colour-kind', 'direction', 1, 1.0), ('kind-direction', 'at_start', 1, 1.0),
+      ('kind-direction', 'direction', 1, 0.0)]
+  with pytest.raises(ValueError, match="'zz'"):
+    report_lib.generalisation([rec('zz', 'direction', 'up', 'up')], qs, scores)
+
+
 @pytest.mark.slow
 def test_demo_rerun_resumes_instead_of_redoing(demo_run):
   workdir, _ = demo_run
-  pred = workdir / 'eval' / 'predictions.jsonl'
+  pred = workdir / 'eval' / 'test.jsonl'
   lines = pred.read_text().splitlines()
   # A kill during evaluation: the last answers (and a torn line) are lost.
   pred.write_text('\n'.join(lines[:-3]) + '\n' + lines[-3][:10])
@@ -246,11 +309,17 @@ def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
   with config.unlocked():
     config.data.train_clips = 40
   data = demo_run.make_data(config, str(tmp_path / 'data'), progress=False)
-  # The default held-out set: at least 200 questions, at least 40 of every type.
-  assert data['eval_questions'] >= 200, data
-  assert min(data['eval_by_type'].values()) >= 40, data
-  assert set(data['eval_by_type']) == {'direction', 'end_position', 'at_start', 'order'}
-  qs = json.load(open(data['eval_qa']))
+  # Validation and test: at least 500 questions each, at least 40 of every type; the held-out
+  # conditions' clips at least 300.
+  for split in ('val', 'test'):
+    info = data['splits'][split]
+    assert info['questions'] >= 500 and min(info['by_type'].values()) >= 40, (split, info)
+    assert set(info['by_type']) == {'direction', 'end_position', 'at_start', 'order'}
+  assert data['splits']['novel']['questions'] >= 300
+  assert data['seed'] == 0 and data['held_out'] == json.loads(json.dumps(
+      dataclasses.asdict(synthetic.DEMO_HELD_OUT)))
+  qs = [q for split in ('val', 'test', 'novel')
+        for q in json.load(open(data['splits'][split]['qa']))]
   assert all(q['question'].endswith('\n' + synthetic.SHORT_ANSWER_PROMPT) for q in qs)
   conv = json.load(open(data['train_instruct']))
   answers = [(h['value'], g['value']) for e in conv
@@ -278,7 +347,7 @@ def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
                             c.data.frames, c.data.max_len)
     skipped = [r for r in map(process, json.load(open(data[key]))) if 'skip' in r]
     assert not skipped, (stage, c.data.max_len, skipped[:2])
-  # Held-out clips are in no training file.
+  # Evaluation clips are in no training file.
   train_videos = {e['video'] for e in conv} | {e['video'] for e in
                                                json.load(open(data['train_captions']))}
   assert not {f'videos/{q["video_name"]}.mp4' for q in qs} & train_videos
@@ -365,19 +434,21 @@ def test_report_puts_ablated_variants_side_by_side(demo_run, tmp_path):
     shutil.copytree(workdir / d, tmp_path / d)
   data = json.load(open(tmp_path / 'data' / 'DONE.json'))
   data['videos'] = str(workdir / 'data' / 'videos')
-  rows = score_lib.read_predictions(str(tmp_path / 'eval' / 'predictions.jsonl'))
-  scores = dict(score_lib.score_records(rows), baseline=score_lib.majority_baseline(rows),
-                seconds=1.0)
+  scores = {'seconds': 1.0}
+  for split in ('val', 'test', 'novel'):
+    path = str(tmp_path / 'eval' / f'{split}.jsonl')
+    rows = score_lib.read_predictions(path)
+    scores[split] = dict(score_lib.score_records(rows),
+                         baseline=score_lib.majority_baseline(rows), predictions=path)
   stages = {str(s): json.load(open(tmp_path / f'stage{s}' / 'summary.json')) for s in (1, 2, 3)}
   variant = lambda name, ov: {'name': name, 'overrides': ov, 'stages': stages,  # noqa: E731
-                              'scores': scores,
-                              'predictions': str(tmp_path / 'eval' / 'predictions.jsonl')}
+                              'scores': scores}
   result = {'data': data, 'seconds_this_run': 1.0,
             'variants': [variant('full', {}), variant('no_row_token', {'stab.row_token': False})]}
   paths = report.write_report(demo_config.get_config('smoke'), str(tmp_path), result)
   text = open(paths['report']).read()
   assert '## Ablations' in text
-  assert '| full | released model |' in text
+  assert '| full | released model |' in text and '| validation margin |' in text
   assert '| no_row_token | `stab.row_token=False` |' in text
   assert open(paths['ablations'], 'rb').read()[:4] == b'\x89PNG'
 

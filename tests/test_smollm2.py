@@ -71,8 +71,10 @@ def test_smoke_run_trains_the_paper_stages_on_smollm2_with_its_tokenizer(smollm2
       assert cfg['init']['converted'] == '' and cfg['init']['from_run'].endswith(
           f'stage{int(phase) - 1}')
       assert summary['trainable'] == ['.*']
-  rows = [json.loads(line) for line in open(os.path.join(wd, 'eval', 'predictions.jsonl'))]
-  assert len(rows) == data['eval_questions'] and all(isinstance(r['pred'], str) for r in rows)
+  rows = [json.loads(line) for split in ('val', 'test', 'novel')
+          for line in open(os.path.join(wd, 'eval', f'{split}.jsonl'))]
+  assert len(rows) == sum(v['questions'] for v in data['splits'].values())
+  assert all(isinstance(r['pred'], str) for r in rows)
   assert '<|im_end|>' not in ''.join(r['pred'] for r in rows)
   report = open(os.path.join(wd, 'report.md')).read()
   assert 'SmolLM2-135M-Instruct' in report and 'vocabulary 49152' in report
@@ -83,7 +85,7 @@ def test_predict_answers_a_held_out_clip_in_english_stopping_at_im_end(smollm2_r
   from conftest import subprocess_env
   wd = smollm2_run
   stage3 = os.path.join(wd, 'stage3')
-  qa = _json(_json(os.path.join(wd, 'data', 'DONE.json'))['eval_qa'])
+  qa = _json(_json(os.path.join(wd, 'data', 'DONE.json'))['splits']['test']['qa'])
   held_out = qa[0]['video_name']      # a held-out clip
   assert held_out not in open(os.path.join(wd, 'data', 'train_instruct.json')).read()
   [video] = [os.path.join(wd, 'data', 'videos', f)

@@ -2,11 +2,11 @@
 
 Each clip shows one to `max_shapes` coloured shapes (square, circle, triangle) on a plain
 background. Every shape moves in a straight line in one direction (left, right, up or down)
-from its appearance to the end of the clip; the first shape is there from frame 0, the others
-appear later, one after another, so "which appears first" and "where does it move" are
-questions that need more than one frame. Everything is drawn from `seed`: the same seed gives
-the same scenes, the same annotation files and, with the same PyAV/FFmpeg build, the same
-bytes.
+from the frame it appears on to the end of the clip. Each fact a question asks about is drawn
+on its own for every shape (`random_scene`): its direction, the frame it appears on (frame 0
+included, so "visible at the start" and "which appears first" are separate facts) and the half
+of the frame it ends in. Everything is drawn from `seed`: the same seed gives the same scenes,
+the same annotation files and, with the same PyAV/FFmpeg build, the same bytes.
 
 The clips are encoded by PyAV into MP4: H.264 (`libx264`) where PyAV's FFmpeg has it,
 otherwise MPEG-4 part 2 (`mpeg4`). `gop` sets the keyframe interval (scene-cut keyframes are
@@ -19,13 +19,14 @@ Annotation files written by `make_dataset` (paths relative to `root`):
   clip. Both in the LLaVA/Video-ChatGPT training format
   `[{"id", "video": relpath, "conversations": [{"from": "human", "value": "<video>\\n..."},
   {"from": "gpt", "value": ...}, ...]}]`.
-* `eval_qa.json` - held-out VideoQA on clips that are not in the training files, in the
-  Video-ChatGPT question style `[{"video_name", "question", "question_id", "answer"}]`
+* `eval_qa.json` - VideoQA on the test clips, which are in no training file, in the
+  Video-ChatGPT question style `[{"video_name", "question", "question_id", "answer", "type"}]`
   (`video_name` is the file stem; the file is `videos/<video_name>.mp4`). Every question
-  needs temporal information: direction of motion, order of appearance, or what is visible
-  at the start / end.
+  needs temporal information: direction of motion, order of appearance, what is visible at the
+  start, where a shape ends. `val_qa.json` - the same on the validation clips; `novel_qa.json`
+  - on clips showing a condition (`HeldOut`) no other clip shows, with its `condition`.
 * `scenes.json` - the ground truth of every clip (shapes, colours, directions, appearance
-  frames, start/end centres) for tests and analysis.
+  frames, start/end centres, its split) for tests and analysis.
 
 `write_broken_files` writes the failure cases a loader must survive: truncated files (index
 at the end, and index at the front with the data cut), corrupt headers, a zero-length file, a
@@ -119,22 +120,66 @@ def _as_fraction(fps) -> fractions.Fraction:
   return f
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """Conditions the training clips never show, for a generalisation test: colour-kind pairs
+  (a "red triangle") and kind-direction pairs (a square moving up). Clips drawn with `exclude`
+  set to one avoid them all; a clip drawn with `novel` shows one of them on one shape."""
+  pairs: tuple[tuple[str, str], ...] = ()        # (colour, kind)
+  motions: tuple[tuple[str, str], ...] = ()      # (kind, direction)
+
+  def __post_init__(self):
+    for colour, kind in self.pairs:
+      if colour not in COLOURS or kind not in KINDS:
+        raise ValueError(f'held-out pair ({colour!r}, {kind!r}): expected a colour of '
+                         f'{tuple(COLOURS)} and a kind of {KINDS}')
+    for kind, direction in self.motions:
+      if kind not in KINDS or direction not in DIRECTIONS:
+        raise ValueError(f'held-out motion ({kind!r}, {direction!r}): expected a kind of '
+                         f'{KINDS} and a direction of {DIRECTIONS}')
+
+  def condition(self, colour: str, kind: str, direction: str) -> str:
+    """'colour-kind' or 'kind-direction' when the shape shows a held-out condition, else ''."""
+    if (colour, kind) in self.pairs:
+      return 'colour-kind'
+    if (kind, direction) in self.motions:
+      return 'kind-direction'
+    return ''
+
+
+# The demo's held-out conditions: three of the 24 colour-kind pairs and three of the 12
+# kind-direction pairs, each kind and each direction held out at most once.
+DEMO_HELD_OUT = HeldOut(pairs=(('red', 'triangle'), ('blue', 'circle'), ('yellow', 'square')),
+                        motions=(('square', 'up'), ('circle', 'left'), ('triangle', 'down')))
+
+
+def last_appearance(num_frames: int) -> int:
+  """The latest frame a shape may appear on: inside the first 70 % of the clip, so it moves
+  on at least one more frame (0 for a clip of one frame)."""
+  return (7 * (num_frames - 1)) // 10
+
+
 def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, fps=10,
                  duration_s: float = 3.0, max_shapes: int = 3, num_shapes: int | None = None,
                  directions: Sequence[str] | None = None, noise: int = 0,
-                 travel: float = 1.0, size: float = 0.1, min_shapes: int = 1,
-                 late_start: float = 0.0) -> Scene:
+                 travel: float = 0.6, size: float = 0.1, exclude: HeldOut | None = None,
+                 novel: HeldOut | None = None) -> Scene:
   """A random scene; `num_shapes` / `directions` pin those choices (for tests).
 
+  Every fact a question asks about is drawn on its own, for each shape: its colour (distinct in
+  a clip), kind, direction, the frame it appears on (uniform over 0 .. `last_appearance`, so
+  "visible at the start" and "which appears first" are separate facts, and two shapes may
+  appear together) and the half of the frame (left or right) it ends in, whatever its direction.
+  Every shape moves at the same speed from its appearance to the last frame: `travel` of the
+  frame's shorter free span over a whole clip (less when it appears later), along a straight
+  path that stays inside the frame; its end is at least 4 % of the width from the middle, so the
+  half is never a matter of a pixel. `size`: a shape's half-size as a fraction of the frame's
+  shorter side. The number of shapes is uniform in [1, max_shapes] unless `num_shapes` pins it.
   `noise` > 0 adds deterministic per-frame noise of that amplitude (in 8-bit levels), which
   makes the clips cost about as much to decode as camera footage instead of almost nothing.
-  `travel` < 1 slows the shapes down: every shape moves at the same speed, covering that
-  fraction of the frame's free span over the whole clip (less when it appears later), and
-  ends at the edge it moves towards. 1.0: each shape crosses the whole span, whenever it
-  appears. `size`: a shape's half-size as a fraction of the frame's shorter side. The number
-  of shapes is uniform in [min_shapes, max_shapes] unless `num_shapes` pins it. `late_start`:
-  the probability that the clip opens empty (every shape enters one frame later, so the first
-  frame shows only the background); 0 draws nothing, so it changes no other scene.
+  `exclude`: no shape shows one of its held-out conditions. `novel`: the clip's first drawn
+  shape shows one of its conditions (drawn uniformly among them), the others none.
+  Shapes are listed in order of appearance.
   """
   if not 0.0 < travel <= 1.0:
     raise ValueError(f'travel={travel} must be in (0, 1]')
@@ -142,60 +187,77 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
     raise ValueError(f'size={size} must be in (0, 0.25]')
   fps = _as_fraction(fps)
   num_frames = max(1, int(round(float(fps) * duration_s)))
-  if not 1 <= min_shapes <= max_shapes:
-    raise ValueError(f'min_shapes={min_shapes} must be in [1, max_shapes={max_shapes}]')
-  k = (int(num_shapes) if num_shapes is not None else
-       int(rng.integers(min_shapes, max_shapes + 1)))
+  if max_shapes < 1:
+    raise ValueError(f'max_shapes={max_shapes} must be at least 1')
+  k = int(num_shapes) if num_shapes is not None else int(rng.integers(1, max_shapes + 1))
   if not 1 <= k <= len(COLOURS):
     raise ValueError(f'num_shapes={k} must be in [1, {len(COLOURS)}]')
-  colours = rng.choice(list(COLOURS), size=k, replace=False)
+  avoid = HeldOut(pairs=tuple((exclude.pairs if exclude else ()) +
+                              (novel.pairs if novel else ())),
+                  motions=tuple((exclude.motions if exclude else ()) +
+                                (novel.motions if novel else ())))
+  colours = [str(c) for c in rng.choice(list(COLOURS), size=k, replace=False)]
   bg = tuple(int(v) for v in rng.integers(10, 50, 3))
   radius = max(2, int(min(width, height) * size))
-  # Appearance frames: 0 for the first, then strictly increasing inside the first 70 %.
-  if k > 1 and num_frames >= 2 * k:
-    later = np.sort(rng.choice(np.arange(max(1, num_frames // 5), max(2, 7 * num_frames // 10)),
-                               size=k - 1, replace=False))
-  else:
-    later = np.arange(1, k)
-  appear = [0] + [int(a) for a in later]
-  if late_start > 0:
-    if not 0.0 <= late_start <= 1.0:
-      raise ValueError(f'late_start={late_start} must be in [0, 1]')
-    late_rng = np.random.default_rng(rng.integers(2**31))
-    if late_rng.random() < late_start and appear[-1] + 1 < num_frames - 1:
-      appear = [a + 1 for a in appear]
-  shapes = []
+  lo_x, hi_x = radius + 1, width - radius - 2
+  lo_y, hi_y = radius + 1, height - radius - 2
+  span = min(hi_x - lo_x, hi_y - lo_y)
+  mid, gap = width / 2, max(1.0, 0.04 * width)
+  last = last_appearance(num_frames)
+  drawn = []
   for i in range(k):
     d = directions[i] if directions is not None else DIRECTIONS[int(rng.integers(4))]
     if d not in DIRECTIONS:
       raise ValueError(f'direction {d!r} not in {DIRECTIONS}')
-    lo_x, hi_x = radius + 1, width - radius - 2
-    lo_y, hi_y = radius + 1, height - radius - 2
-    # Travel across most of the frame along the motion axis; random position across it.
-    if d in ('left', 'right'):
-      y = float(rng.uniform(lo_y, hi_y))
-      xs = (lo_x, hi_x) if d == 'right' else (hi_x, lo_x)
-      xs = _slowed(xs, travel, appear[i], num_frames)
-      start, end = (float(xs[0]), y), (float(xs[1]), y)
+    colour = colours[i]
+    if novel is not None and i == 0:
+      options = [('pair', p) for p in novel.pairs] + [('motion', m) for m in novel.motions]
+      if not options:
+        raise ValueError('novel: a HeldOut with no condition')
+      what, cond = options[int(rng.integers(len(options)))]
+      if what == 'pair':
+        colour, kind = cond
+        if colour in colours[1:]:          # keep the clip's colours distinct
+          colours[colours.index(colour)] = colours[0]
+        colours[0] = colour
+        free = [x for x in DIRECTIONS if avoid.condition(colour, kind, x) != 'kind-direction']
+        d = free[int(rng.integers(len(free)))]
+      else:
+        kind, d = cond
+        free = [c for c in COLOURS if c not in colours[1:] and
+                avoid.condition(c, kind, d) != 'colour-kind']
+        colour = colours[0] = free[int(rng.integers(len(free)))]
     else:
-      x = float(rng.uniform(lo_x, hi_x))
-      ys = (lo_y, hi_y) if d == 'down' else (hi_y, lo_y)
-      ys = _slowed(ys, travel, appear[i], num_frames)
-      start, end = (x, float(ys[0])), (x, float(ys[1]))
-    shapes.append(Shape(kind=KINDS[int(rng.integers(len(KINDS)))], colour=str(colours[i]),
-                        radius=radius, direction=d, appear=appear[i], start=start, end=end))
+      kinds = [x for x in KINDS if not avoid.condition(colour, x, d)]
+      if not kinds:
+        raise ValueError(f'no kind of {KINDS} is allowed for a {colour} shape moving {d}')
+      kind = kinds[int(rng.integers(len(kinds)))]
+    appear = int(rng.integers(last + 1))
+    half = ('left', 'right')[int(rng.integers(2))]
+    moving = (num_frames - 1 - appear) / max(num_frames - 1, 1)
+    length = travel * span * moving
+    # Where the path may end: inside the frame, `length` from where it started, in `half`.
+    x_lo, x_hi = (lo_x, mid - gap) if half == 'left' else (mid + gap, hi_x)
+    if d == 'right':
+      x_lo = max(x_lo, lo_x + length)
+    elif d == 'left':
+      x_hi = min(x_hi, hi_x - length)
+    y_lo, y_hi = lo_y, hi_y
+    if d == 'down':
+      y_lo = lo_y + length
+    elif d == 'up':
+      y_hi = hi_y - length
+    if x_lo > x_hi or y_lo > y_hi:
+      raise ValueError(f'travel={travel}: a shape of radius {radius} px moving {d} cannot end '
+                       f'in the {half} half of a {width}x{height} frame; lower travel or size')
+    end = (float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi)))
+    step = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}[d]
+    start = (end[0] - step[0] * length, end[1] - step[1] * length)
+    drawn.append(Shape(kind=kind, colour=colour, radius=radius, direction=d, appear=appear,
+                       start=start, end=end))
+  shapes = tuple(sorted(drawn, key=lambda sh: sh.appear))     # stable: ties keep their draw
   return Scene(width=width, height=height, fps=fps, num_frames=num_frames, background=bg,
-               shapes=tuple(shapes), noise=int(noise), noise_seed=int(rng.integers(2**31)))
-
-
-def _slowed(ends: tuple[float, float], travel: float, appear: int, num_frames: int):
-  """(start, end) along the motion axis for `random_scene`'s `travel`: the same end, a start
-  `travel` of the span per clip back along the way, in proportion to the frames left."""
-  if travel >= 1.0:
-    return ends
-  left = max(num_frames - 1 - appear, 1) / max(num_frames - 1, 1)
-  a, b = ends
-  return (b - (b - a) * travel * left, b)
+               shapes=shapes, noise=int(noise), noise_seed=int(rng.integers(2**31)))
 
 
 _NOISE_POOL = 17  # distinct noise fields cycled over frames (more than any encoder's refs)
@@ -340,46 +402,55 @@ def write_scene_video(path: str, scene: Scene, codec: str | None = None, gop: in
 # ------------------------------------------------------------------------------------------
 # Annotations
 
+def end_half(scene: Scene, sh: Shape) -> str:
+  """'left' or 'right': the half of the frame the shape's path ends in."""
+  return 'left' if sh.end[0] < scene.width / 2 else 'right'
+
+
 def caption(scene: Scene) -> str:
-  s = scene.shapes
-  parts = [f'A {s[0].name} {_DIRECTION_PHRASE[s[0].direction]} across a dark background.']
-  for i, sh in enumerate(s[1:]):
-    lead = 'Then' if i == 0 else 'After that,'
-    parts.append(f'{lead} a {sh.name} appears and {_DIRECTION_PHRASE[sh.direction]}.')
-  n = len(s)
+  """What happens, shape by shape in order of appearance."""
+  parts, previous = [], None
+  for sh in scene.shapes:
+    act = f'{_DIRECTION_PHRASE[sh.direction]}, ending in the {end_half(scene, sh)} half'
+    if sh.appear == 0:
+      parts.append(f'A {sh.name} is there from the start and {act}.')
+    elif previous is None:
+      parts.append(f'The clip opens empty; then a {sh.name} appears and {act}.')
+    elif sh.appear == previous.appear:
+      parts.append(f'At the same time a {sh.name} appears and {act}.')
+    else:
+      parts.append(f'Then a {sh.name} appears and {act}.')
+    previous = sh
+  n = len(scene.shapes)
   parts.append(f'In total {_NUMBER_WORD.get(n, str(n))} shape{"s" if n > 1 else ""} '
                f'appear{"" if n > 1 else "s"}.')
   return ' '.join(parts)
 
 
-def _end_side(sh: Shape) -> str:
-  return {'left': 'left', 'right': 'right', 'up': 'top', 'down': 'bottom'}[sh.direction]
-
-
 def questions(scene: Scene, rng: np.random.Generator, name_first: bool = False) -> list[dict]:
-  """Temporal questions with a short answer (eval) and a sentence answer (training).
+  """Temporal questions with a short answer (eval) and a sentence answer (training): for each
+  shape its direction, the half it ends in and whether it is visible on the first frame; for a
+  clip whose shapes appear on different frames, which of two of them appears first.
 
-  `name_first`: the sentence answers to "is the X visible at the start" and "which edge is
-  the X nearest at the end" begin with the shape's name, and the word that decides the answer
-  follows the name at once ("The red circle is there from the first frame." / "The red circle
-  only appears later in the video."; "The red circle ends near the left edge."): the decision
-  is then made right after the name instead of at a template token far from it (the direction
-  sentence has this form already; docs/changelog.md: the decision is still one fetch away from the colour
-  word, which is what the demo's decoder finds hard). Short answers and questions do not
-  change.
+  `name_first`: the sentence answers to "is the X visible at the start" and "which half does
+  the X end in" begin with the shape's name, the word that decides the answer right after it
+  ("The red circle is there from the first frame." / "The red circle only appears later in the
+  video."; "The red circle ends in the left half."), as the direction sentence does. Short
+  answers and questions do not change.
   """
   qs = []
   for sh in scene.shapes:
+    half = end_half(scene, sh)
     qs.append({'type': 'direction',
                'question': f'In which direction does the {sh.name} move?',
                'answer': sh.direction,
                'sentence': f'The {sh.name} {_DIRECTION_PHRASE[sh.direction]}.'})
     qs.append({'type': 'end_position',
-               'question': f'At the end of the video, is the {sh.name} nearer the left, right, '
-                           f'top or bottom edge?',
-               'answer': _end_side(sh),
-               'sentence': (f'The {sh.name} ends near the {_end_side(sh)} edge.' if name_first
-                            else f'By the end it is near the {_end_side(sh)} edge.')})
+               'question': f'At the end of the video, is the {sh.name} in the left or the right '
+                           f'half of the frame?',
+               'answer': half,
+               'sentence': (f'The {sh.name} ends in the {half} half.' if name_first
+                            else f'By the end it is in the {half} half.')})
     present = sh.appear == 0
     lead = f'The {sh.name}' if name_first else ('Yes, it' if present else 'No, it')
     qs.append({'type': 'at_start',
@@ -387,9 +458,11 @@ def questions(scene: Scene, rng: np.random.Generator, name_first: bool = False) 
                'answer': 'yes' if present else 'no',
                'sentence': (f'{lead} is there from the first frame.' if present else
                             f'{lead} only appears later in the video.')})
-  if len(scene.shapes) >= 2:
-    i, j = sorted(rng.choice(len(scene.shapes), size=2, replace=False))
-    a, b = scene.shapes[i], scene.shapes[j]
+  pairs = [(i, j) for i in range(len(scene.shapes)) for j in range(i + 1, len(scene.shapes))
+           if scene.shapes[i].appear != scene.shapes[j].appear]
+  if pairs:
+    i, j = pairs[int(rng.integers(len(pairs)))]
+    a, b = scene.shapes[i], scene.shapes[j]             # a appears before b
     pair = (a, b) if rng.random() < 0.5 else (b, a)
     qs.append({'type': 'order',
                'question': f'Which appears first, the {pair[0].name} or the {pair[1].name}?',
@@ -432,26 +505,6 @@ PER_SHAPE_TYPES = ('direction', 'end_position', 'at_start')   # `questions`' ord
 TYPES = PER_SHAPE_TYPES + ('order',)
 
 
-def _paired_order(qs: list[dict], n: int, num_shapes: int, rng: np.random.Generator) -> list[int]:
-  """As `_balanced_order`, but a per-shape question drawn on a clip of several shapes is
-  followed (while turns are left) by the same question about another of its shapes, so the
-  two turns differ only in the shape named and, mostly, in the answer."""
-  per = len(PER_SHAPE_TYPES)
-  left = list(range(len(qs)))
-  chosen = []
-  while len(chosen) < n and left:
-    k = _draw_by_type(qs, left, rng)
-    chosen.append(k)
-    if qs[k]['type'] in PER_SHAPE_TYPES and num_shapes >= 2 and len(chosen) < n:
-      others = [s * per + k % per for s in range(num_shapes) if s != k // per]
-      others = [o for o in others if o in left]
-      if others:
-        o = others[int(rng.integers(len(others)))]
-        chosen.append(o)
-        left.remove(o)
-  return chosen
-
-
 def _short_first_turn(question: str, video_after_question: bool) -> str:
   """A conversation's first question asked in the short form: the video first, or (with
   `video_after_question`) between the question and the answer-format instruction."""
@@ -468,12 +521,36 @@ def _rel(root: str, path: str) -> str:
 class SyntheticDataset:
   root: str
   train_videos: tuple[str, ...]     # absolute paths
-  eval_videos: tuple[str, ...]
+  eval_videos: tuple[str, ...]      # the test split
   train_captions: str               # stage 1-2 conversations
   train_instruct: str               # stage 3 conversations
-  eval_qa: str                      # Video-ChatGPT style held-out questions
+  eval_qa: str                      # Video-ChatGPT style questions on the test split
   scenes: str                       # ground truth per clip
   train_focus: str = ''             # `focus_types`' conversations alone ('' without them)
+  val_videos: tuple[str, ...] = ()  # the validation split (`val_clips`)
+  val_qa: str = ''
+  novel_videos: tuple[str, ...] = ()   # clips with a held-out condition (`novel_clips`)
+  novel_qa: str = ''
+
+
+def _eval_entries(name: str, scene: Scene, qs: list[dict], video_after_question: bool,
+                  eval_instruction: str, held_out: HeldOut | None, novel: bool) -> list[dict]:
+  """The VideoQA records of one evaluation clip; on a `novel` clip only the questions about its
+  shape with a held-out condition, each with that `condition`."""
+  out = []
+  for k, q in enumerate(qs):
+    entry = {'video_name': name, 'question_id': f'{name}_{k}', 'answer': q['answer'],
+             'type': q['type'],
+             'question': q['question'] + ('\n<video>' if video_after_question else '') + (
+                 '\n' + eval_instruction if eval_instruction else '')}
+    if novel:
+      conds = [held_out.condition(sh.colour, sh.kind, sh.direction) for sh in scene.shapes
+               if f'the {sh.name}' in q['question']]
+      if not any(conds):
+        continue
+      entry['condition'] = next(c for c in conds if c)
+    out.append(entry)
+  return out
 
 
 def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float = 0.25,
@@ -481,38 +558,33 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  codec: str | None = None, gop: int = 12, max_shapes: int = 3,
                  preset: str = 'veryfast', turns: int = 3, short_fraction: float = 0.0,
                  eval_instruction: str = '', progress: bool = False,
-                 travel: float = 1.0, balance_types: bool = False,
-                 size: float = 0.1, min_shapes: int = 1,
-                 late_start: float = 0.0,
-                 video_after_question: bool = False,
-                 pair_shapes: bool = False, name_first: bool = False,
-                 focus_types: Sequence[str] = ()) -> SyntheticDataset:
-  """Writes `num_videos` clips under `root/videos` plus the annotation files; returns paths.
+                 travel: float = 0.6, balance_types: bool = False, size: float = 0.1,
+                 video_after_question: bool = False, name_first: bool = False,
+                 focus_types: Sequence[str] = (), val_clips: int = 0, novel_clips: int = 0,
+                 held_out: HeldOut | None = None) -> SyntheticDataset:
+  """Writes the clips under `root/videos` plus the annotation files; returns paths.
 
-  The last `round(eval_fraction * num_videos)` clips (at least one when num_videos >= 2 and
-  eval_fraction > 0) are held out for `eval_qa.json` and appear in no training file.
+  Splits, each drawn from `seed` and the clip's index, disjoint: of `num_videos`, the last
+  `round(eval_fraction * num_videos)` (at least one when num_videos >= 2 and eval_fraction > 0)
+  are the test split (`eval_qa.json`); the rest are training clips. `val_clips` more clips make
+  the validation split (`val_qa.json`) and `novel_clips` more (`novel_qa.json`, which needs
+  `held_out`) each show one of `held_out`'s conditions on one shape, asked only about that
+  shape. With `held_out`, no training, validation or test clip shows any of its conditions.
   `turns` questions of each training clip go into its `train_instruct.json` conversation; each
   is asked in the short form (the question followed by `SHORT_ANSWER_PROMPT`, answered with the
   short answer) with probability `short_fraction`, else answered with a sentence.
-  `eval_instruction` is appended to every held-out question on a new line (e.g.
-  `SHORT_ANSWER_PROMPT`). `travel`, `size`, `min_shapes` and `late_start` are
-  `random_scene`'s. `balance_types`: a training turn first
-  draws a question type uniformly among the clip's types, then a question of that type (else
-  every question of the clip is equally likely, so a two-shape clip asks "which appears first"
-  once in seven). `video_after_question`: the held-out questions and a training
-  conversation's first question, when it is asked in the short form, put the video between the
-  question and the answer-format instruction ("Q\\n<video>\\nAnswer with ..."), so the
-  decoder reads the question before the visual tokens (a sentence-form first turn keeps the video
-  first: the reference moves a trailing placeholder to the front). `pair_shapes` (draws by type
-  as `balance_types`): on a clip of two or more shapes, a turn asking about one shape's
-  direction, end position or presence at the start is followed by the same question about
-  another shape. `name_first`: see `questions`. `focus_types` (of `TYPES`): besides its
-  conversation, every training clip of two or more shapes gets, per focus type, a single-turn
-  short-form conversation about one of its shapes drawn at random (its own id
-  `<clip>_<type>`): a question whose answer depends on which shape is named, asked alone
-  (with `video_after_question`, in that layout).
-  They are added to `train_instruct.json` and also written alone to `train_focus.json`.
-  `progress` shows a progress bar.
+  `eval_instruction` is appended to every evaluation question on a new line (e.g.
+  `SHORT_ANSWER_PROMPT`). `travel` and `size` are `random_scene`'s. `balance_types`: a
+  training turn first draws a question type uniformly among the clip's types, then a question
+  of that type (else every question of the clip is equally likely). `video_after_question`: the
+  evaluation questions and a training conversation's first question, when it is asked in the
+  short form, put the video between the question and the answer-format instruction
+  ("Q\\n<video>\\nAnswer with ..."); a sentence-form first turn keeps the video first.
+  `name_first`: see `questions`. `focus_types` (of `TYPES`): besides its conversation, every
+  training clip of two or more shapes gets, per focus type, a single-turn short-form
+  conversation about one of its shapes drawn at random (its own id `<clip>_<type>`), added to
+  `train_instruct.json` and also written alone to `train_focus.json`. `progress` shows a
+  progress bar.
   """
   for t in focus_types:
     if t not in TYPES:
@@ -523,6 +595,10 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
     raise ValueError(f'turns={turns} must be >= 1')
   if num_videos < 1:
     raise ValueError('num_videos must be >= 1')
+  if val_clips < 0 or novel_clips < 0:
+    raise ValueError(f'val_clips={val_clips} and novel_clips={novel_clips} must be >= 0')
+  if novel_clips and held_out is None:
+    raise ValueError(f'novel_clips={novel_clips} needs held_out (the conditions they show)')
   root = os.path.abspath(root)
   vdir = os.path.join(root, 'videos')
   os.makedirs(vdir, exist_ok=True)
@@ -531,76 +607,77 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
     n_eval = max(1, n_eval)
   n_eval = min(n_eval, num_videos - 1) if num_videos >= 2 else 0
   n_train = num_videos - n_eval
+  split = (['train'] * n_train + ['test'] * n_eval + ['val'] * val_clips +
+           ['novel'] * novel_clips)
 
-  captions, instruct, eval_qa, scenes, focus = [], [], [], {}, []
-  train_paths, eval_paths = [], []
+  captions, instruct, scenes, focus = [], [], {}, []
+  qa = {'test': [], 'val': [], 'novel': []}
+  paths = {'train': [], 'test': [], 'val': [], 'novel': []}
   from tqdm import tqdm
-  for i in tqdm(range(num_videos), desc='synthetic clips', unit='clip', disable=not progress):
+  for i in tqdm(range(len(split)), desc='synthetic clips', unit='clip', disable=not progress):
     rng = np.random.default_rng([seed, i])
     scene = random_scene(rng, width=width, height=height, fps=fps, duration_s=duration_s,
                          max_shapes=max_shapes, travel=travel, size=size,
-                         min_shapes=min_shapes, late_start=late_start)
+                         exclude=held_out if split[i] != 'novel' else None,
+                         novel=held_out if split[i] == 'novel' else None)
     name = f'vid_{i:05d}'
     path = os.path.join(vdir, name + '.mp4')
     write_scene_video(path, scene, codec=codec, gop=gop, preset=preset)
-    scenes[name] = scene.to_json()
+    scenes[name] = dict(scene.to_json(), split=split[i])
+    paths[split[i]].append(path)
     rel = _rel(root, path)
     qs = questions(scene, rng, name_first=name_first)
-    if i < n_train:
-      train_paths.append(path)
-      prompt = _CAPTION_PROMPTS[int(rng.integers(len(_CAPTION_PROMPTS)))]
-      captions.append({'id': name, 'video': rel, 'conversations': [
-          {'from': 'human', 'value': f'<video>\n{prompt}'},
-          {'from': 'gpt', 'value': caption(scene)}]})
-      if pair_shapes:
-        order = _paired_order(qs, min(turns, len(qs)), len(scene.shapes),
-                              np.random.default_rng([seed, i, 3]))
-      elif balance_types:
-        order = _balanced_order(qs, min(turns, len(qs)),
-                                np.random.default_rng([seed, i, 2]))
-      else:
-        order = rng.permutation(len(qs))[:min(turns, len(qs))]
-      # A separate stream, so the default (all sentences) keeps the files it always wrote.
-      short = (np.random.default_rng([seed, i, 1]).random(len(order)) < short_fraction
-               if short_fraction > 0 else np.zeros(len(order), bool))
-      conv = []
-      for t, q in enumerate(qs[int(k)] for k in order):
-        if t == 0 and short[t]:
-          ask = _short_first_turn(q['question'], video_after_question)
-        else:
-          ask = ('<video>\n' if t == 0 else '') + q['question']
-          if short[t]:
-            ask += '\n' + SHORT_ANSWER_PROMPT
-        conv.append({'from': 'human', 'value': ask})
-        conv.append({'from': 'gpt', 'value': q['answer'] if short[t] else q['sentence']})
-      instruct.append({'id': name, 'video': rel, 'conversations': conv})
-      if focus_types and len(scene.shapes) >= 2:
-        focus_rng = np.random.default_rng([seed, i, 4])    # leaves the other draws as they were
-        for t in focus_types:
-          of_type = [q for q in qs if q['type'] == t]
-          q = of_type[int(focus_rng.integers(len(of_type)))]
-          focus.append({'id': f'{name}_{t}', 'video': rel, 'conversations': [
-              {'from': 'human', 'value': _short_first_turn(q['question'], video_after_question)},
-              {'from': 'gpt', 'value': q['answer']}]})
-          instruct.append(focus[-1])
+    if split[i] != 'train':
+      qa[split[i]] += _eval_entries(name, scene, qs, video_after_question, eval_instruction,
+                                    held_out, split[i] == 'novel')
+      continue
+    prompt = _CAPTION_PROMPTS[int(rng.integers(len(_CAPTION_PROMPTS)))]
+    captions.append({'id': name, 'video': rel, 'conversations': [
+        {'from': 'human', 'value': f'<video>\n{prompt}'},
+        {'from': 'gpt', 'value': caption(scene)}]})
+    if balance_types:
+      order = _balanced_order(qs, min(turns, len(qs)), np.random.default_rng([seed, i, 2]))
     else:
-      eval_paths.append(path)
-      for k, q in enumerate(qs):
-        ask = q['question'] + ('\n<video>' if video_after_question else '') + (
-            '\n' + eval_instruction if eval_instruction else '')
-        eval_qa.append({'video_name': name, 'question': ask,
-                        'question_id': f'{name}_{k}', 'answer': q['answer'],
-                        'type': q['type']})
+      order = rng.permutation(len(qs))[:min(turns, len(qs))]
+    # A separate stream, so the default (all sentences) keeps the files it always wrote.
+    short = (np.random.default_rng([seed, i, 1]).random(len(order)) < short_fraction
+             if short_fraction > 0 else np.zeros(len(order), bool))
+    conv = []
+    for t, q in enumerate(qs[int(k)] for k in order):
+      if t == 0 and short[t]:
+        ask = _short_first_turn(q['question'], video_after_question)
+      else:
+        ask = ('<video>\n' if t == 0 else '') + q['question']
+        if short[t]:
+          ask += '\n' + SHORT_ANSWER_PROMPT
+      conv.append({'from': 'human', 'value': ask})
+      conv.append({'from': 'gpt', 'value': q['answer'] if short[t] else q['sentence']})
+    instruct.append({'id': name, 'video': rel, 'conversations': conv})
+    if focus_types and len(scene.shapes) >= 2:
+      focus_rng = np.random.default_rng([seed, i, 4])    # leaves the other draws as they were
+      for t in focus_types:
+        of_type = [q for q in qs if q['type'] == t]
+        if not of_type:                  # "which appears first" when all appear together
+          continue
+        q = of_type[int(focus_rng.integers(len(of_type)))]
+        focus.append({'id': f'{name}_{t}', 'video': rel, 'conversations': [
+            {'from': 'human', 'value': _short_first_turn(q['question'], video_after_question)},
+            {'from': 'gpt', 'value': q['answer']}]})
+        instruct.append(focus[-1])
 
   files = {}
-  written = [('train_captions', captions), ('train_instruct', instruct), ('eval_qa', eval_qa),
-             ('scenes', scenes)] + ([('train_focus', focus)] if focus_types else [])
+  written = [('train_captions', captions), ('train_instruct', instruct),
+             ('eval_qa', qa['test']), ('scenes', scenes)]
+  written += [('train_focus', focus)] if focus_types else []
+  written += [('val_qa', qa['val'])] if val_clips else []
+  written += [('novel_qa', qa['novel'])] if novel_clips else []
   for key, data in written:
     files[key] = os.path.join(root, key + '.json')
     with open(files[key], 'w') as f:
       json.dump(data, f, indent=1, sort_keys=True)
-  return SyntheticDataset(root=root, train_videos=tuple(train_paths),
-                          eval_videos=tuple(eval_paths), **files)
+  return SyntheticDataset(root=root, train_videos=tuple(paths['train']),
+                          eval_videos=tuple(paths['test']), val_videos=tuple(paths['val']),
+                          novel_videos=tuple(paths['novel']), **files)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The demo's phases: data, stages 1 -> 2 -> 3, held-out VideoQA, judge-free scores, report.
+"""The demo's phases: data, stages 1 -> 2 -> 3, VideoQA on each split, judge-free scores, report.
 
   python -m panda_jax.main --config=configs/demo.py [--workdir=runs/demo]
 
@@ -16,6 +16,7 @@ as `configs/stageN.py` runs do, and evaluation is `panda_jax.eval.videoqa.answer
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -56,60 +57,78 @@ def _read_json(path: str) -> Any:
 # ------------------------------------------------------------------------------------------
 # Data
 
+# The evaluation splits, in the order they are answered and reported: validation (choices are
+# made on it), test (the report's figures) and the clips with a held-out condition.
+SPLITS = ('val', 'test', 'novel')
+
+
 def make_data(config, root: str, progress: bool = True, llm_converted: str = '') -> dict:
   """Generates (once) the clips, annotation files and tokenizer under `root`.
 
   `llm_converted`: a converted pretrained LLM (`pretrained_llm`) whose tokenizer the data takes
   instead of building one (its path is the summary's `tokenizer` and `llm_converted`).
-  Returns the data summary (also `root/DONE.json`): paths, clip and question counts, seconds.
+  Returns the data summary (also `root/DONE.json`): paths, the seed, clip and question counts
+  of every split, the held-out conditions, seconds.
   """
   done = os.path.join(root, 'DONE.json')
   if os.path.exists(done):
     return _read_json(done)
   d = config.data
-  if d.train_clips < 1 or d.eval_clips < 1:
-    raise ValueError(f'data.train_clips={d.train_clips} and data.eval_clips={d.eval_clips} '
-                     'must both be positive')
+  counts = {'train': d.train_clips, 'val': d.val_clips, 'test': d.test_clips,
+            'novel': d.novel_clips}
+  if min(counts['train'], counts['val'], counts['test']) < 1 or counts['novel'] < 0:
+    raise ValueError(f'data.train_clips, val_clips and test_clips must be positive and '
+                     f'novel_clips at least 0; got {counts}')
+  if counts['novel'] and not d.held_out:
+    raise ValueError(f'data.novel_clips={counts["novel"]} needs data.held_out=True (the '
+                     'conditions they show are the ones the other clips avoid)')
+  held_out = synthetic.DEMO_HELD_OUT if d.held_out else None
   t0 = time.perf_counter()
-  total = d.train_clips + d.eval_clips
+  total = counts['train'] + counts['test']
   ds = synthetic.make_dataset(
-      root, total, seed=config.seed, eval_fraction=d.eval_clips / total, width=d.width,
+      root, total, seed=config.seed, eval_fraction=counts['test'] / total, width=d.width,
       height=d.height, fps=d.fps, duration_s=d.duration_s, max_shapes=d.max_shapes,
       turns=d.turns, short_fraction=d.short_fraction,
       eval_instruction=synthetic.SHORT_ANSWER_PROMPT, progress=progress,
       travel=d.travel, balance_types=d.balance_types, size=d.shape_size,
-      min_shapes=d.min_shapes, late_start=d.late_start,
-      video_after_question=d.video_after_question, pair_shapes=d.pair_shapes,
-      name_first=d.get('name_first', False), focus_types=tuple(d.get('focus_types', ())))
+      video_after_question=d.video_after_question, name_first=d.name_first,
+      focus_types=tuple(d.focus_types), val_clips=counts['val'], novel_clips=counts['novel'],
+      held_out=held_out)
   if llm_converted:     # the pretrained LLM's own tokenizer
     tok_dir = llm_converted
   else:
-    # The tokenizer learns the training text only (held-out questions use the same templates).
+    # The tokenizer learns the training text only (the evaluation questions use its templates).
     corpus = []
     for path in (ds.train_captions, ds.train_instruct):
       for entry in _read_json(path):
         corpus += [m['value'].replace('<video>', '') for m in entry['conversations']]
     corpus += [text.SYSTEM_PROMPT, 'USER: ASSISTANT:', synthetic.SHORT_ANSWER_PROMPT]
     tok_dir = os.path.join(root, 'tokenizer')
-    text.build_tokenizer(tok_dir, corpus * 2, vocab_size=d.tokenizer_vocab,
-                         split_punctuation=d.split_punctuation)
+    text.build_tokenizer(tok_dir, corpus * 2, vocab_size=d.tokenizer_vocab)
   vocab = len(text.load_tokenizer(tok_dir))
   if vocab > config.model.llm.vocab_size:
     raise ValueError(f'the tokenizer has {vocab} tokens but model.llm.vocab_size is '
                      f'{config.model.llm.vocab_size}; raise it or lower data.tokenizer_vocab')
-  questions = _read_json(ds.eval_qa)
+  qa_files = {'val': ds.val_qa, 'test': ds.eval_qa, 'novel': ds.novel_qa}
+  splits = {}
+  for split in SPLITS:
+    if not qa_files[split]:
+      continue
+    questions = _read_json(qa_files[split])
+    splits[split] = {'qa': qa_files[split], 'clips': counts[split],
+                     'questions': len(questions),
+                     'by_type': dict(collections.Counter(q['type'] for q in questions))}
   summary = {
       'root': root, 'videos': os.path.join(root, 'videos'), 'tokenizer': tok_dir,
-      'train_captions': ds.train_captions, 'train_instruct': ds.train_instruct,
-      'eval_qa': ds.eval_qa, 'scenes': ds.scenes, 'train_focus': ds.train_focus,
-      'train_clips': len(ds.train_videos), 'eval_clips': len(ds.eval_videos),
-      'eval_questions': len(questions),
-      'eval_by_type': dict(collections.Counter(q['type'] for q in questions)),
+      'seed': config.seed, 'train_captions': ds.train_captions,
+      'train_instruct': ds.train_instruct, 'scenes': ds.scenes, 'train_focus': ds.train_focus,
+      'train_clips': len(ds.train_videos), 'splits': splits,
+      'held_out': dataclasses.asdict(held_out) if held_out else None,
       'tokenizer_vocab': vocab, 'seconds': time.perf_counter() - t0}
   if llm_converted:
     summary['llm_converted'] = llm_converted
   _write_json(done, summary)
-  return summary
+  return _read_json(done)        # as a rerun reads it (lists for tuples)
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,7 +176,8 @@ def stage_config(config, stage: int | str, data: Mapping, init_from: str = '',
     raise ValueError(f'stage {stage!r}; expected 1, 2, 3a or 3')
   stage = int(phase[0])
   c = config_lib.train_config(stage, 'tiny')
-  c.seed = config.seed
+  c.seed = config.seed                 # the model's initialisation
+  c.data.shuffle_seed = config.seed    # the batch order
   c.model = ml_collections.ConfigDict(config.model.to_dict())
   config_lib.apply_overrides(c, {f'model.{k}': v for k, v in (model_overrides or {}).items()})
   st = config.stages.focus if phase == '3a' else config.stages[f'stage{stage}']
@@ -244,38 +264,49 @@ def run_stage(config, stage: int | str, workdir: str, data: Mapping, init_from: 
 # ------------------------------------------------------------------------------------------
 # Evaluation
 
-def evaluate(config, model_dir: str, data: Mapping, out: str, progress: bool = True) -> dict:
-  """Answers every held-out question with the model in `model_dir` into `out` (JSON lines in
-  the VideoQA format with `type`; resumable) and returns the scores and baselines."""
+def evaluate(config, model_dir: str, data: Mapping, out_dir: str, progress: bool = True) -> dict:
+  """Answers every question of each evaluation split (`SPLITS`) with the model in `model_dir`
+  into `out_dir/<split>.jsonl` (JSON lines in the VideoQA format with `type`; resumable) and
+  returns {split: scores with their majority-answer baselines}, plus the seconds spent."""
   from panda_jax.data import qa as qa_lib
   from panda_jax.eval import score as score_lib
   from panda_jax.eval import videoqa
-  from panda_jax.eval.generate import Sampling
-  from panda_jax.eval.predict import Predictor
-  records = qa_lib.qa_records(qa_lib.load_qa(data['eval_qa']), data['videos'])
   t0 = time.perf_counter()
-  rows = score_lib.read_predictions(out) if os.path.exists(out) else []
-  if len(rows) < len(records):
-    cfg, variables = videoqa.load_model(model_dir)
-    # The training template (chatml for SmolLM2: its turns end at `<|im_end|>`).
-    from panda_jax.data import templates
-    from panda_jax.eval.predict import load_text
-    tok, template = load_text(data['tokenizer'],
-                              template=config.data.get('system_prompt', templates.DEFAULT))
-    predictor = Predictor(cfg, variables, tok, Sampling(
-        max_new_tokens=config.eval.max_new_tokens, eos_id=template.stop_id(tok)),
-        template=template)
-    stats = videoqa.answer_file(predictor, records, data['videos'], out,
-                                batch_size=config.eval.batch_size, frames=config.data.frames,
-                                progress=progress)
-    if stats['failed']:
-      raise RuntimeError(f'{stats["failed"]} held-out questions had no usable video (see '
-                         f'{out}.failures.json)')
-    rows = score_lib.read_predictions(out)
-  scores = score_lib.score_records(rows)
-  scores['baseline'] = score_lib.majority_baseline(rows)
-  scores['seconds'] = time.perf_counter() - t0
-  return scores
+  predictor, result = None, {}
+  for split, info in data['splits'].items():
+    out = os.path.join(out_dir, f'{split}.jsonl')
+    records = qa_lib.qa_records(qa_lib.load_qa(info['qa']), data['videos'])
+    rows = score_lib.read_predictions(out) if os.path.exists(out) else []
+    if len(rows) < len(records):
+      predictor = predictor or _predictor(config, model_dir, data)
+      stats = videoqa.answer_file(predictor, records, data['videos'], out,
+                                  batch_size=config.eval.batch_size, frames=config.data.frames,
+                                  progress=progress)
+      if stats['failed']:
+        raise RuntimeError(f'{stats["failed"]} {split} questions had no usable video (see '
+                           f'{out}.failures.json)')
+      rows = score_lib.read_predictions(out)
+    scores = score_lib.score_records(rows)
+    scores['baseline'] = score_lib.majority_baseline(rows)
+    scores['predictions'] = out
+    result[split] = scores
+  result['seconds'] = time.perf_counter() - t0
+  return result
+
+
+def _predictor(config, model_dir: str, data: Mapping):
+  """The trained model with the data's tokenizer and the training template (chatml for
+  SmolLM2: its turns end at `<|im_end|>`), greedy."""
+  from panda_jax.data import templates
+  from panda_jax.eval import videoqa
+  from panda_jax.eval.generate import Sampling
+  from panda_jax.eval.predict import Predictor, load_text
+  cfg, variables = videoqa.load_model(model_dir)
+  tok, template = load_text(data['tokenizer'],
+                            template=config.data.get('system_prompt', templates.DEFAULT))
+  return Predictor(cfg, variables, tok, Sampling(
+      max_new_tokens=config.eval.max_new_tokens, eos_id=template.stop_id(tok)),
+      template=template)
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,8 +314,8 @@ def evaluate(config, model_dir: str, data: Mapping, out: str, progress: bool = T
 
 def run_variant(config, workdir: str, data: Mapping, model_overrides=None,
                 progress: bool = True, name: str = 'full') -> dict:
-  """Stages 1 -> 2 -> (3a ->) 3 (each from the previous) and the held-out evaluation of one
-  model."""
+  """Stages 1 -> 2 -> (3a ->) 3 (each from the previous) and the evaluation of one model on
+  every split."""
   stages, previous = {}, ''
   for s in phases(config):
     wd = os.path.join(workdir, f'stage{s}')
@@ -293,10 +324,9 @@ def run_variant(config, workdir: str, data: Mapping, model_overrides=None,
     stages[s] = run_stage(config, s, wd, data, init_from=previous,
                           model_overrides=model_overrides, progress=progress)
     previous = wd
-  out = os.path.join(workdir, 'eval', 'predictions.jsonl')
-  scores = evaluate(config, previous, data, out, progress=progress)
+  scores = evaluate(config, previous, data, os.path.join(workdir, 'eval'), progress=progress)
   result = {'name': name, 'overrides': dict(model_overrides or {}), 'stages': stages,
-            'scores': scores, 'predictions': out}
+            'scores': scores}
   _write_json(os.path.join(workdir, 'scores.json'), scores)
   return result
 
@@ -362,9 +392,9 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   logging.info('compiled programs kept in %s', compile_cache(workdir))
   data = make_data(config, os.path.join(workdir, 'data'), progress=progress,
                    llm_converted=pretrained_llm(config, workdir))
-  logging.info('data: %d training clips, %d held-out clips, %d held-out questions %s',
-               data['train_clips'], data['eval_clips'], data['eval_questions'],
-               data['eval_by_type'])
+  logging.info('data (seed %d): %d training clips; %s', data['seed'], data['train_clips'],
+               '; '.join(f'{k}: {v["clips"]} clips, {v["questions"]} questions'
+                         for k, v in data['splits'].items()))
   main = run_variant(config, workdir, data, progress=progress, name='full')
   variants = [main]
   for name, overrides in ablation_overrides(config).items():
