@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
 import time
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -290,29 +291,24 @@ def global_steps(local: int, gather=None) -> int:
   return int(counts.min())
 
 
-def train(config, workdir: str, iterator: Iterator, progress: bool = False,
-          desc: str = 'train', run: config_lib.Run | None = None) -> dict:
-  """Runs (or resumes) the configured stage. Returns the last logged metrics (with
-  `first_loss`, the loss at this invocation's first logged step).
+@dataclasses.dataclass
+class Setup:
+  """What a training run computes with, built once by `setup` from its config: the mesh, the
+  initial state (born sharded) and its shardings, the parameter labels, the batch shardings,
+  the teacher's parameters (empty without an online teacher) and the jitted step."""
+  run: config_lib.Run
+  mesh: Any
+  state: TrainState
+  state_sh: TrainState
+  labels: Mapping[str, str]
+  batch_sh: Mapping[str, NamedSharding]
+  teacher_params: Any
+  step_fn: Callable
 
-  At the end (the last step, or the step reached when SIGTERM stopped it) process 0 writes
-  `workdir/summary.json` (`write_summary`); every process takes part in computing it.
 
-  Every logged step also appends its scalars to `workdir/metrics.jsonl` (one JSON object per
-  line with `step`). `progress` shows a progress bar (`desc`) on process 0; its ETA, like the
-  logged one, is measured from the steps after the first, so compilation does not inflate it.
-  `run`: the config resolved by the caller (resolved here when not given).
-  """
-  import json
-
-  from tqdm import tqdm
-
-  steps = resolve_steps(config, iterator)
-  if steps != config.train.steps:
-    with config.unlocked() if hasattr(config, 'unlocked') else contextlib.nullcontext():
-      config.train.steps = steps
-
-  run = run or config_lib.resolve(config)
+def setup(config, run: config_lib.Run) -> Setup:
+  """The mesh, the born-sharded state, the online teacher and the jitted step (from the cache
+  of this process's recent runs when they built the same one: `_cached_step`)."""
   mesh = sharding.make_mesh(run.mesh)
   shards = sharding.batch_shards(mesh, run.rules)
   if config.train.batch_size % (shards * config.train.accum_steps):
@@ -327,8 +323,8 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   logging.info('%d trainable of %d parameters', n_train,
                sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.params)))
 
-  spec = run.batch
-  batch_sh = {k: sharding.batch_sharding(mesh, len(s), run.rules) for k, (s, _) in spec.items()}
+  batch_sh = {k: sharding.batch_sharding(mesh, len(s), run.rules)
+              for k, (s, _) in run.batch.items()}
   if run.online_teacher:
     teacher, teacher_params, teacher_sh = create_teacher(
         run, mesh, config.seed, config.data.frames, config.init.teacher,
@@ -342,8 +338,13 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
                           run.model.distill_weight, teacher=teacher),
           in_shardings=(state_sh, batch_sh, teacher_sh), out_shardings=(state_sh, None),
           donate_argnums=(0,)))
+  return Setup(run=run, mesh=mesh, state=state, state_sh=state_sh, labels=labels,
+               batch_sh=batch_sh, teacher_params=teacher_params, step_fn=step_fn)
 
-  mngr = ckpt.manager(workdir, config.train.save_every, config.train.keep)
+
+def resume(mngr, state, state_sh, iterator) -> tuple[TrainState, int]:
+  """(state, step) of the newest complete checkpoint in `mngr`, with this process's data
+  state set on `iterator`; (state, 0) as given when there is none."""
   start = mngr.latest_step() or 0
   if start:
     state, saved = ckpt.restore(mngr, start, state, state_sh)
@@ -352,74 +353,135 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
     iterator.set_state(ckpt.process_data_state(saved, jax.process_index(), jax.process_count(),
                                                getattr(iterator, 'state_from', None)))
     logging.info('resumed from step %d', start)
-  writer = metrics_lib.create_writer(workdir, just_logging=jax.process_index() > 0)
+  return state, start
+
+
+class _Reporter:
+  """The loop's outputs besides checkpoints: TensorBoard scalars and the log through `writer`,
+  `metrics.jsonl` and the progress bar (process 0), with rates and ETAs counted from the end of
+  the first step of this invocation (which compiles)."""
+
+  def __init__(self, workdir: str, start: int, total: int, progress: bool, desc: str):
+    from tqdm import tqdm
+    lead = jax.process_index() == 0
+    self.writer = metrics_lib.create_writer(workdir, just_logging=not lead)
+    self.total = total
+    self.t0, self.s0 = None, start
+    self.bar = tqdm(total=total, initial=start, desc=desc, unit='step', dynamic_ncols=True,
+                    disable=not (progress and lead), file=sys.stderr)
+    self.metrics_log = storage.LineLog(storage.join(workdir, 'metrics.jsonl')) if lead else None
+    self.last: dict = {}
+
+  def stepped(self, step: int, metrics) -> None:
+    """After each step: the bar moves; the clock starts once the first step has finished."""
+    self.bar.update(1)
+    if self.t0 is None:
+      jax.block_until_ready(metrics)
+      self.t0, self.s0 = time.perf_counter(), step
+
+  def log(self, step: int, metrics, iterator) -> None:
+    """Writes the step's scalars everywhere and keeps them as `last` (with `first_loss`)."""
+    import json
+    m = jax.device_get(metrics)
+    dt = time.perf_counter() - self.t0
+    rate = (step - self.s0) / dt if step > self.s0 and dt > 0 else 0.0
+    scalars = {k: float(v) for k, v in m.items() if k not in ('finite', 'refused')}
+    scalars['refused_steps'] = float(m['refused'])
+    scalars['steps_per_s'] = rate
+    scalars['tokens_per_s'] = rate * float(m['tokens'])
+    for k, v in getattr(iterator, 'stats', lambda: {})().items():
+      scalars[f'data/{k}'] = float(v)
+    self.writer.write_scalars(step, scalars)
+    eta = f'ETA {(self.total - step) / rate:.0f}s' if rate > 0 else 'ETA after the next log'
+    logging.info('step %d/%d loss %.4f (ce %.4f, distill %.4f) %.2f steps/s, %s',
+                 step, self.total, scalars['loss'], scalars['ce'], scalars['distill'], rate, eta)
+    self.bar.set_postfix(loss=f'{scalars["loss"]:.3f}', ce=f'{scalars["ce"]:.3f}',
+                         refresh=False)
+    if self.metrics_log is not None:
+      self.metrics_log.append(json.dumps(dict(scalars, step=step)))
+    self.last = dict(scalars, step=step,
+                     first_loss=self.last.get('first_loss', scalars['loss']))
+
+  def flush(self) -> None:
+    if self.metrics_log is not None:
+      self.metrics_log.flush()     # a bucket's metrics.jsonl: durable up to every checkpoint
+
+  def close(self) -> None:
+    self.writer.close()
+    self.bar.close()
+    if self.metrics_log is not None:
+      self.metrics_log.close()
+
+
+def _check_refused(metrics, step: int, max_refused: int, last: Mapping, mngr) -> None:
+  """Raises NonFiniteError once more than `max_refused` steps were refused (read from the
+  device: the only host read of the step's results on a saving step that is not logged)."""
+  refused = int(jax.device_get(metrics['refused']))
+  if refused > max_refused:
+    mngr.wait_until_finished()
+    raise NonFiniteError(
+        f'{refused} steps refused by step {step} (a non-finite loss, gradient or '
+        f'BatchNorm statistic; the last logged loss {last.get("loss")}, this step\'s '
+        f'{float(metrics["loss"])}), more than train.max_refused_steps={max_refused}; '
+        f'the newest checkpoint (step {mngr.latest_step()}) is kept')
+
+
+def _save(mngr, step: int, state, iterator, reporter: _Reporter) -> None:
+  """Saves checkpoint `step` (asynchronously) after checking the state is finite."""
+  if not bool(_all_finite(state)):
+    mngr.wait_until_finished()
+    raise NonFiniteError(
+        f'the train state at step {step} holds a non-finite value although no update '
+        f'with one was applied (an overflow in the optimizer?); not saved, the newest '
+        f'checkpoint (step {mngr.latest_step()}) is kept')
+  reporter.flush()
+  ckpt.save(mngr, step, state, iterator.get_state())
+
+
+def train(config, workdir: str, iterator: Iterator, progress: bool = False,
+          desc: str = 'train', run: config_lib.Run | None = None) -> dict:
+  """Runs (or resumes) the configured stage. Returns the last logged metrics (with
+  `first_loss`, the loss at this invocation's first logged step).
+
+  At the end (the last step, or the step reached when SIGTERM stopped it) process 0 writes
+  `workdir/summary.json` (`write_summary`); every process takes part in computing it.
+
+  Every logged step also appends its scalars to `workdir/metrics.jsonl` (one JSON object per
+  line with `step`). `progress` shows a progress bar (`desc`) on process 0; its ETA, like the
+  logged one, is measured from the steps after the first, so compilation does not inflate it.
+  `run`: the config resolved by the caller (resolved here when not given).
+  """
+  steps = resolve_steps(config, iterator)
+  if steps != config.train.steps:
+    with config.unlocked() if hasattr(config, 'unlocked') else contextlib.nullcontext():
+      config.train.steps = steps
+  job = setup(config, run or config_lib.resolve(config))
+  mngr = ckpt.manager(workdir, config.train.save_every, config.train.keep)
+  state, start = resume(mngr, job.state, job.state_sh, iterator)
   total = config.train.steps
-  max_refused = config.train.max_refused_steps
-  last: dict = {}
-  # Rates and ETAs count from the end of the first step of this invocation (which compiles).
-  t0, s0 = None, start
-  lead = jax.process_index() == 0
-  bar = tqdm(total=total, initial=start, desc=desc, unit='step', dynamic_ncols=True,
-             disable=not (progress and lead), file=sys.stderr)
-  metrics_log = storage.LineLog(storage.join(workdir, 'metrics.jsonl')) if lead else None
+  reporter = _Reporter(workdir, start, total, progress, desc)
   step = start
   try:
-    with _Preemption() as pre, jax.set_mesh(mesh), \
-        nn.logical_axis_rules(run.rules):
+    with _Preemption() as pre, jax.set_mesh(job.mesh), nn.logical_axis_rules(job.run.rules):
       # Asked at the step it starts from too: the agreement then never picks one behind it.
       stop = pre.reached(step, final=step >= total)
       while step < total and not stop:
         host = next(iterator)
-        state, metrics = step_fn(state, _global_batch(host, batch_sh, spec), teacher_params)
+        state, metrics = job.step_fn(state, _global_batch(host, job.batch_sh, job.run.batch),
+                                     job.teacher_params)
         step += 1
-        bar.update(1)
         stop = pre.reached(step, final=step == total)
-        if t0 is None:
-          jax.block_until_ready(metrics)
-          t0, s0 = time.perf_counter(), step
+        reporter.stepped(step, metrics)
         is_log = step % config.train.log_every == 0 or step == total
         is_save = step % config.train.save_every == 0 or step == total or stop
         if is_log or is_save:
           # The only host reads of the step's results, and only on these steps: refused steps
           # are counted on the device (`state.refused`), so none is missed in between.
-          refused = int(jax.device_get(metrics['refused']))
-          if refused > max_refused:
-            mngr.wait_until_finished()
-            raise NonFiniteError(
-                f'{refused} steps refused by step {step} (a non-finite loss, gradient or '
-                f'BatchNorm statistic; the last logged loss {last.get("loss")}, this step\'s '
-                f'{float(metrics["loss"])}), more than train.max_refused_steps={max_refused}; '
-                f'the newest checkpoint (step {mngr.latest_step()}) is kept')
+          _check_refused(metrics, step, config.train.max_refused_steps, reporter.last, mngr)
         if is_log or stop:
-          m = jax.device_get(metrics)
-          dt = time.perf_counter() - t0
-          rate = (step - s0) / dt if step > s0 and dt > 0 else 0.0
-          scalars = {k: float(v) for k, v in m.items() if k not in ('finite', 'refused')}
-          scalars['refused_steps'] = float(m['refused'])
-          scalars['steps_per_s'] = rate
-          scalars['tokens_per_s'] = rate * float(m['tokens'])
-          for k, v in getattr(iterator, 'stats', lambda: {})().items():
-            scalars[f'data/{k}'] = float(v)
-          writer.write_scalars(step, scalars)
-          eta = f'ETA {(total - step) / rate:.0f}s' if rate > 0 else 'ETA after the next log'
-          logging.info('step %d/%d loss %.4f (ce %.4f, distill %.4f) %.2f steps/s, %s',
-                       step, total, scalars['loss'], scalars['ce'], scalars['distill'], rate,
-                       eta)
-          bar.set_postfix(loss=f'{scalars["loss"]:.3f}', ce=f'{scalars["ce"]:.3f}',
-                          refresh=False)
-          if metrics_log is not None:
-            metrics_log.append(json.dumps(dict(scalars, step=step)))
-          last = dict(scalars, step=step, first_loss=last.get('first_loss', scalars['loss']))
+          reporter.log(step, metrics, iterator)
         if is_save:
-          if not bool(_all_finite(state)):
-            mngr.wait_until_finished()
-            raise NonFiniteError(
-                f'the train state at step {step} holds a non-finite value although no update '
-                f'with one was applied (an overflow in the optimizer?); not saved, the newest '
-                f'checkpoint (step {mngr.latest_step()}) is kept')
-          if metrics_log is not None:
-            metrics_log.flush()     # a bucket's metrics.jsonl: durable up to every checkpoint
-          ckpt.save(mngr, step, state, iterator.get_state())
+          _save(mngr, step, state, iterator, reporter)
         if stop:
           logging.warning('preempted: every process stops after step %d of %d, saved', step,
                           total)
@@ -427,10 +489,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
   finally:
     # Whatever stops the loop, a save in flight completes (only SIGKILL loses it).
     mngr.wait_until_finished()
-    writer.close()
-    bar.close()
-    if metrics_log is not None:
-      metrics_log.close()
-  write_summary(workdir, step, last, state, mesh, config.train.batch_size, iterator,
-                preempted=pre.stopped)
-  return last
+    reporter.close()
+  write_summary(workdir, step, reporter.last, state, job.mesh, config.train.batch_size,
+                iterator, preempted=pre.stopped)
+  return reporter.last
