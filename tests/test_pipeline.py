@@ -141,6 +141,40 @@ def test_a_bug_in_preprocessing_propagates_instead_of_being_skipped(mixed, monke
     _close(it)
 
 
+@pytest.mark.parametrize('conversations, match', [
+    ([{'from': 'human', 'value': '<video>\nQ?'}, {'from': 'human', 'value': 'A.'}], 'alternate'),
+    ([{'from': 'human', 'value': '<video>\nQ?'}, {'from': 'gpt', 'value': ''}], 'non-empty'),
+    ([{'from': 'human', 'value': '<video>\nQ?'}], 'no answer'),
+    ([{'from': 'human', 'value': '<video>\nQ?'}, {'from': 'gpt', 'value': 'A <video>'}],
+     'in the answer'),
+    ([{'from': 'human', 'value': 'Q?'}, {'from': 'gpt', 'value': 7}], 'must be strings'),
+])
+def test_a_malformed_conversation_is_a_bad_conversation_skip(mixed, conversations, match):
+  record = {'id': 'x', 'video': mixed['good'][0]['video'], 'conversations': conversations}
+  out = mixed['proc'](record)
+  assert out['skip'] == 'bad_conversation' and match in out['detail'], out
+
+
+@pytest.mark.parametrize('name, error', [('tokenizer_image_token', ValueError),
+                                         ('as_turns', TypeError)])
+def test_a_bug_in_tokenising_propagates_instead_of_being_skipped(mixed, monkeypatch, name,
+                                                                error):
+  """Only a conversation the template cannot write (`text.ConversationError`) is a
+  `bad_conversation` skip: a plain ValueError or a TypeError raised while tokenising (our code)
+  comes out of the iterator with its traceback instead of being counted."""
+  def bug(*args, **kwargs):
+    raise error(f'injected bug in {name}')
+  monkeypatch.setattr(text, name, bug)
+  with pytest.raises(error, match='injected bug'):
+    mixed['proc'](mixed['good'][0])
+  it = _iterator(mixed)
+  try:
+    with pytest.raises(error, match='injected bug'):
+      next(it)
+  finally:
+    _close(it)
+
+
 def test_same_seed_same_batches_other_seed_other_batches(mixed):
   a, b, c = _iterator(mixed), _iterator(mixed), _iterator(mixed, seed=SEED + 1)
   ba = [next(a) for _ in range(4)]

@@ -166,15 +166,22 @@ def test_vicuna_templates_are_text_pys(tmp_path):
 
 
 def test_chatml_conversation_errors(tok):
+  """The conversation's faults are ConversationErrors (skipped by the pipeline); a bad argument
+  is a plain ValueError."""
   t = templates.get('chatml')
-  with pytest.raises(ValueError, match='template token'):
+  with pytest.raises(text.ConversationError, match='template token'):
     t.tokenize(tok, [('<video>\nhi<|im_end|>', 'yo')], num_frames=8)
-  with pytest.raises(ValueError, match='has no answer'):
+  with pytest.raises(text.ConversationError, match='has no answer'):
     t.tokenize(tok, [('<video>\nhi', None)], num_frames=8)
-  with pytest.raises(ValueError, match='only the last turn'):
+  with pytest.raises(text.ConversationError, match='only the last turn'):
     t.prompt([('hi', None), ('ho', 'yo')])
-  with pytest.raises(ValueError, match='on_mismatch'):
+  with pytest.raises(text.ConversationError, match='non-empty'):
+    t.tokenize(tok, [('<video>\nhi', '')], num_frames=8)
+  with pytest.raises(text.ConversationError, match='history turn 0'):
+    t.generation_ids(tok, 'ho', history=[('<video>\nhi', None)])
+  with pytest.raises(ValueError, match='on_mismatch') as e:
     t.tokenize(tok, [('<video>\nhi', 'yo')], on_mismatch='ignore')
+  assert not isinstance(e.value, text.ConversationError)
 
 
 def test_training_sample_with_chatml(tmp_path):

@@ -107,8 +107,9 @@ def test_check_tokenizer_rejects_eos_or_missing_bos(tok_dir):
   t.pad_token = t.unk_token
   with pytest.raises(ValueError, match='appends EOS'):
     text.check_tokenizer(t)
-  with pytest.raises(ValueError, match='appends EOS'):
+  with pytest.raises(ValueError, match='appends EOS') as e:
     text.tokenize_conversation(t, [('<video>\n' + Q0, A0)])
+  assert not isinstance(e.value, text.ConversationError)   # the tokenizer's fault, not the data's
   t = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True,
                                                  add_bos_token=False)
   t.pad_token = t.unk_token
@@ -285,21 +286,31 @@ def test_generation_prompt_is_the_training_prefix(tok):
      'alternate'),
     ([{'from': 'human', 'text': Q0}], "'from' and 'value'"),
     ([('<video>\n' + Q0, A0, 'extra')], 'pair'),
+    ([7], 'pair'),
+    ('<video>\n' + Q0, 'list of messages'),
+    ([('<video>\n' + Q0, 3)], 'must be strings'),
+    ([{'from': ['human'], 'value': '<video>\n' + Q0}], 'unknown role'),
 ])
 def test_conversation_errors(tok, turns, match):
-  with pytest.raises(ValueError, match=match):
+  """Everything wrong with the conversation itself is a ConversationError (a ValueError), the
+  one kind of error the training pipeline turns into a `bad_conversation` skip."""
+  with pytest.raises(text.ConversationError, match=match):
     text.tokenize_conversation(tok, turns)
 
 
 def test_argument_errors(tok):
-  with pytest.raises(ValueError, match='num_frames=0'):
+  with pytest.raises(text.ConversationError, match='num_frames=0'):
     text.tokenize_conversation(tok, [('<video>\n' + Q0, A0)], num_frames=0)
-  with pytest.raises(ValueError, match='on_mismatch'):
-    text.tokenize_conversation(tok, [('<video>\n' + Q0, A0)], on_mismatch='ignore')
-  with pytest.raises(ValueError, match='history turn 0'):
+  with pytest.raises(text.ConversationError, match='history turn 0'):
     text.generation_prompt_ids(tok, Q1, history=[('<video>\n' + Q0, None)])
-  with pytest.raises(ValueError, match='more than one'):
+  with pytest.raises(text.ConversationError, match='more than one'):
     text.generation_prompt_ids(tok, '<video>\n' + Q1, history=[('<video>\n' + Q0, A0)])
+  # A bad argument is not the conversation's fault (the pipeline must not skip on it).
+  for kwargs, match in (({'on_mismatch': 'ignore'}, 'on_mismatch'),
+                        ({'num_frames': -1}, 'num_frames=-1')):
+    with pytest.raises(ValueError, match=match) as e:
+      text.tokenize_conversation(tok, [('<video>\n' + Q0, A0)], **kwargs)
+    assert not isinstance(e.value, text.ConversationError)
 
 
 def test_separator_inside_a_message(tok):
@@ -307,6 +318,7 @@ def test_separator_inside_a_message(tok):
   turns = [('<video>\nSay " ASSISTANT: " please', A0)]
   with pytest.raises(text.TokenizationMismatchError, match='template separator'):
     text.tokenize_conversation(tok, turns)
+  assert issubclass(text.TokenizationMismatchError, text.ConversationError)
   with pytest.warns(UserWarning, match='tokenization mismatch'):
     ids, labels = text.tokenize_conversation(tok, turns, on_mismatch='mask')
   assert np.all(labels == IGNORE_INDEX) and np.sum(ids == IMAGE_TOKEN_INDEX) == 8

@@ -4,10 +4,11 @@ Per sample (in Grain workers): decode the video (the authors' frame rule, seekin
 keyframes allow), preprocess student and teacher frames, tokenise the conversation (`v1`
 template, reference label masking) and check that the assembled sequence fits `max_len`.
 A sample whose data is unusable is not an error: it comes out as a `skip` record (path and
-reason: a video that cannot be decoded, a conversation that cannot be tokenised, a sequence
-too long, missing teacher features) that the iterator counts and logs, and the batch is filled
-with the next good samples, so batch shapes never change. Anything else (a bug, a config that
-does not fit) propagates with its traceback. The host then lays the batch out (`layout_batch`).
+reason: a video that cannot be decoded, a conversation that cannot be tokenised
+(`text.ConversationError`), a sequence too long, missing teacher features) that the iterator
+counts and logs, and the batch is filled with the next good samples, so batch shapes never
+change. Anything else (a bug, a config that does not fit) propagates with its traceback. The
+host then lays the batch out (`layout_batch`).
 
 The iterator's state (Grain's position plus the skip counters) is saved with every checkpoint,
 every process's; restoring it replays exactly the batches an uninterrupted run would have seen.
@@ -303,10 +304,13 @@ class ProcessSample:
 
   def __call__(self, record: Mapping) -> dict:
     path = os.path.join(self.video_root, record['video'])
+    # Only a conversation the template cannot write is a skip (`text.ConversationError`: its
+    # shape, its placeholder, a tokenization mismatch); the tokenizer was checked at start, so
+    # any other error here is a bug and propagates.
     try:
       turns = text.as_turns(record['conversations'])
       ids, labels = self.template.tokenize(self.tokenizer, turns, num_frames=self.frames)
-    except (ValueError, text.TokenizationMismatchError) as e:
+    except text.ConversationError as e:
       return {'skip': 'bad_conversation', 'path': path, 'detail': str(e)[:200]}
     # Only a file that cannot be decoded is a skip: frames the decoder returned are always
     # usable (at least one, all one size), so an error after decoding is a bug and propagates.

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from panda_jax.data import text
-from panda_jax.data.text import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation
+from panda_jax.data.text import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation, ConversationError
 
 DEFAULT = 'videopanda_v1'
 CHATML = 'chatml'
@@ -60,7 +60,9 @@ class Template:
 
   def tokenize(self, tokenizer: Any, turns: Conversation, num_frames: int = 8,
                on_mismatch: str = 'raise') -> tuple[np.ndarray, np.ndarray]:
-    """input_ids int32 [T] and labels int32 [T] of one answered training conversation."""
+    """input_ids int32 [T] and labels int32 [T] of one answered training conversation;
+    `text.ConversationError` (a TokenizationMismatchError among them) when the conversation
+    cannot be written, ValueError for a bad argument or a tokenizer `check` refuses."""
     raise NotImplementedError
 
   def generation_ids(self, tokenizer: Any, question: str, num_frames: int = 8,
@@ -117,25 +119,28 @@ class ChatML(Template):
     """(text, learned) pieces of the prompt; the learned ones are `answer + <|im_end|>`."""
     turns = text.as_turns(turns)
     if not turns:
-      raise ValueError('empty conversation')
+      raise ConversationError('empty conversation')
     head = f'{IM_START}system\n{self.system}{IM_END}\n'
     out = []
     for i, (human, gpt) in enumerate(turns):
       if not isinstance(human, str) or not human:
-        raise ValueError(f'turn {i}: the question must be a non-empty string, got {human!r}')
+        raise ConversationError(f'turn {i}: the question must be a non-empty string, got '
+                                f'{human!r}')
       for value in (human, gpt):
         for special in (IM_START, IM_END):
           if isinstance(value, str) and special in value:
-            raise ValueError(f'turn {i}: {value!r} contains the template token {special!r}')
+            raise ConversationError(f'turn {i}: {value!r} contains the template token '
+                                    f'{special!r}')
       head += f'{IM_START}user\n{human}{IM_END}\n{IM_START}assistant\n'
       if gpt is None:
         if i != len(turns) - 1:
-          raise ValueError(f'turn {i}: only the last turn may be unanswered (gpt=None)')
+          raise ConversationError(f'turn {i}: only the last turn may be unanswered '
+                                  '(gpt=None)')
         out.append((head, False))
         return out
       if not isinstance(gpt, str) or not gpt:
-        raise ValueError(f'turn {i}: the answer must be a non-empty string (or None for the '
-                         f'generation prompt), got {gpt!r}')
+        raise ConversationError(f'turn {i}: the answer must be a non-empty string (or None '
+                                f'for the generation prompt), got {gpt!r}')
       out += [(head, False), (gpt + IM_END, True)]
       head = '\n'
     out.append((head, False))
@@ -173,8 +178,8 @@ class ChatML(Template):
     turns = text.expand_placeholders(turns, num_frames)
     for i, (_, gpt) in enumerate(turns):
       if gpt is None:
-        raise ValueError(f'turn {i} has no answer; use generation_ids for a prompt that ends '
-                         'with the assistant header')
+        raise ConversationError(f'turn {i} has no answer; use generation_ids for a prompt '
+                                'that ends with the assistant header')
     self.check(tokenizer)
     segments = self._segments(turns)
     ids, labels, ends = self._ids(tokenizer, segments)
@@ -203,7 +208,7 @@ class ChatML(Template):
     turns = text.as_turns(history) + [(question, None)]
     for i, (_, gpt) in enumerate(turns[:-1]):
       if gpt is None:
-        raise ValueError(f'history turn {i} has no answer')
+        raise ConversationError(f'history turn {i} has no answer')
     turns = text.expand_placeholders(turns, num_frames, insert_missing=True)
     self.check(tokenizer)
     return np.asarray(self._ids(tokenizer, self._segments(turns))[0], np.int32)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Sized, Union
 
 import numpy as np
 
@@ -75,7 +75,17 @@ Turn = tuple[str, Union[str, None]]
 Conversation = Union[Sequence[Turn], Sequence[Mapping[str, str]]]
 
 
-class TokenizationMismatchError(ValueError):
+class ConversationError(ValueError):
+  """A conversation (the data) that cannot be written as a prompt: not (human, gpt) pairs,
+  speakers out of order, an empty or unanswered turn, a missing, doubled or misplaced visual
+  placeholder, a template's own token inside a message, or a tokenization mismatch.
+
+  The training pipeline skips such a sample (`bad_conversation`); any other error raised while
+  tokenising (a setting, a tokenizer that cannot write the template, a bug) propagates.
+  """
+
+
+class TokenizationMismatchError(ConversationError):
   """The reference's per-round offsets do not add up for this tokenizer and conversation.
 
   The reference (`preprocess_v1`) would print "WARNING: tokenization mismatch" and set every
@@ -299,28 +309,33 @@ def as_turns(conversation: Conversation) -> list[Turn]:
   reference, a leading 'gpt' message is dropped; after it speakers must alternate, starting
   with 'human'. A final unanswered 'human' message gives a turn `(question, None)`.
   """
+  if isinstance(conversation, (str, bytes, Mapping)) or not isinstance(conversation, Iterable):
+    raise ConversationError(f'expected a list of messages or (human, gpt) pairs, got '
+                            f'{conversation!r}')
   conversation = list(conversation)
   if not conversation or not isinstance(conversation[0], Mapping):
     turns = []
     for i, t in enumerate(conversation):
-      if isinstance(t, Mapping) or len(t) != 2:
-        raise ValueError(f'turn {i}: expected a (human, gpt) pair, got {t!r}')
+      if isinstance(t, (str, bytes, Mapping)) or not isinstance(t, Sized) or len(t) != 2:
+        raise ConversationError(f'turn {i}: expected a (human, gpt) pair, got {t!r}')
       turns.append((t[0], t[1]))
     return turns
   roles = []
   for i, m in enumerate(conversation):
     if not isinstance(m, Mapping) or 'from' not in m or 'value' not in m:
-      raise ValueError(f"message {i}: expected a dict with 'from' and 'value', got {m!r}")
-    if m['from'] not in DATA_ROLES:
-      raise ValueError(f"message {i}: unknown role {m['from']!r}; expected one of "
-                       f'{sorted(DATA_ROLES)}')
+      raise ConversationError(f"message {i}: expected a dict with 'from' and 'value', got "
+                              f'{m!r}')
+    if not isinstance(m['from'], str) or m['from'] not in DATA_ROLES:
+      raise ConversationError(f"message {i}: unknown role {m['from']!r}; expected one of "
+                              f'{sorted(DATA_ROLES)}')
     roles.append(DATA_ROLES[m['from']])
   if roles[0] == 1:  # reference: "Skip the first one if it is not from human"
     conversation, roles = conversation[1:], roles[1:]
   for j, r in enumerate(roles):
     if r != j % 2:
-      raise ValueError(f"message {j}: expected a {'human' if j % 2 == 0 else 'gpt'} message "
-                       f'(speakers must alternate, starting with human), got {conversation[j]!r}')
+      raise ConversationError(
+          f"message {j}: expected a {'human' if j % 2 == 0 else 'gpt'} message (speakers "
+          f'must alternate, starting with human), got {conversation[j]!r}')
   values = [m['value'] for m in conversation]
   if len(values) % 2:
     values.append(None)
@@ -338,9 +353,10 @@ def _placeholder(text: str, num_frames: int, where: str) -> str | None:
   run = IMAGE_PLACEHOLDER * num_frames
   if n_vid == 0 and n_img == num_frames and run in text:
     return run  # already expanded (the reference's inference prompts are written this way)
-  raise ValueError(f'{where}: more than one visual placeholder ({n_vid} x {VIDEO_PLACEHOLDER}, '
-                   f'{n_img} x {IMAGE_PLACEHOLDER}) in {text!r}; expected one {VIDEO_PLACEHOLDER}'
-                   f' (or {IMAGE_PLACEHOLDER}) per conversation')
+  raise ConversationError(
+      f'{where}: more than one visual placeholder ({n_vid} x {VIDEO_PLACEHOLDER}, {n_img} x '
+      f'{IMAGE_PLACEHOLDER}) in {text!r}; expected one {VIDEO_PLACEHOLDER} (or '
+      f'{IMAGE_PLACEHOLDER}) per conversation')
 
 
 def expand_placeholders(turns: Conversation, num_frames: int = 8,
@@ -359,44 +375,47 @@ def expand_placeholders(turns: Conversation, num_frames: int = 8,
     insert_missing: when no turn has a placeholder, prepend `'<image>' * num_frames + '\\n'`
       to the first question (what the reference's inference script does).
   Raises:
-    ValueError for a missing placeholder (frames given), a placeholder with num_frames=0, more
-    than one placeholder, one in an answer, or one at the end of a question without a newline
-    before it (the reference would then write it twice).
+    ConversationError for a missing placeholder (frames given), a placeholder with
+    num_frames=0, more than one placeholder, one in an answer, or one at the end of a question
+    without a newline before it (the reference would then write it twice); ValueError for
+    num_frames < 0.
   """
   turns = as_turns(turns)
   if not turns:
-    raise ValueError('empty conversation')
+    raise ConversationError('empty conversation')
   if num_frames < 0:
     raise ValueError(f'num_frames={num_frames} must be >= 0')
   out: list[Turn] = []
   found = None
   for i, (human, gpt) in enumerate(turns):
     if not isinstance(human, str) or (gpt is not None and not isinstance(gpt, str)):
-      raise ValueError(f'turn {i}: messages must be strings, got {(human, gpt)!r}')
+      raise ConversationError(f'turn {i}: messages must be strings, got {(human, gpt)!r}')
     if gpt is not None and (VIDEO_PLACEHOLDER in gpt or IMAGE_PLACEHOLDER in gpt):
-      raise ValueError(f'turn {i}: visual placeholder in the answer {gpt!r}; it belongs in a '
-                       'human turn')
+      raise ConversationError(f'turn {i}: visual placeholder in the answer {gpt!r}; it belongs '
+                              'in a human turn')
     ph = _placeholder(human, num_frames, f'turn {i}')
     if ph is not None:
       if num_frames == 0:
-        raise ValueError(f'turn {i}: {human!r} has a visual placeholder but num_frames=0')
+        raise ConversationError(f'turn {i}: {human!r} has a visual placeholder but '
+                                'num_frames=0')
       if found is not None:
-        raise ValueError(f'more than one visual placeholder: turns {found} and {i}')
+        raise ConversationError(f'more than one visual placeholder: turns {found} and {i}')
       found = i
       if human.endswith(ph):
         rest = human.replace('\n' + ph, '').strip()
         if ph in rest:
-          raise ValueError(f'turn {i}: {human!r} ends with {ph!r} without a newline before it; '
-                           'the reference would write the placeholder twice. Use "Q\\n<video>" '
-                           'or "<video>\\nQ"')
+          raise ConversationError(
+              f'turn {i}: {human!r} ends with {ph!r} without a newline before it; the '
+              'reference would write the placeholder twice. Use "Q\\n<video>" or "<video>\\nQ"')
         human = (ph + '\n' + rest).strip()
       human = human.replace(ph, IMAGE_PLACEHOLDER * num_frames)
     out.append((human, gpt))
   if found is None and num_frames > 0:
     if not insert_missing:
-      raise ValueError(f'no {VIDEO_PLACEHOLDER} (or {IMAGE_PLACEHOLDER}) placeholder in any '
-                       f'human turn, but num_frames={num_frames}; put "{VIDEO_PLACEHOLDER}\\n" '
-                       'before the first question, or pass num_frames=0 for text only')
+      raise ConversationError(
+          f'no {VIDEO_PLACEHOLDER} (or {IMAGE_PLACEHOLDER}) placeholder in any human turn, but '
+          f'num_frames={num_frames}; put "{VIDEO_PLACEHOLDER}\\n" before the first question, or '
+          'pass num_frames=0 for text only')
     if out:
       out[0] = (IMAGE_PLACEHOLDER * num_frames + '\n' + out[0][0], out[0][1])
   return out
@@ -410,20 +429,22 @@ def build_prompt(turns: Conversation, system: str = SYSTEM_PROMPT) -> str:
   """
   turns = as_turns(turns)
   if not turns:
-    raise ValueError('empty conversation')
+    raise ConversationError('empty conversation')
   parts = [system, SEP]
   for i, (human, gpt) in enumerate(turns):
     if not isinstance(human, str) or not human:
-      raise ValueError(f'turn {i}: the question must be a non-empty string, got {human!r}')
+      raise ConversationError(f'turn {i}: the question must be a non-empty string, got '
+                              f'{human!r}')
     parts += [ROLES[0], ': ', human, SEP]
     if gpt is None:
       if i != len(turns) - 1:
-        raise ValueError(f'turn {i}: only the last turn may be unanswered (gpt=None)')
+        raise ConversationError(f'turn {i}: only the last turn may be unanswered '
+                                '(gpt=None)')
       parts += [ROLES[1], ':']
     else:
       if not isinstance(gpt, str) or not gpt:
-        raise ValueError(f'turn {i}: the answer must be a non-empty string (or None for the '
-                         f'generation prompt), got {gpt!r}')
+        raise ConversationError(f'turn {i}: the answer must be a non-empty string (or None '
+                                f'for the generation prompt), got {gpt!r}')
       parts += [ROLES[1], ': ', gpt, SEP2]
   return ''.join(parts)
 
@@ -493,14 +514,17 @@ def tokenize_conversation(tokenizer: Any, turns: Conversation, num_frames: int =
     input_ids int32 [T]: one BOS at 0, `num_frames` consecutive IMAGE_TOKEN_INDEX.
     labels int32 [T]: IGNORE_INDEX on BOS, system prompt, user turns, 'ASSISTANT:', the image
       ids; the token ids of each answer and of the '</s>' after it elsewhere.
+  Raises:
+    ConversationError (TokenizationMismatchError among them) when the conversation cannot be
+    written; ValueError for a bad argument or a tokenizer `check_tokenizer` refuses.
   """
   if on_mismatch not in ('raise', 'mask'):
     raise ValueError(f"on_mismatch={on_mismatch!r}; expected 'raise' or 'mask'")
   turns = expand_placeholders(turns, num_frames)
   for i, (human, gpt) in enumerate(turns):
     if gpt is None:
-      raise ValueError(f'turn {i} has no answer; use generation_prompt_ids for a prompt that '
-                       'ends with "ASSISTANT:"')
+      raise ConversationError(f'turn {i} has no answer; use generation_prompt_ids for a '
+                              'prompt that ends with "ASSISTANT:"')
     if on_mismatch == 'raise':
       for value in (human, gpt):
         for bad in (SEP2, ASSISTANT_SEP):
@@ -569,7 +593,7 @@ def generation_prompt_ids(tokenizer: Any, question: str, num_frames: int = 8,
   turns = as_turns(history) + [(question, None)]
   for i, (_, gpt) in enumerate(turns[:-1]):
     if gpt is None:
-      raise ValueError(f'history turn {i} has no answer')
+      raise ConversationError(f'history turn {i} has no answer')
   turns = expand_placeholders(turns, num_frames, insert_missing=True)
   check_tokenizer(tokenizer)
   return np.asarray(tokenizer_image_token(tokenizer, build_prompt(turns, system)), np.int32)
