@@ -35,7 +35,9 @@ def data(tmp_path_factory):
   ds = synthetic.make_dataset(root, 6, width=64, height=48, fps=8, duration_s=1.0)
   rng = np.random.default_rng(0)
   for name, w, h, seconds in (('portrait', 48, 64, 1.5), ('square', 48, 48, 0.375)):
-    scene = synthetic.random_scene(rng, width=w, height=h, fps=8, duration_s=seconds)
+    # A short travel: the default (0.6) cannot end a shape in a given half of so small a frame.
+    scene = synthetic.random_scene(rng, width=w, height=h, fps=8, duration_s=seconds,
+                                   travel=0.3)
     synthetic.write_scene_video(os.path.join(root, 'videos', name + '.mp4'), scene)
   broken = synthetic.write_broken_files(os.path.join(root, 'videos', 'broken'))
   captions = json.load(open(ds.train_captions))
@@ -239,6 +241,37 @@ def test_check_counts_reasons_and_statistics(data):
   text_out = check.summary(r)
   assert 'videos:  good 6  missing 1  unreadable 7' in text_out
   assert f'1 over max_len={MAX_LEN}' in text_out
+
+
+def test_a_bug_stops_the_check_instead_of_being_reported(data, tmp_path, monkeypatch):
+  """Only a file's own failures (VideoDecodeError) are 'unreadable', and only a
+  ConversationError is a bad conversation: an error of our code (a TypeError in the colour
+  conversion, a plain ValueError while tokenising) comes out of `check` with its traceback, as
+  it would stop training."""
+  from panda_jax.data import video
+  entries = [data['entries'][0], data['entries'][15]]    # good; no placeholder
+  ann = _write(tmp_path / 'two.json', entries)
+  kwargs = dict(tokenizer=data['tok'], frames=FRAMES, max_len=MAX_LEN, stab=STAB,
+                report=None, progress=False)
+  r = check.check(ann, data['root'], **kwargs)
+  assert r['samples']['good'] == 2 and r['samples']['bad_conversation'] == 1
+  assert r['samples']['usable'] == 1
+
+  def bug(*args, **kwargs):
+    raise TypeError('injected bug')
+  with monkeypatch.context() as m:
+    m.setattr(video, '_to_rgb', bug)
+    with pytest.raises(TypeError, match='injected bug'):
+      check.probe_video(os.path.join(data['root'], entries[0]['video']), FRAMES, STAB, 30.0)
+    with pytest.raises(TypeError, match='injected bug'):
+      check.check(ann, data['root'], **kwargs)
+
+  def value_bug(*args, **kwargs):
+    raise ValueError('injected bug')
+  with monkeypatch.context() as m:
+    m.setattr(text, 'tokenizer_image_token', value_bug)
+    with pytest.raises(ValueError, match='injected bug'):
+      check.check(ann, data['root'], **kwargs)
 
 
 def test_check_a_qa_file(data, tmp_path):

@@ -8,7 +8,9 @@ The annotation file is a training conversation file (`pipeline.load_annotations`
 file (`qa.load_qa`); the first entry's keys say which. Every distinct video is decoded and
 preprocessed exactly as the training pipeline does (`video.load_video`: the authors' frame
 rule, the time budget) and classified good, missing or unreadable (with the decoder's reason);
-a truncated or corrupt file counts as unreadable even where its header opens. Printed: the
+a truncated or corrupt file counts as unreadable even where its header opens. An error that is
+not the file's (a bug in decoding or preprocessing) stops the check with its traceback, as it
+would stop training. Printed: the
 counts, the frame-count and duration distributions, an aspect-ratio histogram, and with a
 tokenizer the length of each sample's assembled sequence (text tokens plus every frame's
 visual tokens, as `pipeline.ProcessSample` computes it) and how many exceed `max_len`.
@@ -98,7 +100,9 @@ def probe_video(path: str, frames: int, stab: StabConfig, timeout_s: float | Non
   """Decodes and preprocesses one video as the training pipeline does.
 
   Returns {'path', 'status': 'good' | 'missing' | 'unreadable', 'reason'} and, when good,
-  n_frames, fps, duration_s, width, height, codec, visual_tokens.
+  n_frames, fps, duration_s, width, height, codec, visual_tokens. Unreadable means a
+  `VideoDecodeError` (the file's own failure, the pipeline's `bad_video` skip); any other
+  error is a bug and propagates, as it does from the training pipeline.
   """
   if not os.path.exists(path):
     return {'path': path, 'status': 'missing', 'reason': 'missing: no such file'}
@@ -107,10 +111,6 @@ def probe_video(path: str, frames: int, stab: StabConfig, timeout_s: float | Non
                    patch=stab.patch_size, timeout_s=timeout_s)
   except VideoDecodeError as e:
     return {'path': path, 'status': 'unreadable', 'reason': e.reason}
-  except Exception as e:  # noqa: BLE001 - the pipeline would not survive this one: say so
-    return {'path': path, 'status': 'unreadable',
-            'reason': f'preprocessing failed (the training pipeline would stop here): '
-                      f'{type(e).__name__}: {e}'}
   info = v['info']
   return {'path': path, 'status': 'good', 'reason': None, 'n_frames': int(info['n_frames']),
           'fps': float(info['fps']), 'duration_s': float(info['n_frames'] / info['fps']),
@@ -125,14 +125,16 @@ def _probe_star(args):
 def _text_length(conversation, tokenizer, frames: int) -> tuple[int | None, str | None]:
   """(text tokens without the frames' placeholders, None) or (None, why it is unusable).
 
-  Without a tokenizer only the template checks run and the length is None.
+  Without a tokenizer only the template checks run and the length is None. Unusable: a
+  `text.ConversationError`, what the pipeline skips as `bad_conversation`; any other error
+  propagates.
   """
   try:
     if tokenizer is None:
       text.build_prompt(text.expand_placeholders(conversation, frames))
       return None, None
     ids, _ = text.tokenize_conversation(tokenizer, conversation, num_frames=frames)
-  except (ValueError, text.TokenizationMismatchError) as e:
+  except text.ConversationError as e:
     return None, str(e)[:300]
   return len(ids) - frames, None
 
@@ -191,7 +193,7 @@ def check(annotations: str, video_root: str, tokenizer: str | Any | None = None,
     progress: show progress bars on stderr.
   Raises:
     AnnotationError when the annotation file is invalid; ValueError / FileNotFoundError for a
-    bad setting or a tokenizer that cannot load.
+    bad setting or a tokenizer that cannot load or cannot write the v1 template.
   """
   if frames < 4 or frames % 4:
     raise ValueError(f'frames={frames} must be a positive multiple of 4 (chunks of 4 frames)')
@@ -207,6 +209,9 @@ def check(annotations: str, video_root: str, tokenizer: str | Any | None = None,
   tok = tokenizer
   if isinstance(tokenizer, (str, os.PathLike)):
     tok = text.load_tokenizer(tokenizer, model_max_length=10 ** 6)
+  if tok is not None:   # once here, not as every sample's error
+    text.check_tokenizer(tok, where=f'tokenizer {os.fspath(tokenizer)}'
+                         if isinstance(tokenizer, (str, os.PathLike)) else 'tokenizer')
 
   by_path: dict[str, list[int]] = collections.defaultdict(list)
   unresolved: dict[str, list[int]] = collections.defaultdict(list)
