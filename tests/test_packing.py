@@ -2,17 +2,20 @@
 stay close with JPEG, broken videos are skipped and counted at build time, VideoQA sets and
 teacher features round-trip, and reading never imports TensorFlow."""
 
+import io
 import json
 import logging
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from conftest import require_package
 from panda_jax import config as config_lib
@@ -203,6 +206,68 @@ def test_mismatched_sets_are_refused(data, png):
   with pytest.raises(VideoDecodeError, match='x.mp4: packed frame 1'):
     packing.decode_images([packing.encode_frames(np.zeros((1, 4, 4, 3), np.uint8))[0],
                            b'not an image'], 'x.mp4')
+
+
+def _frame_images():
+  """One 16 x 24 frame as PNG, JPEG and greyscale PNG bytes."""
+  frame = np.random.default_rng(0).integers(0, 255, (1, 16, 24, 3), np.uint8)
+  grey = io.BytesIO()
+  Image.fromarray(frame[0, :, :, 0], 'L').save(grey, 'PNG')
+  return (packing.encode_frames(frame)[0], packing.encode_frames(frame, 'jpeg')[0],
+          grey.getvalue())
+
+
+def _short_idat(png):
+  """The PNG with its IDAT chunk's length cut to 10: the decoder reads on into a chunk header
+  that is not one (Pillow: SyntaxError 'broken PNG file')."""
+  i = png.index(b'IDAT')
+  return png[:i - 4] + struct.pack('>I', 10) + png[i:]
+
+
+@pytest.mark.parametrize('case, reason', [
+    ('truncated_png', 'OSError'), ('truncated_jpeg', 'OSError'),
+    ('not_an_image', 'UnidentifiedImageError'), ('broken_png_chunk', 'SyntaxError'),
+    ('decompression_bomb', 'DecompressionBombError'), ('grey', 'image mode L, expected RGB')])
+def test_a_corrupt_packed_frame_is_a_decode_error(case, reason, monkeypatch):
+  """What Pillow raises for a corrupt, truncated or oversized image, and a frame not in RGB,
+  is a VideoDecodeError (the pipeline's bad_video skip) naming the frame and the error."""
+  png, jpeg, grey = _frame_images()
+  if case == 'decompression_bomb':
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)   # 384 pixels > 2 x the limit
+  bad = {'truncated_png': png[:len(png) // 2], 'truncated_jpeg': jpeg[:len(jpeg) // 2],
+         'not_an_image': b'\x89PNG\r\n\x1a\n' + bytes(40),
+         'broken_png_chunk': _short_idat(png), 'decompression_bomb': png, 'grey': grey}[case]
+  with pytest.raises(VideoDecodeError, match=f'x.mp4: packed frame 0: {reason}'):
+    packing.decode_images([bad, png], 'x.mp4')
+
+
+@pytest.mark.parametrize('error', [TypeError, ValueError])
+def test_a_bug_in_decoding_packed_frames_propagates(data, png, monkeypatch, error):
+  """A corrupt frame in a packed record is a bad_video skip; an error that is not Pillow's
+  about the image (a bug) comes out of the sample processor instead of being counted."""
+  class Truncated:
+    """The packed set with record 0's first frame cut short."""
+    dataset_info = png.dataset_info
+
+    def __len__(self):
+      return len(png)
+
+    def __getitem__(self, i):
+      example = dict(png[i])
+      if i == 0:
+        example['frames'] = [example['frames'][0][:20]] + list(example['frames'][1:])
+      return example
+
+  proc = packing.PackedProcessSample(Truncated(), data['tok'], STAB, FRAMES, MAX_LEN)
+  out = proc(0)
+  assert out['skip'] == 'bad_video' and 'packed frame 0: OSError' in out['detail'], out
+  assert 'skip' not in proc(1)
+
+  def bug(*args, **kwargs):
+    raise error('injected bug')
+  monkeypatch.setattr(packing.Image, 'open', bug)
+  with pytest.raises(error, match='injected bug'):
+    proc(0)
 
 
 def test_qa_set_from_the_command_line_reads_without_tensorflow(data, png):

