@@ -343,6 +343,28 @@ def test_command_line_with_workers(data, tmp_path):
   assert got == want                              # 2 worker processes == this process
 
 
+def test_command_line_a_bug_is_a_traceback_not_an_error_line(data, tmp_path):
+  """Exit status 2 and one 'error:' line are for a check that cannot start; a ValueError of our
+  code while tokenising, once the check runs, comes out as a traceback."""
+  ann = _write(tmp_path / 'one.json', [data['entries'][0]])
+  code = ('import sys\n'
+          'from absl import app\n'
+          'from panda_jax.data import check, text\n'
+          'def bug(*args, **kwargs):\n'
+          '  raise ValueError("injected bug")\n'
+          'text.tokenizer_image_token = bug\n'
+          'check._define_flags()\n'
+          'app.run(check.main, argv=sys.argv)\n')
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  run = subprocess.run([sys.executable, '-c', code, f'--annotations={ann}',
+                        f'--video_root={data["root"]}', f'--tokenizer={data["tok"]}',
+                        f'--frames={FRAMES}', '--model_size=tiny', '--report='],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1, (run.returncode, run.stderr[-2000:])
+  assert 'Traceback' in run.stderr and 'ValueError: injected bug' in run.stderr
+  assert 'error: injected bug' not in run.stderr
+
+
 def test_command_line_malformed_annotations(data, tmp_path):
   entries = [data['entries'][0], {'id': 'x', 'video': 'videos/vid_00000.mp4'}]
   ann = _write(tmp_path / 'bad.json', entries)

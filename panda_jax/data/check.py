@@ -193,8 +193,32 @@ def check(annotations: str, video_root: str, tokenizer: str | Any | None = None,
     progress: show progress bars on stderr.
   Raises:
     AnnotationError when the annotation file is invalid; ValueError / FileNotFoundError for a
-    bad setting or a tokenizer that cannot load or cannot write the v1 template.
+    bad setting or a tokenizer that cannot load or cannot write the v1 template, all before any
+    video is read (`_setup`). Anything raised after is a bug and propagates.
   """
+  return _scan(_setup(annotations, video_root, tokenizer, frames, max_len, image_size, stab,
+                      answers), report, workers, timeout_s, progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What `check` reads before any video: the validated settings, samples and tokenizer."""
+  annotations: str
+  video_root: str
+  tokenizer: str | Any | None   # as given (the report names it)
+  frames: int
+  max_len: int
+  stab: StabConfig
+  answers: str | None
+  fmt: str
+  samples: list[dict]
+  tok: Any                      # the loaded tokenizer, or None
+
+
+def _setup(annotations, video_root, tokenizer, frames, max_len, image_size, stab,
+           answers) -> _Setup:
+  """Validates `check`'s settings and reads the annotations and the tokenizer: every error that
+  means the check cannot start (AnnotationError, ValueError, FileNotFoundError)."""
   if frames < 4 or frames % 4:
     raise ValueError(f'frames={frames} must be a positive multiple of 4 (chunks of 4 frames)')
   if max_len < 1:
@@ -212,6 +236,17 @@ def check(annotations: str, video_root: str, tokenizer: str | Any | None = None,
   if tok is not None:   # once here, not as every sample's error
     text.check_tokenizer(tok, where=f'tokenizer {os.fspath(tokenizer)}'
                          if isinstance(tokenizer, (str, os.PathLike)) else 'tokenizer')
+  return _Setup(annotations, video_root, tokenizer, frames, max_len, stab, answers, fmt,
+                samples, tok)
+
+
+def _scan(setup: _Setup, report: str | None, workers: int, timeout_s: float | None,
+          progress: bool) -> dict:
+  """`check` once `_setup` has passed: decodes the videos, tokenizes the conversations, and
+  writes the report."""
+  annotations, video_root, tokenizer = setup.annotations, setup.video_root, setup.tokenizer
+  frames, max_len, stab, answers = setup.frames, setup.max_len, setup.stab, setup.answers
+  fmt, samples, tok = setup.fmt, setup.samples, setup.tok
 
   by_path: dict[str, list[int]] = collections.defaultdict(list)
   unresolved: dict[str, list[int]] = collections.defaultdict(list)
@@ -367,14 +402,15 @@ def main(argv):
   from panda_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   try:
     stab = config_lib.stab_config(config_lib.model_config(f.model_size))
-    result = check(f.annotations, f.video_root, tokenizer=f.tokenizer, frames=f.frames,
-                   max_len=f.max_len, image_size=f.image_size, stab=stab,
-                   report=f.report or '',
-                   workers=f.workers, timeout_s=f.timeout_s or None, answers=f.answers,
-                   progress=True)
+    setup = _setup(f.annotations, f.video_root, f.tokenizer, f.frames, f.max_len,
+                   f.image_size, stab, f.answers)
   except (AnnotationError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  # From here on an error is a bug (a video's or a conversation's own failures are report
+  # lines): it propagates with its traceback.
+  result = _scan(setup, report=f.report or '', workers=f.workers,
+                 timeout_s=f.timeout_s or None, progress=True)
   print(summary(result))
   return 0
 
