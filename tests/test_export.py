@@ -128,3 +128,116 @@ def test_golden_params_round_trip(path, tmp_path):
   assert all(n.startswith(TOWER + 'lmhra2.') or n.endswith('num_batches_tracked')
              for n in unused)
   _same(params, got, values_differ=unused)
+
+
+# ------------------------------------------------------------------ the fine-tuning example
+
+def _example_blocks(root):
+  """docs/finetune.md's small example with /tmp/finetune replaced by `root`: (its python
+  block, its bash commands)."""
+  from test_docs import shell_commands
+  text = open(os.path.join(ROOT, 'docs', 'finetune.md')).read()
+  section = text[text.index('## The small example, end to end'):].replace('/tmp/finetune',
+                                                                         str(root))
+  py = section.split('```python\n', 1)[1].split('```', 1)[0]
+  return py, [c for _, c in shell_commands(section)]
+
+
+def _workdir_config(config):
+  import ml_collections
+  from panda_jax import config as config_lib
+  return config_lib.panda_config(ml_collections.ConfigDict(config['model']))
+
+
+def _logits(cfg, variables, tok_dir):
+  """The model's logits [1, L, V] for a generated clip and a question (valid positions)."""
+  import jax
+  import jax.numpy as jnp
+  from panda_jax.data import text
+  from panda_jax.data.assembly import layout_batch
+  from panda_jax.models.panda import VideoPanda
+  tok = text.load_tokenizer(tok_dir)
+  frames, s = 4, cfg.stab.image_size
+  ids = text.generation_prompt_ids(tok, 'In which direction does the square move?',
+                                   num_frames=frames)[None]
+  mask = np.ones((1, frames, s, s), np.float32)
+  lay = layout_batch(ids, None, np.ones_like(ids), mask, cfg.stab,
+                     max_len=ids.shape[1] + frames * cfg.stab.max_frame_tokens)
+  pixels = jax.random.uniform(jax.random.PRNGKey(3), (1, frames, s, s, 3), minval=-1, maxval=1)
+  batch = dict({k: jnp.asarray(v) for k, v in lay.items()}, pixels=pixels,
+               mask=jnp.asarray(mask))
+  out = jax.jit(lambda v, b: VideoPanda(cfg).apply(v, b, with_distill=False))(variables, batch)
+  return np.asarray(out['logits'], np.float32)[lay['valid']]
+
+
+@pytest.mark.slow
+def test_the_finetuning_example_runs_and_its_export_converts_back(tmp_path):
+  """docs/finetune.md's small example, command by command: data.check, a tiny LoRA stage 3,
+  eval.videoqa, export, conversion back. The export converted back gives the trained run's
+  logits (its LoRA merged); `--model=llama` gives its merged decoder; errors name the path."""
+  import jax
+  from panda_jax import workdir as workdir_lib
+  from panda_jax.models import lora
+  py, commands = _example_blocks(tmp_path)
+  exec(compile(py, 'docs/finetune.md', 'exec'), {})   # the stand-in videos and tokenizer
+  data, run = tmp_path / 'data', tmp_path / 'run'
+  outs = []
+  for command in commands:
+    r = subprocess.run([sys.executable, *command.split()[1:]], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f'{command}\n{r.stderr[-3000:]}'
+    outs.append(r.stdout)
+  assert [c.split()[2] for c in commands] == [
+      'panda_jax.data.check', 'panda_jax.main', 'panda_jax.eval.videoqa',
+      'panda_jax.convert.export', 'panda_jax.convert.checkpoint']
+  assert 'usable 4' in outs[0] and 'too_long 0' in outs[0]
+  assert json.loads((run / 'summary.json').read_text())['step'] == 2
+  questions = json.loads((data / 'eval_qa.json').read_text())
+  assert len((run / 'eval.jsonl').read_text().splitlines()) == len(questions)
+  assert {'config.json', 'model.safetensors.index.json', 'tokenizer.json'} <= set(
+      os.listdir(run / 'export'))
+
+  # The trained run (LoRA factors, a bfloat16 base) and its export converted back.
+  cfg = _workdir_config(json.loads((run / 'config.json').read_text()))
+  _, params, stats = workdir_lib.restore_variables(run)
+  assert cfg.llm.lora.enabled and export.has_lora(params)
+  model, back_cfg, back = conv.load_converted(run / 'converted')
+  assert model == 'video_panda' and back_cfg == export.lora_off(cfg)
+  merged = export.merge_lora(params, cfg.llm.lora)
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a, np.float32), b),
+                      {'params': merged, 'batch_stats': stats}, jax.tree.map(np.asarray, back))
+  assert all(jax.tree.leaves(same))
+  ours = _logits(cfg, {'params': params, 'batch_stats': stats}, data / 'tokenizer')
+  theirs = _logits(back_cfg, back, data / 'tokenizer')
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+
+  # --model=llama: the merged decoder alone.
+  export.run(str(run), str(tmp_path / 'llama'), model='llama', llm_dtype='float32',
+             workdir_config=_workdir_config)
+  conv.convert_directory(tmp_path / 'llama', tmp_path / 'llama_back', model='llama',
+                         llm_dtype='float32')
+  _, _, llama_back = conv.load_converted(tmp_path / 'llama_back')
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a, np.float32), b), merged['llm'],
+                      jax.tree.map(np.asarray, llama_back['params']))
+  assert all(jax.tree.leaves(same))
+  assert not lora.has_factors(llama_back['params'])
+
+  # Errors name the path and what is accepted.
+  with pytest.raises(FileNotFoundError, match=f'{tmp_path / "nope"} does not exist; expected a '
+                     'training workdir'):
+    export.run(str(tmp_path / 'nope'), str(tmp_path / 'x'))
+  with pytest.raises(FileNotFoundError, match=f'{data} is neither a training workdir'):
+    export.run(str(data), str(tmp_path / 'x'))
+  with pytest.raises(ValueError, match='holds a converted .llama. model.*--model=llama'):
+    export.run(str(tmp_path / 'llama_back'), str(tmp_path / 'x'), tokenizer=str(data / 'tokenizer'))
+  with pytest.raises(FileExistsError, match=f'--dst={run / "export"} is not empty.*--overwrite'):
+    export.run(str(run), str(run / 'export'), workdir_config=_workdir_config)
+  (run / 'export' / 'notes.txt').write_text('mine')
+  export.run(str(run), str(run / 'export'), overwrite=True, max_shard_mb=0.5,
+             workdir_config=_workdir_config)
+  files = os.listdir(run / 'export')
+  assert 'notes.txt' in files and 'model-00001-of-00001.safetensors' not in files
+  with pytest.raises(ValueError, match="--model='gpt'; expected one of"):
+    export.run(str(run), str(tmp_path / 'x'), model='gpt')
+  with pytest.raises(Exception, match='holds LoRA factors .* but its config has no LoRA'):
+    export.merge_lora(params, None)

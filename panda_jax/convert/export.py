@@ -72,16 +72,32 @@ def has_lora(params) -> bool:
   return 'lora_a' in params or 'lora_b' in params or any(has_lora(v) for v in params.values())
 
 
-def merge_lora(params, lora_cfg):
-  """`params` with LoRA factors folded into their kernels (`models.lora.merge`); as it is when
-  it holds none."""
+def merge_lora(params, lora_cfg, dtype=None):
+  """`params` with LoRA factors folded into their kernels (`models.lora.merge`: W + scale * A B
+  computed in float32 whatever the frozen base's dtype), each merged kernel stored in `dtype`
+  (default float32) as soon as it is made, so at most one float32 kernel stack exists at a
+  time; `params` as it is when it holds no factors."""
   if not has_lora(params):
     return params
   if lora_cfg is None or not lora_cfg.enabled:
     raise ConversionError('the checkpoint holds LoRA factors (lora_a / lora_b) but its config '
                           'has no LoRA (model.lora.rank 0): cannot merge them')
   from panda_jax.models import lora  # pylint: disable=import-outside-toplevel
-  return _numpy(lora.merge(params, lora_cfg))
+
+  def walk(tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    if 'lora_a' not in tree and 'lora_b' not in tree:
+      return {k: walk(v) for k, v in tree.items()}
+    module = {k: tree[k] for k in ('kernel', 'lora_a', 'lora_b') if k in tree}
+    if 'kernel' in module:
+      module['kernel'] = np.asarray(module['kernel'], np.float32)
+    merged = lora.merge(module, lora_cfg)         # raises, naming them, on incomplete factors
+    out = {k: walk(v) for k, v in tree.items() if k not in module}
+    out['kernel'] = np.asarray(merged['kernel']).astype(dtype or np.float32)
+    return out
+
+  return walk(params)
 
 
 def lora_config(cfg):
@@ -245,15 +261,17 @@ def export(model: str, cfg, variables, dst, *, source_model: str = 'video_panda'
     raise ValueError(f'the checkpoint holds a {source_model!r} model: only --model=llama can '
                      'export it')
   variables = _numpy(variables)
-  params = merge_lora(variables['params'], lora_config(cfg))
+  llm_of = lambda p: p['llm'] if source_model == 'video_panda' else p
+  # keep: the decoder's stored dtype (its embedding's; merged LoRA kernels come back to it).
+  dtype = DTYPES[llm_dtype] or llm_of(variables['params'])['embed_tokens']['embedding'].dtype
+  prepare_dst(dst, overwrite)
+  params = merge_lora(variables['params'], lora_config(cfg), dtype)
   cfg = lora_off(cfg)
   variables = dict(variables, params=params)
-  dtype = DTYPES[llm_dtype]
-  prepare_dst(dst, overwrite)
-  llm_params = params['llm'] if source_model == 'video_panda' else params
+  llm_params = llm_of(params)
   llm_cfg = cfg.llm if source_model == 'video_panda' else cfg
   tied = is_tied(llm_params, llm_cfg)
-  stored = dtype or np.asarray(llm_params['embed_tokens']['embedding']).dtype
+  stored = dtype
   if model == 'panda':
     tensors = panda_tensors(cfg, variables)
     hf = panda_hf_config(cfg, tie_embeddings=tied, dtype=stored)
@@ -305,11 +323,23 @@ def load_checkpoint(checkpoint, workdir_config=None):
 
 
 def token_ids(tokenizer_dir) -> dict[str, int]:
-  """bos/eos/pad_token_id of a Hugging Face tokenizer directory (those it defines)."""
-  import transformers  # pylint: disable=import-outside-toplevel
-  tok = transformers.AutoTokenizer.from_pretrained(storage.local_copy(tokenizer_dir))
-  return {f'{k}_token_id': getattr(tok, f'{k}_token_id') for k in ('bos', 'eos', 'pad')
-          if getattr(tok, f'{k}_token_id', None) is not None}
+  """bos/eos/pad_token_id of a Hugging Face tokenizer directory: the special tokens its
+  `tokenizer_config.json` names, looked up in its `tokenizer.json` (those it has; none for a
+  SentencePiece-only directory, whose Llama ids are config.json's defaults)."""
+  cfg_path, vocab_path = (storage.join(tokenizer_dir, f) for f in ('tokenizer_config.json',
+                                                                    'tokenizer.json'))
+  if not (storage.isfile(cfg_path) and storage.isfile(vocab_path)):
+    return {}
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  tok_cfg = storage.read_json(cfg_path)
+  tok = tokenizers.Tokenizer.from_str(storage.read_text(vocab_path))
+  out = {}
+  for k in ('bos', 'eos', 'pad'):
+    token = tok_cfg.get(f'{k}_token')
+    token = token.get('content') if isinstance(token, dict) else token
+    if isinstance(token, str) and tok.token_to_id(token) is not None:
+      out[f'{k}_token_id'] = tok.token_to_id(token)
+  return out
 
 
 def run(checkpoint, dst, *, model: str = 'panda', tokenizer=None, llm_dtype: str = 'keep',

@@ -63,14 +63,17 @@ def convert_panda(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.nd
     llm_params = llm.finish()
   except ConversionError as e:
     problems.append(str(e))
+  # Without distillation (distill.loss='none', an ablation) the model has no head.
+  head = cfg.distill if cfg.distill.loss != 'none' else None
   try:
-    vis = convert_visual(visual, cfg.stab, cfg.distill)
+    vis = convert_visual(visual, cfg.stab, head)
   except ConversionError as e:
     problems.append(str(e))
   if unexpected:
     problems.append(f'unexpected ({len(unexpected)}): ' + ', '.join(sorted(unexpected)))
   if problems:
     raise ConversionError('cannot convert the Video-Panda checkpoint:\n' + '\n'.join(problems))
-  return {'params': {'visual': vis['visual']['params'], 'llm': llm_params,
-                     'distill': vis['distill']['params']},
-          'batch_stats': {'visual': vis['visual']['batch_stats']}}
+  params = {'visual': vis['visual']['params'], 'llm': llm_params}
+  if head is not None:
+    params['distill'] = vis['distill']['params']
+  return {'params': params, 'batch_stats': {'visual': vis['visual']['batch_stats']}}
