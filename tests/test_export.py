@@ -226,7 +226,7 @@ def test_the_finetuning_example_runs_and_its_export_converts_back(tmp_path):
   # The trained run (LoRA factors, a bfloat16 base) and its export converted back.
   cfg = _workdir_config(json.loads((run / 'config.json').read_text()))
   _, params, stats = workdir_lib.restore_variables(run)
-  assert cfg.llm.lora.enabled and export.has_lora(params)
+  assert cfg.llm.lora.enabled and lora.has_factors(params)
   model, back_cfg, back = conv.load_converted(run / 'converted')
   assert model == 'video_panda' and back_cfg == export.lora_off(cfg)
   merged = export.merge_lora(params, cfg.llm.lora)

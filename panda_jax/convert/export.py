@@ -23,11 +23,10 @@ such as the image size and STAB heads), so converting the export back gives the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 import time
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import jax
 import ml_dtypes
@@ -39,6 +38,7 @@ from panda_jax.convert.common import ConversionError
 from panda_jax.convert.llama import hf_config as llama_hf_config
 from panda_jax.convert.llama import is_tied, iter_llama_tensors
 from panda_jax.convert.visual import visual_to_torch
+from panda_jax.models import lora
 
 MODELS = ('panda', 'llama')
 DTYPES = {'keep': None, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16,
@@ -65,24 +65,16 @@ def _numpy(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def has_lora(params) -> bool:
-  """Whether a parameter tree holds LoRA factors (`lora_a` / `lora_b`)."""
-  if not isinstance(params, Mapping):
-    return False
-  return 'lora_a' in params or 'lora_b' in params or any(has_lora(v) for v in params.values())
-
-
 def merge_lora(params, lora_cfg, dtype=None):
   """`params` with LoRA factors folded into their kernels (`models.lora.merge`: W + scale * A B
   computed in float32 whatever the frozen base's dtype), each merged kernel stored in `dtype`
   (default float32) as soon as it is made, so at most one float32 kernel stack exists at a
   time; `params` as it is when it holds no factors."""
-  if not has_lora(params):
+  if not lora.has_factors(params):
     return params
   if lora_cfg is None or not lora_cfg.enabled:
     raise ConversionError('the checkpoint holds LoRA factors (lora_a / lora_b) but its config '
                           'has no LoRA (model.lora.rank 0): cannot merge them')
-  from panda_jax.models import lora  # pylint: disable=import-outside-toplevel
 
   def walk(tree):
     if not isinstance(tree, Mapping):
@@ -104,9 +96,9 @@ def lora_config(cfg):
   """The LoRA config of a PandaConfig or LlamaConfig (`cfg.lora` or `cfg.llm.lora`, the one of
   rank > 0), or None."""
   for c in (cfg, getattr(cfg, 'llm', None)):
-    lora = getattr(c, 'lora', None)
-    if lora is not None and lora.enabled:
-      return lora
+    found = getattr(c, 'lora', None)
+    if found is not None and found.enabled:
+      return found
   return None
 
 
