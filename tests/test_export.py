@@ -156,6 +156,45 @@ def test_export_to_a_bucket(gcs_bucket, tmp_path):
   assert conv.convert_directory(dst, tmp_path / 'back', llm_dtype='float32') == cfg
 
 
+def test_variants_without_a_head_and_with_tied_embeddings(tmp_path):
+  """No distillation head (distill.loss='none'): no compressor tensors, requires_video_distill
+  false, and it converts back. A tied decoder (llm.tie_embeddings, no head parameter): no
+  lm_head.weight, tie_word_embeddings true, converts back without a head. Per-head q/k norms
+  have no Hugging Face counterpart: refused by name."""
+  import dataclasses
+  import jax
+  from panda_jax.convert.llama import iter_llama_tensors
+  meta, params, _, _, _ = golden.load_case(golden.case_path('video_panda_tiny'))
+  cfg = golden.panda_config_from_meta(meta)
+  variables = convert_panda(params, cfg)
+  cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, loss='none'))
+  del variables['params']['distill']
+  export.export('panda', cfg, variables, tmp_path / 'nohead')
+  names = hf_io.load_tensors(tmp_path / 'nohead')
+  assert not any(n.startswith('model.video_tower_compressor.') for n in names)
+  hf = json.loads((tmp_path / 'nohead' / 'config.json').read_text())
+  assert hf['requires_video_distill'] is False and hf['model_type'] == 'videopanda'
+  assert conv.convert_directory(tmp_path / 'nohead', tmp_path / 'nohead_back',
+                                llm_dtype='float32') == cfg
+  _, _, back = conv.load_converted(tmp_path / 'nohead_back')
+  assert all(jax.tree.leaves(jax.tree.map(_bits_equal, variables,
+                                          jax.tree.map(np.asarray, back))))
+
+  meta, params, _, _, _ = golden.load_case(golden.case_path('llama_tiny'))
+  llm = dataclasses.replace(golden.llama_config_from_meta(meta), tie_embeddings=True)
+  tied = convert_llama(params, llm)
+  assert 'lm_head' not in tied
+  export.export('llama', llm, {'params': tied}, tmp_path / 'tied', source_model='llama')
+  assert 'lm_head.weight' not in hf_io.load_tensors(tmp_path / 'tied')
+  assert json.loads((tmp_path / 'tied' / 'config.json').read_text())['tie_word_embeddings']
+  conv.convert_directory(tmp_path / 'tied', tmp_path / 'tied_back', model='llama',
+                         llm_dtype='float32')
+  _, back_cfg, back = conv.load_converted(tmp_path / 'tied_back')
+  assert back_cfg == llm and 'lm_head' not in back['params']
+  with pytest.raises(Exception, match=r'model\.llm\.qk_norm.*cannot be exported'):
+    next(iter_llama_tensors(tied, dataclasses.replace(llm, qk_norm=True)))
+
+
 # ------------------------------------------------------------------ the fine-tuning example
 
 def _example_blocks(root):
