@@ -496,6 +496,7 @@ class Engine:
 
   async def submit(self, chat: Chat) -> Job:
     """Checks the prompt, decodes the video off the loop and queues the request."""
+    from panda_jax.data import text
     loop = asyncio.get_running_loop()
     if chat.history or chat.system is not None:
       prompt = _Conversation(chat.question, tuple(chat.history), chat.system)
@@ -503,7 +504,7 @@ class Engine:
       prompt = chat.question
     try:
       ids = self.prompt_ids(prompt, chat.frames)
-    except ValueError as e:
+    except text.ConversationError as e:     # the request's conversation; anything else is ours
       raise ApiError(400, f'the conversation cannot be built: {e}', param='messages') from None
     text_tokens = len(ids) - chat.frames
     if text_tokens > self.limits.max_prompt_tokens:

@@ -272,3 +272,18 @@ def test_teachers_are_named_by_config():
   c.model.teacher.temporal = True        # contradicts the name
   with pytest.raises(ValueError, match="teacher_name='clip' needs"):
     config_lib.teacher_config(c.model)
+
+
+def test_a_feature_file_that_cannot_be_read_is_a_feature_error(tmp_path):
+  """Missing, empty (np.load raises EOFError), truncated and misshaped files each give a
+  FeatureError naming the file: the pipeline counts it as missing_teacher_features."""
+  good = str(tmp_path / 'good.npy')
+  features.save(good, np.ones((2, 4, 3)))
+  np.testing.assert_array_equal(features.load(good, (2, 4, 3)), np.ones((2, 4, 3)))
+  (tmp_path / 'empty.npy').write_bytes(b'')
+  (tmp_path / 'cut.npy').write_bytes(open(good, 'rb').read()[:40])
+  for name, words in (('missing.npy', 'no cached teacher features'),
+                      ('empty.npy', 'unreadable'), ('cut.npy', 'unreadable'),
+                      ('good.npy', 'of shape')):
+    with pytest.raises(features.FeatureError, match=f'{name}: .*{words}'):
+      features.load(str(tmp_path / name), (2, 4, 4) if name == 'good.npy' else (2, 4, 3))

@@ -100,8 +100,8 @@ def load(source, shape: tuple[int, ...], where: str = '') -> np.ndarray:
     a = np.load(source, allow_pickle=False)
   except FileNotFoundError:
     raise FeatureError(f'{where}: no cached teacher features for this video') from None
-  except (OSError, ValueError) as e:
-    raise FeatureError(f'{where}: unreadable teacher features: {e}') from None
+  except (OSError, ValueError, EOFError) as e:     # EOFError: an empty .npy file
+    raise FeatureError(f'{where}: unreadable teacher features: {e or type(e).__name__}') from None
   if a.shape != tuple(shape):
     raise FeatureError(f'{where}: teacher features of shape {a.shape}; expected '
                        f'{tuple(shape)}')
