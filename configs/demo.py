@@ -52,7 +52,7 @@ def get_config(arg: str = ''):
       frames=4,               # frames the model reads (every frame)
       max_shapes=2,           # one or two shapes a clip
       shape_size=0.2,         # a shape's half-size as a fraction of the frame height
-      travel=0.6,             # the path over a whole clip, as a fraction of the shorter span
+      travel=1.0,             # every shape's path, as a fraction of synthetic.path_reach
       turns=3,                # questions per stage-3 conversation
       short_fraction=0.75,    # share of stage-3 questions asked and answered in the short form
       balance_types=True,     # stage-3 questions drawn by type first
@@ -70,8 +70,8 @@ def get_config(arg: str = ''):
   c.stages = ml_collections.ConfigDict(dict(
       stage1=stage(100, 5e-3, 8, 0.03),   # captions; visual part and distillation head
       stage2=stage(300, 5e-3, 8, 0.01),   # captions; everything
-      stage3=stage(800, 2e-3, 8, 0.01),   # the conversations with the focus questions mixed in
-      focus=stage(2000, 2e-3, 8, 0.01)))  # stage 3a: data.focus_types' questions alone
+      stage3=stage(1600, 2e-3, 8, 0.01),  # the conversations with the focus questions mixed in
+      focus=stage(500, 2e-3, 8, 0.01)))   # stage 3a: data.focus_types' questions alone
   c.train = ml_collections.ConfigDict(dict(log_every=25, save_every=250))
   c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8))
   # A tuple, so the command line can choose: --config.ablations="('no_lste', 'no_distill')".

@@ -146,10 +146,6 @@ def test_each_fact_is_drawn_on_its_own():
   for (dd, hh, aa), c in joint.items():
     assert abs(c / n - d[dd] * h[hh] * a[aa] / n ** 3) < 0.015, (dd, hh, aa)
   assert 100 < together < 400     # about a third of the ~750 two-shape clips
-  # Too long a path for the frame: refused, naming travel.
-  with pytest.raises(ValueError, match='travel=1.0'):
-    for i in range(50):
-      synthetic.random_scene(np.random.default_rng(i), travel=1.0, **kw)
 
 
 def test_held_out_conditions_are_avoided_or_shown_once():
@@ -219,16 +215,27 @@ def test_codec_and_keyframes(tmp_path):
     assert out['info']['indices'].tolist() == sample_indices(20, 10).tolist()
 
 
-def test_travel_moves_every_shape_at_one_speed():
-  scene = synthetic.random_scene(np.random.default_rng(3), width=112, height=84, fps=1,
-                                 duration_s=4.0, num_shapes=3, size=0.2, travel=0.4)
-  span = min(112 - 2 * 16 - 3, 84 - 2 * 16 - 3)       # the shorter free span of a centre
-  for sh in scene.shapes:
-    dist = np.hypot(sh.end[0] - sh.start[0], sh.end[1] - sh.start[1])
-    assert dist == pytest.approx(0.4 * span * (scene.num_frames - 1 - sh.appear) /
-                                 (scene.num_frames - 1))
+def test_travel_sets_every_shapes_path_length():
+  """Every shape travels `travel` of `path_reach`, whenever it appears; the longest path (1.0)
+  still ends in either half for every direction, on wide, square and tall frames."""
+  for w, h, size in ((112, 84, 0.2), (48, 48, 0.1), (32, 24, 0.1), (64, 96, 0.1)):
+    r = max(2, int(min(w, h) * size))
+    reach = synthetic.path_reach(w, h, r)
+    for travel in (0.4, 1.0):
+      for i in range(60):
+        scene = synthetic.random_scene(np.random.default_rng(i), width=w, height=h, fps=1,
+                                       duration_s=4.0, num_shapes=2, size=size, travel=travel)
+        for sh in scene.shapes:
+          dist = np.hypot(sh.end[0] - sh.start[0], sh.end[1] - sh.start[1])
+          assert dist == pytest.approx(travel * reach)
+          for x, y in (sh.start, sh.end):
+            assert r < x < w - r - 1 and r < y < h - r - 1
+  # The demo's frame: a left-mover ending in the right half binds (the frame's right margin).
+  assert synthetic.path_reach(112, 84, 16) == pytest.approx((112 - 16 - 2) - 56 - 0.04 * 112)
   with pytest.raises(ValueError, match='travel=0'):
     synthetic.random_scene(np.random.default_rng(3), travel=0.0)
+  with pytest.raises(ValueError, match='no room'):
+    synthetic.random_scene(np.random.default_rng(3), width=8, height=8, size=0.25)
 
 
 def test_short_answer_turns_and_eval_instruction(tmp_path):

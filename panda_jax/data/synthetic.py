@@ -159,10 +159,19 @@ def last_appearance(num_frames: int) -> int:
   return (7 * (num_frames - 1)) // 10
 
 
+def path_reach(width: int, height: int, radius: int) -> float:
+  """The longest straight path (pixels) a shape of `radius` can take inside the frame in any
+  direction and still end in either half, 4 % of the width clear of the middle."""
+  lo_x, hi_x = radius + 1, width - radius - 2
+  lo_y, hi_y = radius + 1, height - radius - 2
+  mid, gap = width / 2, max(1.0, 0.04 * width)
+  return float(min(mid - gap - lo_x, hi_x - mid - gap, hi_y - lo_y))
+
+
 def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, fps=10,
                  duration_s: float = 3.0, max_shapes: int = 3, num_shapes: int | None = None,
                  directions: Sequence[str] | None = None, noise: int = 0,
-                 travel: float = 0.6, size: float = 0.1, exclude: HeldOut | None = None,
+                 travel: float = 1.0, size: float = 0.1, exclude: HeldOut | None = None,
                  novel: HeldOut | None = None) -> Scene:
   """A random scene; `num_shapes` / `directions` pin those choices (for tests).
 
@@ -170,10 +179,10 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
   a clip), kind, direction, the frame it appears on (uniform over 0 .. `last_appearance`, so
   "visible at the start" and "which appears first" are separate facts, and two shapes may
   appear together) and the half of the frame (left or right) it ends in, whatever its direction.
-  Every shape moves at the same speed from its appearance to the last frame: `travel` of the
-  frame's shorter free span over a whole clip (less when it appears later), along a straight
-  path that stays inside the frame; its end is at least 4 % of the width from the middle, so the
-  half is never a matter of a pixel. `size`: a shape's half-size as a fraction of the frame's
+  Every shape moves along a straight path inside the frame from its appearance to the last
+  frame, the same distance whenever it appears: `travel` of the longest path that can end in
+  either half whatever the direction (`path_reach`); its end is at least 4 % of the width from
+  the middle, so the half is never a matter of a pixel. `size`: a shape's half-size as a fraction of the frame's
   shorter side. The number of shapes is uniform in [1, max_shapes] unless `num_shapes` pins it.
   `noise` > 0 adds deterministic per-frame noise of that amplitude (in 8-bit levels), which
   makes the clips cost about as much to decode as camera footage instead of almost nothing.
@@ -201,8 +210,12 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
   radius = max(2, int(min(width, height) * size))
   lo_x, hi_x = radius + 1, width - radius - 2
   lo_y, hi_y = radius + 1, height - radius - 2
-  span = min(hi_x - lo_x, hi_y - lo_y)
   mid, gap = width / 2, max(1.0, 0.04 * width)
+  reach = path_reach(width, height, radius)
+  if reach <= 0:
+    raise ValueError(f'a {width}x{height} frame has no room for a shape of radius {radius} px '
+                     f'to move and end in either half (size={size})')
+  length = travel * reach
   last = last_appearance(num_frames)
   drawn = []
   for i in range(k):
@@ -234,8 +247,6 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
       kind = kinds[int(rng.integers(len(kinds)))]
     appear = int(rng.integers(last + 1))
     half = ('left', 'right')[int(rng.integers(2))]
-    moving = (num_frames - 1 - appear) / max(num_frames - 1, 1)
-    length = travel * span * moving
     # Where the path may end: inside the frame, `length` from where it started, in `half`.
     x_lo, x_hi = (lo_x, mid - gap) if half == 'left' else (mid + gap, hi_x)
     if d == 'right':
@@ -247,9 +258,8 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
       y_lo = lo_y + length
     elif d == 'up':
       y_hi = hi_y - length
-    if x_lo > x_hi or y_lo > y_hi:
-      raise ValueError(f'travel={travel}: a shape of radius {radius} px moving {d} cannot end '
-                       f'in the {half} half of a {width}x{height} frame; lower travel or size')
+    if x_lo > x_hi + 1e-9 or y_lo > y_hi + 1e-9:
+      raise AssertionError(f'no room for a path of {length} px ({d}, {half} half)')
     end = (float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi)))
     step = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}[d]
     start = (end[0] - step[0] * length, end[1] - step[1] * length)
@@ -558,7 +568,7 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
                  codec: str | None = None, gop: int = 12, max_shapes: int = 3,
                  preset: str = 'veryfast', turns: int = 3, short_fraction: float = 0.0,
                  eval_instruction: str = '', progress: bool = False,
-                 travel: float = 0.6, balance_types: bool = False, size: float = 0.1,
+                 travel: float = 1.0, balance_types: bool = False, size: float = 0.1,
                  video_after_question: bool = False, name_first: bool = False,
                  focus_types: Sequence[str] = (), val_clips: int = 0, novel_clips: int = 0,
                  held_out: HeldOut | None = None) -> SyntheticDataset:
