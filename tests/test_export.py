@@ -159,8 +159,9 @@ def test_export_to_a_bucket(gcs_bucket, tmp_path):
 def test_variants_without_a_head_and_with_tied_embeddings(tmp_path):
   """No distillation head (distill.loss='none'): no compressor tensors, requires_video_distill
   false, and it converts back. A tied decoder (llm.tie_embeddings, no head parameter): no
-  lm_head.weight, tie_word_embeddings true, converts back without a head. Per-head q/k norms
-  have no Hugging Face counterpart: refused by name."""
+  lm_head.weight, tie_word_embeddings true, converts back without a head. Unscanned layers
+  export as scanned ones do. Per-head q/k norms have no Hugging Face counterpart: refused by
+  name."""
   import dataclasses
   import jax
   from panda_jax.convert.llama import iter_llama_tensors
@@ -191,6 +192,11 @@ def test_variants_without_a_head_and_with_tied_embeddings(tmp_path):
                          llm_dtype='float32')
   _, back_cfg, back = conv.load_converted(tmp_path / 'tied_back')
   assert back_cfg == llm and 'lm_head' not in back['params']
+  # Unscanned layers (`layers_N` subtrees, llm.scan_layers=False) give the same tensors.
+  from panda_jax.models.llama import unstack_layers
+  scanned = dict(iter_llama_tensors(tied, llm))
+  _same(scanned, dict(iter_llama_tensors(jax.tree.map(np.asarray, unstack_layers(tied, llm.layers)),
+                                         dataclasses.replace(llm, scan_layers=False))))
   with pytest.raises(Exception, match=r'model\.llm\.qk_norm.*cannot be exported'):
     next(iter_llama_tensors(tied, dataclasses.replace(llm, qk_norm=True)))
 

@@ -44,8 +44,8 @@ def convert_panda(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.nd
 
   `llm_dtype` (e.g. `ml_dtypes.bfloat16`) stores the decoder in that dtype while converting,
   which keeps a 7B conversion within host memory. `tie_embeddings`: the head is the embedding
-  (a checkpoint without `lm_head.weight`, config.json's tie_word_embeddings). Raises ConversionError naming every missing,
-  unexpected or misshaped tensor.
+  (a checkpoint without `lm_head.weight`, config.json's tie_word_embeddings). Raises
+  ConversionError naming every missing, unexpected or misshaped tensor.
   """
   items = tensors.items() if isinstance(tensors, Mapping) else tensors
   llm = LlamaBuilder(cfg.llm, dtype=llm_dtype, tie_embeddings=tie_embeddings)
