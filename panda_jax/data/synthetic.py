@@ -182,8 +182,8 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
   Every shape moves along a straight path inside the frame from its appearance to the last
   frame, the same distance whenever it appears: `travel` of the longest path that can end in
   either half whatever the direction (`path_reach`); its end is at least 4 % of the width from
-  the middle, so the half is never a matter of a pixel. `size`: a shape's half-size as a fraction of the frame's
-  shorter side. The number of shapes is uniform in [1, max_shapes] unless `num_shapes` pins it.
+  the middle, so the half is never a matter of a pixel. `size`: a shape's half-size as a
+  fraction of the frame's shorter side. The number of shapes is uniform in [1, max_shapes] unless `num_shapes` pins it.
   `noise` > 0 adds deterministic per-frame noise of that amplitude (in 8-bit levels), which
   makes the clips cost about as much to decode as camera footage instead of almost nothing.
   `exclude`: no shape shows one of its held-out conditions. `novel`: the clip's first drawn

@@ -360,9 +360,9 @@ def _what_ran(config, data: Mapping, main: Mapping, result: Mapping) -> list[str
       '## What ran', '',
       f'* Seed {d.get("seed", config.seed)} (clips, initialisation and batch order).',
       f'* Data: {d["train_clips"]} training clips; '
-      + '; '.join(f'{_SPLIT_NAMES[k]} {v["clips"]} clips, {v["questions"]} questions '
-                  f'({", ".join(f"{t} {n}" for t, n in sorted(v["by_type"].items()))})'
-                  for k, v in splits.items())
+      + '; '.join(f'{_SPLIT_NAMES[k]} {splits[k]["clips"]} clips, {splits[k]["questions"]} '
+                  f'questions ({_counts(splits[k]["by_type"])})'
+                  for k in _SPLIT_NAMES if k in splits)
       + f' ({config.data.width}x{config.data.height} px, {config.data.frames} frames, up to '
       f'{config.data.max_shapes} shapes{held_text}); '
       f'{"SmolLM2" + chr(39) + "s " if pretrained else ""}tokenizer of '
@@ -393,6 +393,10 @@ def _what_ran(config, data: Mapping, main: Mapping, result: Mapping) -> list[str
 
 
 _SPLIT_NAMES = {'val': 'validation', 'test': 'test', 'novel': 'held-out conditions'}
+
+
+def _counts(by_type: Mapping[str, int]) -> str:
+  return ', '.join(f'{t} {n}' for t, n in sorted(by_type.items()))
 
 
 def _accuracy_section(scores: Mapping, preds: Mapping) -> list[str]:

@@ -273,7 +273,8 @@ def evaluate(config, model_dir: str, data: Mapping, out_dir: str, progress: bool
   from panda_jax.eval import videoqa
   t0 = time.perf_counter()
   predictor, result = None, {}
-  for split, info in data['splits'].items():
+  for split in (s for s in SPLITS if s in data['splits']):
+    info = data['splits'][split]
     out = os.path.join(out_dir, f'{split}.jsonl')
     records = qa_lib.qa_records(qa_lib.load_qa(info['qa']), data['videos'])
     rows = score_lib.read_predictions(out) if os.path.exists(out) else []
@@ -393,8 +394,9 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   data = make_data(config, os.path.join(workdir, 'data'), progress=progress,
                    llm_converted=pretrained_llm(config, workdir))
   logging.info('data (seed %d): %d training clips; %s', data['seed'], data['train_clips'],
-               '; '.join(f'{k}: {v["clips"]} clips, {v["questions"]} questions'
-                         for k, v in data['splits'].items()))
+               '; '.join(f'{k}: {data["splits"][k]["clips"]} clips, '
+                         f'{data["splits"][k]["questions"]} questions'
+                         for k in SPLITS if k in data['splits']))
   main = run_variant(config, workdir, data, progress=progress, name='full')
   variants = [main]
   for name, overrides in ablation_overrides(config).items():
