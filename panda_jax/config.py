@@ -525,8 +525,11 @@ def train_config(stage: int, arg: str = '',
 
 
 # The `lora` option of the stage configs: LLaVA's and Video-LLaVA's LoRA recipe (rank 128,
-# alpha 256, dropout 0.05, learning rate 2e-4 with the projector's 2e-5), scaled down for tiny.
-LORA = {'7b': dict(rank=128, alpha=256.0, dropout=0.05, lr=2e-4),
+# alpha 256, dropout 0.05, learning rate 2e-4 with the projector's 2e-5, global batch 128),
+# scaled down for tiny. At 7B, batch 128 and the chunked loss (exact) make the stage-3 step fit
+# a v5e-8 slice: 14.76 GiB per chip by the TPU compiler (17.53 GiB at batch 1024 without the
+# chunked loss; docs/benchmarks.md, "LoRA stage 3: memory").
+LORA = {'7b': dict(rank=128, alpha=256.0, dropout=0.05, lr=2e-4, batch_size=128, loss_chunk=512),
         'tiny': dict(rank=4, alpha=8.0, dropout=0.05, lr=2e-3)}
 
 
@@ -534,9 +537,13 @@ def lora_options(config: ml_collections.ConfigDict, tiny: bool) -> None:
   """Makes an (unlocked) stage config fine-tune the decoder through LoRA factors on every
   attention and MLP projection: the decoder's base weights (embeddings, norms, projections, LM
   head) frozen and kept in bfloat16, the LoRA factors trained at `lr`, and the visual part and
-  the distillation head trained as before at a tenth of it (the stage's own rate)."""
+  the distillation head trained as before at a tenth of it (the stage's own rate). At 7B also
+  the recipe's global batch and the chunked loss (`LORA`)."""
   spec = LORA['tiny' if tiny else '7b']
   lr = spec['lr']
+  if 'batch_size' in spec:
+    config.train.batch_size = spec['batch_size']
+    config.model.llm.loss_chunk = spec['loss_chunk']
   config.model.lora.rank = spec['rank']
   config.model.lora.alpha = spec['alpha']
   config.model.lora.dropout = spec['dropout']

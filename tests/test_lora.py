@@ -157,6 +157,7 @@ def test_lora_option_of_the_stage_configs():
   full = stage3.get_config('')
   big, tiny = stage3.get_config('lora'), stage3.get_config('tiny,lora')
   assert (big.model.lora.rank, big.model.lora.alpha, big.optim.lr) == (128, 256.0, 2e-4)
+  assert (big.train.batch_size, big.model.llm.loss_chunk) == (128, 512)
   assert tiny.model.lora.rank == 4 and tiny.model.size == 'tiny'
   for c in (big, tiny):
     assert c.optim.frozen_dtype == 'bfloat16'
