@@ -58,7 +58,7 @@ def get_config(arg: str = ''):
       balance_types=True,     # stage-3 questions drawn by type first
       name_first=True,        # sentence answers name the shape, then the deciding word
       video_after_question=True,   # short questions put the video after the question
-      focus_types=('at_start',),   # single short questions trained alone in stage 3a
+      focus_types=('at_start', 'direction', 'end_position'),  # trained alone in stage 3a
       tokenizer_vocab=1000,   # the whole-word tokenizer trained on the training text
       max_len=176,            # stage-3 positions
       caption_max_len=144,    # stage 1-2 positions (0: max_len)
@@ -70,8 +70,8 @@ def get_config(arg: str = ''):
   c.stages = ml_collections.ConfigDict(dict(
       stage1=stage(100, 5e-3, 8, 0.03),   # captions; visual part and distillation head
       stage2=stage(300, 5e-3, 8, 0.01),   # captions; everything
-      stage3=stage(1600, 2e-3, 8, 0.01),  # the conversations with the focus questions mixed in
-      focus=stage(500, 2e-3, 8, 0.01)))   # stage 3a: data.focus_types' questions alone
+      stage3=stage(1200, 2e-3, 8, 0.01),  # the conversations with the focus questions mixed in
+      focus=stage(1000, 2e-3, 8, 0.01)))  # stage 3a: data.focus_types' questions alone
   c.train = ml_collections.ConfigDict(dict(log_every=25, save_every=250))
   c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_new_tokens=8))
   # A tuple, so the command line can choose: --config.ablations="('no_lste', 'no_distill')".
