@@ -209,3 +209,18 @@ def test_a_tiny_lora_stage3_run_through_main(tmp_path):
   merged = flatten(lora.merge(params, cfg.llm.lora))
   assert not any('lora' in k for k in merged)
   assert set(merged) == {k for k in flat if 'lora' not in k}
+
+
+def test_configs_name_bad_values_and_survive_json():
+  for bad, match in ((dict(rank=-1), 'rank=-1'), (dict(rank=4, dropout=1.0), 'dropout=1.0'),
+                     (dict(rank=4, alpha=0.0), 'alpha=0.0'),
+                     (dict(rank=4, targets=('(',)), "invalid regex '\\('")):
+    with pytest.raises(ValueError, match=match):
+      lora.LoraConfig(**bad).validate()
+  with pytest.raises(ValueError, match="optim.frozen_dtype='float16'"):
+    from panda_jax.train.optimizer import frozen_dtype
+    frozen_dtype(config_lib.ml_collections.ConfigDict(dict(frozen_dtype='float16')))
+  # A converted checkpoint's config.json holds the decoder config as JSON (lists for tuples).
+  import json
+  cfg = dataclasses.replace(BASE, lora=LORA)
+  assert LlamaConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
