@@ -147,7 +147,7 @@ def test_stage_configs_of_the_smollm2_variant():
   assert list(c2.optim.trainable) == list(c3.optim.trainable) == ['.*']
   assert {c.data.system_prompt for c in (c1, c2, c3)} == {'chatml'}
   assert {c.data.tokenizer for c in (c1, c2, c3)} == {'/conv'}
-  assert (c1.data.max_len, c2.data.max_len, c3.data.max_len) == (136, 136, 216)
+  assert (c1.data.max_len, c2.data.max_len, c3.data.max_len) == (160, 160, 224)
   assert list(c2.optim.lr_scale) == []
   # A stage's lr_scale reaches the optimizer config.
   config.unlock()
