@@ -32,14 +32,22 @@ def test_converted_tree_is_exactly_the_models_variables(released):
   check_shapes(conv, _abstract(cfg), 'visual')   # raises on any missing or extra variable
 
 
-def test_aliases_and_unused_module_are_accepted_and_dropped(released):
+def test_aliases_and_unused_module_are_accepted_and_kept_not_converted(released):
+  """Not converted, and handed to `kept` as read (what the exporter writes back); keeping
+  changes nothing converted."""
   cfg, params = released
   state = dict(params)
   state['model.vision_tower.class_embedding'] = params['model.video_tower.class_embedding']
   state['model.mm_projector.0.weight'] = params['model.video_projector.0.weight']
   assert any('lmhra2' in k for k in state)
-  conv = convert_visual(state, cfg)['visual']
+  kept = {}
+  conv = convert_visual(state, cfg, kept=kept)['visual']
   assert 'lmhra2' not in str(jax.tree_util.tree_structure(conv))
+  assert sorted(kept) == sorted(n for n in state if 'lmhra2' in n or 'vision_tower' in n
+                                or 'mm_projector' in n or n.endswith('num_batches_tracked'))
+  assert all(kept[n].dtype == state[n].dtype and kept[n].tobytes() == state[n].tobytes()
+             for n in kept)
+  assert jax.tree.all(jax.tree.map(np.array_equal, conv, convert_visual(state, cfg)['visual']))
 
 
 def test_missing_unexpected_and_misshaped_names_are_all_reported(released):

@@ -2,7 +2,8 @@
 
 The golden cases' `param/*` tensors are the authors' PyTorch state dicts (their Llama ones,
 Hugging Face `LlamaForCausalLM`'s): converted in and exported out, every one comes back with
-its name, shape, dtype and bytes, except the few the converter drops, each named here.
+its name, shape, dtype and bytes, none excepted: those our model has no place for are kept by
+the converter (`unused.safetensors` in a converted directory) and written back by the exporter.
 """
 
 import importlib.metadata
@@ -18,22 +19,21 @@ from conftest import subprocess_env
 from panda_jax import golden
 from panda_jax.convert import checkpoint as conv
 from panda_jax.convert import export, hf_io
-from panda_jax.convert.llama import ROPE_BUFFERS, convert_llama
+from panda_jax.convert.llama import convert_llama
 from panda_jax.convert.panda import convert_panda
-from panda_jax.convert.visual import TOWER, convert_visual, unused_tensors, visual_to_torch
+from panda_jax.convert.visual import convert_visual, unused_tensors, visual_to_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = golden.case_paths()
 
 
-def _same(want: dict, got: dict, values_differ=()) -> None:
-  """Names, shapes, dtypes and bytes equal; `values_differ` names may differ in value only."""
+def _same(want: dict, got: dict) -> None:
+  """Names, shapes, dtypes and bytes equal."""
   assert sorted(got) == sorted(want)
   for name, a in want.items():
     b = got[name]
     assert (b.shape, b.dtype) == (a.shape, a.dtype), name
-    if name not in values_differ:
-      assert _bits_equal(a, b), name
+    assert _bits_equal(a, b), name
 
 
 def _bits_equal(a, b) -> bool:
@@ -78,36 +78,38 @@ def _gguf_round_trip(meta):
 
 @pytest.mark.parametrize('path', CASES, ids=[p.stem for p in CASES])
 def test_golden_params_round_trip(path, tmp_path):
-  """Converted in, exported out: the same tensors. Not carried by the converter, so not
-  compared: the Llama RoPE buffers (recomputed from rope_theta; checked, then dropped; not
-  written) and the teacher's post-LayerNorm (our teacher has none); the unused `lmhra2`
-  module's values (written as PyTorch's initial state: the authors' forward never calls it)."""
+  """Converted in, exported out: the same tensors, every one (names, shapes, dtypes, bytes).
+  Those the model has no place for (the unused `lmhra2` module, `num_batches_tracked`, the RoPE
+  buffers, the teacher's post-LayerNorm) are kept by the converter and written back; the whole
+  Video-Panda goes through the files both ways (`unused.safetensors` included), and without
+  that file the export writes today's stand-ins."""
   meta, params, _, _, _ = golden.load_case(path)
   kind = meta['kind']
   if kind == 'llama_gguf':
     return _gguf_round_trip(meta)
+  kept = {}
   if kind == 'stab':
     cfg = golden.stab_config_from_meta(meta)
-    got = visual_to_torch(convert_visual(params, cfg)['visual'], None, cfg)
+    got = visual_to_torch(convert_visual(params, cfg, kept=kept)['visual'], None, cfg,
+                          kept=kept)
   elif kind == 'distill':
     from panda_jax.models.distill import DistillConfig
     cfg = DistillConfig(llm_hidden=meta['llm_hidden'], teacher_hidden=meta['teacher_hidden'],
                         heads=meta['heads'], layers=tuple(meta['layer_idx']))
-    got = visual_to_torch(None, convert_visual(params, None, cfg)['distill']['params'], None,
-                          cfg)
+    got = visual_to_torch(None, convert_visual(params, None, cfg, kept=kept)['distill']['params'],
+                          None, cfg, kept=kept)
   elif kind == 'languagebind_video':
     from panda_jax.convert.teacher import convert_teacher, teacher_to_torch
     cfg = _teacher_config(meta)
     prefix = meta.get('param_prefix', 'vision_model.')
-    got = teacher_to_torch(convert_teacher(params, cfg, prefix)['params'], cfg, prefix)
-    params = {k: v for k, v in params.items() if not k.startswith(prefix + 'post_layernorm.')}
+    got = teacher_to_torch(convert_teacher(params, cfg, prefix, kept=kept)['params'], cfg,
+                           prefix, kept=kept)
   elif kind == 'llama':
     # Through the files: what transformers' from_pretrained reads.
     cfg = golden.llama_config_from_meta(meta)
-    variables = {'params': convert_llama(params, cfg)}
-    export.export('llama', cfg, variables, tmp_path, source_model='llama')
+    variables = {'params': convert_llama(params, cfg, kept=kept)}
+    export.export('llama', cfg, variables, tmp_path, source_model='llama', kept=kept)
     got = hf_io.load_tensors(tmp_path)
-    params = {k: v for k, v in params.items() if k not in ROPE_BUFFERS}
     hf = json.loads((tmp_path / 'config.json').read_text())
     for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
                 'num_attention_heads', 'num_key_value_heads', 'rms_norm_eps', 'rope_theta',
@@ -118,30 +120,41 @@ def test_golden_params_round_trip(path, tmp_path):
     assert transformers.LlamaConfig.from_pretrained(tmp_path).num_key_value_heads == \
         meta.get('num_key_value_heads', meta['num_attention_heads'])
   elif kind == 'video_panda':
+    import jax
     cfg = golden.panda_config_from_meta(meta)
-    variables = convert_panda(params, cfg)
-    summary = export.export('panda', cfg, variables, tmp_path / 'out', max_shard_bytes=200_000)
+    variables = convert_panda(params, cfg, kept=kept)
+    assert kept and all(jax.tree.leaves(jax.tree.map(      # keeping changes nothing converted
+        _bits_equal, variables, convert_panda(params, cfg))))
+    summary = export.export('panda', cfg, variables, tmp_path / 'out', max_shard_bytes=200_000,
+                            kept=kept)
     assert summary['shards'] > 3
     got = hf_io.load_tensors(tmp_path / 'out')
-    # The export converts back to the same model (config included) and the same variables.
+    # The export converts back to the same model (config included), the same variables and
+    # the same kept tensors (unused.safetensors), which an export of it writes back.
     back = conv.convert_directory(tmp_path / 'out', tmp_path / 'back', llm_dtype='float32')
     assert back == cfg
     _, _, again = conv.load_converted(tmp_path / 'back')
-    import jax
     same = jax.tree.map(_bits_equal, variables, jax.tree.map(np.asarray, again))
     assert all(jax.tree.leaves(same))
+    _same(kept, conv.read_unused(tmp_path / 'back'))
+    (tmp_path / 'tok').mkdir()
+    (tmp_path / 'tok' / 'tokenizer.model').write_bytes(b'stand-in')
+    export.run(str(tmp_path / 'back'), str(tmp_path / 'again'), tokenizer=str(tmp_path / 'tok'))
+    _same(params, hf_io.load_tensors(tmp_path / 'again'))
+    # Without kept tensors (a model trained from scratch): PyTorch's initial values instead.
+    plain = dict(export.panda_tensors(cfg, variables))
+    assert sorted(plain) == sorted(params)
+    _same(unused_tensors(cfg.stab), {n: plain[n] for n in kept})
   else:
     raise AssertionError(f'golden kind {kind!r} has no round trip here: add one')
-  stab = {'stab': lambda: cfg, 'video_panda': lambda: cfg.stab}.get(kind)
-  unused = set(unused_tensors(stab())) if stab else set()
-  assert all(n.startswith(TOWER + 'lmhra2.') or n.endswith('num_batches_tracked')
-             for n in unused)
-  _same(params, got, values_differ=unused)
+  _same(params, got)
 
 
 def test_export_to_a_bucket(gcs_bucket, tmp_path):
   """DST in Cloud Storage (an emulator): the same files as a local export; a non-empty DST is
-  refused there too; the converter reads the export back from the bucket."""
+  refused there too; the converter reads the export back from the bucket. The converter's side
+  file of kept tensors goes to a bucket and back with its dtypes and bytes."""
+  import ml_dtypes
   from panda_jax import storage
   meta, params, _, _, _ = golden.load_case(golden.case_path('video_panda_tiny'))
   cfg = golden.panda_config_from_meta(meta)
@@ -154,6 +167,12 @@ def test_export_to_a_bucket(gcs_bucket, tmp_path):
   with pytest.raises(FileExistsError, match=f'--dst={dst} is not empty'):
     export.export('panda', cfg, variables, dst)
   assert conv.convert_directory(dst, tmp_path / 'back', llm_dtype='float32') == cfg
+  odd = {'bf16': np.float32([[1.5, -0.0, np.nan]]).astype(ml_dtypes.bfloat16),
+         'steps': np.array(7, np.int64), 'f16': np.float16([65504, -1e-7])}
+  conv.write_unused(f'{gcs_bucket}/converted', odd)
+  assert storage.listdir(f'{gcs_bucket}/converted') == [conv.UNUSED_FILE]
+  _same(odd, conv.read_unused(f'{gcs_bucket}/converted'))
+  assert conv.read_unused(tmp_path / 'local') == {}
 
 
 def test_variants_without_a_head_and_with_tied_embeddings(tmp_path):

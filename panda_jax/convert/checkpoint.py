@@ -8,7 +8,11 @@ shards (read with a restricted unpickler, as `torch.load(weights_only=True)` wou
 else is refused). Tensors stream shard by shard into preallocated arrays, so a 7B checkpoint
 converts within the host's memory. The output directory gets the Orbax checkpoint under
 `variables/` and our model config as `panda_config.json` (DST may be `gs://...`); `load_converted` reads both back,
-optionally straight into sharded device arrays.
+optionally straight into sharded device arrays. The source tensors the model has no place for
+(the unused `lmhra2` module, BatchNorm's `num_batches_tracked`, RoPE buffers, a carried
+teacher, the image-path aliases) are kept as read, names, dtypes and bytes unchanged, in
+`unused.safetensors` beside them (`read_unused`), so `panda_jax.convert.export` writes the
+release back whole.
 
   python -m panda_jax.convert.checkpoint --src=FILE.gguf --dst=DIR --model=llama
 
@@ -45,6 +49,7 @@ from panda_jax.models.stab import StabConfig
 
 DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32, 'float16': np.float16}
 CONFIG_FILE = 'panda_config.json'
+UNUSED_FILE = 'unused.safetensors'
 CHUNK_BYTES = 32 << 20
 TOWER_PATCH = 'model.video_tower.patch_embedding.weight'
 COMPRESSOR_INPUT = 'model.video_tower_compressor.input_layer.weight'
@@ -150,12 +155,13 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
   if storage.exists(dst / 'variables'):
     raise FileExistsError(f'{dst / "variables"} already exists; choose an empty --dst')
   tokenizer = None
+  kept: dict[str, np.ndarray] = {}     # source tensors accepted and not converted
   if fmt == 'gguf':
     hf, tensors, tokenizer = gguf_io.read_gguf(src)
     cfg = config_from_hf(hf)
     variables = {'params': convert_llama(tensors, cfg, dtype=DTYPES[llm_dtype],
-                                         tie_embeddings=hf['tie_word_embeddings'])}
-    _save(dst, model, cfg, variables, tokenizer)
+                                         tie_embeddings=hf['tie_word_embeddings'], kept=kept)}
+    _save(dst, model, cfg, variables, tokenizer, kept)
     return cfg
   hf = hf_io.read_config(src)
   tie = hf.get('tie_word_embeddings', False)
@@ -163,20 +169,22 @@ def convert_directory(src, dst, model: str = 'video_panda', llm_dtype: str = 'bf
   if model == 'llama':
     cfg = ours or config_from_hf(hf)
     variables = {'params': convert_llama(_progress(src), cfg, dtype=DTYPES[llm_dtype],
-                                         tie_embeddings=tie)}
+                                         tie_embeddings=tie, kept=kept)}
   elif model == 'video_panda':
     cfg = ours or infer_panda_config(src, hf, image_size, stab_heads)
     variables = convert_panda(_progress(src), cfg, llm_dtype=DTYPES[llm_dtype],
-                              tie_embeddings=tie)
+                              tie_embeddings=tie, kept=kept)
   else:
     raise ValueError(f'model={model!r}; expected llama or video_panda')
-  _save(dst, model, cfg, variables)
+  _save(dst, model, cfg, variables, kept=kept)
   return cfg
 
 
-def _save(dst, model: str, cfg, variables, tokenizer=None) -> None:
-  """Writes the Orbax variables, our config and (if given) the tokenizer's files to `dst`."""
+def _save(dst, model: str, cfg, variables, tokenizer=None, kept=None) -> None:
+  """Writes the Orbax variables, our config, the `kept` tensors (UNUSED_FILE, when there are
+  any) and (if given) the tokenizer's files to `dst`."""
   storage.makedirs(dst)
+  write_unused(dst, kept or {})
   ckptr = ocp.StandardCheckpointer()
   # Stored in chunks of at most CHUNK_BYTES: a process restoring its shards reads only the
   # chunks they overlap (benchmarks/restore_memory.py: a 2 x 4 process then peaks at about
@@ -189,6 +197,33 @@ def _save(dst, model: str, cfg, variables, tokenizer=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
       tokenizer.save_pretrained(tmp)
       storage.upload_tree(tmp, dst)
+
+
+def write_unused(dst, kept) -> None:
+  """Writes `kept` (name -> array, as read from the source) as `dst`/UNUSED_FILE, dtypes and
+  bytes unchanged; with nothing kept, removes a stale one."""
+  target = storage.join(dst, UNUSED_FILE)
+  if not kept:
+    storage.remove(target)
+    return
+  if not storage.is_remote(target):
+    hf_io.save_safetensors(target, kept, metadata={'format': 'pt'})
+    return
+  with tempfile.TemporaryDirectory(prefix='unused-') as tmp:
+    local = f'{tmp}/{UNUSED_FILE}'
+    hf_io.save_safetensors(local, kept, metadata={'format': 'pt'})
+    with open(local, 'rb') as f:
+      storage.write_bytes(target, f.read())
+
+
+def read_unused(dst) -> dict[str, np.ndarray]:
+  """The source tensors converted checkpoint `dst` kept and did not convert (UNUSED_FILE:
+  name -> array, as the source held it); {} when it has none (a training workdir, a checkpoint
+  converted before the file existed)."""
+  target = storage.join(dst, UNUSED_FILE)
+  if not storage.isfile(target):
+    return {}
+  return hf_io.load_tensors(storage.local_copy(target))
 
 
 def read_converted_config(dst):

@@ -19,6 +19,7 @@ class NameConsumer:
   `take(name)` returns the array (as numpy) or records the name as missing; `finish()` raises
   one `ConversionError` naming every missing name, every name under `prefixes` that nothing
   used (unexpected) and every shape mismatch, so a wrong checkpoint is diagnosed in one go.
+  `kept()` gives the tensors accepted and not converted (for the exporter to write back).
   """
 
   def __init__(self, state: Mapping[str, Any], prefixes: Iterable[str],
@@ -27,6 +28,7 @@ class NameConsumer:
     self.prefixes = tuple(prefixes)
     self.dropped = tuple(dropped)
     self.used: set[str] = set()
+    self.taken: set[str] = set()
     self.missing: list[str] = []
     self.problems: list[str] = []
 
@@ -38,6 +40,7 @@ class NameConsumer:
       self.missing.append(name)
       return None
     self.used.add(name)
+    self.taken.add(name)
     return np.asarray(self.state[name])
 
   def problem(self, msg: str) -> None:
@@ -46,6 +49,12 @@ class NameConsumer:
   def drop(self, name: str) -> None:
     """Marks a name as accepted and deliberately not converted."""
     self.used.add(name)
+
+  def kept(self) -> dict[str, np.ndarray]:
+    """The tensors accepted and not converted (names under `dropped`, and those `drop`
+    marked): name -> array as read, its dtype and bytes unchanged."""
+    return {n: np.asarray(a) for n, a in self.state.items()
+            if n not in self.taken and (n in self.used or n.startswith(self.dropped))}
 
   def unexpected(self) -> list[str]:
     out = []

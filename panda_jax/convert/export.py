@@ -12,7 +12,12 @@ checkpoint). DST gets Hugging Face tensor names (`model.video_tower.*`, `model.v
 `config.json` and the tokenizer's files. Every name and layout transform comes from the
 converter's own rules, run backwards (`common.invert_rules`, `llama.iter_llama_tensors`): kernels
 transposed back, scanned layers unstacked, packed projections re-packed, BatchNorm statistics
-put back. LoRA factors in the checkpoint are merged into the kernels first
+put back. The source tensors the converter kept without converting (a converted checkpoint's
+`unused.safetensors`: the unused `lmhra2` module, `num_batches_tracked`, RoPE buffers, a carried
+teacher) are written back as they were, so an export of a converted release holds every tensor
+of the release; without that file (a model trained from scratch) the `lmhra2` module and
+`num_batches_tracked` get PyTorch's initial values and the RoPE buffers (recomputed from
+rope_theta) are not written. LoRA factors in the checkpoint are merged into the kernels first
 (`panda_jax.models.lora.merge`). DST may be `gs://...` (shards are written locally one at a
 time, then uploaded).
 
@@ -37,6 +42,7 @@ from panda_jax.convert import hf_io
 from panda_jax.convert.common import ConversionError
 from panda_jax.convert.llama import hf_config as llama_hf_config
 from panda_jax.convert.llama import is_tied, iter_llama_tensors
+from panda_jax.convert.panda import TEACHER, VISUAL
 from panda_jax.convert.visual import visual_to_torch
 from panda_jax.models import lora
 
@@ -112,6 +118,23 @@ def lora_off(cfg):
   return cfg
 
 
+def with_kept(tensors: Iterable[tuple[str, np.ndarray]], kept: Mapping[str, np.ndarray]
+              ) -> Iterator[tuple[str, np.ndarray]]:
+  """`tensors`, each one `kept` names replaced by kept's array (the converted source's, in
+  place of an initial value), then the kept tensors not among them."""
+  seen = set()
+  for name, a in tensors:
+    seen.add(name)
+    yield name, kept.get(name, a)
+  yield from ((n, a) for n, a in kept.items() if n not in seen)
+
+
+def decoder_kept(kept: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The kept tensors of the decoder alone (what `--model=llama` writes back): not those of the
+  visual part or the teacher."""
+  return {n: a for n, a in kept.items() if not n.startswith(VISUAL + (TEACHER,))}
+
+
 def panda_tensors(cfg, variables) -> Iterator[tuple[str, np.ndarray]]:
   """(released name, array) of a whole Video-Panda's `variables` ({'params': {'visual', 'llm',
   'distill'}, 'batch_stats': {'visual'}}, LoRA already merged): the visual part, then the
@@ -162,21 +185,22 @@ def our_config(model: str, cfg) -> dict:
 
 def write_safetensors(dst, tensors: Iterable[tuple[str, np.ndarray]], *,
                       max_shard_bytes: int = 5_000_000_000, dtype=None,
-                      keep_dtype: Iterable[str] = ()) -> dict:
+                      keep_dtype: Iterable[str] = (), keep_names: Iterable[str] = ()) -> dict:
   """Writes (name, array) pairs as `model-0000i-of-0000N.safetensors` shards of at most
   `max_shard_bytes` (a larger tensor gets a shard of its own) plus `model.safetensors.index.json`
   into `dst`; returns the index. `dtype` casts floating-point tensors whose names do not start
-  with one of `keep_dtype`. Host memory holds one shard at a time; a remote `dst` receives each
-  shard as soon as it is complete."""
+  with one of `keep_dtype` and are not in `keep_names`. Host memory holds one shard at a time;
+  a remote `dst` receives each shard as soon as it is complete."""
   items = list(tensors)           # views: cheap; needed to know the shard count in each name
   names = [n for n, _ in items]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
     raise ConversionError(f'tensors named twice: {dupes}')
-  keep = tuple(keep_dtype)
+  keep, keep_set = tuple(keep_dtype), frozenset(keep_names)
 
   def target(name, a):
-    if dtype is None or not np.issubdtype(a.dtype, np.floating) or name.startswith(keep):
+    if (dtype is None or not np.issubdtype(a.dtype, np.floating) or name.startswith(keep)
+        or name in keep_set):
       return a.dtype
     return np.dtype(dtype)
 
@@ -239,12 +263,15 @@ def copy_tokenizer(src, dst) -> list[str]:
 
 def export(model: str, cfg, variables, dst, *, source_model: str = 'video_panda',
            tokenizer=None, llm_dtype: str = 'keep', max_shard_bytes: int = 5_000_000_000,
-           overwrite: bool = False, token_ids: Mapping[str, int] | None = None) -> dict:
+           overwrite: bool = False, token_ids: Mapping[str, int] | None = None,
+           kept: Mapping[str, np.ndarray] | None = None) -> dict:
   """Writes `variables` (of `cfg`, a PandaConfig for a `source_model` 'video_panda' or a
   LlamaConfig for 'llama') to `dst` as `model` ('panda': the released Video-Panda layout;
   'llama': the decoder alone). LoRA factors are merged (with `cfg.lora`). `tokenizer` is a
   directory whose tokenizer files are copied; `token_ids` (bos/eos/pad_token_id) go into
-  config.json. Returns a summary: tensors, bytes, shards, files."""
+  config.json. `kept`: the source tensors the converter kept (`checkpoint.read_unused`),
+  written as they are (names, dtypes, bytes; for 'llama', the decoder's only). Returns a
+  summary: tensors, bytes, shards, files."""
   if model not in MODELS:
     raise ValueError(f'model={model!r}; expected one of {list(MODELS)}')
   if llm_dtype not in DTYPES:
@@ -274,9 +301,12 @@ def export(model: str, cfg, variables, dst, *, source_model: str = 'video_panda'
     ours = our_config('llama', llm_cfg)
   hf.update(token_ids or {})
   hf['panda_jax'] = ours
-  # The visual part and the distillation head stay in their dtype (float32 in the release).
-  index = write_safetensors(dst, tensors, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                            keep_dtype=('model.video_tower', 'model.video_projector'))
+  kept = dict(kept or {}) if model == 'panda' else decoder_kept(kept or {})
+  # The visual part and the distillation head stay in their dtype (float32 in the release),
+  # the kept tensors in theirs.
+  index = write_safetensors(dst, with_kept(tensors, kept), max_shard_bytes=max_shard_bytes,
+                            dtype=dtype, keep_dtype=('model.video_tower', 'model.video_projector'),
+                            keep_names=kept)
   storage.write_json(storage.join(dst, 'config.json'), hf, indent=2)
   files = copy_tokenizer(tokenizer, dst) if tokenizer is not None else []
   return {'tensors': len(index['weight_map']), 'bytes': index['metadata']['total_size'],
@@ -350,9 +380,11 @@ def run(checkpoint, dst, *, model: str = 'panda', tokenizer=None, llm_dtype: str
   if tok is None:
     raise FileNotFoundError(f'{checkpoint} names no tokenizer and holds none; give '
                             '--tokenizer=DIR (a Hugging Face tokenizer directory)')
+  from panda_jax.convert import checkpoint as conv  # pylint: disable=import-outside-toplevel
   return export(model, cfg, variables, dst, source_model=source, tokenizer=tok,
                 llm_dtype=llm_dtype, max_shard_bytes=int(max_shard_mb * 1e6),
-                overwrite=overwrite, token_ids=token_ids(tok))
+                overwrite=overwrite, token_ids=token_ids(tok),
+                kept=conv.read_unused(checkpoint))
 
 
 def define_flags() -> None:

@@ -16,7 +16,7 @@ from flax import traverse_util
 from panda_jax.convert.common import ConversionError
 from panda_jax.models.llama import LlamaConfig
 
-# Non-persistent buffers some exports carry; recomputed from rope_theta.
+# Non-persistent buffers some exports carry; recomputed from rope_theta (checked, not converted).
 ROPE_BUFFERS = ('model.rotary_emb.inv_freq', 'model.rotary_emb.original_inv_freq')
 
 _LAYER = re.compile(r'^model\.layers\.(\d+)\.(.+)$')
@@ -86,11 +86,15 @@ class LlamaBuilder:
 
   `add(name, array)` returns False for a name that is not the decoder's (the caller decides
   whether that is unexpected); `finish()` checks that every tensor of every layer arrived and
-  returns the nested params.
+  returns the nested params. `kept`, when given, receives the tensors accepted and not
+  converted (the RoPE buffers; the head of a checkpoint converted for a model whose head is
+  its embedding), as read.
   """
 
-  def __init__(self, cfg: LlamaConfig, dtype=None, tie_embeddings: bool = False):
+  def __init__(self, cfg: LlamaConfig, dtype=None, tie_embeddings: bool = False,
+               kept: dict | None = None):
     self.cfg = cfg
+    self.kept = kept
     self.dtype = dtype
     self.tie = tie_embeddings
     self.shapes = _shapes(cfg)
@@ -115,6 +119,10 @@ class LlamaBuilder:
   def add(self, name: str, w: np.ndarray) -> bool:
     if name in ROPE_BUFFERS:
       self._check_rope(name, np.asarray(w))
+      self._keep(name, w)
+      return True
+    if name == 'lm_head.weight' and getattr(self.cfg, 'tie_embeddings', False):
+      self._keep(name, w)       # the model has no head parameter: finish() would drop it
       return True
     m = _LAYER.match(name)
     if m:
@@ -144,6 +152,10 @@ class LlamaBuilder:
     self._target(path, value.dtype)[idx] = value
     self.seen.setdefault(path, set()).add(-1 if idx is ... else layer)
     return True
+
+  def _keep(self, name: str, w) -> None:
+    if self.kept is not None:
+      self.kept[name] = np.asarray(w)
 
   def _check_rope(self, name: str, inv_freq: np.ndarray) -> None:
     d = self.cfg.head_dim
@@ -282,10 +294,11 @@ def hf_config(cfg: LlamaConfig, *, tie_embeddings: bool = False, dtype=None) -> 
 
 def convert_llama(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
                   cfg: LlamaConfig, *, dtype=None, tie_embeddings: bool = False,
-                  ignore_other: bool = False) -> dict:
-  """Converts decoder tensors; names not the decoder's are errors unless `ignore_other`."""
+                  ignore_other: bool = False, kept: dict | None = None) -> dict:
+  """Converts decoder tensors; names not the decoder's are errors unless `ignore_other`.
+  `kept`, when given, receives the tensors accepted and not converted (`LlamaBuilder`)."""
   items = tensors.items() if isinstance(tensors, Mapping) else tensors
-  builder = LlamaBuilder(cfg, dtype=dtype, tie_embeddings=tie_embeddings)
+  builder = LlamaBuilder(cfg, dtype=dtype, tie_embeddings=tie_embeddings, kept=kept)
   unexpected = []
   for name, w in items:
     if not builder.add(name, w) and not ignore_other:

@@ -39,23 +39,28 @@ def panda_config_from_hf(hf: Mapping, stab: StabConfig | None = None,
 
 
 def convert_panda(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
-                  cfg: PandaConfig, *, llm_dtype=None, tie_embeddings: bool = False) -> dict:
+                  cfg: PandaConfig, *, llm_dtype=None, tie_embeddings: bool = False,
+                  kept: dict | None = None) -> dict:
   """-> {'params': {'visual', 'llm', 'distill'}, 'batch_stats': {'visual'}} (numpy).
 
   `llm_dtype` (e.g. `ml_dtypes.bfloat16`) stores the decoder in that dtype while converting,
   which keeps a 7B conversion within host memory. `tie_embeddings`: the head is the embedding
   (a checkpoint without `lm_head.weight`, config.json's tie_word_embeddings). Raises
-  ConversionError naming every missing, unexpected or misshaped tensor.
+  ConversionError naming every missing, unexpected or misshaped tensor. `kept`, when given,
+  receives every tensor accepted and not converted (the teacher's, the unused `lmhra2` module,
+  `num_batches_tracked`, the image-path aliases, the RoPE buffers), as read: what
+  `panda_jax.convert.export` writes back.
   """
   items = tensors.items() if isinstance(tensors, Mapping) else tensors
-  llm = LlamaBuilder(cfg.llm, dtype=llm_dtype, tie_embeddings=tie_embeddings)
+  llm = LlamaBuilder(cfg.llm, dtype=llm_dtype, tie_embeddings=tie_embeddings, kept=kept)
   visual: dict[str, np.ndarray] = {}
   unexpected = []
   for name, w in items:
     if name.startswith(VISUAL):
       visual[name] = np.asarray(w)
     elif name.startswith(TEACHER):
-      continue
+      if kept is not None:
+        kept[name] = np.asarray(w)
     elif not llm.add(name, w):
       unexpected.append(name)
   problems = []
@@ -66,7 +71,7 @@ def convert_panda(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.nd
   # Without distillation (distill.loss='none', an ablation) the model has no head.
   head = cfg.distill if cfg.distill.loss != 'none' else None
   try:
-    vis = convert_visual(visual, cfg.stab, head)
+    vis = convert_visual(visual, cfg.stab, head, kept=kept)
   except ConversionError as e:
     problems.append(str(e))
   if unexpected:

@@ -14,8 +14,9 @@ Video-Panda's `LanguageBindVideoTower.video_tower` holds), under a prefix (`visi
 
 A Hugging Face `CLIPVisionModel` / `CLIPModel` checkpoint has the same names without the
 temporal ones (convert it with `TeacherConfig(temporal=False, activation='quick_gelu')`).
-Layers past the selected hidden state and the post-LayerNorm are accepted and dropped, as is
-the `position_ids` buffer; names outside the prefix (a text tower, projections) are ignored.
+Layers past the selected hidden state and the post-LayerNorm are accepted and not converted,
+as is the `position_ids` buffer (`convert_teacher(kept=...)` collects them for
+`teacher_to_torch(kept=...)`); names outside the prefix (a text tower, projections) are ignored.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _dropped(cfg: TeacherConfig, prefix: str) -> tuple[str, ...]:
 
 
 def convert_teacher(state: Mapping[str, Any], cfg: TeacherConfig,
-                    prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+                    prefix: str = DEFAULT_PREFIX, *, kept: dict | None = None) -> dict[str, Any]:
   """-> {'params': ...} for `VideoTeacher(cfg)` (numpy).
 
   Args:
@@ -108,6 +109,8 @@ def convert_teacher(state: Mapping[str, Any], cfg: TeacherConfig,
     cfg: the teacher's sizes; layers up to `cfg.run_layers` are converted.
     prefix: what precedes `embeddings.` / `encoder.` in the names (`vision_model.`,
       `model.video_teacher.`, or '' for a bare tower).
+    kept: when given, receives the tensors under `prefix` accepted and not converted (the
+      post-LayerNorm, layers past the selected one, `position_ids`), as read.
   Raises:
     ConversionError naming every missing or unexpected tensor under `prefix`, then (names
     fine) every tensor whose shape disagrees with the config.
@@ -124,17 +127,22 @@ def convert_teacher(state: Mapping[str, Any], cfg: TeacherConfig,
                 'TeacherConfig(temporal=False)')
   src.finish('teacher')
   check_shapes(params, abstract_params(cfg), 'teacher')
+  if kept is not None:
+    kept.update(src.kept())
   return {'params': params}
 
 
 def teacher_to_torch(params: Mapping[str, Any], cfg: TeacherConfig,
-                     prefix: str = DEFAULT_PREFIX) -> dict[str, np.ndarray]:
+                     prefix: str = DEFAULT_PREFIX, *,
+                     kept: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
   """The inverse of `convert_teacher`: our `params` -> PyTorch names under `prefix`, plus the
-  `position_ids` buffer (0 .. positions - 1). The post-LayerNorm and the layers past
-  `cfg.run_layers`, which the converter drops, have no source here and are not written."""
+  `position_ids` buffer (0 .. positions - 1) and the tensors `convert_teacher(kept=...)`
+  collected (`kept`, as they are). Without `kept`, the post-LayerNorm and the layers past
+  `cfg.run_layers`, which the converter does not convert, have no source and are not written."""
   out = invert_rules(teacher_rules(cfg, prefix), params)
   positions = out[prefix + 'embeddings.position_embedding.weight'].shape[0]
   out[prefix + 'embeddings.position_ids'] = np.arange(positions, dtype=np.int64)[None]
+  out.update(kept or {})
   return out
 
 

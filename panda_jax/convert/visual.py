@@ -4,7 +4,8 @@ Names follow `shared/golden/stab_state_dict_keys.txt`:
 `model.video_tower.*` (STAB), `model.video_projector.*` (mlp2x_gelu) and
 `model.video_tower_compressor.*` (distillation head). The unused `lmhra2` module, BatchNorm's
 `num_batches_tracked` and the image-path aliases `model.vision_tower.*` / `model.mm_projector.*`
-are accepted and dropped.
+are accepted and not converted (`convert_visual(kept=...)` collects them, as read, and
+`visual_to_torch(kept=...)` writes them back).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def distill_rules(src: NameConsumer, cfg: DistillConfig) -> list:
 
 
 # Names of the release our model has no counterpart for, written by the exporter so that a
-# strict load finds every name: BatchNorm's step counter (PyTorch reads it only when the
+# strict load finds every name (the converted checkpoint's originals when it kept them): BatchNorm's step counter (PyTorch reads it only when the
 # momentum is None; the STAB's is 0.1) and the second LMHRA, which the authors' forward never
 # calls (PyTorch's initial BatchNorm state, zero convolutions).
 def unused_tensors(cfg: StabConfig) -> dict[str, np.ndarray]:
@@ -194,13 +195,16 @@ def unused_tensors(cfg: StabConfig) -> dict[str, np.ndarray]:
 
 def visual_to_torch(visual: Mapping[str, Any] | None, distill: Mapping[str, Any] | None,
                     stab: StabConfig | None, distill_cfg: DistillConfig | None = None, *,
-                    unused: bool = True) -> dict[str, np.ndarray]:
+                    unused: bool = True, kept: Mapping[str, Any] | None = None
+                    ) -> dict[str, np.ndarray]:
   """The inverse of `convert_visual`: released PyTorch names -> arrays.
 
   Args:
     visual: {'params': {'stab', 'projector'}, 'batch_stats': {'stab'}} (with `stab`).
     distill: the distillation head's params (with `distill_cfg`).
     unused: also write `unused_tensors(stab)` (the names the converter drops).
+    kept: the tensors `convert_visual(kept=...)` collected, written as they are (in place of
+      `unused_tensors`' initial values).
   """
   out: dict[str, np.ndarray] = {}
   if stab is not None:
@@ -216,12 +220,13 @@ def visual_to_torch(visual: Mapping[str, Any] | None, distill: Mapping[str, Any]
         raise ValueError(f'distill/{ours} stacks {stacked.shape[0]} layers; the config has {k}')
       for j in range(k):
         out[f'{COMPRESSOR}norm_layer.{j}.{name}'] = inv(stacked[j])
+  out.update(kept or {})
   return out
 
 
 def convert_visual(state: Mapping[str, Any], stab: StabConfig | None,
                    distill: DistillConfig | None = None, *,
-                   ignore_other: bool = False) -> dict[str, Any]:
+                   ignore_other: bool = False, kept: dict | None = None) -> dict[str, Any]:
   """Converts the visual part of a released checkpoint.
 
   Args:
@@ -230,6 +235,8 @@ def convert_visual(state: Mapping[str, Any], stab: StabConfig | None,
     distill: convert the distillation head when given.
     ignore_other: leave names outside the visual prefixes (the LLM) alone; otherwise they are
       reported as unexpected.
+    kept: when given, receives the tensors accepted and not converted (the `lmhra2` module,
+      `num_batches_tracked`, the image-path aliases), name -> array with its dtype and bytes.
   Returns:
     {'visual': {'params': ..., 'batch_stats': ...}, 'distill': {'params': ...}} for the parts
     asked for.
@@ -248,4 +255,6 @@ def convert_visual(state: Mapping[str, Any], stab: StabConfig | None,
   if distill is not None:
     out['distill'] = {'params': distill_rules(src, distill)}
   src.finish('visual')
+  if kept is not None:
+    kept.update(src.kept())
   return out
