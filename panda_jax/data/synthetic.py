@@ -222,52 +222,67 @@ def random_scene(rng: np.random.Generator, width: int = 160, height: int = 120, 
     d = directions[i] if directions is not None else DIRECTIONS[int(rng.integers(4))]
     if d not in DIRECTIONS:
       raise ValueError(f'direction {d!r} not in {DIRECTIONS}')
-    colour = colours[i]
     if novel is not None and i == 0:
-      options = [('pair', p) for p in novel.pairs] + [('motion', m) for m in novel.motions]
-      if not options:
-        raise ValueError('novel: a HeldOut with no condition')
-      what, cond = options[int(rng.integers(len(options)))]
-      if what == 'pair':
-        colour, kind = cond
-        if colour in colours[1:]:          # keep the clip's colours distinct
-          colours[colours.index(colour)] = colours[0]
-        colours[0] = colour
-        free = [x for x in DIRECTIONS if avoid.condition(colour, kind, x) != 'kind-direction']
-        d = free[int(rng.integers(len(free)))]
-      else:
-        kind, d = cond
-        free = [c for c in COLOURS if c not in colours[1:] and
-                avoid.condition(c, kind, d) != 'colour-kind']
-        colour = colours[0] = free[int(rng.integers(len(free)))]
+      colour, kind, d = _novel_identity(rng, novel, avoid, colours)
     else:
+      colour = colours[i]
       kinds = [x for x in KINDS if not avoid.condition(colour, x, d)]
       if not kinds:
         raise ValueError(f'no kind of {KINDS} is allowed for a {colour} shape moving {d}')
       kind = kinds[int(rng.integers(len(kinds)))]
     appear = int(rng.integers(last + 1))
     half = ('left', 'right')[int(rng.integers(2))]
-    # Where the path may end: inside the frame, `length` from where it started, in `half`.
-    x_lo, x_hi = (lo_x, mid - gap) if half == 'left' else (mid + gap, hi_x)
-    if d == 'right':
-      x_lo = max(x_lo, lo_x + length)
-    elif d == 'left':
-      x_hi = min(x_hi, hi_x - length)
-    y_lo, y_hi = lo_y, hi_y
-    if d == 'down':
-      y_lo = lo_y + length
-    elif d == 'up':
-      y_hi = hi_y - length
-    if x_lo > x_hi + 1e-9 or y_lo > y_hi + 1e-9:
-      raise AssertionError(f'no room for a path of {length} px ({d}, {half} half)')
-    end = (float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi)))
-    step = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}[d]
-    start = (end[0] - step[0] * length, end[1] - step[1] * length)
+    start, end = _path(rng, d, half, length, (lo_x, hi_x, lo_y, hi_y), mid, gap)
     drawn.append(Shape(kind=kind, colour=colour, radius=radius, direction=d, appear=appear,
                        start=start, end=end))
   shapes = tuple(sorted(drawn, key=lambda sh: sh.appear))     # stable: ties keep their draw
   return Scene(width=width, height=height, fps=fps, num_frames=num_frames, background=bg,
                shapes=shapes, noise=int(noise), noise_seed=int(rng.integers(2**31)))
+
+
+def _novel_identity(rng: np.random.Generator, novel: HeldOut, avoid: HeldOut,
+                    colours: list[str]) -> tuple[str, str, str]:
+  """(colour, kind, direction) of a novel clip's first drawn shape: one of `novel`'s
+  conditions drawn uniformly, the rest of its identity drawn outside every held-out condition;
+  `colours` (the clip's, distinct) is updated so the other shapes keep distinct colours."""
+  options = [('pair', p) for p in novel.pairs] + [('motion', m) for m in novel.motions]
+  if not options:
+    raise ValueError('novel: a HeldOut with no condition')
+  what, cond = options[int(rng.integers(len(options)))]
+  if what == 'pair':
+    colour, kind = cond
+    if colour in colours[1:]:          # keep the clip's colours distinct
+      colours[colours.index(colour)] = colours[0]
+    colours[0] = colour
+    free = [x for x in DIRECTIONS if avoid.condition(colour, kind, x) != 'kind-direction']
+    return colour, kind, free[int(rng.integers(len(free)))]
+  kind, d = cond
+  free = [c for c in COLOURS if c not in colours[1:] and
+          avoid.condition(c, kind, d) != 'colour-kind']
+  colours[0] = free[int(rng.integers(len(free)))]
+  return colours[0], kind, d
+
+
+def _path(rng: np.random.Generator, d: str, half: str, length: float, bounds: tuple,
+          mid: float, gap: float) -> tuple[tuple[float, float], tuple[float, float]]:
+  """(start, end) centres of a straight path of `length` px moving `d`, inside `bounds`
+  (lo_x, hi_x, lo_y, hi_y) and ending in `half`, `gap` px clear of the middle `mid`."""
+  lo_x, hi_x, lo_y, hi_y = bounds
+  x_lo, x_hi = (lo_x, mid - gap) if half == 'left' else (mid + gap, hi_x)
+  if d == 'right':
+    x_lo = max(x_lo, lo_x + length)
+  elif d == 'left':
+    x_hi = min(x_hi, hi_x - length)
+  y_lo, y_hi = lo_y, hi_y
+  if d == 'down':
+    y_lo = lo_y + length
+  elif d == 'up':
+    y_hi = hi_y - length
+  if x_lo > x_hi + 1e-9 or y_lo > y_hi + 1e-9:
+    raise AssertionError(f'no room for a path of {length} px ({d}, {half} half)')
+  end = (float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi)))
+  step = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}[d]
+  return (end[0] - step[0] * length, end[1] - step[1] * length), end
 
 
 _NOISE_POOL = 17  # distinct noise fields cycled over frames (more than any encoder's refs)
@@ -563,6 +578,47 @@ def _eval_entries(name: str, scene: Scene, qs: list[dict], video_after_question:
   return out
 
 
+def _training_entries(name: str, rel: str, scene: Scene, qs: list[dict],
+                      rng: np.random.Generator, type_rng: np.random.Generator,
+                      short_rng: np.random.Generator, focus_rng: np.random.Generator, *,
+                      turns: int, short_fraction: float, balance_types: bool,
+                      video_after_question: bool, focus_types: Sequence[str]):
+  """One training clip's caption conversation, question conversation and focus conversations
+  (`make_dataset` says what each option does; each draw has its own stream, so an option
+  leaves the others' draws as they were)."""
+  prompt = _CAPTION_PROMPTS[int(rng.integers(len(_CAPTION_PROMPTS)))]
+  caption_entry = {'id': name, 'video': rel, 'conversations': [
+      {'from': 'human', 'value': f'<video>\n{prompt}'},
+      {'from': 'gpt', 'value': caption(scene)}]}
+  if balance_types:
+    order = _balanced_order(qs, min(turns, len(qs)), type_rng)
+  else:
+    order = rng.permutation(len(qs))[:min(turns, len(qs))]
+  short = (short_rng.random(len(order)) < short_fraction if short_fraction > 0
+           else np.zeros(len(order), bool))
+  conv = []
+  for t, q in enumerate(qs[int(k)] for k in order):
+    if t == 0 and short[t]:
+      ask = _short_first_turn(q['question'], video_after_question)
+    else:
+      ask = ('<video>\n' if t == 0 else '') + q['question']
+      if short[t]:
+        ask += '\n' + SHORT_ANSWER_PROMPT
+    conv.append({'from': 'human', 'value': ask})
+    conv.append({'from': 'gpt', 'value': q['answer'] if short[t] else q['sentence']})
+  focus = []
+  if focus_types and len(scene.shapes) >= 2:
+    for t in focus_types:
+      of_type = [q for q in qs if q['type'] == t]
+      if not of_type:                  # "which appears first" when all appear together
+        continue
+      q = of_type[int(focus_rng.integers(len(of_type)))]
+      focus.append({'id': f'{name}_{t}', 'video': rel, 'conversations': [
+          {'from': 'human', 'value': _short_first_turn(q['question'], video_after_question)},
+          {'from': 'gpt', 'value': q['answer']}]})
+  return caption_entry, {'id': name, 'video': rel, 'conversations': conv}, focus
+
+
 def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float = 0.25,
                  width: int = 160, height: int = 120, fps=10, duration_s: float = 3.0,
                  codec: str | None = None, gop: int = 12, max_shapes: int = 3,
@@ -641,39 +697,15 @@ def make_dataset(root: str, num_videos: int, seed: int = 0, eval_fraction: float
       qa[split[i]] += _eval_entries(name, scene, qs, video_after_question, eval_instruction,
                                     held_out, split[i] == 'novel')
       continue
-    prompt = _CAPTION_PROMPTS[int(rng.integers(len(_CAPTION_PROMPTS)))]
-    captions.append({'id': name, 'video': rel, 'conversations': [
-        {'from': 'human', 'value': f'<video>\n{prompt}'},
-        {'from': 'gpt', 'value': caption(scene)}]})
-    if balance_types:
-      order = _balanced_order(qs, min(turns, len(qs)), np.random.default_rng([seed, i, 2]))
-    else:
-      order = rng.permutation(len(qs))[:min(turns, len(qs))]
-    # A separate stream, so the default (all sentences) keeps the files it always wrote.
-    short = (np.random.default_rng([seed, i, 1]).random(len(order)) < short_fraction
-             if short_fraction > 0 else np.zeros(len(order), bool))
-    conv = []
-    for t, q in enumerate(qs[int(k)] for k in order):
-      if t == 0 and short[t]:
-        ask = _short_first_turn(q['question'], video_after_question)
-      else:
-        ask = ('<video>\n' if t == 0 else '') + q['question']
-        if short[t]:
-          ask += '\n' + SHORT_ANSWER_PROMPT
-      conv.append({'from': 'human', 'value': ask})
-      conv.append({'from': 'gpt', 'value': q['answer'] if short[t] else q['sentence']})
-    instruct.append({'id': name, 'video': rel, 'conversations': conv})
-    if focus_types and len(scene.shapes) >= 2:
-      focus_rng = np.random.default_rng([seed, i, 4])    # leaves the other draws as they were
-      for t in focus_types:
-        of_type = [q for q in qs if q['type'] == t]
-        if not of_type:                  # "which appears first" when all appear together
-          continue
-        q = of_type[int(focus_rng.integers(len(of_type)))]
-        focus.append({'id': f'{name}_{t}', 'video': rel, 'conversations': [
-            {'from': 'human', 'value': _short_first_turn(q['question'], video_after_question)},
-            {'from': 'gpt', 'value': q['answer']}]})
-        instruct.append(focus[-1])
+    caption_entry, conv_entry, focus_entries = _training_entries(
+        name, rel, scene, qs, rng, np.random.default_rng([seed, i, 2]),
+        np.random.default_rng([seed, i, 1]), np.random.default_rng([seed, i, 4]),
+        turns=turns, short_fraction=short_fraction, balance_types=balance_types,
+        video_after_question=video_after_question, focus_types=focus_types)
+    captions.append(caption_entry)
+    instruct.append(conv_entry)
+    focus += focus_entries
+    instruct += focus_entries
 
   files = {}
   written = [('train_captions', captions), ('train_instruct', instruct),
