@@ -329,14 +329,20 @@ def test_demo_data_has_enough_held_out_questions_and_mixed_answers(tmp_path):
   assert short and sentences
   assert all(len(a.split()) <= 3 for a in short)
   assert all(a.endswith('.') for a in sentences)
-  # data.focus_types: one more conversation per two-shape training clip, a single short
-  # "visible at the start" question.
+  # data.focus_types: one more conversation per focus type and two-shape training clip, a
+  # single short question of that type.
   scenes = json.load(open(data['scenes']))
   two = [e['id'] for e in conv if e['id'] in scenes and len(scenes[e['id']]['shapes']) == 2]
   focus = [e for e in conv if e['id'] not in scenes]
-  assert sorted(e['id'] for e in focus) == sorted(f'{c}_at_start' for c in two) and two
-  assert all(len(e['conversations']) == 2 and 'visible at the start' in
-             e['conversations'][0]['value'] for e in focus)
+  types = tuple(config.data.focus_types)
+  assert types == ('at_start', 'direction', 'end_position')
+  assert sorted(e['id'] for e in focus) == sorted(f'{c}_{t}' for c in two for t in types)
+  assert two
+  words = {'at_start': 'visible at the start', 'direction': 'In which direction',
+           'end_position': 'At the end of the video'}
+  for e in focus:
+    assert len(e['conversations']) == 2
+    assert words[e['id'].split('_', 2)[2]] in e['conversations'][0]['value']
   # Every caption conversation fits the caption stages' length (one that did not would be
   # skipped and counted, not cut), and every instruction conversation stage 3's.
   from panda_jax import config as config_lib

@@ -25,9 +25,17 @@ QUESTION = 'What moves to the left?'
 def videos(setup, tmp_path_factory):  # noqa: F811
   """A directory: two videos, an undecodable .mp4 and a text file."""
   d = tmp_path_factory.mktemp('videos')
-  good = sorted(setup['ds'].eval_videos)[:2]
-  for p in good:
-    shutil.copy(p, d)
+  # The first (by name) answers QUESTION with some text, so its answer can be seen streaming
+  # (what the tiny model answers depends on its random weights and the synthetic tokenizer).
+  clips = sorted(setup['ds'].eval_videos)
+  speaking = [p for p in clips if _direct(setup, p)]
+  if not speaking:
+    pytest.fail(f'the fixture model answers {QUESTION!r} with nothing on all {len(clips)} clips')
+  first = speaking[0]
+  second = next(p for p in clips if p != first)
+  for name, p in (('a_' + os.path.basename(first), first),
+                  ('b_' + os.path.basename(second), second)):
+    shutil.copy(p, d / name)
   broken = synthetic.write_broken_files(str(tmp_path_factory.mktemp('broken')))
   shutil.copy(broken['not_video'], d / 'zz_not_video.mp4')
   (d / 'notes.txt').write_text('not a video')
