@@ -1,7 +1,7 @@
 """The main job: a tiny Video-Panda learns video QA on this CPU, end to end, with a report.
 
-  python -m panda_jax.main --config=configs/demo.py                 # 14 min on 2 CPU cores of its own
-  python -m panda_jax.main --config=configs/demo.py:full            # 2x the clips, 23 min
+  python -m panda_jax.main --config=configs/demo.py                 # about 7 min on 2 CPU cores
+  python -m panda_jax.main --config=configs/demo.py:full            # 2x the clips, more steps
   python -m panda_jax.main --config=configs/demo.py:ablations       # + the paper's ablations
   python -m panda_jax.main --config=configs/demo.py:ablations \
       --config.ablations="('no_lste', 'avgpool')"                  # a chosen set
