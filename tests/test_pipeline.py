@@ -120,6 +120,18 @@ def test_one_epoch_full_batches_and_exact_skip_counts(mixed):
   assert collections.Counter(rows) == collections.Counter(want)
 
 
+def _assert_propagates(mixed, record, error):
+  """The injected bug comes out of the sample processor and out of the iterator."""
+  with pytest.raises(error, match='injected bug'):
+    mixed['proc'](record)
+  it = _iterator(mixed)
+  try:
+    with pytest.raises(error, match='injected bug'):
+      next(it)
+  finally:
+    _close(it)
+
+
 @pytest.mark.parametrize('module, name, error', [(video, '_to_rgb', TypeError),
                                                  (pipeline, 'finish_frames', ValueError)])
 def test_a_bug_in_preprocessing_propagates_instead_of_being_skipped(mixed, monkeypatch, module,
@@ -131,14 +143,7 @@ def test_a_bug_in_preprocessing_propagates_instead_of_being_skipped(mixed, monke
     raise error(f'injected bug in {name}')
   monkeypatch.setattr(module, name, bug)
   record = next(r for r in mixed['records'] if r.get('id') == mixed['good'][0]['id'])
-  with pytest.raises(error, match='injected bug'):
-    mixed['proc'](record)
-  it = _iterator(mixed)
-  try:
-    with pytest.raises(error, match='injected bug'):
-      next(it)
-  finally:
-    _close(it)
+  _assert_propagates(mixed, record, error)
 
 
 @pytest.mark.parametrize('conversations, match', [
@@ -165,14 +170,7 @@ def test_a_bug_in_tokenising_propagates_instead_of_being_skipped(mixed, monkeypa
   def bug(*args, **kwargs):
     raise error(f'injected bug in {name}')
   monkeypatch.setattr(text, name, bug)
-  with pytest.raises(error, match='injected bug'):
-    mixed['proc'](mixed['good'][0])
-  it = _iterator(mixed)
-  try:
-    with pytest.raises(error, match='injected bug'):
-      next(it)
-  finally:
-    _close(it)
+  _assert_propagates(mixed, mixed['good'][0], error)
 
 
 def test_same_seed_same_batches_other_seed_other_batches(mixed):

@@ -206,14 +206,7 @@ def write_unused(dst, kept) -> None:
   if not kept:
     storage.remove(target)
     return
-  if not storage.is_remote(target):
-    hf_io.save_safetensors(target, kept, metadata={'format': 'pt'})
-    return
-  with tempfile.TemporaryDirectory(prefix='unused-') as tmp:
-    local = f'{tmp}/{UNUSED_FILE}'
-    hf_io.save_safetensors(local, kept, metadata={'format': 'pt'})
-    with open(local, 'rb') as f:
-      storage.write_bytes(target, f.read())
+  hf_io.write_safetensors(target, kept, metadata={'format': 'pt'})
 
 
 def read_unused(dst) -> dict[str, np.ndarray]:

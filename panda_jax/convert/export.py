@@ -28,8 +28,6 @@ such as the image size and STAB heads), so converting the export back gives the 
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from typing import Iterable, Iterator, Mapping
 
@@ -215,21 +213,14 @@ def write_safetensors(dst, tensors: Iterable[tuple[str, np.ndarray]], *,
     filled += size
   count = len(shards)
   weight_map = {}
-  remote = storage.is_remote(dst)
   storage.makedirs(dst)
-  with tempfile.TemporaryDirectory(prefix='export-') as tmp:
-    for s, members in enumerate(shards):
-      file = f'model-{s + 1:05d}-of-{count:05d}.safetensors'
-      local = os.path.join(tmp, file) if remote else os.fspath(storage.path(dst) / file)
-      # (save_safetensors makes each contiguous, keeping 0-d tensors 0-d.)
-      shard = {items[i][0]: np.asarray(items[i][1], dtype=target(*items[i])) for i in members}
-      hf_io.save_safetensors(local, shard, metadata={'format': 'pt'})
-      del shard
-      if remote:
-        with open(local, 'rb') as f:
-          storage.write_bytes(storage.join(dst, file), f.read())
-        os.remove(local)
-      weight_map.update({items[i][0]: file for i in members})
+  for s, members in enumerate(shards):
+    file = f'model-{s + 1:05d}-of-{count:05d}.safetensors'
+    # (save_safetensors makes each contiguous, keeping 0-d tensors 0-d.)
+    shard = {items[i][0]: np.asarray(items[i][1], dtype=target(*items[i])) for i in members}
+    hf_io.write_safetensors(storage.join(dst, file), shard, metadata={'format': 'pt'})
+    del shard
+    weight_map.update({items[i][0]: file for i in members})
   index = {'metadata': {'total_size': sum(sizes)}, 'weight_map': weight_map}
   storage.write_json(storage.join(dst, INDEX), index, indent=2)
   return index

@@ -29,6 +29,7 @@ import json
 import math
 import mmap
 import os
+import tempfile
 import pathlib
 import pickle
 import struct
@@ -269,6 +270,21 @@ def save_safetensors(path: PathLike, tensors: Mapping[str, Any],
   tmp = path.with_name(path.name + '.tmp')
   safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
   os.replace(tmp, path)
+
+
+def write_safetensors(path: PathLike, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """`save_safetensors` to a local or remote (`gs://`) path: a remote file is written locally
+  first, then uploaded through `panda_jax.storage`."""
+  from panda_jax import storage
+  if not storage.is_remote(path):
+    save_safetensors(storage.path(path), tensors, metadata)
+    return
+  with tempfile.TemporaryDirectory(prefix='safetensors-') as tmp:
+    local = os.path.join(tmp, 'file.safetensors')
+    save_safetensors(local, tensors, metadata)
+    with open(local, 'rb') as f:
+      storage.write_bytes(path, f.read())
 
 
 # ------------------------------------------------------------------------- torch .bin (zip)
