@@ -37,6 +37,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('kv', None),
     ('layers', None),
     ('vocab', 'tensor'),
+    # LoRA factors (A: [in..., rank], B: [rank, out...]): the rank goes over `fsdp` when the
+    # factor's model-width side does not already (B of q, k, v, gate and up; A of o and down),
+    # so no factor or its AdamW state is whole on every fsdp shard. A rank that `fsdp` does
+    # not divide stays whole (`logical_shardings`).
+    ('lora_rank', 'fsdp'),
     # Visual part (45M parameters): the projector's wide middle is split over `tensor`, its
     # LLM-width side over `fsdp` (above); the STAB itself is small and replicated.
     ('proj_hidden', 'tensor'),
@@ -85,10 +90,28 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+# Logical axes whose mesh axes are dropped (the dimension kept whole) where the mesh does not
+# divide them, instead of failing: sharding them only saves memory.
+OPTIONAL_AXES = ('lora_rank',)
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """Logically annotated (boxed) abstract variables -> a tree of `NamedSharding`s (unboxed)."""
-  specs = nn.get_partition_spec(abstract_tree)
-  specs = nn.logical_to_mesh(specs, rules)
+  def spec(leaf):
+    axes = nn.logical_to_mesh_axes(nn.get_partition_spec(leaf), rules)
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
+    shape = getattr(leaf.unbox() if isinstance(leaf, nn.Partitioned) else leaf, 'shape', ())
+    if any(n in OPTIONAL_AXES for n in names):
+      axes = list(axes) + [None] * (len(names) - len(axes))
+      for i, (name, mesh_axes) in enumerate(zip(names, axes)):
+        if name in OPTIONAL_AXES and mesh_axes is not None:
+          parts = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+          if shape[i] % int(np.prod([mesh.shape[a] for a in parts])):
+            axes[i] = None
+      axes = PartitionSpec(*axes)
+    return axes
+
+  specs = jax.tree.map(spec, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 

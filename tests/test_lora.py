@@ -102,6 +102,35 @@ def test_merging_gives_the_unmerged_logits(decoder):
     lora.merge(trained, lora.LoraConfig())
 
 
+def test_every_factor_is_split_over_fsdp_and_tensor():
+  # fsdp 2 x tensor 2: no factor is whole on an fsdp shard. The rank goes over fsdp where the
+  # model-width side is not there (B of q/k/v/gate/up, A of o/down: their other side is on
+  # tensor); a rank fsdp does not divide stays whole.
+  from panda_jax import sharding
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2}, jax.devices()[:4])
+  x = jnp.zeros((2, 6, BASE.hidden))
+  slots = jnp.zeros((2, 6), jnp.int32)
+
+  def shardings(rank):
+    cfg = dataclasses.replace(BASE, lora=lora.LoraConfig(rank=rank, alpha=8.0))
+    boxed = jax.eval_shape(Llama(cfg).init, jax.random.PRNGKey(0), x, slots,
+                           jnp.ones((2, 6), bool))
+    return flatten(sharding.logical_shardings(boxed, mesh)['params'])
+
+  even, odd = shardings(4), shardings(3)
+  factors = [k for k in even if k.endswith(('lora_a', 'lora_b'))]
+  assert len(factors) == 14
+  for k in factors:
+    spec = tuple(even[k].spec) + (None,) * 4
+    assert 'fsdp' in spec, (k, spec)
+    rank_dim = len(spec) - 5 if k.endswith('lora_a') else 1   # [layers, in..., rank] / [layers, rank, out...]
+    by_rank = k.endswith('lora_b') == any(p in k for p in ('/q/', '/k/', '/v/', 'gate', 'up'))
+    assert (spec[rank_dim] == 'fsdp') == by_rank, (k, spec)
+    assert ('tensor' in spec) == by_rank, (k, spec)
+    assert 'fsdp' not in tuple(odd[k].spec) or not by_rank, (k, odd[k].spec)
+  assert even['layers/attn/q/kernel'].spec == odd['layers/attn/q/kernel'].spec
+
+
 def test_dropout_only_when_not_deterministic(decoder):
   cfg, params, x = decoder
   flat = flatten(params)

@@ -101,10 +101,10 @@ def lora_delta(module: nn.Module, cfg: LoraConfig, x: jax.Array, in_shape, out_s
   for s in in_shape:
     fan_in *= s
   init_a = lambda key, shape, dt: (jax.random.normal(key, shape, dt) * fan_in ** -0.5)
-  a = module.param('lora_a', nn.with_logical_partitioning(init_a, tuple(in_axes) + (None,)),
+  a = module.param('lora_a', nn.with_logical_partitioning(init_a, tuple(in_axes) + ('lora_rank',)),
                    tuple(in_shape) + (cfg.rank,), param_dtype)
   b = module.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
-                                                          (None,) + tuple(out_axes)),
+                                                          ('lora_rank',) + tuple(out_axes)),
                    (cfg.rank,) + tuple(out_shape), param_dtype)
   if dropout_rng is not None and cfg.dropout > 0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - cfg.dropout, x.shape)
