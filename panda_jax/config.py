@@ -292,8 +292,8 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.save_every', 'trai
                      'train.max_refused_steps', 'train.accum_steps', 'data.num_workers',
                      'data.read_threads', 'data.video_cache_mb', 'mesh.', 'sharding_rules',
                      'model.llm.remat', 'model.llm.attention_chunk', 'model.llm.attention_impl',
-                     'model.llm.attention_interpret', 'model.llm.loss_chunk', 'eval.batch_size',
-                     'code_version')
+                     'model.llm.attention_interpret', 'model.llm.loss_chunk',
+                     'model.llm.loss_positions', 'eval.batch_size', 'code_version')
 
 
 class ConfigMismatchError(ValueError):

@@ -290,3 +290,47 @@ def test_train_step_with_chunked_loss_equals_the_default():
   np.testing.assert_allclose(mb['ce'], ma['ce'], rtol=1e-6)
   assert_trees_close(mb['grads'], ma['grads'], 1e-5, 'gradient')
   assert_trees_close(b.params, a.params, 1e-6, 'parameter', atol=1e-2 * optim.lr)
+
+
+def test_loss_at_learned_positions_only_equals_the_default():
+  """llm.loss_positions = K (the head on the first K learned positions of each row only) gives
+  the default step's loss and every gradient leaf when no row has more than K learned tokens;
+  one fewer loses a token, which `learned_overflow` (what the loop refuses) reports."""
+  from panda_jax.models.panda import learned_overflow, learned_positions
+  from panda_jax.train.loop import _check_loss_positions
+  optim = optim_config(clip_norm=0.0)
+  a, step_a, batch, _ = setup(NO_DROPOUT, optim, return_grads=True)
+  labels = np.asarray(batch['labels'])
+  k = int(np.sum(labels[:, 1:] >= 0, axis=1).max())
+  assert 0 < k < labels.shape[1] // 2
+  pos, tgt = learned_positions(jnp.asarray(labels), k + 2)
+  for row, p, t in zip(labels, np.asarray(pos), np.asarray(tgt)):
+    want = np.flatnonzero(row[1:] >= 0)
+    np.testing.assert_array_equal(p[:len(want)], want)
+    np.testing.assert_array_equal(t, np.pad(row[1:][want], (0, k + 2 - len(want)),
+                                            constant_values=-1))
+  gathered = lambda n: dataclasses.replace(
+      NO_DROPOUT, llm=dataclasses.replace(NO_DROPOUT.llm, loss_positions=n))
+  b, step_b, _, _ = setup(gathered(k), optim, return_grads=True)
+  _, ma = step_a(a, batch)
+  _, mb = step_b(b, batch)
+  np.testing.assert_allclose(mb['loss'], ma['loss'], rtol=1e-6)
+  np.testing.assert_allclose(mb['ce'], ma['ce'], rtol=1e-6)
+  assert_trees_close(mb['grads'], ma['grads'], 1e-5, 'gradient')
+  # The head never forms logits for every position ([B, L, V]); the default does.
+  v = {'params': b.params, 'batch_stats': b.batch_stats}
+  shape = 'f32[%d,%d,%d]' % (labels.shape + (NO_DROPOUT.llm.vocab_size,))
+  jaxpr = lambda cfg: str(jax.make_jaxpr(lambda v, x: VideoPanda(cfg).apply(v, x)['ce'])(
+      v, jax.tree.map(jnp.asarray, batch)))
+  assert shape in jaxpr(NO_DROPOUT) and shape not in jaxpr(gathered(k))
+  assert learned_overflow(labels, k).max() == 0 and learned_overflow(labels, k - 1).max() == 1
+  c, step_c, _, _ = setup(gathered(k - 1), optim, return_grads=True)
+  _, mc = step_c(c, batch)
+  assert abs(float(mc['ce']) - float(ma['ce'])) > 1e-4
+  run = lambda n: type('Run', (), {'model': gathered(n)})
+  _check_loss_positions({'labels': labels}, run(k), 0)
+  with pytest.raises(ValueError, match=f'has {k} learned tokens but model.llm.loss_positions='
+                                       f'{k - 1}'):
+    _check_loss_positions({'labels': labels}, run(k - 1), 0)
+  with pytest.raises(ValueError, match='loss_positions=-1'):
+    dataclasses.replace(CFG.llm, loss_positions=-1).validate()

@@ -79,6 +79,12 @@ class LlamaConfig:
   # backward pass, never for the whole sequence [B, T, V]; exact. The model then returns no
   # logits. 0 = the whole sequence at once.
   loss_chunk: int = 0
+  # Training loss from the LM head at this many positions of a sequence only: the first K
+  # positions whose next token is learned (an answer's), gathered before the head, so the
+  # [B, T, V] logits are never formed for the prompt and the visual tokens; exact while no
+  # sequence has more than K learned tokens (the training loop refuses a batch that does).
+  # Takes precedence over loss_chunk. 0 = every position.
+  loss_positions: int = 0
   # RMS-normalise each head's queries and keys (learned scale per channel) before the rotary
   # embedding, as OLMo 2 and Qwen 3 do: bounds the attention logits, whose growth saturates
   # the softmax of a small decoder trained from scratch at a high learning rate
@@ -106,6 +112,8 @@ class LlamaConfig:
       raise ValueError(f'attention_chunk={self.attention_chunk} must be >= 0 (0 = off)')
     if self.loss_chunk < 0:
       raise ValueError(f'loss_chunk={self.loss_chunk} must be >= 0 (0 = off)')
+    if self.loss_positions < 0:
+      raise ValueError(f'loss_positions={self.loss_positions} must be >= 0 (0 = every position)')
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of '
                        f'{list(ATTENTION_IMPLS)}')

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from panda_jax.models.distill import LOSSES, DistillConfig, DistillHead
 from panda_jax.models.llama import Llama, LlamaConfig
@@ -45,11 +46,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array):
 
   logits [B, L, V], labels [B, L]; returns (mean, token count, sum).
   """
-  lg = logits[:, :-1].astype(jnp.float32)
-  tgt = labels[:, 1:]
-  keep = tgt >= 0
+  return target_cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+def target_cross_entropy(logits: jax.Array, targets: jax.Array):
+  """Cross-entropy of logits [B, P, V] against targets [B, P] (each position's own; negative:
+  not scored) -> (mean, token count, sum)."""
+  lg = logits.astype(jnp.float32)
+  keep = targets >= 0
   logz = jax.nn.logsumexp(lg, axis=-1)
-  picked = jnp.take_along_axis(lg, jnp.where(keep, tgt, 0)[..., None], axis=-1)[..., 0]
+  picked = jnp.take_along_axis(lg, jnp.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
   nll = jnp.where(keep, logz - picked, 0.0)
   count = jnp.sum(keep)
   total = jnp.sum(nll)
@@ -98,6 +104,30 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Arra
   return total / jnp.maximum(count, 1), count, total
 
 
+def learned_positions(labels: jax.Array, k: int):
+  """The first `k` positions of each row whose next label is learned (>= 0), in order, and
+  their targets: -> (positions int32 [B, k], targets [B, k]; -1 where a row has fewer).
+  A row with more than `k` loses the rest (`learned_overflow` counts them)."""
+  b, length = labels.shape
+  tgt = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), -1, labels.dtype)], axis=1)
+  keep = tgt >= 0
+  # A stable sort on "not learned" puts the learned positions first, in their order.
+  order = jnp.argsort(~keep, axis=1, stable=True)[:, :k].astype(jnp.int32)
+  if k > length:
+    order = jnp.pad(order, ((0, 0), (0, k - length)))
+  picked = jnp.take_along_axis(tgt, order, axis=1)
+  slot = jnp.arange(k)[None, :] < jnp.sum(keep, axis=1, keepdims=True)
+  return order, jnp.where(slot, picked, -1)
+
+
+def learned_overflow(labels: jax.Array, k: int) -> np.ndarray:
+  """Per row (host, numpy), how many learned next-token targets lie beyond the first `k`:
+  nonzero rows would lose part of their loss with `llm.loss_positions=k`."""
+  labels = np.asarray(labels)
+  count = np.sum(labels[..., 1:] >= 0, axis=-1)
+  return np.maximum(count - k, 0)
+
+
 class VideoPanda(nn.Module):
   cfg: PandaConfig
   dtype: Dtype = jnp.float32
@@ -130,8 +160,8 @@ class VideoPanda(nn.Module):
     batch: `layout_batch` arrays plus pixels [B, F, H, W, 3], mask [B, F, H, W] and, for
     distillation, teacher [B, F, S*S, T] (the teacher's full patch grid per frame) and
     teacher_valid bool [B, F] (frames with teacher content).
-    Returns dict: loss, ce, distill, logits [B, L, V] (not with `llm.loss_chunk`, whose loss
-    never forms them), tokens (counted), frame_loss [B, F],
+    Returns dict: loss, ce, distill, logits [B, L, V] ([B, K, V] at the gathered positions with
+    `llm.loss_positions` = K; none with `llm.loss_chunk`, whose loss never forms them), tokens (counted), frame_loss [B, F],
     and the sums behind the means (`ce_sum`, `distill_sum`, `distill_frames`), which gradient
     accumulation uses to weight micro-batches exactly like one large batch. With
     `cfg.distill.loss == 'none'` the distillation entries are zeros (no teacher is read).
@@ -149,12 +179,17 @@ class VideoPanda(nn.Module):
     b, length = valid.shape
     slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     f, p = batch['patch_pos'].shape[1:]
-    chunk = self.cfg.llm.loss_chunk
+    chunk, k = self.cfg.llm.loss_chunk, self.cfg.llm.loss_positions
+    gather, targets = learned_positions(batch['labels'], k) if k else (None, None)
     out = self.llm(embeds, slots, valid, output_hidden_states=with_distill,
                    hidden_gather=batch['patch_pos'].reshape(b, f * p) if with_distill else None,
-                   logits=not chunk,
+                   logits=bool(k) or not chunk, logits_gather=gather,
                    deterministic=(not train) if deterministic is None else deterministic)
-    if chunk:
+    if k:
+      # Logits at the gathered positions only, each scored against its own next token.
+      ce, count, ce_sum = target_cross_entropy(out['logits'], targets)
+      result = {'logits': out['logits']}
+    elif chunk:
       ce, count, ce_sum = chunked_cross_entropy(out['normed'], self.llm.head_kernel(),
                                                 batch['labels'], chunk, self.dtype)
       result = {}

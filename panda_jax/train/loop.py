@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from panda_jax import config as config_lib
 from panda_jax import sharding
 from panda_jax import storage
-from panda_jax.models.panda import VideoPanda
+from panda_jax.models.panda import VideoPanda, learned_overflow
 from panda_jax.train import checkpoint as ckpt
 from panda_jax.train import metrics as metrics_lib
 from panda_jax.teacher.model import create_teacher
@@ -64,6 +64,21 @@ def _global_batch(host: Mapping[str, np.ndarray], shardings, spec=None) -> dict:
   cast = lambda k, a: a if spec is None else a.astype(spec[k][1], copy=False)
   return {k: jax.make_array_from_process_local_data(s, cast(k, np.asarray(host[k])))
           for k, s in shardings.items()}
+
+
+def _check_loss_positions(host: Mapping[str, np.ndarray], run, step: int) -> None:
+  """Refuses a batch with a sequence that has more learned tokens than
+  `model.llm.loss_positions` (its loss would silently lose the rest), naming the numbers."""
+  k = run.model.llm.loss_positions
+  if not k:
+    return
+  over = learned_overflow(host['labels'], k)
+  if over.any():
+    n = int(over.max()) + k
+    raise ValueError(f'step {step + 1}: a sequence of the batch has {n} learned tokens but '
+                     f'model.llm.loss_positions={k} scores only the first {k}; raise it to at '
+                     f'least {n}, or set it to 0 (every position). Checkpoints up to the last '
+                     'save are kept: the run resumes from there.')
 
 
 def _global_norm(tree) -> jax.Array:
@@ -467,6 +482,7 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
       stop = pre.reached(step, final=step >= total)
       while step < total and not stop:
         host = next(iterator)
+        _check_loss_positions(host, job.run, step)
         state, metrics = job.step_fn(state, _global_batch(host, job.batch_sh, job.run.batch),
                                      job.teacher_params)
         step += 1
