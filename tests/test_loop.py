@@ -362,3 +362,29 @@ def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
                    state)))).params
   for k in state:
     np.testing.assert_array_equal(restored[k], state[k])
+
+
+def test_the_loop_runs_at_most_two_steps_ahead_of_the_devices():
+  """JAX returns before a step has run; `_Inflight` (what the loop adds each step's loss to)
+  keeps at most MAX_STEPS_AHEAD of them unfinished, so a SIGTERM's checkpoint waits for at
+  most that many steps. Without it, six slow computations dispatched in a row are all pending."""
+  import jax.numpy as jnp
+
+  @jax.jit
+  def slow(x):
+    for _ in range(40):
+      x = jnp.tanh(x @ x)
+    return jnp.sum(x)
+
+  x = jnp.ones((384, 384)) / 384
+  slow(x).block_until_ready()                    # compiled
+  free = [slow(x + i) for i in range(6)]
+  assert sum(not r.is_ready() for r in free) > loop.MAX_STEPS_AHEAD
+  jax.block_until_ready(free)
+  inflight, results = loop._Inflight(), []
+  for i in range(6):
+    results.append(slow(x + i))
+    inflight.add(results[-1])
+    assert sum(not r.is_ready() for r in results) <= loop.MAX_STEPS_AHEAD == 2
+  with pytest.raises(ValueError, match='limit=0'):
+    loop._Inflight(0)

@@ -135,6 +135,29 @@ def write_summary(workdir: str, step: int, last: Mapping, state, mesh, batch_siz
   return summary
 
 
+# Steps the loop may dispatch beyond the last one the devices finished. JAX returns from a step
+# before it has run, so without a bound the loop would run ahead to the next host read (the next
+# logged step): a SIGTERM then waits for every step dispatched since, up to `train.log_every`
+# steps, before the checkpoint, which a preemption notice's grace period may not hold. Two
+# keep the next step queued while the host prepares the one after.
+MAX_STEPS_AHEAD = 2
+
+
+class _Inflight:
+  """The last dispatched steps' results: `add` blocks until at most `limit` are unfinished."""
+
+  def __init__(self, limit: int = MAX_STEPS_AHEAD):
+    if limit < 1:
+      raise ValueError(f'limit={limit} must be at least 1')
+    self.limit = limit
+    self._pending: collections.deque = collections.deque()
+
+  def add(self, result: jax.Array) -> None:
+    self._pending.append(result)
+    while len(self._pending) > self.limit:
+      self._pending.popleft().block_until_ready()
+
+
 class _Preemption:
   """SIGTERM (a TPU or spot VM's preemption notice, `scancel`, `tpu_vm.sh stop`) turned into
   one stop that every process takes after the same step: `reached` is asked after every step.
@@ -480,11 +503,13 @@ def train(config, workdir: str, iterator: Iterator, progress: bool = False,
     with _Preemption() as pre, jax.set_mesh(job.mesh), nn.logical_axis_rules(job.run.rules):
       # Asked at the step it starts from too: the agreement then never picks one behind it.
       stop = pre.reached(step, final=step >= total)
+      inflight = _Inflight()
       while step < total and not stop:
         host = next(iterator)
         _check_loss_positions(host, job.run, step)
         state, metrics = job.step_fn(state, _global_batch(host, job.batch_sh, job.run.batch),
                                      job.teacher_params)
+        inflight.add(metrics['loss'])
         step += 1
         stop = pre.reached(step, final=step == total)
         reporter.stepped(step, metrics)
