@@ -100,7 +100,8 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> An
   def spec(leaf):
     axes = nn.logical_to_mesh_axes(nn.get_partition_spec(leaf), rules)
     names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
-    shape = getattr(leaf.unbox() if isinstance(leaf, nn.Partitioned) else leaf, 'shape', ())
+    # The boxed value itself (`unbox()` would apply a sharding constraint under a mesh).
+    shape = getattr(leaf.value if isinstance(leaf, nn.Partitioned) else leaf, 'shape', ())
     if any(n in OPTIONAL_AXES for n in names):
       axes = list(axes) + [None] * (len(names) - len(axes))
       for i, (name, mesh_axes) in enumerate(zip(names, axes)):
