@@ -150,12 +150,14 @@ def _smollm2(c, smoke: bool) -> None:
   c.stages.focus.steps, c.stages.focus.lr = 250, 2e-3
   c.stages.stage3.steps, c.stages.stage3.lr = 300, 2e-3
   if smoke:
-    # One step a phase of 2 sequences; phases 2, 3a and 3 one program (one length, one rate).
+    # One step a stage of 2 sequences, no stage 3a (configs/demo.py:smoke runs one); stages 2
+    # and 3 one program (one length, one rate).
+    c.stages.focus.steps = 0
     c.data.train_clips = 8
     c.data.val_clips = c.data.test_clips = c.data.novel_clips = 2
     c.data.caption_max_len = c.data.focus_max_len = 0
     c.data.video_cache_mb = 64
-    for s in (c.stages.stage1, c.stages.stage2, c.stages.focus, c.stages.stage3):
+    for s in (c.stages.stage1, c.stages.stage2, c.stages.stage3):
       s.steps, s.batch_size, s.warmup_ratio = 1, 2, 0.0
     c.stages.stage1.lr = 1e-3
     c.train.log_every = 1
